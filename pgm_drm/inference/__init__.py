@@ -1,0 +1,25 @@
+"""Schedules executed in JAX under a semiring; exact references from NumPyro."""
+
+from pgm_drm.inference.api import Posterior, infer, resolve_temperature
+from pgm_drm.inference.kernel import KernelResult, Plan, make_plan, reduce_t, run_plan
+from pgm_drm.inference.reference import (
+    MAX_BRUTE_FORCE_CONFIGS,
+    brute_force,
+    enumerate_exact,
+    latent_layout,
+)
+
+__all__ = [
+    "MAX_BRUTE_FORCE_CONFIGS",
+    "KernelResult",
+    "Plan",
+    "Posterior",
+    "brute_force",
+    "enumerate_exact",
+    "infer",
+    "latent_layout",
+    "make_plan",
+    "reduce_t",
+    "resolve_temperature",
+    "run_plan",
+]

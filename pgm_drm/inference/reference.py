@@ -1,0 +1,267 @@
+"""Independent exact references: NumPyro's own enumeration, and brute force.
+
+Neither uses the factor-graph compiler or the message-passing kernel:
+
+- :func:`enumerate_exact` asks NumPyro/funsor: ``log Z`` from
+  ``numpyro.contrib.funsor`` (``log_density``'s variable elimination, with the
+  ``max`` semiring for max-sum), exact marginals by *clamping* each value of each
+  latent variable (an additive 0/-inf offset on that site's log-prob) and
+  re-computing ``log Z``, the joint MAP from ``infer_discrete(temperature=0)``.
+- :func:`brute_force` lists every joint configuration with ``itertools.product``
+  and scores each with ``numpyro.infer.util.log_density`` (the model's own
+  log-joint). Exponential: for tiny models only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import funsor
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.contrib.funsor import config_enumerate, enum, infer_discrete
+from numpyro.contrib.funsor.infer_util import _enum_log_density
+from numpyro.infer.util import log_density
+from numpyro.primitives import Messenger
+
+from pgm_drm._typing import Semiring
+from pgm_drm.graph.compile import _max_plate_nesting, model_sites
+from pgm_drm.inference.api import Posterior, resolve_temperature
+from pgm_drm.inference.kernel import reduce_t
+
+__all__ = ["MAX_BRUTE_FORCE_CONFIGS", "brute_force", "enumerate_exact", "latent_layout"]
+
+#: Largest number of joint configurations :func:`brute_force` will list.
+MAX_BRUTE_FORCE_CONFIGS = 2**20
+
+funsor.set_backend("jax")
+
+
+def latent_layout(model: Callable, *args: Any, **kwargs: Any) -> dict[str, tuple]:
+    """``site -> (plate_shape, support values)`` for every latent site."""
+    tr = model_sites(model, *args, **kwargs)
+    out = {}
+    for name, site in tr.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            frames = sorted(
+                (f for f in site["cond_indep_stack"] if f.dim is not None),
+                key=lambda f: f.dim,
+            )
+            support = np.asarray(site["fn"].enumerate_support(expand=False)).reshape(-1)
+            out[name] = (tuple(f.size for f in frames), support)
+    return out
+
+
+class _OffsetDist(dist.Distribution):
+    """A discrete distribution whose log-prob gets ``offset[..., value index]``."""
+
+    has_enumerate_support = True
+
+    def __init__(self, base, offset, support):
+        self.base, self.offset, self.support_values = base, offset, support
+        super().__init__(base.batch_shape, base.event_shape)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def enumerate_support(self, expand=True):
+        return self.base.enumerate_support(expand)
+
+    def sample(self, key, sample_shape=()):
+        return self.base.sample(key, sample_shape)
+
+    def log_prob(self, value):
+        hit = jnp.asarray(value)[..., None] == self.support_values
+        return self.base.log_prob(value) + jnp.sum(
+            jnp.where(hit, self.offset, 0.0), axis=-1
+        )
+
+
+class _offsets(Messenger):
+    """Add per-value log-offsets (shape ``(*plate_shape, K)``) to latent sites."""
+
+    def __init__(self, fn, offsets, supports):
+        self.offsets, self.supports = offsets, supports
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] in self.offsets:
+            msg["fn"] = _OffsetDist(
+                msg["fn"], self.offsets[msg["name"]], self.supports[msg["name"]]
+            )
+
+
+_CACHE: dict = {}
+
+
+def _split_kwargs(kwargs):
+    arrays = {
+        k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))
+    }
+    static = {k: v for k, v in kwargs.items() if k not in arrays}
+    return arrays, static
+
+
+def _enum_functions(model, args, kwargs, layout, temperature):
+    arrays, static = _split_kwargs(kwargs)
+    try:
+        key = (model, tuple(sorted(static.items())), temperature, len(args))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _CACHE:
+        return _CACHE[key], arrays
+    nesting = _max_plate_nesting(model_sites(model, *args, **kwargs))
+    supports = {s: jnp.asarray(sup) for s, (_, sup) in layout.items()}
+    sum_op = funsor.ops.max if temperature == 0.0 else funsor.ops.logaddexp
+
+    def log_z(offsets, args, arrays):
+        m = enum(
+            config_enumerate(_offsets(model, offsets, supports)),
+            first_available_dim=-(nesting + 1),
+        )
+        res, _, _ = _enum_log_density(
+            m, args, {**static, **arrays}, {}, sum_op, funsor.ops.add
+        )
+        return res.data
+
+    def map_values(args, arrays):
+        m = infer_discrete(
+            config_enumerate(model),
+            first_available_dim=-(nesting + 1),
+            temperature=0,
+            rng_key=jax.random.PRNGKey(0),
+        )
+        tr = handlers.trace(m).get_trace(*args, **{**static, **arrays})
+        return {s: tr[s]["value"] for s in layout}
+
+    fns = (jax.jit(jax.vmap(log_z, in_axes=(0, None, None))), jax.jit(map_values))
+    if key is not None:
+        _CACHE[key] = fns
+    return fns, arrays
+
+
+def _clamps(layout) -> tuple[dict, list]:
+    """Offsets that clamp one variable to one value, for every (site, instance, k)."""
+    entries = []
+    for site, (shape, sup) in layout.items():
+        for idx in itertools.product(*(range(s) for s in shape)):
+            for k in range(len(sup)):
+                entries.append((site, idx, k))
+    offsets = {
+        s: np.zeros((len(entries) + 1,) + shape + (len(sup),))
+        for s, (shape, sup) in layout.items()
+    }
+    for m, (site, idx, k) in enumerate(entries, start=1):
+        row = np.full(len(layout[site][1]), -np.inf)
+        row[k] = 0.0
+        offsets[site][(m,) + idx] = row
+    return offsets, entries
+
+
+def enumerate_exact(
+    model: Callable,
+    *args: Any,
+    semiring: Semiring = "sum",
+    temperature: float | None = None,
+    **kwargs: Any,
+) -> Posterior:
+    """Exact posterior from NumPyro's own enumeration (funsor), no factor graph.
+
+    ``log_z`` is NumPyro's enumerated ``log_density`` (logsumexp, or ``max`` for
+    max-sum); ``log_marginals[site][..., k]`` is ``log Z(site clamped to k) -
+    log Z``; ``map`` is ``infer_discrete(temperature=0)``.
+
+    Args:
+        model: A NumPyro model with finite discrete latent sites.
+        *args, **kwargs: The model's arguments, observations included (one
+            instance; loop over a batch yourself).
+        semiring: "sum" or "max".
+        temperature: Only 0 or 1 (funsor's semirings).
+
+    Returns:
+        A :class:`Posterior` with ``schedule="enumeration"``.
+    """
+    t = resolve_temperature(semiring, temperature)
+    if t not in (0.0, 1.0):
+        raise ValueError("enumerate_exact supports temperature 0 (max) or 1 (sum)")
+    layout = latent_layout(model, *args, **kwargs)
+    (log_z_fn, map_fn), arrays = _enum_functions(model, args, kwargs, layout, t)
+    offsets, entries = _clamps(layout)
+    z = log_z_fn({s: jnp.asarray(o) for s, o in offsets.items()}, args, arrays)
+    log_z = z[0]
+    margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    zc = np.asarray(z[1:] - log_z)
+    for value, (site, idx, k) in zip(zc, entries, strict=True):
+        margs[site][idx + (k,)] = value
+    maps = map_fn(args, arrays)
+    return Posterior(
+        {s: jnp.asarray(m) for s, m in margs.items()},
+        {s: jnp.reshape(jnp.asarray(v), layout[s][0]) for s, v in maps.items()},
+        log_z,
+        t,
+        "enumeration",
+    )
+
+
+def brute_force(
+    model: Callable,
+    *args: Any,
+    semiring: Semiring = "sum",
+    temperature: float | None = None,
+    **kwargs: Any,
+) -> Posterior:
+    """Ground truth by listing every joint configuration (``itertools.product``).
+
+    Each configuration is scored by ``numpyro.infer.util.log_density`` (the
+    model's own log-joint, no enumeration), vmapped over configurations. The MAP
+    is the first maximiser in ``itertools.product`` order.
+
+    Raises:
+        ValueError: More than :data:`MAX_BRUTE_FORCE_CONFIGS` configurations.
+    """
+    t = resolve_temperature(semiring, temperature)
+    layout = latent_layout(model, *args, **kwargs)
+    slots = [
+        (site, idx)
+        for site, (shape, _) in layout.items()
+        for idx in itertools.product(*(range(s) for s in shape))
+    ]
+    sizes = [len(layout[s][1]) for s, _ in slots]
+    n = int(np.prod(sizes, dtype=np.int64)) if sizes else 1
+    if n > MAX_BRUTE_FORCE_CONFIGS:
+        raise ValueError(
+            f"brute force would list {n} configurations (> {MAX_BRUTE_FORCE_CONFIGS})"
+        )
+    states = np.array(list(itertools.product(*(range(k) for k in sizes))), dtype=int)
+    states = states.reshape(n, len(slots))
+    params = {
+        s: np.zeros((n,) + shape, dtype=sup.dtype) for s, (shape, sup) in layout.items()
+    }
+    for col, (site, idx) in enumerate(slots):
+        params[site][(slice(None),) + idx] = layout[site][1][states[:, col]]
+    arrays, static = _split_kwargs(kwargs)
+
+    def joint(p, arrays):
+        return log_density(model, args, {**static, **arrays}, p)[0]
+
+    logp = jax.jit(jax.vmap(joint, in_axes=(0, None)))(
+        {s: jnp.asarray(v) for s, v in params.items()}, arrays
+    )
+    log_z = reduce_t(logp, (0,), t)
+    best = int(jnp.argmax(logp))
+    margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    for col, (site, idx) in enumerate(slots):
+        for k in range(sizes[col]):
+            sel = logp[states[:, col] == k]
+            margs[site][idx + (k,)] = float(reduce_t(sel, (0,), t) - log_z)
+    maps = {s: jnp.asarray(v[best]) for s, v in params.items()}
+    return Posterior(
+        {s: jnp.asarray(m) for s, m in margs.items()}, maps, log_z, t, "brute-force"
+    )

@@ -1,0 +1,59 @@
+"""Input checks shared by the models: clear errors naming the problem."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from pgm_drm._typing import Array, ArrayLike
+
+__all__ = ["check_images", "check_prior", "check_probability"]
+
+#: Tolerance on ``sum(prior) == 1``: priors typed by hand in float32 carry ~1e-7
+#: rounding per entry; 1e-5 accepts those and rejects real mistakes.
+PRIOR_ATOL = 1e-5
+
+
+def check_prior(p: ArrayLike, name: str, size: int | None = None) -> Array:
+    """A probability vector: finite, >= 0, sums to 1 (within :data:`PRIOR_ATOL`)."""
+    arr = np.asarray(p, dtype=float)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-d probability vector, got shape {arr.shape}")
+    if size is not None and arr.shape[0] != size:
+        raise ValueError(f"{name} has {arr.shape[0]} entries, expected {size}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf values")
+    if np.any(arr < 0):
+        raise ValueError(f"{name} has negative entries: {arr.tolist()}")
+    if abs(arr.sum() - 1.0) > PRIOR_ATOL:
+        raise ValueError(f"{name} must sum to 1, sums to {arr.sum():.6g}")
+    return jnp.asarray(p)
+
+
+def check_probability(p: float, name: str) -> float:
+    """A single probability in [0, 1]."""
+    v = float(p)
+    if not np.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    return v
+
+
+def check_images(images: ArrayLike, image_shape: tuple[int, ...]) -> tuple[Array, bool]:
+    """One image or a batch: right shape and finite.
+
+    Returns:
+        The images as ``(N, *image_shape)`` and whether a single image was given.
+    """
+    x = jnp.asarray(images)
+    if x.shape == image_shape:
+        x, single = x[None], True
+    elif x.shape[1:] == image_shape:
+        single = False
+    else:
+        raise ValueError(
+            f"image has shape {x.shape}; the model renders images of shape "
+            f"{image_shape} (or a batch (N, *{image_shape}))"
+        )
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("image contains NaN or inf values")
+    return x, single
