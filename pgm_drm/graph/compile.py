@@ -34,7 +34,9 @@ __all__ = [
     "SiteInfo",
     "Variable",
     "compile_model",
+    "enum_support",
     "model_sites",
+    "support_values",
 ]
 
 
@@ -152,7 +154,47 @@ def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
                 f"latent site '{name}' has event shape {fn.event_shape}; only "
                 "scalar discrete latents (batched by plates) are supported"
             )
+        support_values(fn, name)
     return tr
+
+
+def support_values(fn: Any, name: str = "?") -> np.ndarray:
+    """The support of a discrete distribution as a 1-d array (same for every plate
+    instance), in ``enumerate_support`` order."""
+    sup = np.asarray(fn.enumerate_support(expand=False))
+    k = sup.shape[0]
+    sup = sup.reshape(k, -1)
+    if sup.shape[1] > 1 and not np.all(sup == sup[:, :1]):
+        raise CompileError(
+            f"latent site '{name}' has a support that differs across its batch; "
+            "every plate instance must share one support"
+        )
+    return sup[:, 0]
+
+
+class enum_support(enum):
+    """``numpyro.contrib.funsor.enum`` that enumerates *support values*.
+
+    NumPyro's funsor ``enum`` enumerates ``arange(K)``, which is wrong for
+    distributions whose support is not ``0..K-1`` (``DiscreteUniform(2, 5)``
+    would be scored at 0..3). This handler maps the enumerated indices through
+    ``enumerate_support``; dims and names are unchanged.
+    """
+
+    def process_message(self, msg):
+        enumerated = (
+            msg["type"] == "sample"
+            and not msg.get("done", False)
+            and not msg["is_observed"]
+            and msg["infer"].get("enumerate") == "parallel"
+            and not msg["infer"].get("expand", False)
+            and msg["fn"].has_enumerate_support
+        )
+        super().process_message(msg)
+        if enumerated:
+            sup = msg["fn"].enumerate_support(expand=False)
+            sup = jnp.reshape(sup, (sup.shape[0], -1))[:, 0]
+            msg["value"] = sup[msg["value"]]
 
 
 def _max_plate_nesting(tr: Mapping[str, dict]) -> int:
@@ -165,8 +207,19 @@ def _max_plate_nesting(tr: Mapping[str, dict]) -> int:
 
 
 def _enum_trace(model: Callable, args: tuple, kwargs: dict, nesting: int) -> dict:
-    enumerated = enum(config_enumerate(model), first_available_dim=-(nesting + 1))
-    return packed_trace(handlers.seed(enumerated, 0)).get_trace(*args, **kwargs)
+    enumerated = enum_support(
+        config_enumerate(model), first_available_dim=-(nesting + 1)
+    )
+    try:
+        return packed_trace(handlers.seed(enumerated, 0)).get_trace(*args, **kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, CompileError):
+            raise
+        raise CompileError(
+            f"tracing the model under parallel enumeration failed ({err}); "
+            "index arrays with numpyro.ops.indexing.Vindex and declare every batch "
+            "dimension with numpyro.plate so enumerated dims can broadcast"
+        ) from err
 
 
 def _site_log_prob(site: dict) -> Array:
@@ -182,7 +235,10 @@ def _site_log_prob(site: dict) -> Array:
     return jnp.asarray(lp)
 
 
-def _site_infos(tr: Mapping[str, dict], latent: set[str]) -> dict[str, SiteInfo]:
+def _site_infos(
+    tr: Mapping[str, dict], supports: Mapping[str, tuple]
+) -> dict[str, SiteInfo]:
+    latent = set(supports)
     infos: dict[str, SiteInfo] = {}
     for name, site in tr.items():
         if site["type"] != "sample":
@@ -219,10 +275,7 @@ def _site_infos(tr: Mapping[str, dict], latent: set[str]) -> dict[str, SiteInfo]
                     f"site '{name}' has an undeclared batch dimension {d} of size "
                     f"{lp.shape[d]}; declare batch dimensions with numpyro.plate"
                 )
-        support: tuple[Any, ...] = ()
-        if name in latent:
-            sup = np.asarray(site["fn"].enumerate_support(expand=False)).reshape(-1)
-            support = tuple(sup.tolist())
+        support: tuple[Any, ...] = supports.get(name, ())
         infos[name] = SiteInfo(
             name=name,
             is_observed=name not in latent,
@@ -304,11 +357,12 @@ class FactorGraph:
     @property
     def evidence_names(self) -> tuple[str, ...]:
         """Keyword arguments whose arrays can be swapped in ``tables``/``infer``."""
-        return tuple(
-            k
-            for k, v in self.kwargs.items()
-            if isinstance(v, (jax.Array, np.ndarray)) or np.isscalar(v)
-        )
+        return tuple(_split_evidence(self.kwargs)[0])
+
+    @property
+    def n_traces(self) -> int:
+        """How many times ``infer`` traced (and so jitted) a kernel for this graph."""
+        return self._cache.get("n_traces", 0)
 
     def tables(self, **evidence: Any) -> tuple[Array, ...]:
         """Log-potential tables of every factor, for new evidence.
@@ -352,6 +406,16 @@ class FactorGraph:
         return draw_factor_graph(self, ax=ax, **kwargs)
 
 
+def _split_evidence(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Array keyword arguments (evidence, traced) and the rest (static)."""
+    arrays = {
+        k: v
+        for k, v in kwargs.items()
+        if isinstance(v, (jax.Array, np.ndarray))
+    }
+    return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
+
+
 def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     """Compile a NumPyro model with finite discrete latents into a factor graph.
 
@@ -375,12 +439,23 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
             dimensions not declared by plates.
     """
     plain = model_sites(model, *args, **kwargs)
-    latent = {
-        n for n, s in plain.items() if s["type"] == "sample" and not s["is_observed"]
+    supports = {
+        n: tuple(support_values(s["fn"], n).tolist())
+        for n, s in plain.items()
+        if s["type"] == "sample" and not s["is_observed"]
     }
     nesting = _max_plate_nesting(plain)
-    tr = _enum_trace(model, args, kwargs, nesting)
-    infos = _site_infos(tr, latent)
+    holder: dict[str, Any] = {}
+    arrays, static = _split_evidence(kwargs)
+
+    def read_structure(arrays):
+        # Structure depends on shapes only: trace abstractly (no eager XLA ops).
+        tr = _enum_trace(model, args, {**static, **arrays}, nesting)
+        holder["infos"] = _site_infos(tr, supports)
+        return 0
+
+    jax.eval_shape(read_structure, arrays)
+    infos = holder["infos"]
 
     variables: list[Variable] = []
     for name, info in infos.items():
@@ -430,7 +505,7 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         plate_nesting=nesting,
         graph=graph,
     )
-    tables = fg.tables()
+    tables = jax.jit(lambda ev: fg.tables(**ev))(arrays)
     for f, t in zip(factors, tables, strict=True):
         graph.add_node(f.name, kind="factor", scope=f.scope, site=f.site, table=t)
         for v in f.scope:

@@ -24,13 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
-from numpyro.contrib.funsor import config_enumerate, enum, infer_discrete
+from numpyro.contrib.funsor import config_enumerate, infer_discrete
 from numpyro.contrib.funsor.infer_util import _enum_log_density
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Semiring
-from pgm_drm.graph.compile import _max_plate_nesting, model_sites
+from pgm_drm.graph.compile import (
+    _max_plate_nesting,
+    enum_support,
+    model_sites,
+    support_values,
+)
 from pgm_drm.inference.api import Posterior, resolve_temperature
 from pgm_drm.inference.kernel import reduce_t
 
@@ -52,8 +57,7 @@ def latent_layout(model: Callable, *args: Any, **kwargs: Any) -> dict[str, tuple
                 (f for f in site["cond_indep_stack"] if f.dim is not None),
                 key=lambda f: f.dim,
             )
-            support = np.asarray(site["fn"].enumerate_support(expand=False)).reshape(-1)
-            out[name] = (tuple(f.size for f in frames), support)
+            out[name] = (tuple(f.size for f in frames), support_values(site["fn"], name))
     return out
 
 
@@ -122,7 +126,7 @@ def _enum_functions(model, args, kwargs, layout, temperature):
     sum_op = funsor.ops.max if temperature == 0.0 else funsor.ops.logaddexp
 
     def log_z(offsets, args, arrays):
-        m = enum(
+        m = enum_support(
             config_enumerate(_offsets(model, offsets, supports)),
             first_available_dim=-(nesting + 1),
         )
@@ -165,6 +169,26 @@ def _clamps(layout) -> tuple[dict, list]:
     return offsets, entries
 
 
+def _map_by_clamping(layout, max_log_z_fn, args, arrays) -> dict:
+    """Joint MAP by fixing one variable at a time to its best max-marginal state."""
+    fixed = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    values = {s: np.zeros(shape, dtype=sup.dtype) for s, (shape, sup) in layout.items()}
+    for site, (shape, sup) in layout.items():
+        for idx in itertools.product(*(range(n) for n in shape)):
+            k_all = len(sup)
+            batch = {s: np.repeat(o[None], k_all, axis=0) for s, o in fixed.items()}
+            for k in range(k_all):
+                row = np.full(k_all, -np.inf)
+                row[k] = 0.0
+                batch[site][(k,) + idx] = row
+            scores = max_log_z_fn({s: jnp.asarray(b) for s, b in batch.items()}, args,
+                                  arrays)
+            best = int(jnp.argmax(scores))
+            fixed[site][idx] = batch[site][(best,) + idx]
+            values[site][idx] = sup[best]
+    return values
+
+
 def enumerate_exact(
     model: Callable,
     *args: Any,
@@ -200,7 +224,11 @@ def enumerate_exact(
     zc = np.asarray(z[1:] - log_z)
     for value, (site, idx, k) in zip(zc, entries, strict=True):
         margs[site][idx + (k,)] = value
-    maps = map_fn(args, arrays)
+    if all(np.array_equal(sup, np.arange(len(sup))) for _, sup in layout.values()):
+        maps = map_fn(args, arrays)
+    else:  # infer_discrete enumerates arange(K): decode by max-clamping instead
+        (max_log_z_fn, _), _ = _enum_functions(model, args, kwargs, layout, 0.0)
+        maps = _map_by_clamping(layout, max_log_z_fn, args, arrays)
     return Posterior(
         {s: jnp.asarray(m) for s, m in margs.items()},
         {s: jnp.reshape(jnp.asarray(v), layout[s][0]) for s, v in maps.items()},

@@ -1,0 +1,35 @@
+"""Test configuration: CPU only, float64 for exactness checks, seeded everything."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Exactness tests compare against enumeration at 1e-6: float32 rounding of a sum
+# of ~20 log-terms of size ~30 is ~1e-5, so every test runs in float64.
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile(
+    "ci",
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    np.random.seed(0)
+    yield
+
+
+@pytest.fixture
+def key():
+    return jax.random.PRNGKey(0)
