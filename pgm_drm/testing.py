@@ -39,7 +39,9 @@ def _edges(kind: str, n: int, rng: np.random.Generator) -> tuple[list, list]:
         tree = [(int(rng.integers(0, i)), i) for i in range(1, n)]
     extra: list[tuple[int, int]] = []
     if kind == "loopy":
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if (i, j) not in tree]
+        pairs = [
+            (i, j) for i in range(n) for j in range(i + 1, n) if (i, j) not in tree
+        ]
         k = min(len(pairs), max(1, n // 2))
         extra = [pairs[p] for p in rng.choice(len(pairs), size=k, replace=False)]
     return tree, extra
@@ -81,7 +83,9 @@ def random_factor_model(
         if hard_zeros:
             zero = rng.random(t.shape) < 0.3
             zero[star[p], star[c]] = False
-            zero[np.arange(cards[p]), np.argmax(t, axis=1)] = False  # rows stay normalisable
+            zero[np.arange(cards[p]), np.argmax(t, axis=1)] = (
+                False  # rows stay normalisable
+            )
             t = np.where(zero, 0.0, t)
             t = t / t.sum(axis=1, keepdims=True)
         cpts[c] = t
@@ -105,7 +109,9 @@ def random_factor_model(
             numpyro.factor(f"psi_{i}_{j}", Vindex(jnp.asarray(t))[xs[i], xs[j]])
         for i in range(n_vars):
             obs = None if y is None else y[i]
-            numpyro.sample(f"y{i}", dist.Normal(jnp.asarray(means[i])[xs[i]], 1.0), obs=obs)
+            numpyro.sample(
+                f"y{i}", dist.Normal(jnp.asarray(means[i])[xs[i]], 1.0), obs=obs
+            )
 
     return model, {"y": jnp.asarray(y)}
 
@@ -139,7 +145,10 @@ def random_plate_model(seed: int, outer: int = 2, inner: int = 2) -> Model:
 
 
 def random_rendering_model(
-    seed: int, n_classes: int = 3, n_nuisances: int = 4, image_shape=(4, 4),
+    seed: int,
+    n_classes: int = 3,
+    n_nuisances: int = 4,
+    image_shape=(4, 4),
     switch: bool = True,
 ) -> tuple[RenderingModel, dict[str, Any]]:
     """A random :class:`RenderingModel` and one image sampled from it."""

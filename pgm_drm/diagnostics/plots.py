@@ -44,27 +44,33 @@ def draw_factor_graph(
         g, pos, nodelist=variables, node_color="#8ecae6", node_shape="o", ax=ax
     )
     nx.draw_networkx_nodes(
-        g, pos, nodelist=factors, node_color="#fb8500", node_shape="s", node_size=120,
+        g,
+        pos,
+        nodelist=factors,
+        node_color="#fb8500",
+        node_shape="s",
+        node_size=120,
         ax=ax,
     )
     if g.number_of_nodes() <= max_labels:
-        nx.draw_networkx_labels(g, pos, labels={v: v for v in variables}, ax=ax,
-                                font_size=8)
         nx.draw_networkx_labels(
-            g, pos, labels={f: f for f in factors}, ax=ax, font_size=6,
+            g, pos, labels={v: v for v in variables}, ax=ax, font_size=8
+        )
+        nx.draw_networkx_labels(
+            g,
+            pos,
+            labels={f: f for f in factors},
+            ax=ax,
+            font_size=6,
             verticalalignment="bottom",
         )
     if schedule is not None and schedule.kind == "tree":
-        names = [v.name for v in fg.variables] + [
-            f.name for f in fg.factors if f.scope
-        ]
+        names = [v.name for v in fg.variables] + [f.name for f in fg.factors if f.scope]
         labels = {}
         for step, (i, j) in enumerate(schedule.messages[: schedule.n_upward]):
             labels[(names[i], names[j])] = str(step)
         nx.draw_networkx_edge_labels(g, pos, edge_labels=labels, ax=ax, font_size=6)
-    ax.set_title(
-        f"factor graph: {len(variables)} variables, {len(factors)} factors"
-    )
+    ax.set_title(f"factor graph: {len(variables)} variables, {len(factors)} factors")
     ax.set_axis_off()
     return ax
 
@@ -80,8 +86,9 @@ def plot_samples(
     n = images.shape[0]
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.4 * ncols, 1.6 * nrows),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(1.4 * ncols, 1.6 * nrows), squeeze=False
+    )
     for k, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if k >= n:
@@ -89,8 +96,11 @@ def plot_samples(
         ax.imshow(images[k], cmap="gray")
         if latents:
             ax.set_title(
-                " ".join(f"{s}={int(np.asarray(v)[k])}" for s, v in latents.items()
-                         if np.ndim(v) == 1),
+                " ".join(
+                    f"{s}={int(np.asarray(v)[k])}"
+                    for s, v in latents.items()
+                    if np.ndim(v) == 1
+                ),
                 fontsize=7,
             )
     fig.tight_layout()

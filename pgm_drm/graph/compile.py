@@ -408,11 +408,7 @@ class FactorGraph:
 
 def _split_evidence(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
     """Array keyword arguments (evidence, traced) and the rest (static)."""
-    arrays = {
-        k: v
-        for k, v in kwargs.items()
-        if isinstance(v, (jax.Array, np.ndarray))
-    }
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
     return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
 
 

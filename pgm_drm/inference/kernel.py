@@ -101,7 +101,9 @@ def make_plan(fg: FactorGraph, schedule: Schedule) -> Plan:
     neighbours: list[set[int]] = [set() for _ in clusters]
     for i, j in schedule.messages:
         sep = set(schedule.separator(i, j))
-        reduce_axes[(i, j)] = tuple(a for a, v in enumerate(clusters[i]) if v not in sep)
+        reduce_axes[(i, j)] = tuple(
+            a for a, v in enumerate(clusters[i]) if v not in sep
+        )
         expand_shape[(i, j)] = tuple(cards[v] if v in sep else 1 for v in clusters[j])
         neighbours[j].add(i)
     for i, j in schedule.edges:
@@ -226,7 +228,9 @@ def _loopy(plan: Plan, pots, temperature: float):
     sched = plan.schedule
     d = sched.damping
     init = {
-        (i, j): jnp.zeros(tuple(plan.cards[v] for v in sched.separator(i, j)), pots[0].dtype)
+        (i, j): jnp.zeros(
+            tuple(plan.cards[v] for v in sched.separator(i, j)), pots[0].dtype
+        )
         for i, j in sched.messages
     }
 
@@ -295,8 +299,12 @@ def run_plan(
         beliefs = _beliefs(plan, pots, msgs)
         log_z = constant
         for r in plan.roots:
-            log_z = log_z + reduce_t(beliefs[r], tuple(range(beliefs[r].ndim)), temperature)
-        up = msgs if temperature == 0.0 else _two_pass(plan, pots, 0.0, upward_only=True)
+            log_z = log_z + reduce_t(
+                beliefs[r], tuple(range(beliefs[r].ndim)), temperature
+            )
+        up = (
+            msgs if temperature == 0.0 else _two_pass(plan, pots, 0.0, upward_only=True)
+        )
         assign = _backtrack(plan, pots, up)
         return KernelResult(
             log_z=log_z,

@@ -57,7 +57,10 @@ def latent_layout(model: Callable, *args: Any, **kwargs: Any) -> dict[str, tuple
                 (f for f in site["cond_indep_stack"] if f.dim is not None),
                 key=lambda f: f.dim,
             )
-            out[name] = (tuple(f.size for f in frames), support_values(site["fn"], name))
+            out[name] = (
+                tuple(f.size for f in frames),
+                support_values(site["fn"], name),
+            )
     return out
 
 
@@ -105,9 +108,7 @@ _CACHE: dict = {}
 
 
 def _split_kwargs(kwargs):
-    arrays = {
-        k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))
-    }
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
     static = {k: v for k, v in kwargs.items() if k not in arrays}
     return arrays, static
 
@@ -181,8 +182,9 @@ def _map_by_clamping(layout, max_log_z_fn, args, arrays) -> dict:
                 row = np.full(k_all, -np.inf)
                 row[k] = 0.0
                 batch[site][(k,) + idx] = row
-            scores = max_log_z_fn({s: jnp.asarray(b) for s, b in batch.items()}, args,
-                                  arrays)
+            scores = max_log_z_fn(
+                {s: jnp.asarray(b) for s, b in batch.items()}, args, arrays
+            )
             best = int(jnp.argmax(scores))
             fixed[site][idx] = batch[site][(best,) + idx]
             values[site][idx] = sup[best]

@@ -28,7 +28,8 @@ class RenderingModel:
     ``image ~ N(a * templates[c, g], sigma^2 I)``.
 
     Args:
-        templates: Rendered templates ``mu_cg = R(c, g)``, shape ``(C, G, *image_shape)``.
+        templates: Rendered templates ``mu_cg = R(c, g)``, shape
+            ``(C, G, *image_shape)``.
         sigma: Pixel noise standard deviation (> 0).
         class_prior: ``(C,)`` probabilities; uniform when ``None``.
         nuisance_prior: ``(G,)`` probabilities; uniform when ``None``.
@@ -135,9 +136,7 @@ class RenderingModel:
             b = b + jnp.log(self.switch_prior)
         return w, b
 
-    def class_log_scores(
-        self, images: ArrayLike, semiring: Semiring = "max"
-    ) -> Array:
+    def class_log_scores(self, images: ArrayLike, semiring: Semiring = "max") -> Array:
         """Class scores of the MS-RMC / SP-RMC (Eqs. 5-7, 9).
 
         An affine template match ``<w_cg | I> + b_cg``; with the switch, the max
@@ -160,7 +159,9 @@ class RenderingModel:
         x, single = check_images(images, self.image_shape)
         w, b = self.natural_parameters()
         d = int(np.prod(self.image_shape))
-        u = jnp.einsum("nd,cgd->ncg", x.reshape(x.shape[0], d), w.reshape(*w.shape[:2], d))
+        u = jnp.einsum(
+            "nd,cgd->ncg", x.reshape(x.shape[0], d), w.reshape(*w.shape[:2], d)
+        )
         u = u + b
         if self.switch_prior is not None:
             off = (
@@ -173,7 +174,7 @@ class RenderingModel:
         return scores[0] if single else scores
 
     def classify(self, images: ArrayLike, semiring: Semiring = "max") -> Array:
-        """MS-RMC (Eq. 6) or SP-RMC (Eq. 5) class decisions, shape ``(N,)`` or ``()``."""
+        """MS-RMC (Eq. 6) or SP-RMC (Eq. 5) class decisions, shape ``(N,)``/``()``."""
         return jnp.argmax(self.class_log_scores(images, semiring), axis=-1)
 
     def replace(self, **changes: Any) -> RenderingModel:
@@ -207,4 +208,3 @@ def default_templates(size: int = 6) -> Array:
         for g, (dy, dx) in enumerate(offsets):
             out[c, g, dy : dy + k, dx : dx + k] = shapes[c]
     return jnp.asarray(out)
-

@@ -18,7 +18,9 @@ def check_prior(p: ArrayLike, name: str, size: int | None = None) -> Array:
     """A probability vector: finite, >= 0, sums to 1 (within :data:`PRIOR_ATOL`)."""
     arr = np.asarray(p, dtype=float)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-d probability vector, got shape {arr.shape}")
+        raise ValueError(
+            f"{name} must be a 1-d probability vector, got shape {arr.shape}"
+        )
     if size is not None and arr.shape[0] != size:
         raise ValueError(f"{name} has {arr.shape[0]} entries, expected {size}")
     if not np.all(np.isfinite(arr)):

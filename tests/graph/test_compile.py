@@ -81,11 +81,13 @@ def test_graph_is_bipartite_with_attributes():
     assert set(kinds.values()) == {"variable", "factor"}
     for u, v in g.edges:
         assert {kinds[u], kinds[v]} == {"variable", "factor"}
-    for n, d in g.nodes(data=True):
+    for _, d in g.nodes(data=True):
         if d["kind"] == "variable":
             assert d["cardinality"] >= 2
         else:
-            assert d["table"].shape == tuple(g.nodes[v]["cardinality"] for v in d["scope"])
+            assert d["table"].shape == tuple(
+                g.nodes[v]["cardinality"] for v in d["scope"]
+            )
     assert fg.is_tree()
 
 
@@ -115,7 +117,9 @@ def test_undeclared_batch_dimension_is_rejected():
             numpyro.sample("z", dist.Bernoulli(0.5))
         numpyro.sample("x", dist.Normal(jnp.zeros(3), 1.0), obs=x)
 
-    with pytest.raises(CompileError, match="declare batch dimensions with numpyro.plate"):
+    with pytest.raises(
+        CompileError, match="declare batch dimensions with numpyro.plate"
+    ):
         compile_model(model, x=jnp.zeros(3))
 
 

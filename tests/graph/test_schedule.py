@@ -25,15 +25,15 @@ def test_exact_schedule_is_a_junction_tree(seed, kind):
     # Every factor sits in exactly one cluster that covers its scope.
     vindex = fg.variable_index
     placed = sorted(fi for fs in s.factors for fi in fs)
-    assert placed == sorted(
-        i for i, f in enumerate(fg.factors) if f.scope
-    )
+    assert placed == sorted(i for i, f in enumerate(fg.factors) if f.scope)
     for k, fs in enumerate(s.factors):
         for fi in fs:
             assert {vindex[v] for v in fg.factors[fi].scope} <= set(s.clusters[k])
     # Two passes: each tree edge carries one message each way.
     assert len(s.messages) == 2 * len(s.edges)
-    assert set(s.messages) == {(i, j) for i, j in s.edges} | {(j, i) for i, j in s.edges}
+    assert set(s.messages) == {(i, j) for i, j in s.edges} | {
+        (j, i) for i, j in s.edges
+    }
 
 
 def test_upward_sweep_sends_children_before_parents():

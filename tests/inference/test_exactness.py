@@ -107,8 +107,10 @@ def test_discrete_uniform_support_values_are_exact():
     fg = compile_model(model, **kwargs)
     for semiring in ("sum", "max"):
         post = infer(fg, semiring)
-        for ref in (brute_force(model, semiring=semiring, **kwargs),
-                    enumerate_exact(model, semiring=semiring, **kwargs)):
+        for ref in (
+            brute_force(model, semiring=semiring, **kwargs),
+            enumerate_exact(model, semiring=semiring, **kwargs),
+        ):
             assert_posteriors_close(post, ref, ATOL, model, kwargs)
         assert int(post.map["k"]) == 4
 
@@ -121,8 +123,9 @@ def test_loopy_schedule_on_a_tree_equals_exact(kind):
         for semiring in ("sum", "max"):
             exact = infer(fg, semiring, schedule="tree")
             # Flooding on a tree converges after diameter sweeps; 30 is plenty.
-            loopy = infer(fg, semiring, schedule=fg.schedule("loopy", damping=0.0,
-                                                              max_iters=30))
+            loopy = infer(
+                fg, semiring, schedule=fg.schedule("loopy", damping=0.0, max_iters=30)
+            )
             assert loopy.converged
             assert_posteriors_close(loopy, exact, ATOL, model, kwargs)
             for site in exact.map:

@@ -1,0 +1,105 @@
+"""RenderingModel: sampling, natural parameters, MS-/SP-RMC against exact posteriors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pgm_drm.graph import compile_model
+from pgm_drm.inference import brute_force, infer
+from pgm_drm.models import RenderingModel, default_templates
+from pgm_drm.testing import random_rendering_model
+
+
+def test_sample_shapes_and_latents(key):
+    rm = RenderingModel(default_templates(), sigma=0.3, switch_prior=0.8)
+    images, latents = rm.sample(key, 50)
+    assert images.shape == (50, 6, 6)
+    assert set(latents) == {"c", "g", "a"}
+    assert all(v.shape == (50,) for v in latents.values())
+    # With small noise an ON image is its template plus noise of scale sigma.
+    mu = rm.templates[latents["c"], latents["g"]] * latents["a"][:, None, None]
+    resid = np.asarray(images - mu)
+    assert abs(resid.std() - 0.3) < 0.03  # 1800 draws: std error of std ~ 0.005
+
+
+def test_no_switch_means_no_a_site(key):
+    rm = RenderingModel(default_templates(), sigma=0.3)
+    _, latents = rm.sample(key, 3)
+    assert set(latents) == {"c", "g"}
+
+
+def test_natural_parameters_give_the_log_joint():
+    rm, kw = random_rendering_model(3, switch=False)
+    w, b = rm.natural_parameters()
+    img = kw["image"]
+    post = brute_force(rm.model, **kw)
+    # log p(c, g, I) = <w_cg, I> + b_cg - ||I||^2 / 2s^2 - D/2 log(2 pi s^2)  (Eq. 7-8)
+    d = img.size
+    const = -jnp.sum(img**2) / (2 * rm.sigma**2) - d / 2 * jnp.log(
+        2 * jnp.pi * rm.sigma**2
+    )
+    logp = (
+        jnp.einsum("cgd,d->cg", w.reshape(*w.shape[:2], -1), img.reshape(-1))
+        + b
+        + const
+    )
+    np.testing.assert_allclose(
+        float(jax.nn.logsumexp(logp)), float(post.log_z), atol=1e-9
+    )
+
+
+@given(
+    seed=st.integers(0, 10_000),
+    switch=st.booleans(),
+    semiring=st.sampled_from(["max", "sum"]),
+)
+def test_classify_is_argmax_of_exact_posterior(seed, switch, semiring):
+    rm, _ = random_rendering_model(seed, switch=switch)
+    images, _ = rm.sample(jax.random.PRNGKey(seed), 16)
+    fg = compile_model(rm.model, image=images[0])
+    post = infer(fg, semiring, image=images)
+    expected = jnp.argmax(post.log_marginals["c"], axis=-1)
+    np.testing.assert_array_equal(rm.classify(images, semiring), expected)
+    # The scores are the exact class log-(max-)marginals up to a per-image shift.
+    scores = rm.class_log_scores(images, semiring)
+    shift = scores - post.log_marginals["c"]
+    # float64 logsumexp over <= 2*4 terms: agreement to 1e-9 is round-off.
+    np.testing.assert_allclose(shift - shift[:, :1], 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sigma": 0.0}, "sigma must be"),
+        ({"sigma": -1.0}, "sigma must be"),
+        ({"class_prior": [0.5, 0.6, -0.1]}, "negative"),
+        ({"class_prior": [0.5, 0.2, 0.2]}, "sum to 1"),
+        ({"class_prior": [0.5, 0.5]}, "expected 3"),
+        ({"nuisance_prior": [0.25, 0.25, 0.25, np.nan]}, "NaN"),
+        ({"switch_prior": 1.5}, "switch_prior"),
+        ({"templates": np.zeros((3, 4))}, "templates must have shape"),
+        ({"templates": np.full((3, 4, 2, 2), np.inf)}, "templates contain NaN"),
+    ],
+)
+def test_bad_parameters_are_named(kwargs, message):
+    base = {"templates": default_templates(), "sigma": 1.0}
+    with pytest.raises(ValueError, match=message):
+        RenderingModel(**{**base, **kwargs})
+
+
+def test_bad_images_are_named():
+    rm = RenderingModel(default_templates(), sigma=1.0)
+    with pytest.raises(ValueError, match="image has shape"):
+        rm.classify(jnp.zeros((5, 5)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        rm.classify(jnp.full((6, 6), jnp.nan))
+    fg = compile_model(rm.model, image=jnp.zeros((6, 6)))
+    with pytest.raises(ValueError, match="evidence 'image' has shape"):
+        infer(fg, image=jnp.zeros((2, 5, 6)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        infer(fg, image=jnp.full((6, 6), jnp.inf))
+    with pytest.raises(ValueError, match="unknown evidence 'img'"):
+        infer(fg, img=jnp.zeros((6, 6)))
