@@ -1,0 +1,80 @@
+"""Tree DRM: layout helpers, sampling, rendering, bad input."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pgm_drm.models import DeepRenderingModel, grid_to_plates, plates_to_grid
+
+
+@pytest.mark.parametrize("windows", [(2, 2, 2), (4, 3, 2), (3,), (2, 5)])
+def test_grid_plate_round_trip(windows):
+    side = int(np.prod(windows))
+    x = jnp.arange(2 * side * side).reshape(2, side, side)
+    p = grid_to_plates(x, windows)
+    assert p.shape == (2,) + tuple(w * w for w in windows)
+    np.testing.assert_array_equal(plates_to_grid(p, windows), x)
+    # Offset 0 of every level is the top-left pixel.
+    assert int(p[(0,) + (0,) * len(windows)]) == 0
+
+
+def test_sample_latents_and_render(key):
+    drm = DeepRenderingModel.default(sigma=1e-3)
+    images, latents = drm.sample(key, 6)
+    assert images.shape == (6, 24, 24)
+    assert latents["c"].shape == (6,) and latents["g3"].shape == (6,)
+    assert latents["g2"].shape == (6, 2, 2) and latents["a1"].shape == (6, 6, 6)
+    assert latents["s1"].shape == (6, 6, 6)
+    # Noise sigma = 1e-3: the image is its rendering to ~5 sigma.
+    np.testing.assert_allclose(images, drm.render(latents), atol=5e-3)
+    # OFF units render nothing.
+    off = np.asarray(latents["s1"] == drm.n_states[0])
+    patches = np.asarray(drm.render(latents)).reshape(6, 6, 4, 6, 4)
+    assert np.all(np.abs(patches.transpose(0, 1, 3, 2, 4)[off]) == 0)
+
+
+def test_random_model_shapes(key):
+    drm = DeepRenderingModel.random(key, image_shape=(16, 16), levels=3)
+    assert drm.windows == (4, 2, 2) and drm.image_shape == (16, 16)
+    assert drm.n_nuisances == (4, 4, 4)
+    assert drm.grid_shape(1) == (4, 4) and drm.grid_shape(3) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"windows": (2, 0)}, "windows must be >= 1"),
+        ({"windows": (2, -1)}, "windows must be >= 1"),
+        ({"child_templates": ()}, "need 1 child_templates"),
+        ({"child_templates": (np.full((2, 1, 1), 9),)}, "outside 0..3"),
+        ({"child_templates": (np.zeros((2, 3, 3), dtype=int),)}, "exceeds window"),
+        ({"nuisance_priors": (np.full(4, 0.25), np.full(3, 0.3))}, "nuisance_priors"),
+        ({"switch_priors": (1.2,)}, "switch_priors"),
+        ({"sigma": 0.0}, "sigma"),
+        ({"class_prior": [0.5, 0.6]}, "sum to 1"),
+    ],
+)
+def test_inconsistent_levels_are_named(change, message):
+    base = dict(
+        windows=(2, 2),
+        pixel_templates=np.ones((3, 1, 1)),
+        child_templates=(np.zeros((2, 1, 1), dtype=int),),
+        class_prior=[0.5, 0.5],
+        nuisance_priors=(np.full(4, 0.25), np.full(4, 0.25)),
+        switch_priors=(0.9,),
+        sigma=0.5,
+    )
+    with pytest.raises(ValueError, match=message):
+        DeepRenderingModel(**{**base, **change})
+
+
+def test_wrong_image_size_is_named(key):
+    drm = DeepRenderingModel.random(key, image_shape=(8, 8), levels=3)
+    with pytest.raises(ValueError, match="image has shape"):
+        drm.infer(jnp.zeros((2, 16, 16)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        drm.infer(jnp.full((8, 8), jnp.nan))
+    with pytest.raises(ValueError, match="not divisible"):
+        DeepRenderingModel.random(key, image_shape=(10, 10), levels=3)
+    with pytest.raises(ValueError, match="prod"):
+        DeepRenderingModel.random(key, image_shape=(8, 8), levels=2, windows=(2, 2))
