@@ -253,7 +253,6 @@ def _loopy(plan: Plan, pots, temperature: float):
 
 def _bethe_log_z(plan: Plan, pots, beliefs, temperature: float, constant) -> Array:
     """Bethe approximation at temperature T: sum_f E_bf[psi_f] + T * H_Bethe."""
-    sched = plan.schedule
     n_vars = len(plan.cards)
     total = constant
     for c, b in enumerate(beliefs):
@@ -264,7 +263,6 @@ def _bethe_log_z(plan: Plan, pots, beliefs, temperature: float, constant) -> Arr
         else:
             energy = jnp.sum(jnp.where(p > 0, p * pots[c], 0.0))
             total = total + energy + temperature * h
-    del sched
     return total
 
 

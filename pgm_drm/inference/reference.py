@@ -32,6 +32,7 @@ from numpyro.primitives import Messenger
 from pgm_drm._typing import Semiring
 from pgm_drm.graph.compile import (
     _max_plate_nesting,
+    _split_evidence,
     enum_support,
     model_sites,
     support_values,
@@ -107,14 +108,8 @@ class _offsets(Messenger):
 _CACHE: dict = {}
 
 
-def _split_kwargs(kwargs):
-    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
-    static = {k: v for k, v in kwargs.items() if k not in arrays}
-    return arrays, static
-
-
 def _enum_functions(model, args, kwargs, layout, temperature):
-    arrays, static = _split_kwargs(kwargs)
+    arrays, static = _split_evidence(kwargs)
     try:
         key = (model, tuple(sorted(static.items())), temperature, len(args))
         hash(key)
@@ -276,7 +271,7 @@ def brute_force(
     }
     for col, (site, idx) in enumerate(slots):
         params[site][(slice(None),) + idx] = layout[site][1][states[:, col]]
-    arrays, static = _split_kwargs(kwargs)
+    arrays, static = _split_evidence(kwargs)
 
     def joint(p, arrays):
         return log_density(model, args, {**static, **arrays}, p)[0]

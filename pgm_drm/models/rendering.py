@@ -13,6 +13,7 @@ from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
+from pgm_drm.inference.api import resolve_temperature
 from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.models.validation import check_images, check_prior, check_probability
 
@@ -153,9 +154,7 @@ class RenderingModel:
         Returns:
             Scores of shape ``(N, C)`` (or ``(C,)`` for one image).
         """
-        t = 0.0 if semiring == "max" else 1.0
-        if semiring not in ("max", "sum"):
-            raise ValueError(f"semiring must be 'max' or 'sum', got {semiring!r}")
+        t = resolve_temperature(semiring, None)
         x, single = check_images(images, self.image_shape)
         w, b = self.natural_parameters()
         d = int(np.prod(self.image_shape))
