@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check pgm_drm tests bench
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --doctest-modules pgm_drm tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_rm.py
