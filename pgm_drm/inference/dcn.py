@@ -32,7 +32,7 @@ import numpy as np
 from pgm_drm._typing import Array, ArrayLike, Semiring
 from pgm_drm.inference.api import resolve_temperature
 from pgm_drm.inference.kernel import reduce_t
-from pgm_drm.models.drm import DeepRenderingModel
+from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
 
 __all__ = ["DCNOutput", "dcn_infer", "naive_dcn_pass", "windows_of"]
 
@@ -68,14 +68,6 @@ def windows_of(x: Array, w: int) -> Array:
     x = jnp.reshape(x, (b, h // w, w, wd // w, w) + rest)
     x = jnp.moveaxis(x, 2, 3)
     return jnp.reshape(x, (b, h // w, wd // w, w * w) + rest)
-
-
-def _unwindow(x: Array, w: int) -> Array:
-    """``(B, h, h, w*w)`` child values -> ``(B, h*w, h*w)`` grid."""
-    b, h, hw = x.shape[:3]
-    x = jnp.reshape(x, (b, h, hw, w, w))
-    x = jnp.moveaxis(x, 3, 2)
-    return jnp.reshape(x, (b, h * w, hw * w))
 
 
 def _pixel_scores(drm: DeepRenderingModel, images: Array) -> Array:
@@ -148,7 +140,9 @@ def _top_down(drm: DeepRenderingModel, scores: tuple[Array, ...], class_scores: 
     g_grid = g[:, None, None]
     for level in range(L, 1, -1):
         table = drm.placement_table(level)
-        children = _unwindow(table[eff, g_grid], drm.windows[level - 1])  # (B,H,W)
+        children = windows_to_grid(
+            table[eff, g_grid], drm.windows[level - 1]
+        )  # (B,H,W)
         u = scores[level - 2]  # (B,H,W,K+1,G) of the child level
         best = jnp.max(u, axis=-1)  # (B,H,W,K+1)
         p = drm.switch_priors[level - 2]

@@ -31,7 +31,12 @@ from numpyro.ops.indexing import Vindex
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.models.validation import check_images, check_prior, check_probability
 
-__all__ = ["DeepRenderingModel", "grid_to_plates", "plates_to_grid"]
+__all__ = [
+    "DeepRenderingModel",
+    "grid_to_plates",
+    "plates_to_grid",
+    "windows_to_grid",
+]
 
 
 def grid_to_plates(x: ArrayLike, windows: tuple[int, ...]) -> Array:
@@ -70,6 +75,18 @@ def plates_to_grid(x: ArrayLike, windows: tuple[int, ...]) -> Array:
     x = jnp.transpose(x, tuple(range(k)) + tuple(rows) + tuple(cols))
     side = int(np.prod(windows)) if windows else 1
     return jnp.reshape(x, lead + (side, side))
+
+
+def windows_to_grid(x: ArrayLike, w: int) -> Array:
+    """Per-unit window contents ``(..., h, h, w*w)`` -> the grid ``(..., h*w, h*w)``.
+
+    Offset ``o = r * w + c`` of the unit at ``(y, x)`` lands at ``(y*w + r, x*w + c)``.
+    """
+    x = jnp.asarray(x)
+    h = x.shape[-2]
+    x = jnp.reshape(x, x.shape[:-1] + (w, w))
+    x = jnp.swapaxes(x, -3, -2)
+    return jnp.reshape(x, x.shape[:-4] + (h * w, h * w))
 
 
 def _placements(window: int, size: int) -> list[tuple[int, int]]:
@@ -304,12 +321,7 @@ class DeepRenderingModel:
             if l == L:
                 g = g[..., None, None]
             table = self.placement_table(l)  # (K+1, G, w*w)
-            child = table[state, g]  # (..., h, w_, w*w)
-            h = state.shape[-1]
-            child = child.reshape(child.shape[:-1] + (w, w))
-            child = jnp.swapaxes(child, -3, -2).reshape(
-                child.shape[:-4] + (h * w, h * w)
-            )
+            child = windows_to_grid(table[state, g], w)  # (..., h*w, h*w)
             a = jnp.asarray(latents[f"a{l - 1}"])
             state = jnp.where(a > 0.5, child, self.n_states[l - 2])
             out[f"s{l - 1}"] = state
@@ -341,12 +353,7 @@ class DeepRenderingModel:
         g = jnp.asarray(latents["g1"])
         if L == 1:
             g = g[..., None, None]
-        means = self.placement_table(1)[state, g]  # (..., h, h, w*w)
-        w = self.windows[0]
-        h = state.shape[-1]
-        means = means.reshape(means.shape[:-1] + (w, w))
-        means = jnp.swapaxes(means, -3, -2)
-        return means.reshape(means.shape[:-4] + (h * w, h * w))
+        return windows_to_grid(self.placement_table(1)[state, g], self.windows[0])
 
     def check_images(self, images: ArrayLike) -> tuple[Array, bool]:
         """Validate images of shape ``image_shape`` or ``(N, *image_shape)``."""
