@@ -1,6 +1,11 @@
 """Schedules executed in JAX under a semiring; exact references from NumPyro."""
 
 from pgm_drm.inference.api import Posterior, infer, resolve_temperature
+from pgm_drm.inference.conv_dcn import (
+    ConvDCNOutput,
+    conv_dcn_infer,
+    naive_conv_dcn_pass,
+)
 from pgm_drm.inference.dcn import DCNOutput, dcn_infer, naive_dcn_pass
 from pgm_drm.inference.kernel import KernelResult, Plan, make_plan, reduce_t, run_plan
 from pgm_drm.inference.reference import (
@@ -12,16 +17,19 @@ from pgm_drm.inference.reference import (
 
 __all__ = [
     "MAX_BRUTE_FORCE_CONFIGS",
+    "ConvDCNOutput",
     "DCNOutput",
     "KernelResult",
     "Plan",
     "Posterior",
     "brute_force",
+    "conv_dcn_infer",
     "dcn_infer",
     "enumerate_exact",
     "infer",
     "latent_layout",
     "make_plan",
+    "naive_conv_dcn_pass",
     "naive_dcn_pass",
     "reduce_t",
     "resolve_temperature",

@@ -221,9 +221,13 @@ def enumerate_exact(
     zc = np.asarray(z[1:] - log_z)
     for value, (site, idx, k) in zip(zc, entries, strict=True):
         margs[site][idx + (k,)] = value
-    if all(np.array_equal(sup, np.arange(len(sup))) for _, sup in layout.values()):
+    if all(
+        len(sup) > 1 and np.array_equal(sup, np.arange(len(sup)))
+        for _, sup in layout.values()
+    ):
         maps = map_fn(args, arrays)
-    else:  # infer_discrete enumerates arange(K): decode by max-clamping instead
+    else:  # infer_discrete enumerates arange(K) and fails on one-state sites
+        # ("Could not extract point"): decode by max-clamping instead
         (max_log_z_fn, _), _ = _enum_functions(model, args, kwargs, layout, 0.0)
         maps = _map_by_clamping(layout, max_log_z_fn, args, arrays)
     return Posterior(

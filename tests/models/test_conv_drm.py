@@ -1,0 +1,106 @@
+"""ConvRenderingModel: structure, sampling, rendering and bad input."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.infer.util import log_density
+
+from pgm_drm.models import ConvRenderingModel
+
+
+def test_shapes_and_cover():
+    m = ConvRenderingModel.random(jax.random.PRNGKey(0), stride=2, patch=3, grid=3)
+    assert m.image_shape == (7, 7) and m.overlap == 1 and m.n_nuisances == 4
+    # every pixel belongs to exactly one cover group, covered by 1, 2 or 4 units
+    groups = m.cover()
+    pixels = np.concatenate([p for _, p in groups])
+    assert sorted(pixels.tolist()) == list(range(49))
+    assert sorted({len(u) for u, _ in groups}) == [1, 2, 4]
+
+
+def test_sample_render_and_model_agree(key):
+    """Images are the rendered mean plus noise, and the NumPyro model's log
+    density of the sampled latents is the Gaussian density of that residual."""
+    m = ConvRenderingModel.random(key, stride=2, patch=3, grid=3, sigma=0.4)
+    images, lat = m.sample(jax.random.PRNGKey(3), 6)
+    assert images.shape == (6, 7, 7) and lat["a"].shape == (6, 3, 3)
+    mean = m.render(lat)
+    for i in range(6):
+        values = {"c": lat["c"][i], "g": lat["g"][i]}
+        values.update(
+            {f"a_{u // 3}_{u % 3}": lat["a"][i].reshape(-1)[u] for u in range(9)}
+        )
+        lp, _ = log_density(m.model, (), {"image": images[i]}, values)
+        resid = images[i] - mean[i]
+        expect = (
+            jnp.log(m.class_prior[lat["c"][i]])
+            + jnp.log(m.nuisance_prior[lat["g"][i]])
+            + jnp.sum(jnp.where(lat["a"][i] > 0, jnp.log(0.9), jnp.log(0.1)))
+            + jnp.sum(-0.5 * (resid / 0.4) ** 2 - jnp.log(0.4 * jnp.sqrt(2 * jnp.pi)))
+        )
+        # float64 sums of 49 Gaussian terms: rounding ~1e-13
+        assert abs(float(lp) - float(expect)) < 1e-9
+
+
+def test_overlapping_patches_add():
+    pix = np.ones((1, 2, 2))
+    m = ConvRenderingModel(
+        pixel_templates=pix,
+        class_templates=np.zeros((1, 2, 2), dtype=int),
+        grid=2,
+        stride=1,
+        class_prior=[1.0],
+        nuisance_prior=[1.0],
+    )
+    img = m.render({"c": 0, "g": 0, "a": np.ones((2, 2))})
+    np.testing.assert_allclose(img, [[1, 2, 1], [2, 4, 2], [1, 2, 1]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"stride": 0}, "stride"),
+        ({"stride": 4}, "stride"),
+        ({"grid": 1}, "exceeds the unit grid"),
+        ({"sigma": -1.0}, "sigma"),
+        ({"class_prior": [0.5, 0.6]}, "class_prior"),
+        ({"class_templates": np.full((2, 2, 2), 7)}, "outside"),
+        ({"switch_prior": 1.5}, "switch_prior"),
+    ],
+)
+def test_bad_parameters(kwargs, match):
+    base = dict(
+        pixel_templates=np.ones((2, 3, 3)),
+        class_templates=np.zeros((2, 2, 2), dtype=int),
+        grid=3,
+        stride=2,
+        class_prior=[0.5, 0.5],
+        nuisance_prior=np.full(4, 0.25),
+    )
+    with pytest.raises(ValueError, match=match):
+        ConvRenderingModel(**{**base, **kwargs})
+
+
+def test_wrong_image_shape_is_named(key):
+    from pgm_drm.inference import conv_dcn_infer
+
+    m = ConvRenderingModel.random(key)
+    with pytest.raises(ValueError, match="shape"):
+        conv_dcn_infer(m, np.zeros((4, 6, 6)))
+    with pytest.raises(ValueError, match="NaN"):
+        conv_dcn_infer(m, np.full(m.image_shape, np.nan))
+
+
+def test_unit_table_places_class_template():
+    m = ConvRenderingModel.random(jax.random.PRNGKey(1), grid=3, class_size=2)
+    table = np.asarray(m.unit_table()).reshape(m.n_classes, 4, 3, 3)
+    for c, (g, (dy, dx)) in itertools.product(
+        range(m.n_classes), enumerate([(0, 0), (0, 1), (1, 0), (1, 1)])
+    ):
+        np.testing.assert_array_equal(
+            table[c, g, dy : dy + 2, dx : dx + 2], m.class_templates[c]
+        )
+        assert (table[c, g] == m.n_states).sum() == 5
