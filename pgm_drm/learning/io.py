@@ -1,0 +1,186 @@
+"""Saving fitted models and checkpoints: one ``.npz`` per file, written atomically.
+
+A model file holds every dataclass field of the model as arrays plus a JSON
+header (``__meta__``) naming the class and how to rebuild each field, so any
+frozen dataclass whose fields are arrays, numbers, ``None`` or tuples of those
+round-trips: :class:`~pgm_drm.models.RenderingModel` and
+:class:`~pgm_drm.models.DeepRenderingModel` are registered. No pickles: files
+load with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pgm_drm.models.drm import DeepRenderingModel
+from pgm_drm.models.rendering import RenderingModel
+
+__all__ = [
+    "MODEL_CLASSES",
+    "load_checkpoint",
+    "load_model",
+    "save_checkpoint",
+    "save_model",
+]
+
+#: Classes :func:`load_model` may rebuild, by name.
+MODEL_CLASSES: dict[str, type] = {
+    "DeepRenderingModel": DeepRenderingModel,
+    "RenderingModel": RenderingModel,
+}
+
+FORMAT_VERSION = 1
+_META = "__meta__"
+
+
+def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez`` to a temporary file in the same folder, then ``os.replace``.
+
+    A reader (or a resumed fit) never sees a half-written file: the rename is
+    atomic on POSIX and Windows within one file system.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    if _META not in arrays:
+        raise ValueError(f"{path} is not a pgm_drm file (no {_META} entry)")
+    meta = json.loads(str(arrays.pop(_META)))
+    return arrays, meta
+
+
+def _encode(name: str, value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Store ``value`` under keys starting with ``name``; return how to rebuild it."""
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, tuple):
+        return {
+            "kind": "tuple",
+            "items": [_encode(f"{name}/{i}", v, arrays) for i, v in enumerate(value)],
+        }
+    if isinstance(value, bool | int | float):
+        return {"kind": type(value).__name__, "value": value}
+    arrays[name] = np.asarray(value)
+    return {"kind": "array", "key": name}
+
+
+def _decode(spec: Any, arrays: dict[str, np.ndarray]) -> Any:
+    kind = spec["kind"]
+    if kind == "none":
+        return None
+    if kind == "tuple":
+        return tuple(_decode(s, arrays) for s in spec["items"])
+    if kind in ("bool", "int", "float"):
+        return {"bool": bool, "int": int, "float": float}[kind](spec["value"])
+    return arrays[spec["key"]]
+
+
+def save_model(path: str | os.PathLike, model: Any) -> Path:
+    """Save a fitted model (a registered frozen dataclass) to ``path`` (``.npz``).
+
+    Args:
+        path: Destination; parent folders are created; written atomically.
+        model: A :class:`RenderingModel`, :class:`DeepRenderingModel` or another
+            class in :data:`MODEL_CLASSES`.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, os, numpy as np
+        >>> from pgm_drm.models import RenderingModel, default_templates
+        >>> rm = RenderingModel(default_templates(), sigma=0.5, switch_prior=0.9)
+        >>> path = os.path.join(tempfile.mkdtemp(), "rm.npz")
+        >>> back = load_model(save_model(path, rm))
+        >>> bool(np.array_equal(back.templates, rm.templates)), back.switch_prior
+        (True, 0.9)
+    """
+    cls = type(model)
+    if MODEL_CLASSES.get(cls.__name__) is not cls or not dataclasses.is_dataclass(
+        model
+    ):
+        raise ValueError(
+            f"cannot save a {cls.__name__}; known model classes: "
+            f"{sorted(MODEL_CLASSES)}"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    fields = {
+        f.name: _encode(f.name, getattr(model, f.name), arrays)
+        for f in dataclasses.fields(model)
+    }
+    meta = {"format": FORMAT_VERSION, "class": cls.__name__, "fields": fields}
+    arrays[_META] = np.asarray(json.dumps(meta))
+    return _atomic_savez(path, arrays)
+
+
+def load_model(path: str | os.PathLike) -> Any:
+    """Load a model written by :func:`save_model` (validated by its constructor).
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: Not a model file, or an unknown class / format version.
+    """
+    arrays, meta = _load_npz(path)
+    if meta.get("format") != FORMAT_VERSION or "fields" not in meta:
+        raise ValueError(f"{path}: unsupported model file format {meta.get('format')}")
+    name = meta.get("class")
+    if name not in MODEL_CLASSES:
+        raise ValueError(
+            f"{path} holds a {name!r}; known model classes: {sorted(MODEL_CLASSES)}"
+        )
+    kwargs = {k: _decode(s, arrays) for k, s in meta["fields"].items()}
+    return MODEL_CLASSES[name](**kwargs)
+
+
+def save_checkpoint(
+    path: str | os.PathLike, arrays: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    """Write a fit's state (arrays) and its configuration (JSON-able) atomically."""
+    out = {k: np.asarray(v) for k, v in arrays.items()}
+    out[_META] = np.asarray(json.dumps({"format": FORMAT_VERSION, **meta}))
+    return _atomic_savez(path, out)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(arrays, meta)``."""
+    return _load_npz(path)
+
+
+def check_checkpoint_meta(path: Any, found: dict, expected: dict) -> None:
+    """Raise a ValueError naming every configuration entry that differs."""
+    diffs = [
+        f"{k}: checkpoint has {found.get(k)!r}, this fit has {v!r}"
+        for k, v in expected.items()
+        if found.get(k) != v
+    ]
+    if diffs:
+        raise ValueError(
+            f"checkpoint {path} was written by a different fit; "
+            + "; ".join(diffs)
+            + " (delete it or pass resume=False to start over)"
+        )
