@@ -13,11 +13,8 @@ fitted on ``n_train`` draws and scored on ``n_test`` held-out draws.
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -25,14 +22,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pgm_drm._typing import Array, PRNGKey, Semiring
+from pgm_drm._typing import PRNGKey, Semiring
 from pgm_drm.inference.dcn import dcn_infer
 from pgm_drm.models.drm import DeepRenderingModel
 
 __all__ = [
     "ProbeResult",
     "disentanglement_probe",
-    "draw",
     "plot_disentanglement",
     "probe_drm",
 ]
@@ -93,44 +89,6 @@ def probe_drm(sigma: float = 0.25) -> DeepRenderingModel:
         switch_priors=base.switch_priors,
         sigma=sigma,
     )
-
-
-@partial(jax.jit, static_argnums=(0, 2))
-def draw(
-    drm: DeepRenderingModel, key: PRNGKey, n: int
-) -> tuple[Array, dict[str, Array]]:
-    """Ancestral draws of Eq. 10, as ``drm.sample`` returns them, in one jitted call.
-
-    The same process as ``drm.model`` (``c``, ``g{L}``; per unit ``g{l}`` and the
-    switch ``a{l}``; ``I = mu(c, g, a) + sigma * noise``) written with
-    :mod:`jax.random`: ``drm.sample`` runs NumPyro's ``Predictive``, which
-    compiles anew on every call (seconds); this compiles once per model.
-
-    Returns:
-        ``images`` ``(n, H, W)`` and latents ``c``, ``g{L}`` ``(n,)``; ``g{l}``,
-        ``a{l}``, ``s{l}`` ``(n, *grid_shape(l))`` for ``l < L``.
-
-    Example:
-        >>> images, latents = draw(probe_drm(), jax.random.PRNGKey(0), 5)
-        >>> images.shape, latents["g1"].shape
-        ((5, 36, 36), (5, 9, 9))
-    """
-    L = drm.levels
-    keys = iter(jax.random.split(key, 2 * L + 1))
-    logits = jnp.log(drm.class_prior)
-    latents = {"c": jax.random.categorical(next(keys), logits, shape=(n,))}
-    logits = jnp.log(drm.nuisance_priors[L - 1])
-    latents[f"g{L}"] = jax.random.categorical(next(keys), logits, shape=(n,))
-    for l in range(L - 1, 0, -1):
-        shape = (n,) + drm.grid_shape(l)
-        logits = jnp.log(drm.nuisance_priors[l - 1])
-        latents[f"g{l}"] = jax.random.categorical(next(keys), logits, shape=shape)
-        on = jax.random.bernoulli(next(keys), drm.switch_priors[l - 1], shape)
-        latents[f"a{l}"] = on.astype(jnp.int32)
-    latents.update(drm.unit_states(latents))
-    mean = drm.render(latents)
-    noise = jax.random.normal(next(keys), mean.shape, dtype=mean.dtype)
-    return mean + drm.sigma * noise, latents
 
 
 def _check_count(value: int, name: str, low: int) -> int:
@@ -196,7 +154,7 @@ def disentanglement_probe(
 ) -> ProbeResult:
     """Fig. 6 on a DRM: linear decodability of ``c`` and each ``g`` per level (§3.3).
 
-    Draws ``n_train + n_test`` labelled images (:func:`draw`), runs the DCN-form pass
+    Draws ``n_train + n_test`` labelled images (``drm.sample``), runs the DCN-form pass
     and fits, for every level and target, a logistic regression (standardised
     features, L2 penalty ``1 / regularization``) on the training draws; reports its
     accuracy on the held-out draws.
@@ -279,7 +237,7 @@ def disentanglement_probe(
         if len(pos) != 2 or not all(0 <= int(p) < side for p in pos):
             raise ValueError(f"unit {pos} of {name} is outside the {side}x{side} grid")
 
-    images, latents = draw(drm, key, n_train + n_test)
+    images, latents = drm.sample(key, n_train + n_test)
     feats = _representations(drm, images, semiring)
     train = np.arange(n_train + n_test) < n_train
 

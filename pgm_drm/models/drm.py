@@ -18,7 +18,9 @@ Bottom-up max-sum on this tree is ``conv -> max with OFF (ReLU) -> max-pool``
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,10 @@ __all__ = [
     "plates_to_grid",
     "windows_to_grid",
 ]
+
+
+#: Jitted samplers per model and sample size (``DeepRenderingModel.sample``).
+_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def grid_to_plates(x: ArrayLike, windows: tuple[int, ...]) -> Array:
@@ -294,6 +300,9 @@ class DeepRenderingModel:
     def sample(self, key: PRNGKey, n: int) -> tuple[Array, dict[str, Array]]:
         """Draw ``n`` images and every latent, on spatial grids.
 
+        NumPyro's ``Predictive`` over :meth:`model`, jitted once per model and
+        ``n`` (later calls take milliseconds).
+
         Returns:
             ``images`` ``(n, H, W)`` and ``latents``: ``"c"`` ``(n,)``;
             ``"g{L}"`` ``(n,)``; for ``l < L``: ``"g{l}"``, ``"a{l}"`` and the unit
@@ -301,7 +310,13 @@ class DeepRenderingModel:
         """
         if int(n) < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        draws = Predictive(self.model, num_samples=int(n))(key)
+        cache = _SAMPLERS.setdefault(self, {})
+        if int(n) not in cache:
+            cache[int(n)] = jax.jit(partial(self._sample, int(n)))
+        return cache[int(n)](key)
+
+    def _sample(self, n: int, key: PRNGKey) -> tuple[Array, dict[str, Array]]:
+        draws = Predictive(self.model, num_samples=n)(key)
         images = plates_to_grid(draws.pop("image"), self.windows)
         latents = {"c": draws["c"], f"g{self.levels}": draws[f"g{self.levels}"]}
         for l in range(self.levels - 1, 0, -1):

@@ -12,6 +12,7 @@ def test_study_small():
         overlaps=(0, 1),
         sigmas=(0.5,),
         n_images=4,
+        n_models=1,
         grid=2,
         class_size=1,
         progress=False,
@@ -27,6 +28,7 @@ def test_study_small():
         assert 0.0 <= row["loopy_map_exact"] <= 1.0
         assert 0.0 <= row["dcn_class_tv"] <= 1.0
     assert study.table().count("\n") == 3
+    assert set(study.models) == {(0, 0), (1, 0)}
     fig = plot_dcn_exactness(study)
     assert len(fig.axes) == 2
 

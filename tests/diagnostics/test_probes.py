@@ -8,11 +8,9 @@ import pytest
 from pgm_drm.diagnostics.probes import (
     ProbeResult,
     disentanglement_probe,
-    draw,
     plot_disentanglement,
     probe_drm,
 )
-from pgm_drm.models import DeepRenderingModel
 
 N = 120  # draws per split: enough for the easy model, fast to fit
 
@@ -79,29 +77,6 @@ def test_units_override(easy):
     assert res.accuracy.shape == (4, 1)
     # the corner unit is ON only when the object and its part sit in the corner
     assert res.n_test[0] < N
-
-
-def test_draw_matches_model_sample():
-    """Same sites, shapes and process as ``drm.sample`` (NumPyro's Predictive)."""
-    drm = DeepRenderingModel.random(jax.random.PRNGKey(1), (8, 8), levels=3)
-    images, latents = draw(drm, jax.random.PRNGKey(0), 4000)
-    ref_images, ref = drm.sample(jax.random.PRNGKey(0), 3)
-    assert set(latents) == set(ref)
-    assert images.shape[1:] == ref_images.shape[1:]
-    for site, v in ref.items():
-        assert latents[site].shape[1:] == v.shape[1:], site
-    # unit states follow from c, g, a; the image is the rendering plus noise
-    states = drm.unit_states(latents)
-    for site, v in states.items():
-        np.testing.assert_array_equal(latents[site], v)
-    resid = np.asarray(images - drm.render(latents))
-    # 4000 * 64 Gaussian residuals: the std is known to ~0.1 %, 1 % is generous
-    np.testing.assert_allclose(resid.std(), drm.sigma, rtol=0.01)
-    # class frequencies: binomial sd <= sqrt(0.25 / 4000) = 0.008; 4 sd
-    freq = np.bincount(np.asarray(latents["c"]), minlength=drm.n_classes) / 4000
-    np.testing.assert_allclose(freq, drm.class_prior, atol=0.032)
-    on = np.asarray(latents["a1"]).mean()  # 4000 * 16 switches: sd 0.0012
-    np.testing.assert_allclose(on, drm.switch_priors[0], atol=0.005)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Tree DRM: layout helpers, sampling, rendering, bad input."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -78,3 +79,23 @@ def test_wrong_image_size_is_named(key):
         DeepRenderingModel.random(key, image_shape=(10, 10), levels=3)
     with pytest.raises(ValueError, match="prod"):
         DeepRenderingModel.random(key, image_shape=(8, 8), levels=2, windows=(2, 2))
+
+
+def test_sample_statistics():
+    """``sample`` (jitted Predictive) follows the model: states from c, g, a;
+    image = rendering + noise; class and switch frequencies match the priors."""
+    drm = DeepRenderingModel.random(jax.random.PRNGKey(1), (8, 8), levels=3)
+    images, latents = drm.sample(jax.random.PRNGKey(0), 4000)
+    assert images.shape == (4000, 8, 8)
+    # unit states follow from c, g, a; the image is the rendering plus noise
+    states = drm.unit_states(latents)
+    for site, v in states.items():
+        np.testing.assert_array_equal(latents[site], v)
+    resid = np.asarray(images - drm.render(latents))
+    # 4000 * 64 Gaussian residuals: the std is known to ~0.1 %, 1 % is generous
+    np.testing.assert_allclose(resid.std(), drm.sigma, rtol=0.01)
+    # class frequencies: binomial sd <= sqrt(0.25 / 4000) = 0.008; 4 sd
+    freq = np.bincount(np.asarray(latents["c"]), minlength=drm.n_classes) / 4000
+    np.testing.assert_allclose(freq, drm.class_prior, atol=0.032)
+    on = np.asarray(latents["a1"]).mean()  # 4000 * 16 switches: sd 0.0012
+    np.testing.assert_allclose(on, drm.switch_priors[0], atol=0.005)
