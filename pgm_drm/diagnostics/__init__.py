@@ -6,9 +6,15 @@ from pgm_drm.diagnostics.activity import (
     naive_activity_maximization,
     plot_activity_maximization,
 )
+from pgm_drm.diagnostics.exactness import (
+    DCNExactnessStudy,
+    dcn_exactness_study,
+    plot_dcn_exactness,
+)
 from pgm_drm.diagnostics.plots import (
     draw_factor_graph,
     plot_posterior_comparison,
+    plot_reconstructions,
     plot_samples,
 )
 from pgm_drm.diagnostics.probes import (
@@ -20,14 +26,18 @@ from pgm_drm.diagnostics.probes import (
 
 __all__ = [
     "ActivityMaximization",
+    "DCNExactnessStudy",
     "ProbeResult",
     "activity_maximization",
+    "dcn_exactness_study",
     "disentanglement_probe",
     "draw_factor_graph",
     "naive_activity_maximization",
     "plot_activity_maximization",
+    "plot_dcn_exactness",
     "plot_disentanglement",
     "plot_posterior_comparison",
+    "plot_reconstructions",
     "plot_samples",
     "probe_drm",
 ]

@@ -14,7 +14,12 @@ if TYPE_CHECKING:
     from pgm_drm.graph.schedule import Schedule
     from pgm_drm.inference.api import Posterior
 
-__all__ = ["draw_factor_graph", "plot_posterior_comparison", "plot_samples"]
+__all__ = [
+    "draw_factor_graph",
+    "plot_posterior_comparison",
+    "plot_reconstructions",
+    "plot_samples",
+]
 
 
 def draw_factor_graph(
@@ -124,3 +129,29 @@ def plot_posterior_comparison(
     ax.set_title(f"posterior of {site}")
     ax.legend(fontsize=7)
     return ax
+
+
+def plot_reconstructions(
+    images: Any,
+    reconstructions: Any,
+    titles: list[str] | None = None,
+    max_images: int = 8,
+) -> plt.Figure:
+    """Images (top row) above their top-down reconstructions (bottom row), e.g.
+    ``drm.render(drm.infer(images).map)`` (§2.4 stage ii)."""
+    images = np.asarray(images)[:max_images]
+    recon = np.asarray(reconstructions)[:max_images]
+    n = images.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.3), squeeze=False)
+    for k in range(n):
+        for row, x in enumerate((images, recon)):
+            ax = axes[row, k]
+            ax.imshow(x[k], cmap="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if titles is not None:
+            axes[0, k].set_title(titles[k], fontsize=7)
+    axes[0, 0].set_ylabel("image", fontsize=8)
+    axes[1, 0].set_ylabel("top-down MAP", fontsize=8)
+    fig.tight_layout()
+    return fig
