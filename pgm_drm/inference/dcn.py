@@ -88,7 +88,26 @@ def _pixel_scores(drm: DeepRenderingModel, images: Array) -> Array:
 
 
 def _child_scores(drm: DeepRenderingModel, level: int, child_msgs: Array) -> Array:
-    """Gather children's messages at the one-hot template states: ``(B,h,h,K+1,G)``."""
+    """Children's messages at the template states: ``(B,h,h,K+1,G)``.
+
+    Eq. 12-13: a convolution with the *one-hot* child templates,
+    ``sum_o sum_j 1[table[k,g,o] = j] m_o(j)`` -- one dense contraction (a matmul),
+    as a DCN layer is. ``-inf`` messages are floored at the dtype's lowest finite
+    value so that ``0 * m`` stays 0 (sums of floored entries still reach ``-inf``).
+    """
+    table = drm.placement_table(level)  # (K+1, G, O) child states
+    win = windows_of(child_msgs, drm.windows[level - 1])  # (B,h,h,O,K'+1)
+    win = jnp.maximum(win, jnp.finfo(win.dtype).min)
+    onehot = jax.nn.one_hot(table, win.shape[-1], dtype=win.dtype)  # (K+1,G,O,K'+1)
+    return jnp.einsum(
+        "bxyoj,kgoj->bxykg", win, onehot, precision=jax.lax.Precision.HIGHEST
+    )
+
+
+def _child_scores_gather(
+    drm: DeepRenderingModel, level: int, child_msgs: Array
+) -> Array:
+    """Twin of :func:`_child_scores` by gathering (indexing) instead of a matmul."""
     table = drm.placement_table(level)  # (K+1, G, O) child states
     win = windows_of(child_msgs, drm.windows[level - 1])  # (B,h,h,O,K'+1)
     o = jnp.arange(table.shape[-1])
