@@ -32,9 +32,11 @@ One iteration, on ``N`` training images:
      with the already updated levels below). So, holding every parent's state
      and translation, ``T_k[i, j] = argmax_v sum_{units in state k} m_{cell}(v)``
      is the exact maximiser (a max over the lower latents), and OFF and the
-     switch are inside ``m``. The mode of the MAP child states (a cheaper
-     rule) is not a maximiser: a child's MAP state is a function of the
-     template, not a free latent, and the mode can lower the objective.
+     switch are inside ``m``. (The mode of the MAP child states would not
+     learn: a child's MAP state is a function of the template -- it is
+     ``T_k[i, j]`` or OFF -- so the mode returns the old template. A vote over
+     each child's own best state, ``argmax_v m(v)``, is cheaper but not a
+     maximiser, so it is not guaranteed to keep the objective rising.)
 
   A state that no unit uses (empty) is re-seeded from the worst-explained unit
   at its level (largest squared residual at level 1; at level ``l >= 2`` the
@@ -889,6 +891,8 @@ def fit_drm_em(
     if int(checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     key = jax.random.PRNGKey(0) if key is None else key
+    if init is not None and not (windows is n_states is template_sizes is None):
+        raise ValueError("give either init or windows/n_states/template_sizes")
     if init is not None:
         struct, params = params_from_drm(init)
         x = _check_images(struct, images)

@@ -210,6 +210,8 @@ def test_bad_inputs(truth, data):
         fit_drm_em(images, truth, labels=np.zeros(5, int), progress=False)
     with pytest.raises(ValueError, match="windows"):
         fit_drm_em(images, progress=False)
+    with pytest.raises(ValueError, match="either init"):
+        fit_drm_em(images, truth, windows=(4, 2), progress=False)
     with pytest.raises(ValueError, match="pseudo_count"):
         fit_drm_em(images, truth, pseudo_count=-1.0, progress=False)
     with pytest.raises(ValueError, match="template size"):
