@@ -1,9 +1,13 @@
-"""Learning for the Rendering Model (paper §2.6, §6.3.3; DESIGN §5).
+"""Learning (paper §2.6-2.7, §6.3.3; DESIGN §5).
 
-Soft and hard EM with closed-form M-steps (:func:`fit_em`, or the
-``(em_init, em_step)`` pair), an SVI cross-check with ``TraceEnum_ELBO``
-(:func:`fit_svi`), exact per-image log-likelihoods, resumable checkpoints and
-model files (:func:`save_model` / :func:`load_model`).
+RM: soft and hard EM with closed-form M-steps (:func:`fit_em`, or the
+``(em_init, em_step)`` pair), semi-supervised by partial labels, an SVI
+cross-check with ``TraceEnum_ELBO`` (:func:`fit_svi`), exact per-image
+log-likelihoods. DRM: hard EM with a max-sum E-step (:func:`fit_drm_em`) and a
+per-class generative classifier (:func:`fit_drm_classifier`). The discriminative
+relaxation (Eq. 25): the DCN-form pass with free weights, trained with optax
+(:func:`fit_discriminative`). Resumable checkpoints and model files
+(:func:`save_model` / :func:`load_model`).
 """
 
 from pgm_drm.learning.base import (
@@ -11,6 +15,34 @@ from pgm_drm.learning.base import (
     RMParams,
     params_from_model,
     params_to_model,
+)
+from pgm_drm.learning.discriminative import (
+    DCNLayer,
+    DCNNet,
+    DCNParams,
+    DCNSpec,
+    DiscriminativeFit,
+    LabelBudgetResult,
+    calibrate_scale,
+    class_scores,
+    fit_discriminative,
+    init_from_drm,
+    init_from_rm,
+    init_random,
+    label_budget_curve,
+    plot_label_budget,
+    predict,
+    predict_proba,
+)
+from pgm_drm.learning.drm_em import (
+    DRMClassifier,
+    DRMFitResult,
+    drm_em_init,
+    drm_em_step,
+    drm_log_joint,
+    drm_map,
+    fit_drm_classifier,
+    fit_drm_em,
 )
 from pgm_drm.learning.em import (
     EMInfo,
@@ -32,15 +64,36 @@ from pgm_drm.learning.likelihood import (
 from pgm_drm.learning.svi import fit_svi
 
 __all__ = [
+    "DCNLayer",
+    "DCNNet",
+    "DCNParams",
+    "DCNSpec",
+    "DRMClassifier",
+    "DRMFitResult",
+    "DiscriminativeFit",
     "EMInfo",
     "EMState",
     "FitResult",
+    "LabelBudgetResult",
     "RMParams",
+    "calibrate_scale",
     "clamp_labels",
+    "class_scores",
+    "drm_em_init",
+    "drm_em_step",
+    "drm_log_joint",
+    "drm_map",
     "em_init",
     "em_step",
+    "fit_discriminative",
+    "fit_drm_classifier",
+    "fit_drm_em",
     "fit_em",
     "fit_svi",
+    "init_from_drm",
+    "init_from_rm",
+    "init_random",
+    "label_budget_curve",
     "load_checkpoint",
     "load_model",
     "log_joint_table",
@@ -50,6 +103,9 @@ __all__ = [
     "naive_m_step",
     "params_from_model",
     "params_to_model",
+    "plot_label_budget",
+    "predict",
+    "predict_proba",
     "responsibilities",
     "save_checkpoint",
     "save_model",

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
 from pgm_drm.inference.api import resolve_temperature
 from pgm_drm.inference.kernel import reduce_t
+from pgm_drm.learning.em import fit_em
 from pgm_drm.models.drm import DeepRenderingModel
 from pgm_drm.models.rendering import RenderingModel
 from pgm_drm.models.validation import check_images
@@ -63,7 +64,6 @@ __all__ = [
     "check_spec",
     "class_scores",
     "fit_discriminative",
-    "fit_generative_rm",
     "init_from_drm",
     "init_from_rm",
     "init_random",
@@ -666,72 +666,6 @@ def stratified_split(
 
 
 # ---- the generative classifier and the label-budget curve ----------------------------
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_iter: int):
-    """Lloyd's k-means with k-means++ seeding on rows of ``x``; ``(k, D)`` centres."""
-    n = x.shape[0]
-    centres = [x[rng.integers(n)]]
-    for _ in range(1, k):
-        d2 = np.min(((x[:, None] - np.asarray(centres)[None]) ** 2).sum(-1), axis=1)
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(n, 1.0 / n)
-        centres.append(x[rng.choice(n, p=p)])
-    mu = np.asarray(centres)
-    for _ in range(n_iter):
-        assign = np.argmin(((x[:, None] - mu[None]) ** 2).sum(-1), axis=1)
-        for j in range(k):
-            if np.any(assign == j):
-                mu[j] = x[assign == j].mean(0)
-    return mu
-
-
-def fit_generative_rm(
-    x: ArrayLike,
-    y: ArrayLike,
-    n_classes: int,
-    n_nuisances: int,
-    *,
-    key: PRNGKey | None = None,
-    n_iter: int = 20,
-    min_sigma: float = 0.05,
-) -> RenderingModel:
-    """Supervised hard-EM fit of an RM (§2.6, Eqs. 16-17 with ``c`` clamped).
-
-    Per class, k-means (k-means++ seeding, Lloyd) on that class's images gives
-    ``min(G, n_c)`` templates ``mu_cg`` -- the hard E-step over ``g`` alternated
-    with the closed-form M-step for the means; classes with fewer than ``G``
-    images repeat their templates. Then ``sigma^2`` = mean squared residual of
-    every pixel to its nearest template of its class (the M-step for a shared
-    isotropic noise, floored at ``min_sigma``), ``pi_c`` = label frequencies
-    (add-one smoothed), ``pi_g`` uniform.
-
-    Returns:
-        A :class:`RenderingModel` with templates ``(C, G, *image_shape)``.
-    """
-    xs = np.asarray(x, dtype=float)
-    ys = np.asarray(_check_labels(y, xs.shape[0], n_classes))
-    if not np.all(np.isfinite(xs)):
-        raise ValueError("image contains NaN or inf values")
-    key = jax.random.PRNGKey(0) if key is None else key
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-    shape = xs.shape[1:]
-    flat = xs.reshape(xs.shape[0], -1)
-    templates, sq = [], 0.0
-    for c in range(n_classes):
-        xc = flat[ys == c]
-        if xc.shape[0] == 0:
-            raise ValueError(f"class {c} has no labelled images")
-        k = min(n_nuisances, xc.shape[0])
-        mu = _kmeans(xc, k, rng, n_iter)
-        sq += float(np.min(((xc[:, None] - mu[None]) ** 2).sum(-1), axis=1).sum())
-        templates.append(mu[np.arange(n_nuisances) % k])
-    sigma = max(np.sqrt(sq / flat.size), min_sigma)
-    counts = np.bincount(ys, minlength=n_classes) + 1.0
-    return RenderingModel(
-        np.asarray(templates).reshape((n_classes, n_nuisances) + shape),
-        sigma=sigma,
-        class_prior=counts / counts.sum(),
-    )
-
-
 class LabelBudgetResult(NamedTuple):
     """Test accuracies per label budget (§2.7's bias-variance trade-off).
 
@@ -775,10 +709,11 @@ def label_budget_curve(
 
     For each budget ``n`` (``None``: every training label) and repeat: draw a
     class-balanced subset of ``n`` labelled training images, fit the RM with
-    :func:`fit_generative_rm` (``G = n_nuisances`` templates per class, fewer
-    distinct ones when a class has fewer images), then relax it
-    (:func:`init_from_rm`) and train on the same ``n`` images for ``steps``
-    minibatch steps (no validation split: the budget is all the labels there
+    :func:`pgm_drm.learning.fit_em` (supervised hard EM, Eqs. 16-17 with ``c``
+    clamped by the labels; ``G = n_nuisances`` templates per class; ``sigma``
+    floored at 0.05 so that tiny budgets do not collapse onto their images),
+    then relax it (:func:`init_from_rm`) and train on the same ``n`` images for
+    ``steps`` minibatch steps (no validation split: the budget is all the labels there
     are), after temperature-scaling its saturated scores
     (:func:`calibrate_scale`, which keeps the generative decisions).
 
@@ -812,9 +747,17 @@ def label_budget_curve(
             key, k_sub, k_gen, k_fit = jax.random.split(key, 4)
             rng = np.random.default_rng(np.asarray(jax.random.key_data(k_sub)).ravel())
             idx = _budget_subset(y_tr, n, n_classes, rng)
-            rm = fit_generative_rm(
-                x_tr[idx], y_tr[idx], n_classes, n_nuisances, key=k_gen
-            )
+            rm = fit_em(
+                x_tr[idx],
+                n_classes,
+                n_nuisances,
+                mode="hard",
+                labels=y_tr[idx],
+                n_iter=30,
+                key=k_gen,
+                min_sigma=0.05,
+                progress=False,
+            ).model
             gen[i, r] = float(np.mean(np.asarray(rm.classify(x_te)) == y_te))
             bs = min(batch_size, len(idx))
             epochs = int(np.ceil(steps / max(len(idx) // bs, 1)))
