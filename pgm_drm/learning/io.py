@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from pgm_drm.models.conv_drm import ConvRenderingModel
 from pgm_drm.models.drm import DeepRenderingModel
+from pgm_drm.models.edrm import EvolutionaryDRM
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
@@ -32,7 +34,9 @@ __all__ = [
 
 #: Classes :func:`load_model` may rebuild, by name.
 MODEL_CLASSES: dict[str, type] = {
+    "ConvRenderingModel": ConvRenderingModel,
     "DeepRenderingModel": DeepRenderingModel,
+    "EvolutionaryDRM": EvolutionaryDRM,
     "RenderingModel": RenderingModel,
 }
 

@@ -8,7 +8,13 @@ import pytest
 
 import pgm_drm.learning.em as em_module
 from pgm_drm.learning import fit_em, fit_svi, load_model, save_model
-from pgm_drm.models import DeepRenderingModel, RenderingModel, default_templates
+from pgm_drm.models import (
+    ConvRenderingModel,
+    DeepRenderingModel,
+    EvolutionaryDRM,
+    RenderingModel,
+    default_templates,
+)
 
 
 def _assert_same_model(a, b):
@@ -38,6 +44,13 @@ def test_rendering_model_round_trips(tmp_path, switch):
 def test_deep_rendering_model_round_trips(tmp_path):
     drm = DeepRenderingModel.default()
     _assert_same_model(drm, load_model(save_model(tmp_path / "d" / "drm.npz", drm)))
+
+
+def test_conv_and_evolutionary_models_round_trip(tmp_path):
+    conv = ConvRenderingModel.random(jax.random.PRNGKey(0), stride=2)
+    _assert_same_model(conv, load_model(save_model(tmp_path / "conv.npz", conv)))
+    edrm = EvolutionaryDRM.default()
+    _assert_same_model(edrm, load_model(save_model(tmp_path / "edrm.npz", edrm)))
 
 
 def test_load_rejects_foreign_files(tmp_path):
