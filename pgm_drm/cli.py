@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "run_demo"]
+__all__ = [
+    "main",
+    "run_compare_study",
+    "run_demo",
+    "run_drm_demo",
+    "run_fit_digits",
+    "run_infer",
+    "run_sample",
+]
 
 
 def _setup_jax() -> None:
@@ -276,15 +284,347 @@ def _print_demo(report: dict[str, Any], out: Path) -> None:
     )
 
 
+# ---- fit digits ------------------------------------------------------------------
+def _image_grid(images: Any, titles: list[str] | None = None, ncols: int = 10):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images = np.asarray(images)
+    n = images.shape[0]
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(1.1 * ncols, 1.2 * nrows), squeeze=False
+    )
+    for k, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if k < n:
+            ax.imshow(images[k], cmap="gray")
+            if titles:
+                ax.set_title(titles[k], fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def run_fit_digits(
+    model: str, out: Path, labels: int | None = None, seed: int = 0, quiet: bool = False
+) -> dict[str, Any]:
+    """Fit a classifier on scikit-learn's digits (the project's fixed split).
+
+    ``model``: ``rm`` (supervised hard EM of a per-class RM with 10 templates
+    per class, Eqs. 16-17; with ``labels`` = N, semi-supervised EM on N labels,
+    §6.3.3), ``drm`` (a per-class generative DRM by hard EM), ``dcn`` (the
+    discriminative relaxation, Eq. 25, trained with optax) or ``edrm-forest``
+    (bagged InfoMax E-DRM trees, Eq. 32). Writes ``report.json``, the learned
+    templates/filters as ``templates.png`` and the model file where there is one.
+    """
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pgm_drm.data import load_digits_split
+    from pgm_drm.learning import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    d = load_digits_split()
+    key = jax.random.PRNGKey(seed)
+    report: dict[str, Any] = {"model": model, "n_train": len(d.y_train)}
+    t0 = time.perf_counter()
+    if model == "rm":
+        from pgm_drm.learning import fit_em
+
+        y = np.asarray(d.y_train)
+        if labels is not None:
+            rng = np.random.default_rng(seed)
+            keep = np.concatenate(
+                [
+                    rng.permutation(np.flatnonzero(y == c))[: labels // 10]
+                    for c in range(10)
+                ]
+            )
+            y = np.full_like(y, -1)
+            y[keep] = d.y_train[keep]
+            report["labels"] = int(len(keep))
+        fit = fit_em(
+            d.x_train,
+            10,
+            10,
+            mode="hard",
+            labels=y,
+            n_iter=50,
+            key=key,
+            min_sigma=0.05,
+            progress=not quiet,
+        )
+        pred = np.asarray(fit.model.classify(d.x_test, "max"))
+        save_model(out / "model.npz", fit.model)
+        fig = _image_grid(np.asarray(fit.model.templates).reshape(-1, 8, 8))
+    elif model == "drm":
+        from pgm_drm.learning import fit_drm_classifier
+
+        if labels is not None:
+            raise ValueError("--labels is supported for --model rm only")
+        clf = fit_drm_classifier(
+            d.x_train,
+            d.y_train,
+            windows=(4, 2),
+            n_states=(16, 20),
+            template_sizes=(4, 2),
+            n_iter=30,
+            key=key,
+            progress=not quiet,
+        )
+        pred = clf.predict(d.x_test)
+        for c, m in enumerate(clf.models):
+            save_model(out / f"drm_class{c}.npz", m)
+        pix = np.concatenate([np.asarray(m.pixel_templates) for m in clf.models])
+        fig = _image_grid(pix, ncols=16)
+        fig.suptitle("level-1 templates, one row per digit's DRM", fontsize=8)
+    elif model == "dcn":
+        from pgm_drm.learning import fit_discriminative, init_random, predict
+
+        if labels is not None:
+            raise ValueError("--labels is supported for --model rm only")
+        net = init_random(
+            key,
+            (8, 8),
+            10,
+            windows=(4, 3),
+            strides=(2, 1),
+            states=(64,),
+            template_sizes=(3, None),
+        )
+        fit = fit_discriminative(
+            net,
+            d.x_train,
+            d.y_train,
+            epochs=100,
+            batch_size=32,
+            lr=2e-3,
+            weight_decay=0.3,
+            key=jax.random.fold_in(key, 1),
+            progress=not quiet,
+        )
+        pred = np.asarray(predict(fit.net, d.x_test))
+        w = np.asarray(fit.net.params.layers[0].w)  # (K, G, w*w, 1)
+        fig = _image_grid(w[:, 0, :, 0].reshape(-1, 4, 4), ncols=16)
+        fig.suptitle("first-layer filters (translation 0)", fontsize=8)
+    elif model == "edrm-forest":
+        from pgm_drm.learning import EDRMForestClassifier
+
+        if labels is not None:
+            raise ValueError("--labels is supported for --model rm only")
+        forest = EDRMForestClassifier(
+            n_estimators=100, relax_steps=0, random_state=seed
+        )
+        forest.fit(d.x_train, d.y_train)
+        pred = np.asarray(forest.predict(d.x_test))
+        fig = _image_grid(d.x_test[:20], [f"pred {int(p)}" for p in pred[:20]])
+    else:
+        raise ValueError(f"unknown model {model!r}")
+    report["fit_seconds"] = time.perf_counter() - t0
+    report["test_accuracy"] = float(np.mean(pred == np.asarray(d.y_test)))
+    fig.savefig(out / "templates.png", dpi=110)
+    plt.close(fig)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+# ---- sample / infer / compare ----------------------------------------------------
+MODELS = ("rm", "drm", "conv-drm", "edrm")
+
+
+def _default_model(name: str, path: Path | None = None):
+    import jax
+
+    from pgm_drm.learning import load_model
+    from pgm_drm.models import (
+        ConvRenderingModel,
+        DeepRenderingModel,
+        EvolutionaryDRM,
+        RenderingModel,
+        default_templates,
+    )
+
+    if path is not None:
+        return load_model(path)
+    if name == "rm":
+        return RenderingModel(default_templates(8), sigma=0.35, switch_prior=0.9)
+    if name == "drm":
+        return DeepRenderingModel.default()
+    if name == "conv-drm":
+        return ConvRenderingModel.random(jax.random.PRNGKey(0), stride=2, sigma=0.5)
+    if name == "edrm":
+        return EvolutionaryDRM.default()
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def run_sample(model_name: str, n: int, out: Path, seed: int = 0, model_file=None):
+    """Sample ``n`` images and their latents; write ``samples.npz`` and a PNG grid."""
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from pgm_drm.diagnostics import plot_samples
+
+    model = _default_model(model_name, model_file)
+    images, latents = model.sample(jax.random.PRNGKey(seed), n)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {f"latent_{k}": np.asarray(v) for k, v in latents.items()}
+    np.savez(out / "samples.npz", images=np.asarray(images), **arrays)
+    top = {k: v for k, v in latents.items() if np.ndim(v) == 1}
+    fig = plot_samples(images, top)
+    fig.savefig(out / "samples.png", dpi=110)
+    plt.close(fig)
+    return {"model": model_name, "n": n, "image_shape": list(images.shape[1:])}
+
+
+def run_infer(
+    model_name: str,
+    images_path: Path,
+    out: Path,
+    semiring: str = "max",
+    temperature: float | None = None,
+    model_file=None,
+) -> dict[str, Any]:
+    """Max-sum / sum-product on every image of ``images_path`` (npz with
+    ``images``): the DRM's DCN-form pass, the compiled exact schedule otherwise.
+    Writes ``posterior.npz`` (log-marginals, MAP, log Z) and ``summary.json``."""
+    import numpy as np
+
+    model = _default_model(model_name, model_file)
+    with np.load(images_path) as f:
+        if "images" not in f:
+            raise ValueError(f"{images_path} has no array named 'images'")
+        images = f["images"]
+    if images.ndim == len(model.image_shape):
+        images = images[None]
+    arrays: dict[str, Any] = {}
+    if model_name == "drm":
+        res = model.infer(images, semiring, temperature)
+        arrays["log_marginal_c"] = np.asarray(res.class_log_posterior)
+        arrays["log_z"] = np.asarray(res.log_z)
+        arrays.update({f"map_{k}": np.asarray(v) for k, v in res.map.items()})
+        kind = "dcn"
+    else:
+        from pgm_drm.graph import compile_model
+        from pgm_drm.inference import infer
+        from pgm_drm.models import check_images
+
+        check_images(images, model.image_shape)
+        fg = compile_model(model.model, image=np.asarray(images[0]))
+        post = infer(fg, semiring, temperature=temperature, image=np.asarray(images))
+        arrays["log_z"] = np.asarray(post.log_z)
+        arrays.update(
+            {f"log_marginal_{k}": np.asarray(v) for k, v in post.log_marginals.items()}
+        )
+        arrays.update({f"map_{k}": np.asarray(v) for k, v in post.map.items()})
+        kind = post.schedule
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "posterior.npz", **arrays)
+    summary = {
+        "model": model_name,
+        "n_images": int(images.shape[0]),
+        "semiring": semiring,
+        "temperature": temperature,
+        "schedule": kind,
+        "map_c": [int(c) for c in arrays.get("map_c", [])][:20],
+        "log_z": [float(z) for z in arrays["log_z"]][:20],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_compare_study(study: str, out: Path, quick: bool = False, seed: int = 0):
+    """``dcn``: the DCN pass vs exact inference under overlapping rendering;
+    ``greedy``: the E-DRM's greedy path (Eq. 31) vs the exact MAP path. Writes
+    ``table.md``, ``rows.json`` and a PNG."""
+    import dataclasses
+
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.PRNGKey(seed)
+    if study == "dcn":
+        from pgm_drm.diagnostics import dcn_exactness_study, plot_dcn_exactness
+
+        kw = {"n_images": 5, "n_models": 1, "sigmas": (0.5, 1.0)} if quick else {}
+        res = dcn_exactness_study(key, **kw)
+        rows, table, fig = res.rows, res.table(), plot_dcn_exactness(res)
+    elif study == "greedy":
+        from pgm_drm.models import greedy_vs_exact_study, plot_greedy_vs_exact
+
+        kw = {"n_images": 50, "n_models": 1, "sigmas": (0.1, 1.0)} if quick else {}
+        res = greedy_vs_exact_study(key, **kw)
+        rows = [
+            dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r._asdict()
+            for r in res
+        ]
+        cols = list(rows[0])
+        table = "\n".join(
+            ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            + [
+                "| "
+                + " | ".join(
+                    f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c])
+                    for c in cols
+                )
+                + " |"
+                for r in rows
+            ]
+        )
+        fig = plot_greedy_vs_exact(res)
+    else:
+        raise ValueError(f"unknown study {study!r}; choose 'dcn' or 'greedy'")
+    (out / "table.md").write_text(table + "\n")
+    (out / "rows.json").write_text(json.dumps(rows, indent=2, default=float))
+    fig.savefig(out / f"{study}_study.png", dpi=110)
+    plt.close(fig)
+    print(table)
+    return rows
+
+
+BENCHES = ("rm", "drm", "em_svi", "edrm_forest", "learning")
+
+
+def run_bench(name: str, extra: list[str]) -> int:
+    """Run ``bench/bench_<name>.py`` of a source checkout (benchmarks are scripts
+    that print ratios measured side by side; they are not installed)."""
+    import runpy
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "bench"
+    script = root / f"bench_{name}.py"
+    if not script.exists():
+        raise SystemExit(
+            f"no benchmark script {script}; benchmarks run from a source checkout"
+        )
+    sys.argv = [str(script), *extra]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pgm-drm", description="Deep Rendering Model toolkit."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser(
         "demo",
         help="sample from a Rendering Model, run max-sum and sum-product, "
-        "compare with NumPyro enumeration, write a report and figures",
+        "compare with NumPyro enumeration; DRM sampling, DCN pass, activity "
+        "maximization and layer probes; write a report and figures",
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
     demo.add_argument("--images", type=int, default=200)
@@ -295,15 +635,104 @@ def main(argv: list[str] | None = None) -> int:
         help="images also solved by NumPyro enumeration",
     )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-drm", action="store_true", help="skip the DRM section")
+
+    sample = sub.add_parser("sample", help="sample images and latents from a model")
+    sample.add_argument("--model", choices=MODELS, default="rm")
+    sample.add_argument("--model-file", type=Path, help="a model saved by fit")
+    sample.add_argument("-n", "--n", type=int, default=32)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", type=Path, default=Path("out/sample"))
+
+    inf = sub.add_parser(
+        "infer", help="max-sum / sum-product inference on images from an npz file"
+    )
+    inf.add_argument("images", type=Path, help="npz with an 'images' array")
+    inf.add_argument("--model", choices=MODELS, default="rm")
+    inf.add_argument("--model-file", type=Path)
+    inf.add_argument("--semiring", choices=("max", "sum"), default="max")
+    inf.add_argument("--temperature", type=float, default=None)
+    inf.add_argument("--out", type=Path, default=Path("out/infer"))
+
+    cmp_ = sub.add_parser(
+        "compare",
+        help="compare message passing with NumPyro enumeration (default), or run "
+        "a study: --study dcn (DCN pass vs exact under overlap), --study greedy "
+        "(E-DRM greedy path vs exact MAP)",
+    )
+    cmp_.add_argument(
+        "--study", choices=("enumeration", "dcn", "greedy"), default="enumeration"
+    )
+    cmp_.add_argument("--quick", action="store_true", help="a small, fast version")
+    cmp_.add_argument("--images", type=int, default=200)
+    cmp_.add_argument("--reference", type=int, default=25)
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.add_argument("--out", type=Path, default=Path("out/compare"))
+
+    fit = sub.add_parser("fit", help="fit a classifier on a dataset")
+    fit.add_argument("dataset", choices=("digits",))
+    fit.add_argument(
+        "--model", choices=("rm", "drm", "dcn", "edrm-forest"), default="rm"
+    )
+    fit.add_argument(
+        "--labels",
+        type=int,
+        default=None,
+        help="rm only: semi-supervised EM with this many labels",
+    )
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", type=Path, default=Path("out/fit"))
+
+    bench = sub.add_parser("bench", help="run a benchmark script from bench/")
+    bench.add_argument("name", choices=BENCHES)
+    bench.add_argument(
+        "extra", nargs=argparse.REMAINDER, help="arguments passed to the script"
+    )
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args.name, args.extra)
     _setup_jax()
     if args.command == "demo":
         if args.images < 1 or args.reference < 1:
             parser.error("--images and --reference must be >= 1")
         report = run_demo(args.out, args.images, args.reference, args.seed)
-        report["drm"] = run_drm_demo(args.out, seed=args.seed)
+        if not args.no_drm:
+            report["drm"] = run_drm_demo(args.out, seed=args.seed)
         (args.out / "report.json").write_text(json.dumps(report, indent=2))
         _print_demo(report, args.out)
+    elif args.command == "sample":
+        if args.n < 1:
+            parser.error("-n must be >= 1")
+        info = run_sample(args.model, args.n, args.out, args.seed, args.model_file)
+        print(f"{info}: wrote {args.out}/samples.npz, samples.png")
+    elif args.command == "infer":
+        summary = run_infer(
+            args.model,
+            args.images,
+            args.out,
+            args.semiring,
+            args.temperature,
+            args.model_file,
+        )
+        print(json.dumps(summary))
+        print(f"wrote {args.out}/posterior.npz, summary.json")
+    elif args.command == "compare":
+        if args.study == "enumeration":
+            n_img = 20 if args.quick else args.images
+            n_ref = 3 if args.quick else args.reference
+            report = run_demo(args.out, n_img, min(n_ref, n_img), args.seed)
+            _print_demo(report, args.out)
+        else:
+            run_compare_study(args.study, args.out, args.quick, args.seed)
+            print(f"wrote {args.out}/table.md, rows.json, {args.study}_study.png")
+    elif args.command == "fit":
+        report = run_fit_digits(args.model, args.out, args.labels, args.seed)
+        print(
+            f"digits, {args.model}: test accuracy {report['test_accuracy']:.4f} "
+            f"(fit {report['fit_seconds']:.1f} s); wrote {args.out}/report.json, "
+            "templates.png"
+        )
     return 0
 
 
