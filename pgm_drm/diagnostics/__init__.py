@@ -1,10 +1,21 @@
-"""Plots and comparisons of posteriors; activity maximization and layer probes."""
+"""Posteriors as ArviZ InferenceData, plots, activity maximization, layer probes,
+the DCN-vs-exact study."""
 
 from pgm_drm.diagnostics.activity import (
     ActivityMaximization,
     activity_maximization,
     naive_activity_maximization,
     plot_activity_maximization,
+)
+from pgm_drm.diagnostics.arviz import (
+    SiteLayout,
+    discrete_posterior_draws,
+    draws_to_inference_data,
+    from_rendering_model,
+    plot_posterior_comparison_az,
+    posterior_to_inference_data,
+    site_layouts,
+    to_inference_data,
 )
 from pgm_drm.diagnostics.exactness import (
     DCNExactnessStudy,
@@ -28,16 +39,24 @@ __all__ = [
     "ActivityMaximization",
     "DCNExactnessStudy",
     "ProbeResult",
+    "SiteLayout",
     "activity_maximization",
     "dcn_exactness_study",
+    "discrete_posterior_draws",
     "disentanglement_probe",
     "draw_factor_graph",
+    "draws_to_inference_data",
+    "from_rendering_model",
     "naive_activity_maximization",
     "plot_activity_maximization",
     "plot_dcn_exactness",
     "plot_disentanglement",
     "plot_posterior_comparison",
+    "plot_posterior_comparison_az",
     "plot_reconstructions",
     "plot_samples",
+    "posterior_to_inference_data",
     "probe_drm",
+    "site_layouts",
+    "to_inference_data",
 ]
