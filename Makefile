@@ -16,8 +16,9 @@ demo: $(STAMP)
 	$(BIN)/pgm-drm demo --out out/demo
 
 test: $(STAMP)
-	$(BIN)/ruff check pgm_drm tests bench
-	$(BIN)/python -m pytest -q --doctest-modules pgm_drm tests
+	$(BIN)/ruff check pgm_drm tests bench notebooks
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --doctest-modules pgm_drm tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --nbmake notebooks
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_rm.py

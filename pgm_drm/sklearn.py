@@ -1,4 +1,4 @@
-"""scikit-learn estimators for the RM and DRM classifiers (issue 6, part 3).
+"""scikit-learn estimators: RM, DRM and E-DRM classifiers.
 
 - :class:`RenderingModelClassifier`: one RM with a mixture of ``n_nuisances``
   templates per class, fitted by supervised soft or hard EM (Eqs. 14-17, labels
@@ -8,6 +8,9 @@
 - :class:`DRMClassifier`: one tree DRM per class, fitted by hard EM (Eqs.
   18-23, :func:`~pgm_drm.learning.fit_drm_classifier`); ``predict`` is the
   max-sum class (Eq. 12).
+- :class:`EDRMTreeClassifier`, :class:`EDRMForestClassifier`: InfoMax E-DRM trees
+  and bagged forests (§4, Eqs. 32-33), re-exported from
+  :mod:`pgm_drm.learning.forest`.
 
 Both take ``X`` as images ``(n, H, W)`` or as rows ``(n, D)``; rows are reshaped
 to ``image_shape`` when given, else to a square ``(sqrt(D), sqrt(D))`` when
@@ -33,9 +36,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pgm_drm.learning.drm_em import fit_drm_classifier
 from pgm_drm.learning.em import fit_em
+from pgm_drm.learning.forest import EDRMForestClassifier, EDRMTreeClassifier
 
 __all__ = [
     "DRMClassifier",
+    "EDRMForestClassifier",
+    "EDRMTreeClassifier",
     "EXPECTED_FAILED_CHECKS",
     "MAX_SEMIRING_FAILED_CHECKS",
     "RenderingModelClassifier",

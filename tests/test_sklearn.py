@@ -11,6 +11,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from pgm_drm.data import load_digits_split
 from pgm_drm.sklearn import (
     DRMClassifier,
+    EDRMForestClassifier,
+    EDRMTreeClassifier,
     RenderingModelClassifier,
     expected_failed_checks,
     image_shape_for,
@@ -31,8 +33,15 @@ DRM_FAST = DRMClassifier(n_states=(4, 3), n_iter=2, random_state=0)
 FULL_DRM = os.environ.get("PGM_DRM_FULL_CHECKS") == "1"
 
 
+#: E-DRM trees and forests (issue 5), without the relaxation step: fast fits.
+EDRM_FAST = [
+    EDRMTreeClassifier(relax_steps=0, random_state=0),
+    EDRMForestClassifier(n_estimators=3, relax_steps=0, random_state=0),
+]
+
+
 @parametrize_with_checks(
-    RM_FAST + ([DRM_FAST] if FULL_DRM else []),
+    RM_FAST + EDRM_FAST + ([DRM_FAST] if FULL_DRM else []),
     expected_failed_checks=expected_failed_checks,
 )
 def test_sklearn_estimator_checks(estimator, check):

@@ -120,10 +120,14 @@ def plot_posterior_comparison(
         _, ax = plt.subplots(figsize=(6, 3.5))
     names = list(posteriors)
     width = 0.8 / max(len(names), 1)
+    n_states = 1
     for k, name in enumerate(names):
         p = np.exp(np.asarray(posteriors[name].log_marginals[site]).reshape(-1))
         x = np.arange(p.shape[0])
-        ax.bar(x + k * width, p, width=width, label=name)
+        n_states = max(n_states, p.shape[0])
+        # groups centred on the state index
+        ax.bar(x + (k - (len(names) - 1) / 2) * width, p, width=width, label=name)
+    ax.set_xticks(np.arange(n_states))
     ax.set_xlabel(f"{site} (flattened states)")
     ax.set_ylabel("probability")
     ax.set_title(f"posterior of {site}")
