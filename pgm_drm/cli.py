@@ -615,6 +615,8 @@ def run_bench(name: str, extra: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``pgm-drm`` entry point: ``demo``, ``sample``, ``infer``, ``compare``,
+    ``fit`` and ``bench`` (each with ``--help``). Returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="pgm-drm", description="Deep Rendering Model toolkit."
     )
