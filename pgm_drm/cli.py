@@ -159,7 +159,9 @@ def run_demo(
     return report
 
 
-def run_drm_demo(out: Path, n_images: int = 500, seed: int = 0) -> dict[str, Any]:
+def run_drm_demo(
+    out: Path, n_images: int = 500, seed: int = 0, n_probe: int = 300
+) -> dict[str, Any]:
     """The DRM part of the demo: sample the default 24x24 DRM, run the DCN-form
     max-sum pass, reconstruct top-down, activity-maximize (Eqs. 26-27), probe the
     layers (§3.3).
@@ -230,7 +232,9 @@ def run_drm_demo(out: Path, n_images: int = 500, seed: int = 0) -> dict[str, Any
     report["activity_images_own_class"] = bool(
         np.all(act_class == np.arange(drm.n_classes))
     )
-    probe = disentanglement_probe(probe_drm(), jax.random.PRNGKey(seed), 300, 300)
+    probe = disentanglement_probe(
+        probe_drm(), jax.random.PRNGKey(seed), n_probe, n_probe
+    )
     fig = plot_disentanglement(probe)
     fig.savefig(out / "drm_probes.png", dpi=110)
     plt.close(fig)

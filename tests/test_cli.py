@@ -76,3 +76,20 @@ def test_fit_rm_digits(tmp_path):
     # generous floor that still catches a broken fit
     assert report["test_accuracy"] > 0.95
     assert (tmp_path / "templates.png").exists() and (tmp_path / "model.npz").exists()
+
+
+def test_demo_without_drm(tmp_path):
+    args = ["demo", "--images", "10", "--reference", "2", "--no-drm"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "posterior_comparison.png").exists()
+
+
+def test_drm_demo_section(tmp_path):
+    from pgm_drm.cli import run_drm_demo
+
+    report = run_drm_demo(tmp_path, n_images=20, n_probe=40)
+    # the default DRM's classes are well separated at sigma 0.25 (100% measured)
+    assert report["map_class_accuracy"] > 0.9
+    assert report["activity_images_own_class"]
+    for name in ("samples", "reconstructions", "activity", "probes"):
+        assert (tmp_path / f"drm_{name}.png").exists()
