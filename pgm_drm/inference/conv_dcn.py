@@ -24,6 +24,7 @@ import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
 from pgm_drm.inference.api import resolve_temperature
+from pgm_drm.inference.dcn import switch_reduce
 from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.models.conv_drm import ConvRenderingModel
 
@@ -77,17 +78,8 @@ def _unit_scores(model: ConvRenderingModel, images: Array) -> Array:
 
 
 def _switch(model: ConvRenderingModel, scores: Array, t: float) -> Array:
-    """Eq. 9: reduce over the switch; OFF (last) stays OFF either way."""
-    p = model.switch_prior
-    log_on, log_off = jnp.log(p), jnp.log1p(-p)
-    off = scores[..., -1:]
-    on = reduce_t(
-        jnp.stack([log_on + scores, log_off + jnp.broadcast_to(off, scores.shape)]),
-        (0,),
-        t,
-    )
-    both = reduce_t(jnp.stack([log_on + off, log_off + off]), (0,), t)
-    return jnp.concatenate([on[..., :-1], both], axis=-1)
+    """Eq. 9: reduce over the switch (the ReLU at ``t = 0``)."""
+    return switch_reduce(scores, model.switch_prior, t)
 
 
 def _top_scores(model: ConvRenderingModel, msgs: Array) -> Array:

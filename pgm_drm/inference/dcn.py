@@ -119,10 +119,11 @@ def _child_scores_onehot(
     )
 
 
-def _switch(drm: DeepRenderingModel, level: int, pooled: Array, t: float) -> Array:
-    """Eq. 9: reduce over the switch; state OFF (last) stays OFF either way."""
-    p = drm.switch_priors[level - 1]
-    log_on, log_off = jnp.log(p), jnp.log1p(-p)
+def switch_reduce(pooled: Array, p_on: float, t: float) -> Array:
+    """Eq. 9: reduce a unit's message over its switch; the last state (OFF) stays
+    OFF either way. ``pooled`` ``(..., K+1)`` -> ``(..., K+1)``; at ``t = 0`` this
+    is ``max(x_s - x_OFF + log(p_on / p_off), 0) + const``, the ReLU."""
+    log_on, log_off = jnp.log(p_on), jnp.log1p(-p_on)
     off = pooled[..., -1:]
     on = reduce_t(
         jnp.stack([log_on + pooled, log_off + jnp.broadcast_to(off, pooled.shape)]),
@@ -131,6 +132,10 @@ def _switch(drm: DeepRenderingModel, level: int, pooled: Array, t: float) -> Arr
     )
     both = reduce_t(jnp.stack([log_on + off, log_off + off]), (0,), t)
     return jnp.concatenate([on[..., :-1], both], axis=-1)
+
+
+def _switch(drm: DeepRenderingModel, level: int, pooled: Array, t: float) -> Array:
+    return switch_reduce(pooled, drm.switch_priors[level - 1], t)
 
 
 def _bottom_up(drm: DeepRenderingModel, images: Array, t: float):

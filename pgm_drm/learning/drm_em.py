@@ -64,6 +64,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
+from pgm_drm.learning.base import check_labels
 from pgm_drm.learning.io import (
     check_checkpoint_meta,
     load_checkpoint,
@@ -412,26 +413,6 @@ def _check_images(struct: DRMStructure, images: ArrayLike) -> Array:
     return x
 
 
-def _check_labels(labels: ArrayLike | None, n: int, n_classes: int) -> Array:
-    """``(N,)`` ints in ``0..K_L-1``, -1 for unlabelled (all -1 when ``None``)."""
-    if labels is None:
-        return jnp.full((n,), -1, dtype=jnp.int32)
-    y = np.asarray(labels)
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {y.shape}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise ValueError("labels must be integers (-1 for unlabelled)")
-    y = y.astype(np.int64)
-    bad = (y < -1) | (y >= n_classes)
-    if np.any(bad):
-        raise ValueError(
-            f"labels must be in 0..{n_classes - 1} or -1 (unlabelled); got "
-            f"{sorted(set(y[bad].tolist()))[:5]}"
-        )
-    return jnp.asarray(y, dtype=jnp.int32)
-
-
 def drm_map(
     drm: DeepRenderingModel, images: ArrayLike, labels: ArrayLike | None = None
 ) -> tuple[dict[str, Array], Array]:
@@ -458,7 +439,7 @@ def drm_map(
     """
     struct, params = params_from_drm(drm)
     x = _check_images(struct, images)
-    y = _check_labels(labels, x.shape[0], struct.n_states[-1])
+    y = check_labels(labels, x.shape[0], struct.n_states[-1])
     return _map_jit(struct, params, x, y)
 
 
@@ -723,7 +704,7 @@ def drm_em_init(
         )
     struct = DRMStructure(windows, template_sizes, n_states)
     x = _check_images(struct, images)
-    y = np.asarray(_check_labels(labels, x.shape[0], n_states[-1]))
+    y = np.asarray(check_labels(labels, x.shape[0], n_states[-1]))
     rng = _np_rng(key)
     # level 1: k-means on sub-patches.
     w, t = windows[0], template_sizes[0]
@@ -896,7 +877,7 @@ def fit_drm_em(
     if init is not None:
         struct, params = params_from_drm(init)
         x = _check_images(struct, images)
-        y = _check_labels(labels, x.shape[0], struct.n_states[-1])
+        y = check_labels(labels, x.shape[0], struct.n_states[-1])
         state = DRMEMState(params, jnp.asarray(0))
     else:
         if windows is None or n_states is None:
@@ -910,7 +891,7 @@ def fit_drm_em(
             labels=labels,
         )
         x = _check_images(struct, images)
-        y = _check_labels(labels, x.shape[0], struct.n_states[-1])
+        y = check_labels(labels, x.shape[0], struct.n_states[-1])
     meta = {
         "kind": "drm_em",
         "windows": list(struct.windows),
