@@ -56,20 +56,15 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import check_labels
-from pgm_drm.learning.io import (
-    check_checkpoint_meta,
-    load_checkpoint,
-    save_checkpoint,
-)
+from pgm_drm.learning.io import run_em_loop
 from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
 
 __all__ = [
@@ -902,58 +897,33 @@ def fit_drm_em(
         "data": _fingerprint(x, y),
         "init": _fingerprint(*jax.tree.leaves(state.params)),
     }
-    objective: list[float] = []
-    mlj: list[float] = []
-    converged = False
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        arrays, found = load_checkpoint(checkpoint)
-        check_checkpoint_meta(checkpoint, found, meta)
-        state = DRMEMState(
+
+    def from_arrays(arrays: dict[str, np.ndarray]) -> DRMEMState:
+        return DRMEMState(
             _params_from_arrays(arrays, struct.levels),
             jnp.asarray(arrays["iteration"]),
         )
-        objective = arrays["objective"].tolist()
-        mlj = arrays["max_log_joint"].tolist()
-        converged = bool(arrays["converged"])
 
-    def write(st: DRMEMState) -> None:
-        save_checkpoint(
-            checkpoint,
-            {
-                **_params_arrays(st.params),
-                "iteration": np.asarray(st.iteration),
-                "objective": np.asarray(objective, dtype=float),
-                "max_log_joint": np.asarray(mlj, dtype=float),
-                "converged": converged,
-            },
-            meta,
-        )
+    def to_arrays(st: DRMEMState) -> dict[str, Any]:
+        return {**_params_arrays(st.params), "iteration": np.asarray(st.iteration)}
 
-    start = int(state.iteration)
-    bar = tqdm(
-        total=int(n_iter),
-        initial=min(start, int(n_iter)),
-        disable=not progress,
+    loop = run_em_loop(
+        lambda st: drm_em_step(struct, st, x, y, pseudo_count, min_sigma),
+        state,
+        n_iter=n_iter,
+        tol=tol,
+        history=("objective", "max_log_joint"),
         desc="DRM hard EM",
-        leave=False,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        meta=meta,
+        to_arrays=to_arrays,
+        from_arrays=from_arrays,
     )
-    try:
-        it = start
-        while it < n_iter and not converged:
-            state, info = drm_em_step(struct, state, x, y, pseudo_count, min_sigma)
-            it += 1
-            objective.append(float(info.objective))
-            mlj.append(float(info.max_log_joint))
-            if tol is not None and len(objective) > 1:
-                converged = abs(objective[-1] - objective[-2]) < tol
-            bar.update(1)
-            bar.set_postfix(objective=f"{objective[-1]:.4f}", refresh=False)
-            if checkpoint is not None and it % checkpoint_every == 0:
-                write(state)
-    finally:
-        bar.close()
-    if checkpoint is not None:
-        write(state)
+    state, converged = loop.state, loop.converged
+    objective, mlj = loop.history["objective"], loop.history["max_log_joint"]
     # The objective at the final parameters: the E-step part of one more step
     # (its M-step is discarded; reusing the compiled step saves a compilation).
     _, end = drm_em_step(struct, state, x, y, pseudo_count, min_sigma)

@@ -32,12 +32,11 @@ from __future__ import annotations
 import hashlib
 import os
 from functools import partial
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.inference.kernel import reduce_t
@@ -51,11 +50,7 @@ from pgm_drm.learning.base import (
     params_from_model,
     params_to_model,
 )
-from pgm_drm.learning.io import (
-    check_checkpoint_meta,
-    load_checkpoint,
-    save_checkpoint,
-)
+from pgm_drm.learning.io import run_em_loop
 from pgm_drm.learning.likelihood import _normalise, clamp_labels, table_from_params
 from pgm_drm.models.rendering import RenderingModel
 
@@ -493,13 +488,9 @@ def fit_em(
         "data": _fingerprint(x, y),
         "init": _fingerprint(*jax.tree.leaves(state.params)),
     }
-    objective: list[float] = []
-    loglik: list[float] = []
-    converged = False
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        arrays, found = load_checkpoint(checkpoint)
-        check_checkpoint_meta(checkpoint, found, meta)
-        state = EMState(
+
+    def from_arrays(arrays: dict[str, np.ndarray]) -> EMState:
+        return EMState(
             RMParams(
                 templates=jnp.asarray(arrays["templates"]),
                 sigma=jnp.asarray(arrays["sigma"]),
@@ -509,54 +500,36 @@ def fit_em(
             ),
             jnp.asarray(arrays["iteration"]),
         )
-        objective = arrays["objective"].tolist()
-        loglik = arrays["log_likelihood"].tolist()
-        converged = bool(arrays["converged"])
 
-    def write(st: EMState) -> None:
+    def to_arrays(st: EMState) -> dict[str, Any]:
         p = st.params
-        save_checkpoint(
-            checkpoint,
-            {
-                "templates": p.templates,
-                "sigma": p.sigma,
-                "class_prior": p.class_prior,
-                "nuisance_prior": p.nuisance_prior,
-                "switch_prior": np.nan if p.switch_prior is None else p.switch_prior,
-                "iteration": st.iteration,
-                "objective": np.asarray(objective, dtype=float),
-                "log_likelihood": np.asarray(loglik, dtype=float),
-                "converged": converged,
-                "key": _key_data(key),
-            },
-            meta,
-        )
+        return {
+            "templates": p.templates,
+            "sigma": p.sigma,
+            "class_prior": p.class_prior,
+            "nuisance_prior": p.nuisance_prior,
+            "switch_prior": np.nan if p.switch_prior is None else p.switch_prior,
+            "iteration": st.iteration,
+            "key": _key_data(key),
+        }
 
-    start = int(state.iteration)
-    bar = tqdm(
-        total=int(n_iter),
-        initial=min(start, int(n_iter)),
-        disable=not progress,
+    loop = run_em_loop(
+        lambda st: em_step(st, x, y, mode, fix_t, float(min_sigma)),
+        state,
+        n_iter=n_iter,
+        tol=tol,
+        history=("objective", "log_likelihood"),
         desc=f"EM ({mode})",
-        leave=False,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        meta=meta,
+        to_arrays=to_arrays,
+        from_arrays=from_arrays,
     )
-    try:
-        it = start
-        while it < n_iter and not converged:
-            state, info = em_step(state, x, y, mode, fix_t, float(min_sigma))
-            it += 1
-            objective.append(float(info.objective))
-            loglik.append(float(info.log_likelihood))
-            if tol is not None and len(objective) > 1:
-                converged = abs(objective[-1] - objective[-2]) < tol
-            bar.update(1)
-            bar.set_postfix(objective=f"{objective[-1]:.4f}", refresh=False)
-            if checkpoint is not None and it % checkpoint_every == 0:
-                write(state)
-    finally:
-        bar.close()
-    if checkpoint is not None:
-        write(state)
+    state, converged = loop.state, loop.converged
+    objective, loglik = loop.history["objective"], loop.history["log_likelihood"]
     obj_end, ll_end = _objectives(state.params, x, y, mode)
     return FitResult(
         model=params_to_model(state.params),

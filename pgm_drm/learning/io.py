@@ -3,9 +3,9 @@
 A model file holds every dataclass field of the model as arrays plus a JSON
 header (``__meta__``) naming the class and how to rebuild each field, so any
 frozen dataclass whose fields are arrays, numbers, ``None`` or tuples of those
-round-trips: :class:`~pgm_drm.models.RenderingModel` and
-:class:`~pgm_drm.models.DeepRenderingModel` are registered. No pickles: files
-load with ``allow_pickle=False``.
+round-trips: every model class in :data:`MODEL_CLASSES` is registered.
+No pickles: files load with ``allow_pickle=False``. :func:`run_em_loop` is the
+resumable, checkpointing loop every EM fit runs.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from pgm_drm.models.conv_drm import ConvRenderingModel
 from pgm_drm.models.drm import DeepRenderingModel
@@ -25,9 +27,11 @@ from pgm_drm.models.edrm import EvolutionaryDRM
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
+    "EMLoop",
     "MODEL_CLASSES",
     "load_checkpoint",
     "load_model",
+    "run_em_loop",
     "save_checkpoint",
     "save_model",
 ]
@@ -188,3 +192,81 @@ def check_checkpoint_meta(path: Any, found: dict, expected: dict) -> None:
             + "; ".join(diffs)
             + " (delete it or pass resume=False to start over)"
         )
+
+
+class EMLoop(NamedTuple):
+    """Outcome of :func:`run_em_loop`: the last state, the per-iteration histories
+    (one list per name, values at the parameters *before* each step) and whether
+    the first history changed by less than ``tol``."""
+
+    state: Any
+    history: dict[str, list[float]]
+    converged: bool
+
+
+def run_em_loop(
+    step: Callable[[Any], tuple[Any, Any]],
+    state: Any,
+    *,
+    n_iter: int,
+    tol: float | None,
+    history: tuple[str, ...],
+    desc: str,
+    progress: bool,
+    checkpoint: str | os.PathLike | None,
+    checkpoint_every: int,
+    resume: bool,
+    meta: dict[str, Any],
+    to_arrays: Callable[[Any], dict[str, Any]],
+    from_arrays: Callable[[dict[str, np.ndarray]], Any],
+) -> EMLoop:
+    """The driver every EM fit shares: iterate ``step`` (an (init, step) pair's
+    step, ``state.iteration`` counts steps), record the ``history`` attributes of
+    each step's info, stop at ``n_iter`` or when ``history[0]`` changes by less
+    than ``tol``, show a tqdm bar with the objective, write an atomic checkpoint
+    every ``checkpoint_every`` steps and at the end, and resume from one
+    (``check_checkpoint_meta`` refuses a checkpoint of another fit).
+    """
+    hist: dict[str, list[float]] = {k: [] for k in history}
+    converged = False
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        arrays, found = load_checkpoint(checkpoint)
+        check_checkpoint_meta(checkpoint, found, meta)
+        state = from_arrays(arrays)
+        hist = {k: arrays[k].tolist() for k in history}
+        converged = bool(arrays["converged"])
+
+    def write(st: Any) -> None:
+        arrays = dict(to_arrays(st))
+        arrays.update({k: np.asarray(v, dtype=float) for k, v in hist.items()})
+        arrays["converged"] = converged
+        save_checkpoint(checkpoint, arrays, meta)
+
+    start = int(state.iteration)
+    bar = tqdm(
+        total=int(n_iter),
+        initial=min(start, int(n_iter)),
+        disable=not progress,
+        desc=desc,
+        leave=False,
+    )
+    monitor = hist[history[0]]
+    try:
+        it = start
+        while it < n_iter and not converged:
+            state, info = step(state)
+            it += 1
+            for k in history:
+                hist[k].append(float(getattr(info, k)))
+            monitor = hist[history[0]]
+            if tol is not None and len(monitor) > 1:
+                converged = abs(monitor[-1] - monitor[-2]) < tol
+            bar.update(1)
+            bar.set_postfix({history[0]: f"{monitor[-1]:.4f}"}, refresh=False)
+            if checkpoint is not None and it % checkpoint_every == 0:
+                write(state)
+    finally:
+        bar.close()
+    if checkpoint is not None:
+        write(state)
+    return EMLoop(state, hist, converged)
