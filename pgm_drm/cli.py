@@ -289,27 +289,6 @@ def _print_demo(report: dict[str, Any], out: Path) -> None:
 
 
 # ---- fit digits ------------------------------------------------------------------
-def _image_grid(images: Any, titles: list[str] | None = None, ncols: int = 10):
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    images = np.asarray(images)
-    n = images.shape[0]
-    ncols = min(ncols, n)
-    nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(1.1 * ncols, 1.2 * nrows), squeeze=False
-    )
-    for k, ax in enumerate(axes.flat):
-        ax.set_axis_off()
-        if k < n:
-            ax.imshow(images[k], cmap="gray")
-            if titles:
-                ax.set_title(titles[k], fontsize=6)
-    fig.tight_layout()
-    return fig
-
-
 def run_fit_digits(
     model: str, out: Path, labels: int | None = None, seed: int = 0, quiet: bool = False
 ) -> dict[str, Any]:
@@ -330,6 +309,7 @@ def run_fit_digits(
     import numpy as np
 
     from pgm_drm.data import load_digits_split
+    from pgm_drm.diagnostics import plot_samples
     from pgm_drm.learning import save_model
 
     out.mkdir(parents=True, exist_ok=True)
@@ -365,7 +345,8 @@ def run_fit_digits(
         )
         pred = np.asarray(fit.model.classify(d.x_test, "max"))
         save_model(out / "model.npz", fit.model)
-        fig = _image_grid(np.asarray(fit.model.templates).reshape(-1, 8, 8))
+        templates = np.asarray(fit.model.templates).reshape(-1, 8, 8)
+        fig = plot_samples(templates, ncols=10, max_images=len(templates))
     elif model == "drm":
         from pgm_drm.learning import fit_drm_classifier
 
@@ -385,7 +366,7 @@ def run_fit_digits(
         for c, m in enumerate(clf.models):
             save_model(out / f"drm_class{c}.npz", m)
         pix = np.concatenate([np.asarray(m.pixel_templates) for m in clf.models])
-        fig = _image_grid(pix, ncols=16)
+        fig = plot_samples(pix, ncols=16, max_images=len(pix))
         fig.suptitle("level-1 templates, one row per digit's DRM", fontsize=8)
     elif model == "dcn":
         from pgm_drm.learning import fit_discriminative, init_random, predict
@@ -414,7 +395,8 @@ def run_fit_digits(
         )
         pred = np.asarray(predict(fit.net, d.x_test))
         w = np.asarray(fit.net.params.layers[0].w)  # (K, G, w*w, 1)
-        fig = _image_grid(w[:, 0, :, 0].reshape(-1, 4, 4), ncols=16)
+        filters = w[:, 0, :, 0].reshape(-1, 4, 4)
+        fig = plot_samples(filters, ncols=16, max_images=len(filters))
         fig.suptitle("first-layer filters (translation 0)", fontsize=8)
     elif model == "edrm-forest":
         from pgm_drm.learning import EDRMForestClassifier
@@ -426,7 +408,9 @@ def run_fit_digits(
         )
         forest.fit(d.x_train, d.y_train)
         pred = np.asarray(forest.predict(d.x_test))
-        fig = _image_grid(d.x_test[:20], [f"pred {int(p)}" for p in pred[:20]])
+        fig = plot_samples(
+            d.x_test[:20], ncols=10, titles=[f"pred {int(p)}" for p in pred[:20]]
+        )
     else:
         raise ValueError(f"unknown model {model!r}")
     report["fit_seconds"] = time.perf_counter() - t0

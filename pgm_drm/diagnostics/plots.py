@@ -85,8 +85,10 @@ def plot_samples(
     latents: Mapping[str, Any] | None = None,
     ncols: int = 8,
     max_images: int = 32,
+    titles: list[str] | None = None,
 ) -> plt.Figure:
-    """A grid of 2-d images, titled with their latents (``c=1 g=3 a=1``)."""
+    """A grid of 2-d images, titled with their latents (``c=1 g=3 a=1``) or with
+    ``titles``."""
     images = np.asarray(images)[:max_images]
     n = images.shape[0]
     ncols = min(ncols, n)
@@ -99,7 +101,9 @@ def plot_samples(
         if k >= n:
             continue
         ax.imshow(images[k], cmap="gray")
-        if latents:
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=7)
+        elif latents:
             ax.set_title(
                 " ".join(
                     f"{s}={int(np.asarray(v)[k])}"

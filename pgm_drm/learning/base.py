@@ -21,6 +21,7 @@ __all__ = [
     "init_params",
     "params_from_model",
     "params_to_model",
+    "real_finite",
 ]
 
 #: The parameters an RM learner may hold fixed (``fix=``).
@@ -129,6 +130,15 @@ def check_fit_inputs(
         )
     if x.shape[0] < 1:
         raise ValueError("images is empty (N = 0)")
+    x = real_finite(x)
+    for name, v in (("n_classes", n_classes), ("n_nuisances", n_nuisances)):
+        if int(v) != v or int(v) < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v}")
+    return x, int(n_classes), int(n_nuisances)
+
+
+def real_finite(x: Array) -> Array:
+    """Images as the default float dtype; rejects complex, non-numeric, NaN, inf."""
     if not jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(
         x.dtype, jnp.complexfloating
     ):
@@ -136,10 +146,7 @@ def check_fit_inputs(
     x = x.astype(jnp.result_type(float))
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("images contain NaN or inf values")
-    for name, v in (("n_classes", n_classes), ("n_nuisances", n_nuisances)):
-        if int(v) != v or int(v) < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v}")
-    return x, int(n_classes), int(n_nuisances)
+    return x
 
 
 def check_labels(labels: ArrayLike | None, n_images: int, n_classes: int) -> Array:

@@ -53,7 +53,6 @@ are mixture components) for generative classification.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import partial
 from typing import Any, NamedTuple
@@ -63,8 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
-from pgm_drm.learning.base import check_labels
-from pgm_drm.learning.io import run_em_loop
+from pgm_drm.learning.base import check_labels, real_finite
+from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
 
 __all__ = [
@@ -398,14 +397,7 @@ def _check_images(struct: DRMStructure, images: ArrayLike) -> Array:
             f"images must have shape (N, *{struct.image_shape}) with N >= 1 "
             f"(the model's image_shape), got {x.shape}"
         )
-    if not jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(
-        x.dtype, jnp.complexfloating
-    ):
-        raise ValueError(f"images must be real numbers, got dtype {x.dtype}")
-    x = x.astype(jnp.result_type(float))
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise ValueError("images contain NaN or inf values")
-    return x
+    return real_finite(x)
 
 
 def drm_map(
@@ -759,15 +751,6 @@ def _seed_children(struct, params, level, msgs, y, rng) -> DRMParams:
 
 
 # ---- the loop ------------------------------------------------------------------------
-def _fingerprint(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
 def _params_arrays(params: DRMParams) -> dict[str, np.ndarray]:
     out = {
         "pixel_templates": np.asarray(params.pixel_templates),
@@ -854,18 +837,11 @@ def fit_drm_em(
         >>> bool(np.all(np.diff(fit.objective) >= -1e-9)), fit.model.n_states
         (True, (4, 3))
     """
-    if int(n_iter) != n_iter or n_iter < 0:
-        raise ValueError(f"n_iter must be an integer >= 0, got {n_iter}")
-    if tol is not None and not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0 or None, got {tol}")
+    check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
     if not (np.isfinite(pseudo_count) and pseudo_count >= 0):
         raise ValueError(
             f"pseudo_count must be a finite number >= 0, got {pseudo_count}"
         )
-    if not (np.isfinite(min_sigma) and min_sigma > 0):
-        raise ValueError(f"min_sigma must be a finite number > 0, got {min_sigma}")
-    if int(checkpoint_every) < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     key = jax.random.PRNGKey(0) if key is None else key
     if init is not None and not (windows is n_states is template_sizes is None):
         raise ValueError("give either init or windows/n_states/template_sizes")
@@ -894,8 +870,8 @@ def fit_drm_em(
         "n_states": list(struct.n_states),
         "pseudo_count": float(pseudo_count),
         "min_sigma": float(min_sigma),
-        "data": _fingerprint(x, y),
-        "init": _fingerprint(*jax.tree.leaves(state.params)),
+        "data": fingerprint(x, y),
+        "init": fingerprint(*jax.tree.leaves(state.params)),
     }
 
     def from_arrays(arrays: dict[str, np.ndarray]) -> DRMEMState:

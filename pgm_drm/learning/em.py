@@ -29,7 +29,6 @@ The algorithm is an ``(em_init, em_step)`` pair over an :class:`EMState`;
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -50,7 +49,7 @@ from pgm_drm.learning.base import (
     params_from_model,
     params_to_model,
 )
-from pgm_drm.learning.io import run_em_loop
+from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.learning.likelihood import _normalise, clamp_labels, table_from_params
 from pgm_drm.models.rendering import RenderingModel
 
@@ -385,15 +384,6 @@ def _warm_start(params: RMParams, x: Array, y: Array) -> RMParams:
     return state.params
 
 
-def _fingerprint(*arrays: Array) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
 def _key_data(key: PRNGKey | None) -> np.ndarray:
     k = jax.random.PRNGKey(0) if key is None else key
     if jnp.issubdtype(jnp.asarray(k).dtype, jax.dtypes.prng_key):
@@ -467,14 +457,7 @@ def fit_em(
     fix_t = _check_fix(fix)
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
     y = check_labels(labels, x.shape[0], c_)
-    if int(n_iter) != n_iter or n_iter < 0:
-        raise ValueError(f"n_iter must be an integer >= 0, got {n_iter}")
-    if tol is not None and not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0 or None, got {tol}")
-    if not (np.isfinite(min_sigma) and min_sigma > 0):
-        raise ValueError(f"min_sigma must be a finite number > 0, got {min_sigma}")
-    if int(checkpoint_every) < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
     state = _init_state(x, c_, g_, key, switch, y, init)
     switched = state.params.switch_prior is not None
     meta = {
@@ -485,8 +468,8 @@ def fit_em(
         "switch": switched,
         "fix": list(fix_t),
         "min_sigma": float(min_sigma),
-        "data": _fingerprint(x, y),
-        "init": _fingerprint(*jax.tree.leaves(state.params)),
+        "data": fingerprint(x, y),
+        "init": fingerprint(*jax.tree.leaves(state.params)),
     }
 
     def from_arrays(arrays: dict[str, np.ndarray]) -> EMState:

@@ -11,6 +11,7 @@ resumable, checkpointing loop every EM fit runs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -28,6 +29,8 @@ from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
     "EMLoop",
+    "check_loop_args",
+    "fingerprint",
     "MODEL_CLASSES",
     "load_checkpoint",
     "load_model",
@@ -192,6 +195,32 @@ def check_checkpoint_meta(path: Any, found: dict, expected: dict) -> None:
             + "; ".join(diffs)
             + " (delete it or pass resume=False to start over)"
         )
+
+
+def fingerprint(*arrays: Any) -> str:
+    """A short hash of arrays (shapes, dtypes, bytes): checkpoints record the data
+    and starting parameters they belong to."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_loop_args(
+    n_iter: int, tol: float | None, min_sigma: float, checkpoint_every: int
+) -> None:
+    """Arguments every EM fit passes to :func:`run_em_loop`, checked before any
+    expensive initialisation."""
+    if int(n_iter) != n_iter or n_iter < 0:
+        raise ValueError(f"n_iter must be an integer >= 0, got {n_iter}")
+    if tol is not None and not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0 or None, got {tol}")
+    if not (np.isfinite(min_sigma) and min_sigma > 0):
+        raise ValueError(f"min_sigma must be a finite number > 0, got {min_sigma}")
+    if int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
 
 
 class EMLoop(NamedTuple):

@@ -32,8 +32,13 @@ from pgm_drm.learning.base import (
     check_fit_inputs,
     params_to_model,
 )
-from pgm_drm.learning.em import _fingerprint, _init_state, _key_data
-from pgm_drm.learning.io import check_checkpoint_meta, load_checkpoint, save_checkpoint
+from pgm_drm.learning.em import _init_state, _key_data
+from pgm_drm.learning.io import (
+    check_checkpoint_meta,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pgm_drm.learning.likelihood import log_likelihood
 from pgm_drm.models.rendering import RenderingModel
 
@@ -155,8 +160,8 @@ def fit_svi(
         "n_nuisances": g_,
         "switch": switched,
         "learning_rate": float(learning_rate),
-        "data": _fingerprint(x),
-        "init": _fingerprint(*jax.tree.leaves(init_p)),
+        "data": fingerprint(x),
+        "init": fingerprint(*jax.tree.leaves(init_p)),
     }
     done, history = 0, []
     if resume and checkpoint is not None and os.path.exists(checkpoint):
