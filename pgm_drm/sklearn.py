@@ -24,7 +24,6 @@ cannot pass, with reasons; :func:`expected_failed_checks` is the callable for
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -36,7 +35,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pgm_drm.learning.drm_em import fit_drm_classifier
 from pgm_drm.learning.em import fit_em
-from pgm_drm.learning.forest import EDRMForestClassifier, EDRMTreeClassifier
+from pgm_drm.learning.forest import EDRMForestClassifier, EDRMTreeClassifier, _seed
 
 __all__ = [
     "DRMClassifier",
@@ -70,19 +69,6 @@ def expected_failed_checks(estimator: BaseEstimator) -> dict[str, str]:
     if getattr(estimator, "semiring", None) == "max":
         out.update(MAX_SEMIRING_FAILED_CHECKS)
     return out
-
-
-def _seed(random_state: Any) -> int:
-    """An int seed from ``None`` (fresh), an int or a ``RandomState``."""
-    if random_state is None:
-        return int(np.random.default_rng().integers(2**31 - 1))
-    if isinstance(random_state, numbers.Integral):
-        return int(random_state)
-    if isinstance(random_state, np.random.RandomState):
-        return int(random_state.randint(2**31 - 1))
-    raise ValueError(
-        f"random_state must be None, an int or a RandomState, got {random_state!r}"
-    )
 
 
 def _flat(X: Any) -> tuple[Any, tuple[int, ...] | None]:

@@ -550,6 +550,7 @@ def _as_2d(x: Any) -> Any:
 
 
 def _seed(random_state: Any) -> int:
+    """An int seed from ``None`` (fresh), an int or a ``RandomState``."""
     if random_state is None:
         return int(np.random.default_rng().integers(2**31 - 1))
     if isinstance(random_state, numbers.Integral):
