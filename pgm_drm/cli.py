@@ -290,16 +290,24 @@ def _print_demo(report: dict[str, Any], out: Path) -> None:
 
 # ---- fit digits ------------------------------------------------------------------
 def run_fit_digits(
-    model: str, out: Path, labels: int | None = None, seed: int = 0, quiet: bool = False
+    model: str,
+    out: Path,
+    labels: int | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+    em: str = "hard",
+    unlabelled_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Fit a classifier on scikit-learn's digits (the project's fixed split).
 
     ``model``: ``rm`` (supervised hard EM of a per-class RM with 10 templates
-    per class, Eqs. 16-17; with ``labels`` = N, semi-supervised EM on N labels,
-    §6.3.3), ``drm`` (a per-class generative DRM by hard EM), ``dcn`` (the
-    discriminative relaxation, Eq. 25, trained with optax) or ``edrm-forest``
-    (bagged InfoMax E-DRM trees, Eq. 32). Writes ``report.json``, the learned
-    templates/filters as ``templates.png`` and the model file where there is one.
+    per class, Eqs. 16-17, or soft EM with ``em="soft"``; with ``labels`` = N,
+    semi-supervised EM on N labels, §6.3.3, each unlabelled image weighted by
+    ``unlabelled_weight``), ``drm`` (a per-class generative DRM by hard EM),
+    ``dcn`` (the discriminative relaxation, Eq. 25, trained with optax) or
+    ``edrm-forest`` (bagged InfoMax E-DRM trees, Eq. 32). Writes
+    ``report.json``, the learned templates/filters as ``templates.png`` and the
+    model file where there is one.
     """
     import jax
     import matplotlib
@@ -316,6 +324,9 @@ def run_fit_digits(
     d = load_digits_split()
     key = jax.random.PRNGKey(seed)
     report: dict[str, Any] = {"model": model, "n_train": len(d.y_train)}
+    rm_only = em != "hard" or unlabelled_weight != 1.0 or labels is not None
+    if model != "rm" and rm_only:
+        raise ValueError("--labels, --em and --unlabelled-weight are for --model rm")
     t0 = time.perf_counter()
     if model == "rm":
         from pgm_drm.learning import fit_em
@@ -332,15 +343,18 @@ def run_fit_digits(
             y = np.full_like(y, -1)
             y[keep] = d.y_train[keep]
             report["labels"] = int(len(keep))
+            report["unlabelled_weight"] = float(unlabelled_weight)
+        report["em"] = em
         fit = fit_em(
             d.x_train,
             10,
             10,
-            mode="hard",
+            mode=em,
             labels=y,
             n_iter=50,
             key=key,
             min_sigma=0.05,
+            unlabelled_weight=unlabelled_weight,
             progress=not quiet,
         )
         pred = np.asarray(fit.model.classify(d.x_test, "max"))
@@ -350,8 +364,6 @@ def run_fit_digits(
     elif model == "drm":
         from pgm_drm.learning import fit_drm_classifier
 
-        if labels is not None:
-            raise ValueError("--labels is supported for --model rm only")
         clf = fit_drm_classifier(
             d.x_train,
             d.y_train,
@@ -371,8 +383,6 @@ def run_fit_digits(
     elif model == "dcn":
         from pgm_drm.learning import fit_discriminative, init_random, predict
 
-        if labels is not None:
-            raise ValueError("--labels is supported for --model rm only")
         net = init_random(
             key,
             (8, 8),
@@ -401,8 +411,6 @@ def run_fit_digits(
     elif model == "edrm-forest":
         from pgm_drm.learning import EDRMForestClassifier
 
-        if labels is not None:
-            raise ValueError("--labels is supported for --model rm only")
         forest = EDRMForestClassifier(
             n_estimators=100, relax_steps=0, random_state=seed
         )
@@ -670,6 +678,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="rm only: semi-supervised EM with this many labels",
     )
+    fit.add_argument(
+        "--em", choices=("hard", "soft"), default="hard", help="rm only: EM kind"
+    )
+    fit.add_argument(
+        "--unlabelled-weight",
+        type=float,
+        default=1.0,
+        help="rm with --labels: weight of each unlabelled image, in (0, 1] "
+        "(EM-lambda; 1 = plain EM)",
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", type=Path, default=Path("out/fit"))
 
@@ -717,7 +735,17 @@ def main(argv: list[str] | None = None) -> int:
             run_compare_study(args.study, args.out, args.quick, args.seed)
             print(f"wrote {args.out}/table.md, rows.json, {args.study}_study.png")
     elif args.command == "fit":
-        report = run_fit_digits(args.model, args.out, args.labels, args.seed)
+        try:
+            report = run_fit_digits(
+                args.model,
+                args.out,
+                args.labels,
+                args.seed,
+                em=args.em,
+                unlabelled_weight=args.unlabelled_weight,
+            )
+        except ValueError as e:
+            parser.error(str(e))
         print(
             f"digits, {args.model}: test accuracy {report['test_accuracy']:.4f} "
             f"(fit {report['fit_seconds']:.1f} s); wrote {args.out}/report.json, "

@@ -53,20 +53,19 @@ def test_compare_greedy_quick(tmp_path):
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 2
 
 
-def test_fit_rejects_labels_for_dcn(tmp_path):
-    with pytest.raises(ValueError, match="--labels"):
-        main(
-            [
-                "fit",
-                "digits",
-                "--model",
-                "dcn",
-                "--labels",
-                "50",
-                "--out",
-                str(tmp_path),
-            ]
-        )
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--model", "dcn", "--labels", "50"], "--labels"),
+        (["--model", "drm", "--em", "soft"], "--em"),
+        (["--model", "rm", "--labels", "50", "--unlabelled-weight", "0"], "(0, 1]"),
+    ],
+)
+def test_fit_rejects_bad_options(tmp_path, capsys, extra, match):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "digits", *extra, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
 
 
 def test_fit_rm_digits(tmp_path):

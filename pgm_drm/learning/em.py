@@ -5,6 +5,10 @@ E-step: the log-joint table ``log p(c, g, a, I_n)`` (shape ``(N, C, G[, 2])``,
 sum-product into responsibilities ``gamma_ncga = p(c, g, a | I_n)`` (soft EM,
 Eq. 14) or by max-sum into one-hot indicators of the joint MAP (hard EM, Eq. 16).
 Labelled images clamp ``c`` (supervised / semi-supervised EM, §6.3.3).
+Semi-supervised EM may down-weight the unlabelled images by ``lambda`` in
+``(0, 1]`` (EM-lambda, Nigam et al. 2000): every sum over ``n`` below then
+weighs image ``n`` by ``w_n = 1`` (labelled) or ``lambda`` (unlabelled), and EM
+ascends ``sum_n w_n log p(I_n[, c_n])``.
 
 M-step (Eqs. 15, 17, with a shared isotropic ``sigma``)::
 
@@ -13,6 +17,8 @@ M-step (Eqs. 15, 17, with a shared isotropic ``sigma``)::
     pi_c    = sum_{n,g,a} gamma_ncga / N      pi_g = sum_{n,c,a} gamma_ncga / N
     pi_a    = sum_{n,c,g} gamma_ncg,a=1 / N
     sigma^2 = sum_{n,c,g,a} gamma_ncga ||I_n - a mu_cg||^2 / (N D)
+
+(with weights, ``gamma_n`` sums to ``w_n`` and ``N = sum_n w_n``).
 
 Empty components. Soft EM: a ``(c, g)`` with ``N_cg == 0`` keeps its old
 template (it has zero weight in the expected complete-data log-likelihood, so
@@ -81,11 +87,13 @@ class EMInfo(NamedTuple):
     """Diagnostics of one EM step, all at the parameters *before* the step.
 
     Attributes:
-        objective: Mean per-image EM objective: ``log p(I_n[, c_n])`` (soft) or
-            ``max_{c,g,a} log p(c, g, a, I_n[, c_n])`` (hard), labels clamped.
+        objective: Weighted mean per-image EM objective ``sum_n w_n o_n /
+            sum_n w_n`` with ``o_n = log p(I_n[, c_n])`` (soft) or
+            ``max_{c,g,a} log p(c, g, a, I_n[, c_n])`` (hard), labels clamped;
+            ``w_n = 1``, or ``unlabelled_weight`` for an unlabelled image.
         log_likelihood: Mean per-image ``log p(I_n)`` (labels ignored).
-        counts: ``(C, G)`` responsibility mass ``N_cg`` of the ON branch used by
-            the M-step (after hard-EM re-seeding).
+        counts: ``(C, G)`` (weighted) responsibility mass ``N_cg`` of the ON
+            branch used by the M-step (after hard-EM re-seeding).
     """
 
     objective: Array
@@ -119,7 +127,8 @@ def m_step(
     Args:
         params: The old parameters (kept for fixed ones and empty components).
         images: ``(N, *image_shape)``.
-        resp: ``(N, C, G)`` or ``(N, C, G, 2)`` responsibilities (rows sum to 1).
+        resp: ``(N, C, G)`` or ``(N, C, G, 2)`` responsibilities; row ``n``
+            sums to the image's weight ``w_n`` (1 in plain EM).
         fix: Names of parameters to keep (see ``PARAMETER_NAMES``).
         min_sigma: Floor on the new ``sigma``.
 
@@ -129,6 +138,7 @@ def m_step(
     n = images.shape[0]
     x = images.reshape(n, -1)
     d = x.shape[1]
+    total = jnp.sum(resp)  # sum_n w_n (= N up to rounding in plain EM)
     switched = params.switch_prior is not None
     on = resp[..., 1] if switched else resp  # (N, C, G)
     cg = resp.sum(-1) if switched else resp  # (N, C, G), a marginalised
@@ -144,9 +154,9 @@ def m_step(
         )
     new = {
         "templates": mu.reshape(params.templates.shape),
-        "class_prior": cg.sum((0, 2)) / n,
-        "nuisance_prior": cg.sum((0, 1)) / n,
-        "switch_prior": on.sum() / n if switched else None,
+        "class_prior": cg.sum((0, 2)) / total,
+        "nuisance_prior": cg.sum((0, 1)) / total,
+        "switch_prior": on.sum() / total if switched else None,
     }
     if "sigma" in fix:
         new["sigma"] = params.sigma
@@ -160,7 +170,7 @@ def m_step(
         sse = jnp.sum(on * jnp.maximum(d2, 0.0))
         if switched:
             sse = sse + jnp.sum(resp[..., 0].sum((1, 2)) * xx)
-        new["sigma"] = jnp.sqrt(jnp.maximum(sse / (n * d), min_sigma**2))
+        new["sigma"] = jnp.sqrt(jnp.maximum(sse / (total * d), min_sigma**2))
     for name in fix:
         if name != "sigma" and not (name == "switch_prior" and not switched):
             new[name] = getattr(params, name)
@@ -178,6 +188,9 @@ def naive_m_step(
     x = np.asarray(images, dtype=float)
     r = np.asarray(resp, dtype=float)
     n = x.shape[0]
+    total = 0.0
+    for i in range(n):  # sum_n w_n: each row of resp sums to its image's weight
+        total += float(np.sum(r[i]))
     switched = params.switch_prior is not None
     if not switched:
         r = r[..., None]  # a single ON state
@@ -192,9 +205,9 @@ def naive_m_step(
                 mu[c, g] = sum(r[i, c, g, -1] * x[i] for i in range(n)) / w
             for i in range(n):
                 for a in range(a_):
-                    pc[c] += r[i, c, g, a] / n
-                    pg[g] += r[i, c, g, a] / n
-                pa += r[i, c, g, -1] / n
+                    pc[c] += r[i, c, g, a] / total
+                    pg[g] += r[i, c, g, a] / total
+                pa += r[i, c, g, -1] / total
     sse = 0.0
     for i in range(n):
         for c in range(c_):
@@ -202,7 +215,7 @@ def naive_m_step(
                 for a in range(a_):
                     on = a == a_ - 1
                     sse += r[i, c, g, a] * np.sum((x[i] - on * mu[c, g]) ** 2)
-    sigma = max(np.sqrt(sse / x.size), min_sigma)
+    sigma = max(np.sqrt(sse / (total * x[0].size)), min_sigma)
     new = RMParams(
         templates=mu,
         sigma=sigma,
@@ -265,6 +278,11 @@ def _e_step(params: RMParams, images: Array, labels: Array, temperature: float):
     return _normalise(clamped, temperature), obj, ll
 
 
+def _weights(labels: Array, unlabelled_weight: Array | float) -> Array:
+    """``w_n``: 1 for a labelled image, ``unlabelled_weight`` for the others."""
+    return jnp.where(labels >= 0, 1.0, unlabelled_weight)
+
+
 @partial(jax.jit, static_argnames=("mode", "fix", "min_sigma"))
 def em_step(
     state: EMState,
@@ -273,6 +291,7 @@ def em_step(
     mode: Mode = "soft",
     fix: tuple[str, ...] = (),
     min_sigma: float = DEFAULT_MIN_SIGMA,
+    unlabelled_weight: Array | float = 1.0,
 ) -> tuple[EMState, EMInfo]:
     """One EM iteration (jitted): E-step (Eq. 14 or 16) then M-step (Eqs. 15/17).
 
@@ -283,6 +302,8 @@ def em_step(
         mode: "soft" (sum-product responsibilities) or "hard" (max-sum).
         fix: Sorted tuple of parameter names to hold fixed.
         min_sigma: Floor on ``sigma``.
+        unlabelled_weight: ``lambda``, the weight of each unlabelled image in
+            the M-step and the objective (EM-lambda; 1 = plain EM).
 
     Returns:
         The new state and an :class:`EMInfo` at the old parameters.
@@ -291,16 +312,19 @@ def em_step(
     resp, obj, ll = _e_step(state.params, images, labels, t)
     if t == 0.0:
         resp = _reseed_empty(resp, obj, labels)
+    w = _weights(labels, unlabelled_weight).astype(resp.dtype)
+    resp = resp * w.reshape((-1,) + (1,) * (resp.ndim - 1))
     new = m_step(state.params, images, resp, fix, min_sigma)
     on = resp[..., 1] if resp.ndim == 4 else resp
-    info = EMInfo(obj.mean(), ll.mean(), on.sum(0))
+    info = EMInfo(jnp.sum(w * obj) / jnp.sum(w), ll.mean(), on.sum(0))
     return EMState(new, state.iteration + 1), info
 
 
 @partial(jax.jit, static_argnames=("mode",))
-def _objectives(params, images, labels, mode):
+def _objectives(params, images, labels, mode, unlabelled_weight=1.0):
     _, obj, ll = _e_step(params, images, labels, _check_mode(mode))
-    return obj.mean(), ll.mean()
+    w = _weights(labels, unlabelled_weight).astype(obj.dtype)
+    return jnp.sum(w * obj) / jnp.sum(w), ll.mean()
 
 
 def em_init(
@@ -405,6 +429,7 @@ def fit_em(
     key: PRNGKey | None = None,
     init: RenderingModel | None = None,
     min_sigma: float = DEFAULT_MIN_SIGMA,
+    unlabelled_weight: float = 1.0,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
@@ -429,6 +454,10 @@ def fit_em(
         key: PRNG key for the k-means++ initialisation (default ``PRNGKey(0)``).
         init: Start from this :class:`RenderingModel` instead.
         min_sigma: Floor on ``sigma``.
+        unlabelled_weight: ``lambda`` in ``(0, 1]``: semi-supervised EM weighs
+            each unlabelled image by it (EM-lambda, Nigam et al. 2000), so that
+            many unlabelled images cannot outvote the labelled ones; the
+            objective becomes the weighted mean. 1 (default) is plain EM.
         progress: Show a tqdm bar with the objective in its postfix.
         checkpoint: Path of an ``.npz`` written (atomically) every
             ``checkpoint_every`` iterations and at the end.
@@ -438,11 +467,11 @@ def fit_em(
 
     Returns:
         A :class:`FitResult`; ``objective[t]`` is at the parameters after ``t``
-        iterations (soft EM: never decreases).
+        iterations (soft EM: never decreases, weighted or not).
 
     Raises:
         ValueError: Bad images (shape, NaN/inf), sizes, labels, mode, ``fix``,
-            ``init`` or a checkpoint from a different fit.
+            ``unlabelled_weight``, ``init`` or a checkpoint from a different fit.
 
     Example:
         >>> import jax
@@ -458,6 +487,11 @@ def fit_em(
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
     y = check_labels(labels, x.shape[0], c_)
     check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
+    lam = float(unlabelled_weight)
+    if not (np.isfinite(lam) and 0.0 < lam <= 1.0):
+        raise ValueError(
+            f"unlabelled_weight must lie in (0, 1], got {unlabelled_weight!r}"
+        )
     state = _init_state(x, c_, g_, key, switch, y, init)
     switched = state.params.switch_prior is not None
     meta = {
@@ -468,6 +502,7 @@ def fit_em(
         "switch": switched,
         "fix": list(fix_t),
         "min_sigma": float(min_sigma),
+        "unlabelled_weight": lam,
         "data": fingerprint(x, y),
         "init": fingerprint(*jax.tree.leaves(state.params)),
     }
@@ -497,7 +532,7 @@ def fit_em(
         }
 
     loop = run_em_loop(
-        lambda st: em_step(st, x, y, mode, fix_t, float(min_sigma)),
+        lambda st: em_step(st, x, y, mode, fix_t, float(min_sigma), lam),
         state,
         n_iter=n_iter,
         tol=tol,
@@ -513,7 +548,7 @@ def fit_em(
     )
     state, converged = loop.state, loop.converged
     objective, loglik = loop.history["objective"], loop.history["log_likelihood"]
-    obj_end, ll_end = _objectives(state.params, x, y, mode)
+    obj_end, ll_end = _objectives(state.params, x, y, mode, lam)
     return FitResult(
         model=params_to_model(state.params),
         objective=np.asarray(objective + [float(obj_end)]),

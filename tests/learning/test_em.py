@@ -31,8 +31,9 @@ def _data(rm, n, seed):
     seed=st.integers(0, 10_000),
     switch=st.booleans(),
     fix=st.sampled_from([(), ("sigma",), ("class_prior", "templates")]),
+    weighted=st.booleans(),
 )
-def test_m_step_matches_naive_twin(seed, switch, fix):
+def test_m_step_matches_naive_twin(seed, switch, fix, weighted):
     rng = np.random.default_rng(seed)
     rm, _ = random_rendering_model(seed, 2, 3, (2, 3), switch=switch)
     x = rng.normal(size=(5, 2, 3))
@@ -42,6 +43,9 @@ def test_m_step_matches_naive_twin(seed, switch, fix):
     resp[0, 1, 1] = 1.0
     resp[:, 0, 0] = 0.0
     resp /= resp.reshape(5, -1).sum(-1).reshape((5,) + (1,) * (len(shape) - 1))
+    if weighted:  # EM-lambda: row n sums to the image's weight w_n
+        w = rng.uniform(0.05, 1.0, size=5)
+        resp *= w.reshape((5,) + (1,) * (len(shape) - 1))
     p = params_from_model(rm)
     fast = m_step(p, jnp.asarray(x), jnp.asarray(resp), fix)
     slow = naive_m_step(p, x, resp, fix)
@@ -54,8 +58,13 @@ def test_m_step_matches_naive_twin(seed, switch, fix):
     np.testing.assert_array_equal(fast.templates[0, 0], rm.templates[0, 0])
 
 
-@given(seed=st.integers(0, 10_000), switch=st.booleans(), semi=st.booleans())
-def test_soft_em_objective_never_decreases(seed, switch, semi):
+@given(
+    seed=st.integers(0, 10_000),
+    switch=st.booleans(),
+    semi=st.booleans(),
+    lam=st.sampled_from([1.0, 0.3]),
+)
+def test_soft_em_objective_never_decreases(seed, switch, semi, lam):
     rm, _ = random_rendering_model(seed, 2, 2, (3, 3), switch=switch)
     rng = np.random.default_rng(seed)
     mu = np.asarray(rm.templates).reshape(4, 9)
@@ -72,9 +81,11 @@ def test_soft_em_objective_never_decreases(seed, switch, semi):
         n_iter=25,
         tol=None,
         key=jax.random.PRNGKey(seed),
+        unlabelled_weight=lam,
         progress=False,
     )
-    # EM ascends log p(images, known labels) (Eqs. 14-15; semi-supervised §6.3.3).
+    # EM ascends log p(images, known labels) (Eqs. 14-15; semi-supervised §6.3.3),
+    # weighted by lambda for the unlabelled images (EM-lambda).
     # The per-image objective is O(10) and a sum of 30 logsumexps in float64:
     # rounding ~1e-14 per image, so a drop of more than 1e-9 would be real.
     assert np.all(np.diff(fit.objective) >= -1e-9), np.diff(fit.objective).min()
@@ -169,6 +180,37 @@ def test_semi_supervised_beats_unsupervised_and_matches_supervised():
     assert acc_semi > acc_un + 0.1
     assert acc_semi >= acc_sup - 0.03
     assert acc_semi > 0.95  # the true model scores 1.0 here
+
+
+def test_unlabelled_weight_interpolates_to_supervised_em():
+    """lambda -> 0 is supervised EM on the labelled images alone; lambda = 1 is
+    plain semi-supervised EM; the weighted objective is what is reported."""
+    truth, x, lat = _well_separated(n=120)
+    rng = np.random.default_rng(1)
+    labelled = rng.random(120) < 0.2
+    labels = np.where(labelled, np.asarray(lat["c"]), -1)
+    start = RenderingModel(
+        np.asarray(truth.templates) + 0.3 * rng.normal(size=truth.templates.shape),
+        sigma=0.5,
+    )
+    common = {"init": start, "n_iter": 15, "tol": None, "progress": False}
+    tiny = fit_em(x, 2, 2, labels=labels, unlabelled_weight=1e-9, **common)
+    sup = fit_em(x[labelled], 2, 2, labels=labels[labelled], **common)
+    # Unlabelled images carry 1e-9 of the weight: 96 of them move any mean by at
+    # most ~1e-7 (pixel values O(1)); 1e-5 leaves room for 15 iterations of it.
+    np.testing.assert_allclose(tiny.model.templates, sup.model.templates, atol=1e-5)
+    np.testing.assert_allclose(tiny.model.sigma, sup.model.sigma, atol=1e-5)
+    np.testing.assert_allclose(tiny.objective, sup.objective, atol=1e-5)
+    one = fit_em(x, 2, 2, labels=labels, unlabelled_weight=1.0, **common)
+    plain = fit_em(x, 2, 2, labels=labels, **common)
+    np.testing.assert_array_equal(one.model.templates, plain.model.templates)
+    assert not np.allclose(one.model.templates, tiny.model.templates, atol=1e-3)
+
+
+@pytest.mark.parametrize("lam", [0.0, -0.5, 1.5, float("nan")])
+def test_unlabelled_weight_out_of_range_raises(lam):
+    with pytest.raises(ValueError, match="unlabelled_weight"):
+        fit_em(np.zeros((3, 2, 2)), 2, 2, unlabelled_weight=lam, progress=False)
 
 
 def test_hard_em_reseeds_empty_components():
