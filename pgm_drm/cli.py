@@ -558,7 +558,7 @@ def run_compare_study(study: str, out: Path, quick: bool = False, seed: int = 0)
         res = dcn_exactness_study(key, **kw)
         rows, table, fig = res.rows, res.table(), plot_dcn_exactness(res)
     elif study == "greedy":
-        from pgm_drm.models import greedy_vs_exact_study, plot_greedy_vs_exact
+        from pgm_drm.diagnostics import greedy_vs_exact_study, plot_greedy_vs_exact
 
         kw = {"n_images": 50, "n_models": 1, "sigmas": (0.1, 1.0)} if quick else {}
         res = greedy_vs_exact_study(key, **kw)

@@ -268,7 +268,7 @@ class DRMClassifier(_ImageClassifier):
     Attributes:
         classes_, image_shape_, n_features_in_: As
             :class:`RenderingModelClassifier`.
-        drm_: The fitted :class:`~pgm_drm.learning.DRMClassifier`.
+        drm_: The fitted :class:`~pgm_drm.learning.PerClassDRM`.
 
     Expected-failed estimator checks: none (see :data:`EXPECTED_FAILED_CHECKS`).
 

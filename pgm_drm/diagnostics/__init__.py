@@ -19,8 +19,11 @@ from pgm_drm.diagnostics.arviz import (
 )
 from pgm_drm.diagnostics.exactness import (
     DCNExactnessStudy,
+    GreedyStudyRow,
     dcn_exactness_study,
+    greedy_vs_exact_study,
     plot_dcn_exactness,
+    plot_greedy_vs_exact,
 )
 from pgm_drm.diagnostics.plots import (
     draw_factor_graph,
@@ -38,10 +41,12 @@ from pgm_drm.diagnostics.probes import (
 __all__ = [
     "ActivityMaximization",
     "DCNExactnessStudy",
+    "GreedyStudyRow",
     "ProbeResult",
     "SiteLayout",
     "activity_maximization",
     "dcn_exactness_study",
+    "greedy_vs_exact_study",
     "discrete_posterior_draws",
     "disentanglement_probe",
     "draw_factor_graph",
@@ -50,6 +55,7 @@ __all__ = [
     "naive_activity_maximization",
     "plot_activity_maximization",
     "plot_dcn_exactness",
+    "plot_greedy_vs_exact",
     "plot_disentanglement",
     "plot_posterior_comparison",
     "plot_posterior_comparison_az",

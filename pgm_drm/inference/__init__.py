@@ -7,6 +7,15 @@ from pgm_drm.inference.conv_dcn import (
     naive_conv_dcn_pass,
 )
 from pgm_drm.inference.dcn import DCNOutput, dcn_infer, naive_dcn_pass
+from pgm_drm.inference.edrm import (
+    coarse_to_fine_margin,
+    exact_map_path,
+    greedy_path,
+    greedy_path_naive,
+    leaf_log_joint,
+    path_log_joint,
+    path_posterior,
+)
 from pgm_drm.inference.kernel import KernelResult, Plan, make_plan, reduce_t, run_plan
 from pgm_drm.inference.reference import (
     MAX_BRUTE_FORCE_CONFIGS,
@@ -23,14 +32,21 @@ __all__ = [
     "Plan",
     "Posterior",
     "brute_force",
+    "coarse_to_fine_margin",
     "conv_dcn_infer",
     "dcn_infer",
     "enumerate_exact",
+    "exact_map_path",
+    "greedy_path",
+    "greedy_path_naive",
     "infer",
     "latent_layout",
+    "leaf_log_joint",
     "make_plan",
     "naive_conv_dcn_pass",
     "naive_dcn_pass",
+    "path_log_joint",
+    "path_posterior",
     "reduce_t",
     "resolve_temperature",
     "run_plan",

@@ -35,8 +35,8 @@ from pgm_drm.learning.discriminative import (
     predict_proba,
 )
 from pgm_drm.learning.drm_em import (
-    DRMClassifier,
     DRMFitResult,
+    PerClassDRM,
     drm_em_init,
     drm_em_step,
     drm_log_joint,
@@ -82,7 +82,7 @@ __all__ = [
     "DCNNet",
     "DCNParams",
     "DCNSpec",
-    "DRMClassifier",
+    "PerClassDRM",
     "DRMFitResult",
     "DiscriminativeFit",
     "EDRMForestClassifier",

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.models.rendering import RenderingModel
 
@@ -171,13 +171,6 @@ def check_labels(labels: ArrayLike | None, n_images: int, n_classes: int) -> Arr
             f"{sorted(set(y[bad].tolist()))[:5]}"
         )
     return jnp.asarray(y, dtype=jnp.int32)
-
-
-def np_rng(key: PRNGKey) -> np.random.Generator:
-    """A numpy generator seeded from a JAX key (raw ``uint32[2]`` or typed)."""
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key, dtype=np.uint32).ravel().tolist())
 
 
 def _kmeanspp(

@@ -54,6 +54,7 @@ are mixture components) for generative classification.
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -61,13 +62,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import check_labels, real_finite
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
 
 __all__ = [
-    "DRMClassifier",
+    "PerClassDRM",
     "DRMEMInfo",
     "DRMEMState",
     "DRMFitResult",
@@ -617,29 +619,25 @@ def drm_em_step(
 
 
 # ---- initialisation ------------------------------------------------------------------
-def _np_rng(key: PRNGKey) -> np.random.Generator:
-    if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.random.default_rng(np.asarray(key, dtype=np.uint32).ravel().tolist())
-
-
 def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 20):
-    """k-means++ seeding (D^2 sampling) and ``iters`` Lloyd steps on rows of ``x``."""
-    centres = [x[rng.integers(x.shape[0])]]
-    d2 = np.sum((x - centres[0]) ** 2, axis=1)
-    for _ in range(1, k):
-        p = d2 / d2.sum() if d2.sum() > 0 else None
-        centres.append(x[rng.choice(x.shape[0], p=p)])
-        d2 = np.minimum(d2, np.sum((x - centres[-1]) ** 2, axis=1))
-    c = np.stack(centres)
-    for _ in range(iters):
-        assign = np.argmin(
-            np.sum(x**2, 1)[:, None] - 2 * x @ c.T + np.sum(c**2, 1)[None], axis=1
-        )
-        for j in range(k):
-            if np.any(assign == j):
-                c[j] = x[assign == j].mean(axis=0)
-    return c
+    """scikit-learn's k-means (greedy k-means++ seeding, at most ``iters`` Lloyd
+    steps) on the rows of ``x``; returns the ``(k, D)`` centres.
+
+    Fewer distinct rows than ``k`` give repeated centres (scikit-learn warns);
+    the DRM's EM re-seeds the states that end up unused, so that is harmless.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(
+            n_clusters=k,
+            n_init=1,
+            max_iter=iters,
+            random_state=int(rng.integers(2**31 - 1)),
+        ).fit(x)
+    return km.cluster_centers_
 
 
 def drm_em_init(
@@ -655,7 +653,7 @@ def drm_em_init(
 ) -> tuple[DRMStructure, DRMEMState]:
     """A data-driven starting point (every template seeded from the data).
 
-    * level-1 templates: k-means (k-means++ seeding, 20 Lloyd steps) of the
+    * level-1 templates: k-means (scikit-learn, greedy k-means++, <= 20 steps) of the
       ``t_1 x t_1`` sub-patches at every translation of every level-1 window,
       excluding near-blank ones (below a tenth of the mean energy: OFF renders
       those), at most ``max_patches`` of them;
@@ -692,7 +690,7 @@ def drm_em_init(
     struct = DRMStructure(windows, template_sizes, n_states)
     x = _check_images(struct, images)
     y = np.asarray(check_labels(labels, x.shape[0], n_states[-1]))
-    rng = _np_rng(key)
+    rng = np_rng(key)
     # level 1: k-means on sub-patches.
     w, t = windows[0], template_sizes[0]
     offs = _offsets(w, t)
@@ -914,7 +912,7 @@ def fit_drm_em(
 
 
 # ---- generative classification -------------------------------------------------------
-class DRMClassifier(NamedTuple):
+class PerClassDRM(NamedTuple):
     """One DRM per class (its top-level "classes" are mixture components).
 
     Attributes:
@@ -951,7 +949,7 @@ def fit_drm_classifier(
     pseudo_count: float = 1.0,
     min_sigma: float = DEFAULT_MIN_SIGMA,
     progress: bool = False,
-) -> DRMClassifier:
+) -> PerClassDRM:
     """Fit a generative DRM classifier: hard EM per class, best of ``restarts``.
 
     Args:
@@ -963,7 +961,7 @@ def fit_drm_classifier(
             (on its own training images) is kept.
 
     Returns:
-        A :class:`DRMClassifier`.
+        A :class:`PerClassDRM`.
     """
     y = np.asarray(labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
@@ -996,4 +994,4 @@ def fit_drm_classifier(
         models.append(best.model)
         counts.append(mine.shape[0])
     counts = np.asarray(counts, dtype=float)
-    return DRMClassifier(tuple(models), np.log(counts / counts.sum()))
+    return PerClassDRM(tuple(models), np.log(counts / counts.sum()))

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
 
+from pgm_drm.inference.edrm import exact_map_path
 from pgm_drm.learning.forest import (
     EDRMForestClassifier,
     EDRMTreeClassifier,
@@ -21,7 +22,7 @@ from pgm_drm.learning.forest import (
     tree_apply,
     tree_apply_naive,
 )
-from pgm_drm.models.edrm import EvolutionaryDRM, exact_map_path
+from pgm_drm.models.edrm import EvolutionaryDRM
 
 # Relaxation kept short in tests: the jitted scan compiles once per frontier size.
 FAST = dict(relax_steps=10, max_depth=4)

@@ -7,12 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pgm_drm.diagnostics.exactness import GreedyStudyRow, plot_greedy_vs_exact
 from pgm_drm.graph.compile import compile_model
 from pgm_drm.inference.api import infer
-from pgm_drm.inference.reference import brute_force, enumerate_exact
-from pgm_drm.models.edrm import (
-    EvolutionaryDRM,
-    GreedyStudyRow,
+from pgm_drm.inference.edrm import (
     coarse_to_fine_margin,
     exact_map_path,
     greedy_path,
@@ -20,8 +18,9 @@ from pgm_drm.models.edrm import (
     leaf_log_joint,
     path_log_joint,
     path_posterior,
-    plot_greedy_vs_exact,
 )
+from pgm_drm.inference.reference import brute_force, enumerate_exact
+from pgm_drm.models.edrm import EvolutionaryDRM
 from pgm_drm.testing import assert_posteriors_close
 
 # Exact inference is compared at 1e-6 in float64 (conftest): every route sums the
