@@ -327,6 +327,8 @@ def run_fit_digits(
     rm_only = em != "hard" or unlabelled_weight != 1.0 or labels is not None
     if model != "rm" and rm_only:
         raise ValueError("--labels, --em and --unlabelled-weight are for --model rm")
+    if unlabelled_weight != 1.0 and labels is None:
+        raise ValueError("--unlabelled-weight needs --labels (every image is labelled)")
     t0 = time.perf_counter()
     if model == "rm":
         from pgm_drm.learning import fit_em

@@ -59,6 +59,7 @@ def test_compare_greedy_quick(tmp_path):
         (["--model", "dcn", "--labels", "50"], "--labels"),
         (["--model", "drm", "--em", "soft"], "--em"),
         (["--model", "rm", "--labels", "50", "--unlabelled-weight", "0"], "(0, 1]"),
+        (["--model", "rm", "--unlabelled-weight", "0.5"], "needs --labels"),
     ],
 )
 def test_fit_rejects_bad_options(tmp_path, capsys, extra, match):

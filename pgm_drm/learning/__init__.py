@@ -82,7 +82,6 @@ __all__ = [
     "DCNNet",
     "DCNParams",
     "DCNSpec",
-    "PerClassDRM",
     "DRMFitResult",
     "DiscriminativeFit",
     "EDRMForestClassifier",
@@ -92,6 +91,7 @@ __all__ = [
     "FitResult",
     "InfoMaxTree",
     "LabelBudgetResult",
+    "PerClassDRM",
     "RMParams",
     "calibrate_scale",
     "clamp_labels",
@@ -136,3 +136,11 @@ __all__ = [
     "tree_apply_naive",
     "tree_predict_proba",
 ]
+
+
+def __getattr__(name: str):
+    """``DRMClassifier`` (the per-class DRM tuple) was renamed ``PerClassDRM``."""
+    from pgm_drm._compat import moved_getattr
+
+    table = {"DRMClassifier": "pgm_drm.learning.drm_em:PerClassDRM"}
+    return moved_getattr(__name__, name, table)

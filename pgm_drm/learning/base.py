@@ -62,6 +62,8 @@ class FitResult(NamedTuple):
             after ``0, 1, ..., n_iter`` iterations. Soft EM and SVI: the
             observed-data log-likelihood ``mean_n log p(I_n[, c_n])`` (labels
             included where given); hard EM: ``mean_n max_{c,g,a} log p(c,g,a,I_n)``.
+            With ``unlabelled_weight`` (EM-lambda) the mean is weighted by
+            ``w_n`` (1 labelled, lambda unlabelled).
         log_likelihood: ``(n_iter + 1,)`` ``mean_n log p(I_n)`` (labels ignored)
             at the same parameters.
         n_iter: Iterations (EM) or optimisation steps (SVI) run in total.

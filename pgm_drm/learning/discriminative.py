@@ -44,6 +44,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
 from pgm_drm.inference.api import resolve_temperature
 from pgm_drm.inference.kernel import reduce_t
@@ -654,7 +655,7 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, held_out)``: ``round(fraction * n_c)`` of each class held out
     (at least one of every class with two or more images)."""
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    rng = np_rng(key)
     tr, va = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
@@ -745,7 +746,7 @@ def label_budget_curve(
     for i, n in enumerate(budgets):
         for r in range(repeats):
             key, k_sub, k_gen, k_fit = jax.random.split(key, 4)
-            rng = np.random.default_rng(np.asarray(jax.random.key_data(k_sub)).ravel())
+            rng = np_rng(k_sub)
             idx = _budget_subset(y_tr, n, n_classes, rng)
             rm = fit_em(
                 x_tr[idx],

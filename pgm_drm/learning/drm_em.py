@@ -69,12 +69,12 @@ from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
 
 __all__ = [
-    "PerClassDRM",
     "DRMEMInfo",
     "DRMEMState",
     "DRMFitResult",
     "DRMParams",
     "DRMStructure",
+    "PerClassDRM",
     "drm_em_init",
     "drm_em_step",
     "drm_log_joint",
@@ -625,11 +625,14 @@ def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 20):
 
     Fewer distinct rows than ``k`` give repeated centres (scikit-learn warns);
     the DRM's EM re-seeds the states that end up unused, so that is harmless.
+    One thread: scikit-learn's k-means sums in per-thread chunks, so its centres
+    (and the fit that follows) would otherwise depend on the machine's cores.
     """
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(
             n_clusters=k,

@@ -449,8 +449,9 @@ def fit_em(
         switch: Fit the ON/OFF switch; default: as ``init``, else ``False``.
         fix: Parameters to hold at their initial values, e.g. ``("sigma",)``.
         n_iter: Maximum number of iterations.
-        tol: Stop when the per-image objective changes by less than ``tol``
-            (nats) between iterations; ``None`` runs all ``n_iter``.
+        tol: Stop when the (weighted) mean per-image objective changes by
+            less than ``tol`` (nats) between iterations; ``None`` runs all
+            ``n_iter``.
         key: PRNG key for the k-means++ initialisation (default ``PRNGKey(0)``).
         init: Start from this :class:`RenderingModel` instead.
         min_sigma: Floor on ``sigma``.
@@ -502,7 +503,6 @@ def fit_em(
         "switch": switched,
         "fix": list(fix_t),
         "min_sigma": float(min_sigma),
-        "unlabelled_weight": lam,
         "data": fingerprint(x, y),
         "init": fingerprint(*jax.tree.leaves(state.params)),
     }
@@ -531,6 +531,8 @@ def fit_em(
             "key": _key_data(key),
         }
 
+    if lam != 1.0:  # only then: checkpoints of plain EM stay resumable as before
+        meta["unlabelled_weight"] = lam
     loop = run_em_loop(
         lambda st: em_step(st, x, y, mode, fix_t, float(min_sigma), lam),
         state,

@@ -377,4 +377,8 @@ class EvolutionaryDRM:
         return cls(root, muts, sigma)
 
 
-# ---------------------------------------------------------------------- inference
+def __getattr__(name: str):
+    """The E-DRM's inference and study functions moved out of ``models``."""
+    from pgm_drm._compat import EDRM_MOVED, moved_getattr
+
+    return moved_getattr(__name__, name, EDRM_MOVED)
