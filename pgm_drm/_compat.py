@@ -6,27 +6,25 @@ import importlib
 import warnings
 from typing import Any
 
-__all__ = ["EDRM_MOVED", "moved_getattr"]
+__all__ = ["edrm_moved", "moved_getattr"]
 
-#: Names that left ``pgm_drm.models`` / ``pgm_drm.models.edrm`` (2026-11).
-EDRM_MOVED: dict[str, str] = {
-    **{
-        n: "pgm_drm.inference.edrm"
-        for n in (
-            "coarse_to_fine_margin",
-            "exact_map_path",
-            "greedy_path",
-            "greedy_path_naive",
-            "leaf_log_joint",
-            "path_log_joint",
-            "path_posterior",
-        )
-    },
-    **{
-        n: "pgm_drm.diagnostics.exactness"
-        for n in ("GreedyStudyRow", "greedy_vs_exact_study", "plot_greedy_vs_exact")
-    },
-}
+
+def edrm_moved() -> dict[str, str]:
+    """Names that left ``pgm_drm.models`` / ``pgm_drm.models.edrm`` (2026-11): all
+    of the E-DRM inference module, and the greedy-vs-exact study.
+
+    A function, not a constant: the inference module imports ``models.edrm``,
+    whose ``__getattr__`` calls this, so it must not run at import time.
+    """
+    import pgm_drm.inference.edrm
+
+    return {
+        **{n: "pgm_drm.inference.edrm" for n in pgm_drm.inference.edrm.__all__},
+        **{
+            n: "pgm_drm.diagnostics.exactness"
+            for n in ("GreedyStudyRow", "greedy_vs_exact_study", "plot_greedy_vs_exact")
+        },
+    }
 
 
 def moved_getattr(module: str, name: str, table: dict[str, str]) -> Any:

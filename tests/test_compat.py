@@ -4,8 +4,10 @@ import pytest
 
 import pgm_drm.diagnostics.exactness as exactness
 import pgm_drm.inference.edrm as inference_edrm
-from pgm_drm._compat import EDRM_MOVED
+from pgm_drm._compat import edrm_moved
 from pgm_drm.learning.drm_em import PerClassDRM
+
+EDRM_MOVED = edrm_moved()
 
 
 @pytest.mark.parametrize("name", sorted(EDRM_MOVED))

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pgm_drm._random import key_data
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.learning.base import (
@@ -408,13 +409,6 @@ def _warm_start(params: RMParams, x: Array, y: Array) -> RMParams:
     return state.params
 
 
-def _key_data(key: PRNGKey | None) -> np.ndarray:
-    k = jax.random.PRNGKey(0) if key is None else key
-    if jnp.issubdtype(jnp.asarray(k).dtype, jax.dtypes.prng_key):
-        k = jax.random.key_data(k)
-    return np.asarray(k)
-
-
 def fit_em(
     images: ArrayLike,
     n_classes: int,
@@ -528,7 +522,7 @@ def fit_em(
             "nuisance_prior": p.nuisance_prior,
             "switch_prior": np.nan if p.switch_prior is None else p.switch_prior,
             "iteration": st.iteration,
-            "key": _key_data(key),
+            "key": key_data(key),
         }
 
     if lam != 1.0:  # only then: checkpoints of plain EM stay resumable as before

@@ -25,6 +25,7 @@ from numpyro.ops.indexing import Vindex
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
+from pgm_drm._random import key_data
 from pgm_drm._typing import ArrayLike, PRNGKey
 from pgm_drm.learning.base import (
     FitResult,
@@ -32,7 +33,7 @@ from pgm_drm.learning.base import (
     check_fit_inputs,
     params_to_model,
 )
-from pgm_drm.learning.em import _init_state, _key_data
+from pgm_drm.learning.em import _init_state
 from pgm_drm.learning.io import (
     check_checkpoint_meta,
     fingerprint,
@@ -181,7 +182,7 @@ def fit_svi(
         arrays.update(
             step=done,
             log_likelihood=np.asarray(history, dtype=float),
-            key=_key_data(key),
+            key=key_data(key),
         )
         save_checkpoint(checkpoint, arrays, meta)
 

@@ -22,6 +22,6 @@ __all__ = [
 
 def __getattr__(name: str):
     """The E-DRM's inference and study functions moved out of ``models``."""
-    from pgm_drm._compat import EDRM_MOVED, moved_getattr
+    from pgm_drm._compat import edrm_moved, moved_getattr
 
-    return moved_getattr(__name__, name, EDRM_MOVED)
+    return moved_getattr(__name__, name, edrm_moved())
