@@ -6,8 +6,9 @@ cross-check with ``TraceEnum_ELBO`` (:func:`fit_svi`), exact per-image
 log-likelihoods. DRM: hard EM with a max-sum E-step (:func:`fit_drm_em`) and a
 per-class generative classifier (:func:`fit_drm_classifier`). The discriminative
 relaxation (Eq. 25): the DCN-form pass with free weights, trained with optax
-(:func:`fit_discriminative`). Resumable checkpoints and model files
-(:func:`save_model` / :func:`load_model`).
+(:func:`fit_discriminative`). The RM with factor-analyser noise (Eq. 34): soft
+and hard EM, semi-supervised (:func:`fit_fa_em`). Resumable checkpoints and
+model files (:func:`save_model` / :func:`load_model`).
 """
 
 from pgm_drm.learning.base import (
@@ -53,6 +54,16 @@ from pgm_drm.learning.em import (
     m_step,
     naive_m_step,
 )
+from pgm_drm.learning.fa_em import (
+    FAInfo,
+    FAParams,
+    FAState,
+    fa_em_init,
+    fa_em_step,
+    fa_m_step,
+    fit_fa_em,
+    naive_fa_m_step,
+)
 from pgm_drm.learning.forest import (
     EDRMForestClassifier,
     EDRMTreeClassifier,
@@ -88,6 +99,9 @@ __all__ = [
     "EDRMTreeClassifier",
     "EMInfo",
     "EMState",
+    "FAInfo",
+    "FAParams",
+    "FAState",
     "FitResult",
     "InfoMaxTree",
     "LabelBudgetResult",
@@ -103,10 +117,14 @@ __all__ = [
     "em_init",
     "em_step",
     "entropy",
+    "fa_em_init",
+    "fa_em_step",
+    "fa_m_step",
     "fit_discriminative",
     "fit_drm_classifier",
     "fit_drm_em",
     "fit_em",
+    "fit_fa_em",
     "fit_infomax_tree",
     "fit_svi",
     "generative_split",
@@ -122,6 +140,7 @@ __all__ = [
     "log_likelihood",
     "m_step",
     "naive_log_joint_table",
+    "naive_fa_m_step",
     "naive_m_step",
     "params_from_model",
     "params_to_model",

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from pgm_drm.models.conv_drm import ConvRenderingModel
 from pgm_drm.models.drm import DeepRenderingModel
 from pgm_drm.models.edrm import EvolutionaryDRM
+from pgm_drm.models.factor import FactorRenderingModel
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
@@ -44,6 +45,7 @@ MODEL_CLASSES: dict[str, type] = {
     "ConvRenderingModel": ConvRenderingModel,
     "DeepRenderingModel": DeepRenderingModel,
     "EvolutionaryDRM": EvolutionaryDRM,
+    "FactorRenderingModel": FactorRenderingModel,
     "RenderingModel": RenderingModel,
 }
 

@@ -1,0 +1,503 @@
+"""Soft and hard EM for the factor-analyser Rendering Model (paper Eq. 34, §5.1;
+semi-supervised as in §6.3.3).
+
+The model is :class:`~pgm_drm.models.factor.FactorRenderingModel`: a mixture of
+factor analysers over ``(c, g)`` with a continuous nuisance ``z``. One EM
+iteration (an ECM step in the sense of Meng & Rubin 1993; the factor-analyser
+updates are Ghahramani & Hinton 1996):
+
+1. E-step over the discrete latents, exactly as for the RM (Eqs. 14 / 16):
+   ``gamma_ncg = p(c, g | I_n)`` (soft, sum-product) or the one-hot joint MAP
+   (hard, max-sum), with labelled images clamping ``c``.
+2. Closed-form ``pi_c``, ``pi_g`` and ``mu_cg = sum_n gamma_ncg I_n / N_cg``
+   (for any covariance this maximises the weighted Gaussian log-likelihood).
+3. One factor-analyser EM step per component on its weighted scatter
+   ``S = sum_n gamma_n (I_n - mu)(I_n - mu)^T / N_cg``, with the posterior of
+   ``z`` taken at the old ``Lambda, Psi``: ``beta = Lambda^T C^-1``,
+   ``E[zz^T] = I - beta Lambda + beta S beta^T``,
+   ``Lambda' = S beta^T E[zz^T]^-1``, ``Psi' = max(diag(S - Lambda' beta S),
+   min_sigma^2)``; the floor is the constrained maximiser of each pixel's term.
+
+Steps 2 and 3 each increase the expected complete-data log-likelihood, so the
+soft-EM log-likelihood (and the hard-EM ``max`` objective) never decreases.
+A component with no responsibility mass keeps its parameters.
+
+Initialisation (:func:`fa_em_init`): every image starts in one class (its
+label; else the label of its nearest labelled image; with no labels at all,
+scikit-learn k-means), split into ``G`` sub-types by k-means within the class;
+then a probabilistic-PCA M-step (Tipping & Bishop 1999, closed form by
+eigendecomposition) gives ``Lambda`` and an isotropic ``Psi``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgm_drm._random import key_data, np_rng
+from pgm_drm._typing import Array, ArrayLike, PRNGKey
+from pgm_drm.inference.kernel import reduce_t
+from pgm_drm.learning.base import FitResult, check_fit_inputs, check_labels
+from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
+from pgm_drm.learning.likelihood import _normalise, clamp_labels
+from pgm_drm.models.factor import FactorRenderingModel, fa_log_joint
+
+__all__ = [
+    "FAInfo",
+    "FAParams",
+    "FAState",
+    "fa_em_init",
+    "fa_em_step",
+    "fa_m_step",
+    "fit_fa_em",
+    "naive_fa_m_step",
+]
+
+Mode = Literal["soft", "hard"]
+
+#: Default floor on each pixel's noise standard deviation ``sqrt(Psi_d)``.
+DEFAULT_MIN_SIGMA = 1e-2
+
+
+class FAParams(NamedTuple):
+    """Parameters of the factor-analyser RM as a pytree (images flattened).
+
+    Attributes:
+        templates: ``(C, G, D)`` ``mu_cg``.
+        loadings: ``(C, G, D, q)`` ``Lambda_cg``.
+        noise: ``(C, G, D)`` diagonal ``Psi_cg`` (variances).
+        class_prior: ``(C,)``; nuisance_prior: ``(G,)``.
+    """
+
+    templates: Array
+    loadings: Array
+    noise: Array
+    class_prior: Array
+    nuisance_prior: Array
+
+
+class FAState(NamedTuple):
+    """EM state: the current parameters and how many steps produced them."""
+
+    params: FAParams
+    iteration: Array
+
+
+class FAInfo(NamedTuple):
+    """Diagnostics of one EM step, at the parameters *before* the step.
+
+    Attributes:
+        objective: Mean per-image ``log p(I_n[, c_n])`` (soft) or
+            ``max_{c,g} log p(c, g, I_n[, c_n])`` (hard), labels clamped.
+        log_likelihood: Mean per-image ``log p(I_n)`` (labels ignored).
+        counts: ``(C, G)`` responsibility mass ``N_cg``.
+    """
+
+    objective: Array
+    log_likelihood: Array
+    counts: Array
+
+
+def _check_mode(mode: str) -> float:
+    if mode not in ("soft", "hard"):
+        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+    return 1.0 if mode == "soft" else 0.0
+
+
+def to_model(params: FAParams, image_shape: tuple[int, ...]) -> FactorRenderingModel:
+    """A (validated) :class:`FactorRenderingModel` from :class:`FAParams`; the
+    priors are renormalised to absorb float rounding of the M-step sums."""
+    c, g = params.templates.shape[:2]
+    pc = np.asarray(params.class_prior, dtype=float)
+    pg = np.asarray(params.nuisance_prior, dtype=float)
+    return FactorRenderingModel(
+        templates=params.templates.reshape((c, g) + tuple(image_shape)),
+        loadings=params.loadings,
+        noise=params.noise.reshape((c, g) + tuple(image_shape)),
+        class_prior=pc / pc.sum(),
+        nuisance_prior=pg / pg.sum(),
+    )
+
+
+def from_model(model: FactorRenderingModel) -> FAParams:
+    """The :class:`FAParams` of a :class:`FactorRenderingModel`."""
+    c, g = model.n_classes, model.n_nuisances
+    return FAParams(
+        templates=jnp.asarray(model.templates).reshape(c, g, -1),
+        loadings=jnp.asarray(model.loadings),
+        noise=jnp.asarray(model.noise).reshape(c, g, -1),
+        class_prior=jnp.asarray(model.class_prior),
+        nuisance_prior=jnp.asarray(model.nuisance_prior),
+    )
+
+
+def _table(params: FAParams, x: Array) -> Array:
+    return fa_log_joint(
+        x,
+        params.templates,
+        params.loadings,
+        params.noise,
+        params.class_prior,
+        params.nuisance_prior,
+    )
+
+
+def fa_m_step(
+    params: FAParams, x: Array, resp: Array, min_sigma: float = DEFAULT_MIN_SIGMA
+) -> FAParams:
+    """The M-step (steps 2-3 of the module docstring), from responsibilities.
+
+    Args:
+        params: Old parameters (the ``z`` posterior uses their ``Lambda, Psi``;
+            empty components keep theirs).
+        x: ``(N, D)`` flat images.
+        resp: ``(N, C, G)`` responsibilities, each row summing to 1.
+        min_sigma: Floor on ``sqrt(Psi_d)``.
+
+    Returns:
+        The new :class:`FAParams`.
+    """
+    total = jnp.sum(resp)
+    counts = resp.sum(0)  # (C, G)
+    full = counts > 0
+    safe = jnp.where(full, counts, 1.0)
+    mu = jnp.einsum("ncg,nd->cgd", resp, x) / safe[..., None]
+    r = x[:, None, None, :] - mu[None]  # (N, C, G, D)
+    scatter = jnp.einsum("ncg,ncgd,ncge->cgde", resp, r, r) / safe[..., None, None]
+    lam, psi = params.loadings, params.noise
+    q = lam.shape[-1]
+    lw = lam / psi[..., None]  # Psi^-1 Lambda
+    m = jnp.eye(q) + jnp.einsum("cgdq,cgdr->cgqr", lam, lw)
+    beta = jnp.linalg.solve(m, jnp.swapaxes(lw, -1, -2))  # M^-1 Lambda^T Psi^-1
+    s_bt = jnp.einsum("cgde,cgqe->cgdq", scatter, beta)  # S beta^T
+    ezz = (
+        jnp.eye(q)
+        - jnp.einsum("cgqd,cgdr->cgqr", beta, lam)
+        + jnp.einsum("cgqd,cgdr->cgqr", beta, s_bt)
+    )
+    lam_new = jnp.swapaxes(
+        jnp.linalg.solve(ezz, jnp.swapaxes(s_bt, -1, -2)), -1, -2
+    )  # S beta^T E[zz^T]^-1 (E[zz^T] is symmetric)
+    diag_s = jnp.diagonal(scatter, axis1=-2, axis2=-1)
+    psi_new = jnp.maximum(
+        diag_s - jnp.einsum("cgdq,cgdq->cgd", lam_new, s_bt), min_sigma**2
+    )
+    return FAParams(
+        templates=jnp.where(full[..., None], mu, params.templates),
+        loadings=jnp.where(full[..., None, None], lam_new, lam),
+        noise=jnp.where(full[..., None], psi_new, psi),
+        class_prior=resp.sum((0, 2)) / total,
+        nuisance_prior=resp.sum((0, 1)) / total,
+    )
+
+
+def naive_fa_m_step(
+    params: FAParams,
+    x: ArrayLike,
+    resp: ArrayLike,
+    min_sigma: float = DEFAULT_MIN_SIGMA,
+) -> FAParams:
+    """Twin of :func:`fa_m_step` in float64 loops, in the per-image form of
+    Ghahramani & Hinton (1996): ``E[z_n] = beta (I_n - mu)``, ``E[z_n z_n^T] =
+    I - beta Lambda + E[z_n] E[z_n]^T``, ``Lambda' = (sum_n gamma_n (I_n - mu)
+    E[z_n]^T)(sum_n gamma_n E[z_n z_n^T])^-1`` and ``Psi' = diag(sum_n gamma_n
+    ((I_n - mu)(I_n - mu)^T - Lambda' E[z_n] (I_n - mu)^T)) / N_cg``."""
+    x = np.asarray(x, np.float64)
+    resp = np.asarray(resp, np.float64)
+    p = FAParams(*(np.asarray(a, np.float64) for a in params))
+    n, c_, g_ = resp.shape
+    q = p.loadings.shape[-1]
+    mu, lam, psi = p.templates.copy(), p.loadings.copy(), p.noise.copy()
+    for c in range(c_):
+        for g in range(g_):
+            w = resp[:, c, g]
+            if w.sum() <= 0:
+                continue
+            m = (w[:, None] * x).sum(0) / w.sum()
+            l_old, p_old = p.loadings[c, g], p.noise[c, g]
+            cov = l_old @ l_old.T + np.diag(p_old)
+            beta = l_old.T @ np.linalg.inv(cov)
+            sxz = np.zeros((x.shape[1], q))
+            szz = np.zeros((q, q))
+            ez = []
+            for i in range(n):
+                e = beta @ (x[i] - m)
+                ez.append(e)
+                sxz += w[i] * np.outer(x[i] - m, e)
+                szz += w[i] * (np.eye(q) - beta @ l_old + np.outer(e, e))
+            l_new = sxz @ np.linalg.inv(szz)
+            diag = np.zeros(x.shape[1])
+            for i in range(n):
+                r = x[i] - m
+                diag += w[i] * (r * r - (l_new @ ez[i]) * r)
+            mu[c, g] = m
+            lam[c, g] = l_new
+            psi[c, g] = np.maximum(diag / w.sum(), min_sigma**2)
+    total = resp.sum()
+    return FAParams(mu, lam, psi, resp.sum((0, 2)) / total, resp.sum((0, 1)) / total)
+
+
+def _e_step(params: FAParams, x: Array, labels: Array, temperature: float):
+    table = _table(params, x)
+    n = table.shape[0]
+    ll = jax.nn.logsumexp(table.reshape(n, -1), axis=-1)
+    clamped = clamp_labels(table, labels)
+    obj = reduce_t(clamped.reshape(n, -1), (1,), temperature)
+    return _normalise(clamped, temperature), obj, ll
+
+
+@partial(jax.jit, static_argnames=("mode", "min_sigma"))
+def fa_em_step(
+    state: FAState,
+    x: Array,
+    labels: Array,
+    mode: Mode = "soft",
+    min_sigma: float = DEFAULT_MIN_SIGMA,
+) -> tuple[FAState, FAInfo]:
+    """One EM iteration (jitted): the E-step (Eq. 14 or 16 over ``c, g``) then
+    :func:`fa_m_step`.
+
+    Args:
+        state: Current :class:`FAState`.
+        x: ``(N, D)`` flat float images.
+        labels: ``(N,)`` ints, -1 for unlabelled.
+        mode: "soft" or "hard".
+        min_sigma: Floor on ``sqrt(Psi_d)``.
+
+    Returns:
+        The new state and an :class:`FAInfo` at the old parameters.
+    """
+    resp, obj, ll = _e_step(state.params, x, labels, _check_mode(mode))
+    new = fa_m_step(state.params, x, resp, min_sigma)
+    info = FAInfo(obj.mean(), ll.mean(), resp.sum(0))
+    return FAState(new, state.iteration + 1), info
+
+
+@partial(jax.jit, static_argnames=("mode",))
+def _objectives(params, x, labels, mode):
+    _, obj, ll = _e_step(params, x, labels, _check_mode(mode))
+    return obj.mean(), ll.mean()
+
+
+def _initial_classes(x: np.ndarray, y: np.ndarray, n_classes: int, rng) -> np.ndarray:
+    """Each image's starting class: its label, else its nearest labelled
+    image's label, else (no labels at all) a k-means cluster."""
+    lab = y >= 0
+    if lab.any():
+        xl = x[lab]
+        d2 = (x**2).sum(1)[:, None] - 2 * x @ xl.T + (xl**2).sum(1)[None]
+        return np.where(lab, y, y[lab][np.argmin(d2, axis=1)])
+    return _kmeans(x, n_classes, rng)
+
+
+def _kmeans(x: np.ndarray, k: int, rng) -> np.ndarray:
+    """scikit-learn k-means labels (single-threaded: the same on every machine);
+    fewer images than clusters: one image per cluster, the rest empty."""
+    if len(x) <= k:
+        return np.arange(len(x))
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        km = KMeans(k, n_init=1, random_state=int(rng.integers(2**31 - 1)))
+        return km.fit_predict(x)
+
+
+def _ppca_m_step(x: Array, resp: Array, q: int, min_sigma: float) -> FAParams:
+    """Closed-form probabilistic PCA per component (Tipping & Bishop 1999):
+    ``Lambda = U_q (L_q - s^2)^(1/2)``, ``Psi = s^2`` = the mean of the other
+    eigenvalues of the weighted scatter (floored); the initial M-step."""
+    counts = resp.sum(0)
+    safe = jnp.where(counts > 0, counts, 1.0)
+    mu = jnp.einsum("ncg,nd->cgd", resp, x) / safe[..., None]
+    r = x[:, None, None, :] - mu[None]
+    scatter = jnp.einsum("ncg,ncgd,ncge->cgde", resp, r, r) / safe[..., None, None]
+    evals, evecs = jnp.linalg.eigh(scatter)  # ascending
+    evals, evecs = evals[..., ::-1], evecs[..., ::-1]
+    s2 = jnp.maximum(evals[..., q:].mean(-1), min_sigma**2)
+    lam = (
+        evecs[..., :q]
+        * jnp.sqrt(jnp.maximum(evals[..., :q] - s2[..., None], 0.0))[..., None, :]
+    )
+    d = x.shape[1]
+    total = jnp.sum(resp)
+    return FAParams(
+        templates=mu,
+        loadings=lam,
+        noise=jnp.broadcast_to(s2[..., None], mu.shape[:2] + (d,)),
+        class_prior=resp.sum((0, 2)) / total,
+        nuisance_prior=resp.sum((0, 1)) / total,
+    )
+
+
+def fa_em_init(
+    images: ArrayLike,
+    n_classes: int,
+    n_nuisances: int = 1,
+    n_factors: int = 10,
+    *,
+    labels: ArrayLike | None = None,
+    key: PRNGKey | None = None,
+    min_sigma: float = DEFAULT_MIN_SIGMA,
+) -> FAState:
+    """Initial :class:`FAState` (see the module docstring).
+
+    Args:
+        images: ``(N, *image_shape)``.
+        n_classes, n_nuisances: ``C`` and ``G``; n_factors: ``q``, ``1 <= q < D``.
+        labels: ``(N,)`` with -1 for unlabelled, or ``None``.
+        key: PRNG key for the k-means starts (default ``PRNGKey(0)``).
+        min_sigma: Floor on ``sqrt(Psi_d)``.
+    """
+    x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
+    y = check_labels(labels, x.shape[0], c_)
+    return _init_state(x.reshape(x.shape[0], -1), c_, g_, n_factors, y, key, min_sigma)
+
+
+def _check_factors(n_factors: int, d: int) -> int:
+    if int(n_factors) != n_factors or not 1 <= int(n_factors) < d:
+        raise ValueError(
+            f"n_factors must be an integer in 1..{d - 1} (fewer than the {d} "
+            f"pixels), got {n_factors}"
+        )
+    return int(n_factors)
+
+
+def _init_state(x, c_, g_, q, y, key, min_sigma) -> FAState:
+    q = _check_factors(q, x.shape[1])
+    rng = np_rng(key)
+    xn, yn = np.asarray(x, np.float64), np.asarray(y)
+    cls = _initial_classes(xn, yn, c_, rng)
+    sub = np.zeros(len(xn), dtype=np.int64)
+    if g_ > 1:
+        for c in range(c_):
+            idx = np.flatnonzero(cls == c)
+            if len(idx):
+                sub[idx] = _kmeans(xn[idx], g_, rng)
+    resp = np.zeros((len(xn), c_, g_))
+    resp[np.arange(len(xn)), cls, sub] = 1.0
+    empty = resp.sum(0) == 0  # start an empty component from all the images
+    resp = resp + empty[None] * (1.0 / len(xn)) * 1e-3
+    resp = resp / resp.sum((1, 2), keepdims=True)
+    params = _ppca_m_step(x, jnp.asarray(resp, x.dtype), q, min_sigma)
+    return FAState(params, jnp.asarray(0, dtype=jnp.int32))
+
+
+def fit_fa_em(
+    images: ArrayLike,
+    n_classes: int,
+    n_nuisances: int = 1,
+    n_factors: int = 10,
+    *,
+    mode: Mode = "soft",
+    labels: ArrayLike | None = None,
+    n_iter: int = 100,
+    tol: float | None = 1e-6,
+    key: PRNGKey | None = None,
+    min_sigma: float = DEFAULT_MIN_SIGMA,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 10,
+) -> FitResult:
+    """Fit a :class:`FactorRenderingModel` (Eq. 34) by soft or hard EM.
+
+    Unsupervised with ``labels=None``; supervised when every label is given;
+    semi-supervised (§6.3.3) with -1 for unlabelled images, which marginalise
+    (soft) or maximise (hard) over ``c``. On scikit-learn's digits with 100
+    labels this is the project's best semi-supervised classifier (README).
+
+    Args:
+        images: ``(N, *image_shape)`` training images.
+        n_classes: ``C``; n_nuisances: ``G`` sub-types per class;
+            n_factors: ``q``, the dimension of the continuous nuisance.
+        mode: "soft" (sum-product E-step, Eq. 14) or "hard" (max-sum, Eq. 16).
+        labels: ``(N,)`` ints in ``0..C-1``, -1 for unlabelled; or ``None``.
+        n_iter: Maximum number of iterations.
+        tol: Stop when the mean per-image objective changes by less than
+            ``tol`` nats; ``None`` runs all ``n_iter``.
+        key: PRNG key for the k-means starts (default ``PRNGKey(0)``).
+        min_sigma: Floor on each pixel's noise standard deviation.
+        progress: tqdm bar with the objective.
+        checkpoint, resume, checkpoint_every: As in :func:`~pgm_drm.learning.fit_em`.
+
+    Returns:
+        A :class:`~pgm_drm.learning.FitResult` whose ``model`` is a
+        :class:`FactorRenderingModel`; ``objective`` never decreases.
+
+    Raises:
+        ValueError: Bad images, sizes, ``n_factors``, labels, mode, loop
+            arguments, or a checkpoint from a different fit.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> truth = FactorRenderingModel(
+        ...     jnp.stack([jnp.zeros((1, 4, 4)), jnp.ones((1, 4, 4))]),
+        ...     0.3 * jax.random.normal(jax.random.PRNGKey(1), (2, 1, 16, 2)),
+        ...     0.01 * jnp.ones((2, 1, 4, 4)))
+        >>> images, _ = truth.sample(jax.random.PRNGKey(0), 60)
+        >>> fit = fit_fa_em(images, 2, 1, 2, n_iter=10, progress=False)
+        >>> fit.model.loadings.shape, bool(fit.objective[-1] >= fit.objective[0])
+        ((2, 1, 16, 2), True)
+    """
+    _check_mode(mode)
+    x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
+    image_shape = tuple(x.shape[1:])
+    x = x.reshape(x.shape[0], -1)
+    q = _check_factors(n_factors, x.shape[1])
+    y = check_labels(labels, x.shape[0], c_)
+    check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
+    state = _init_state(x, c_, g_, q, y, key, float(min_sigma))
+    meta = {
+        "kind": "fa_em",
+        "mode": mode,
+        "n_classes": c_,
+        "n_nuisances": g_,
+        "n_factors": q,
+        "min_sigma": float(min_sigma),
+        "data": fingerprint(x, y),
+        "init": fingerprint(*jax.tree.leaves(state.params)),
+    }
+
+    def to_arrays(st: FAState) -> dict[str, Any]:
+        return {
+            **st.params._asdict(),
+            "iteration": st.iteration,
+            "key": key_data(key),
+        }
+
+    def from_arrays(arrays: dict[str, np.ndarray]) -> FAState:
+        return FAState(
+            FAParams(*(jnp.asarray(arrays[f]) for f in FAParams._fields)),
+            jnp.asarray(arrays["iteration"]),
+        )
+
+    loop = run_em_loop(
+        lambda st: fa_em_step(st, x, y, mode, float(min_sigma)),
+        state,
+        n_iter=n_iter,
+        tol=tol,
+        history=("objective", "log_likelihood"),
+        desc=f"FA-EM ({mode})",
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        meta=meta,
+        to_arrays=to_arrays,
+        from_arrays=from_arrays,
+    )
+    state = loop.state
+    obj_end, ll_end = _objectives(state.params, x, y, mode)
+    return FitResult(
+        model=to_model(state.params, image_shape),
+        objective=np.asarray(loop.history["objective"] + [float(obj_end)]),
+        log_likelihood=np.asarray(loop.history["log_likelihood"] + [float(ll_end)]),
+        n_iter=int(state.iteration),
+        converged=loop.converged,
+    )
