@@ -295,7 +295,7 @@ def run_fit_digits(
     labels: int | None = None,
     seed: int = 0,
     quiet: bool = False,
-    em: str = "hard",
+    em: str | None = None,
     unlabelled_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Fit a classifier on scikit-learn's digits (the project's fixed split).
@@ -303,7 +303,9 @@ def run_fit_digits(
     ``model``: ``rm`` (supervised hard EM of a per-class RM with 10 templates
     per class, Eqs. 16-17, or soft EM with ``em="soft"``; with ``labels`` = N,
     semi-supervised EM on N labels, §6.3.3, each unlabelled image weighted by
-    ``unlabelled_weight``), ``drm`` (a per-class generative DRM by hard EM),
+    ``unlabelled_weight``), ``mfa`` (the RM with factor-analyser noise, Eq. 34:
+    one factor analyser with 15 factors per class, soft EM by default, and
+    semi-supervised with ``labels``), ``drm`` (a per-class generative DRM by hard EM),
     ``dcn`` (the discriminative relaxation, Eq. 25, trained with optax) or
     ``edrm-forest`` (bagged InfoMax E-DRM trees, Eq. 32). Writes
     ``report.json``, the learned templates/filters as ``templates.png`` and the
@@ -324,28 +326,30 @@ def run_fit_digits(
     d = load_digits_split()
     key = jax.random.PRNGKey(seed)
     report: dict[str, Any] = {"model": model, "n_train": len(d.y_train)}
-    rm_only = em != "hard" or unlabelled_weight != 1.0 or labels is not None
-    if model != "rm" and rm_only:
-        raise ValueError("--labels, --em and --unlabelled-weight are for --model rm")
+    if model not in ("rm", "mfa") and (em is not None or labels is not None):
+        raise ValueError("--labels and --em are for --model rm or mfa")
+    if model != "rm" and unlabelled_weight != 1.0:
+        raise ValueError("--unlabelled-weight is for --model rm")
     if unlabelled_weight != 1.0 and labels is None:
         raise ValueError("--unlabelled-weight needs --labels (every image is labelled)")
+    if labels is not None and not 10 <= labels <= len(d.y_train):
+        raise ValueError(f"--labels must be in 10..{len(d.y_train)}, got {labels}")
+    em = em or ("soft" if model == "mfa" else "hard")
+    y = np.asarray(d.y_train)
+    if labels is not None:
+        rng = np.random.default_rng(seed)
+        keep = np.concatenate(
+            [rng.permutation(np.flatnonzero(y == c))[: labels // 10] for c in range(10)]
+        )
+        y = np.full_like(y, -1)
+        y[keep] = d.y_train[keep]
+        report["labels"] = int(len(keep))
+        if model == "rm":
+            report["unlabelled_weight"] = float(unlabelled_weight)
     t0 = time.perf_counter()
     if model == "rm":
         from pgm_drm.learning import fit_em
 
-        y = np.asarray(d.y_train)
-        if labels is not None:
-            rng = np.random.default_rng(seed)
-            keep = np.concatenate(
-                [
-                    rng.permutation(np.flatnonzero(y == c))[: labels // 10]
-                    for c in range(10)
-                ]
-            )
-            y = np.full_like(y, -1)
-            y[keep] = d.y_train[keep]
-            report["labels"] = int(len(keep))
-            report["unlabelled_weight"] = float(unlabelled_weight)
         report["em"] = em
         fit = fit_em(
             d.x_train,
@@ -363,6 +367,28 @@ def run_fit_digits(
         save_model(out / "model.npz", fit.model)
         templates = np.asarray(fit.model.templates).reshape(-1, 8, 8)
         fig = plot_samples(templates, ncols=10, max_images=len(templates))
+    elif model == "mfa":
+        from pgm_drm.learning import fit_fa_em
+
+        report["em"] = em
+        fit = fit_fa_em(
+            d.x_train,
+            10,
+            1,
+            15,
+            mode=em,
+            labels=y,
+            n_iter=100,
+            key=key,
+            min_sigma=0.1,
+            progress=not quiet,
+        )
+        pred = np.asarray(fit.model.classify(d.x_test, "sum"))
+        save_model(out / "model.npz", fit.model)
+        fig = plot_samples(*_factor_grid(fit.model), ncols=9, max_images=90)
+        fig.suptitle(
+            "per class: template, then template +/- 2 x its 4 main factors", fontsize=8
+        )
     elif model == "drm":
         from pgm_drm.learning import fit_drm_classifier
 
@@ -429,6 +455,22 @@ def run_fit_digits(
     plt.close(fig)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _factor_grid(model: Any, n_dirs: int = 4) -> tuple[Any]:
+    """Images of a fitted factor-analyser RM: per class the template, then the
+    template moved by +/- 2 along its ``n_dirs`` main factor directions (the
+    left singular vectors of ``Lambda``, scaled by the singular values: the
+    loadings are only defined up to a rotation of ``z``)."""
+    import numpy as np
+
+    rows = []
+    for c in range(model.n_classes):
+        mu = np.asarray(model.templates[c, 0]).ravel()
+        u, s, _ = np.linalg.svd(np.asarray(model.loadings[c, 0]), full_matrices=False)
+        dirs = (u * s)[:, :n_dirs].T
+        rows += [mu] + [mu + sign * 2 * v for v in dirs for sign in (1, -1)]
+    return (np.stack(rows).reshape((-1,) + model.image_shape),)
 
 
 # ---- sample / infer / compare ----------------------------------------------------
@@ -672,16 +714,20 @@ def main(argv: list[str] | None = None) -> int:
     fit = sub.add_parser("fit", help="fit a classifier on a dataset")
     fit.add_argument("dataset", choices=("digits",))
     fit.add_argument(
-        "--model", choices=("rm", "drm", "dcn", "edrm-forest"), default="rm"
+        "--model", choices=("rm", "mfa", "drm", "dcn", "edrm-forest"), default="rm"
     )
     fit.add_argument(
         "--labels",
         type=int,
         default=None,
-        help="rm only: semi-supervised EM with this many labels",
+        help="rm and mfa: semi-supervised EM with this many labels (10 per class "
+        "for 100, drawn by --seed)",
     )
     fit.add_argument(
-        "--em", choices=("hard", "soft"), default="hard", help="rm only: EM kind"
+        "--em",
+        choices=("hard", "soft"),
+        default=None,
+        help="rm and mfa: EM kind (default: hard for rm, soft for mfa)",
     )
     fit.add_argument(
         "--unlabelled-weight",
