@@ -385,10 +385,9 @@ def run_fit_digits(
         )
         pred = np.asarray(fit.model.classify(d.x_test, "sum"))
         save_model(out / "model.npz", fit.model)
-        fig = plot_samples(*_factor_grid(fit.model), ncols=9, max_images=90)
-        fig.suptitle(
-            "per class: template, then template +/- 2 x its 4 main factors", fontsize=8
-        )
+        from pgm_drm.diagnostics import plot_factor_directions
+
+        fig = plot_factor_directions(fit.model)
     elif model == "drm":
         from pgm_drm.learning import fit_drm_classifier
 
@@ -455,22 +454,6 @@ def run_fit_digits(
     plt.close(fig)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def _factor_grid(model: Any, n_dirs: int = 4) -> tuple[Any]:
-    """Images of a fitted factor-analyser RM: per class the template, then the
-    template moved by +/- 2 along its ``n_dirs`` main factor directions (the
-    left singular vectors of ``Lambda``, scaled by the singular values: the
-    loadings are only defined up to a rotation of ``z``)."""
-    import numpy as np
-
-    rows = []
-    for c in range(model.n_classes):
-        mu = np.asarray(model.templates[c, 0]).ravel()
-        u, s, _ = np.linalg.svd(np.asarray(model.loadings[c, 0]), full_matrices=False)
-        dirs = (u * s)[:, :n_dirs].T
-        rows += [mu] + [mu + sign * 2 * v for v in dirs for sign in (1, -1)]
-    return (np.stack(rows).reshape((-1,) + model.image_shape),)
 
 
 # ---- sample / infer / compare ----------------------------------------------------

@@ -27,6 +27,7 @@ from pgm_drm.diagnostics.exactness import (
 )
 from pgm_drm.diagnostics.plots import (
     draw_factor_graph,
+    plot_factor_directions,
     plot_posterior_comparison,
     plot_reconstructions,
     plot_samples,
@@ -60,6 +61,7 @@ __all__ = [
     "plot_posterior_comparison",
     "plot_posterior_comparison_az",
     "plot_reconstructions",
+    "plot_factor_directions",
     "plot_samples",
     "posterior_to_inference_data",
     "probe_drm",

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "draw_factor_graph",
+    "plot_factor_directions",
     "plot_posterior_comparison",
     "plot_reconstructions",
     "plot_samples",
@@ -137,6 +138,40 @@ def plot_posterior_comparison(
     ax.set_title(f"posterior of {site}")
     ax.legend(fontsize=7)
     return ax
+
+
+def plot_factor_directions(
+    model: Any, n_dirs: int = 4, scale: float = 2.0
+) -> plt.Figure:
+    """A factor-analyser RM's templates and what its continuous nuisance does.
+
+    One row per ``(c, g)``: the template ``mu_cg``, then ``mu_cg +/- scale * s_j
+    u_j`` for its ``n_dirs`` main factor directions, with ``Lambda_cg = U S V^T``
+    (the loadings are defined up to a rotation of ``z``; ``U S`` is not).
+
+    Args:
+        model: A :class:`~pgm_drm.models.FactorRenderingModel` with 2-d images.
+        n_dirs: Directions shown per row (at most ``q``).
+        scale: How many standard deviations of ``z`` to move.
+    """
+    n_dirs = min(int(n_dirs), model.n_factors)
+    rows = []
+    for c in range(model.n_classes):
+        for g in range(model.n_nuisances):
+            mu = np.asarray(model.templates[c, g]).ravel()
+            u, s, _ = np.linalg.svd(
+                np.asarray(model.loadings[c, g]), full_matrices=False
+            )
+            rows.append(mu)
+            for v in (u * s)[:, :n_dirs].T:
+                rows += [mu + scale * v, mu - scale * v]
+    images = np.stack(rows).reshape((-1,) + model.image_shape)
+    ncols = 1 + 2 * n_dirs
+    titles = ["mu"] + [
+        f"{sign}{scale:g} f{j + 1}" for j in range(n_dirs) for sign in "+-"
+    ]
+    titles += [""] * (len(images) - ncols)
+    return plot_samples(images, ncols=ncols, max_images=len(images), titles=titles)
 
 
 def plot_reconstructions(
