@@ -45,7 +45,6 @@ import numpy as np
 
 from pgm_drm._random import key_data
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.learning.base import (
     PARAMETER_NAMES,
     FitResult,
@@ -57,7 +56,7 @@ from pgm_drm.learning.base import (
     params_to_model,
 )
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
-from pgm_drm.learning.likelihood import _normalise, clamp_labels, table_from_params
+from pgm_drm.learning.likelihood import e_step_table, table_from_params
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
@@ -271,12 +270,7 @@ def _reseed_empty(resp: Array, score: Array, labels: Array) -> Array:
 
 def _e_step(params: RMParams, images: Array, labels: Array, temperature: float):
     """Responsibilities and per-image (objective, log-likelihood)."""
-    table = table_from_params(params, images)
-    n = table.shape[0]
-    ll = jax.nn.logsumexp(table.reshape(n, -1), axis=-1)
-    clamped = clamp_labels(table, labels)
-    obj = reduce_t(clamped.reshape(n, -1), (1,), temperature)
-    return _normalise(clamped, temperature), obj, ll
+    return e_step_table(table_from_params(params, images), labels, temperature)
 
 
 def _weights(labels: Array, unlabelled_weight: Array | float) -> Array:

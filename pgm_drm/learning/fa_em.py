@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,10 @@ import numpy as np
 
 from pgm_drm._random import key_data, np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.learning.base import FitResult, check_fit_inputs, check_labels
+from pgm_drm.learning.em import Mode, _check_mode
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
-from pgm_drm.learning.likelihood import _normalise, clamp_labels
+from pgm_drm.learning.likelihood import e_step_table
 from pgm_drm.models.factor import FactorRenderingModel, fa_log_joint
 
 __all__ = [
@@ -57,8 +57,6 @@ __all__ = [
     "fit_fa_em",
     "naive_fa_m_step",
 ]
-
-Mode = Literal["soft", "hard"]
 
 #: Default floor on each pixel's noise standard deviation ``sqrt(Psi_d)``.
 DEFAULT_MIN_SIGMA = 1e-2
@@ -101,12 +99,6 @@ class FAInfo(NamedTuple):
     objective: Array
     log_likelihood: Array
     counts: Array
-
-
-def _check_mode(mode: str) -> float:
-    if mode not in ("soft", "hard"):
-        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
-    return 1.0 if mode == "soft" else 0.0
 
 
 def to_model(params: FAParams, image_shape: tuple[int, ...]) -> FactorRenderingModel:
@@ -243,12 +235,7 @@ def naive_fa_m_step(
 
 
 def _e_step(params: FAParams, x: Array, labels: Array, temperature: float):
-    table = _table(params, x)
-    n = table.shape[0]
-    ll = jax.nn.logsumexp(table.reshape(n, -1), axis=-1)
-    clamped = clamp_labels(table, labels)
-    obj = reduce_t(clamped.reshape(n, -1), (1,), temperature)
-    return _normalise(clamped, temperature), obj, ll
+    return e_step_table(_table(params, x), labels, temperature)
 
 
 @partial(jax.jit, static_argnames=("mode", "min_sigma"))

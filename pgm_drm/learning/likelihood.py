@@ -179,6 +179,23 @@ def responsibilities(
     return _normalise(t, resolve_temperature(semiring, None))
 
 
+def e_step_table(
+    table: Array, labels: Array, temperature: float
+) -> tuple[Array, Array, Array]:
+    """The E-step every EM here shares, from a log-joint table ``(N, C, ...)``.
+
+    Returns:
+        Responsibilities (labels clamped, Eq. 14 at temperature 1, Eq. 16 at 0),
+        the per-image objective ``log p(I_n[, c_n])`` or ``max log p(., I_n[, c_n])``
+        and the per-image ``log p(I_n)`` (labels ignored).
+    """
+    n = table.shape[0]
+    ll = jax.nn.logsumexp(table.reshape(n, -1), axis=-1)
+    clamped = clamp_labels(table, labels)
+    obj = reduce_t(clamped.reshape(n, -1), (1,), temperature)
+    return _normalise(clamped, temperature), obj, ll
+
+
 def _normalise(table: Array, temperature: float) -> Array:
     """Responsibilities from a log-joint table at temperature 1 (soft) or 0 (hard)."""
     n = table.shape[0]
