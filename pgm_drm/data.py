@@ -6,7 +6,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["DigitsSplit", "load_digits_split"]
+__all__ = ["UNIT_SHIFTS", "DigitsSplit", "load_digits_split", "translate_images"]
+
+#: The identity and the four one-pixel translations (down, up, right, left).
+UNIT_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 class DigitsSplit(NamedTuple):
@@ -44,3 +47,49 @@ def load_digits_split() -> DigitsSplit:
         x, y, test_size=0.25, random_state=0, stratify=y
     )
     return DigitsSplit(x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64))
+
+
+def translate_images(
+    images: np.ndarray,
+    labels: np.ndarray,
+    shifts: tuple[tuple[int, int], ...] = UNIT_SHIFTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-render labelled images under the translational nuisance (Lemma A.2).
+
+    The rendering model's nuisance ``g`` includes where the object sits: the
+    class does not change when the image is translated by ``T_g``. Tied
+    weights ``T_g w_c`` give the generative classifier that invariance; the
+    discriminative relaxation (Eq. 25) frees them, and these re-rendered copies
+    hand the invariance back as data. Pixels moved in from outside are 0 (the
+    background); ``scipy.ndimage.shift`` with ``order=0`` moves whole pixels.
+
+    Args:
+        images: ``(N, H, W)``.
+        labels: ``(N,)``.
+        shifts: Integer ``(dy, dx)`` translations; ``(0, 0)`` keeps the originals.
+
+    Returns:
+        ``(len(shifts) * N, H, W)`` images, shift-major, and their labels.
+
+    Example:
+        >>> x = np.arange(9.0).reshape(1, 3, 3)
+        >>> xs, ys = translate_images(x, np.array([7]), ((0, 0), (0, 1)))
+        >>> xs[1].tolist(), ys.tolist()
+        ([[0.0, 0.0, 1.0], [0.0, 3.0, 4.0], [0.0, 6.0, 7.0]], [7, 7])
+    """
+    from scipy.ndimage import shift as nd_shift
+
+    x = np.asarray(images, dtype=float)
+    y = np.asarray(labels)
+    if x.ndim != 3:
+        raise ValueError(f"images must have shape (N, H, W), got {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+    out = []
+    for s in shifts:
+        if len(s) != 2 or any(int(v) != v for v in s):
+            raise ValueError(f"shifts must be integer (dy, dx) pairs, got {s!r}")
+        if abs(s[0]) >= x.shape[1] or abs(s[1]) >= x.shape[2]:
+            raise ValueError(f"shift {s!r} moves the whole {x.shape[1:]} image out")
+        out.append(nd_shift(x, (0, int(s[0]), int(s[1])), order=0, cval=0.0))
+    return np.concatenate(out), np.tile(y, len(shifts))
