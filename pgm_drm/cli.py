@@ -335,8 +335,8 @@ def run_fit_digits(
         raise ValueError("--unlabelled-weight is for --model rm")
     if unlabelled_weight != 1.0 and labels is None:
         raise ValueError("--unlabelled-weight needs --labels (every image is labelled)")
-    if model != "dcn" and not translations:
-        raise ValueError("--no-translations is for --model dcn")
+    if model not in ("dcn", "mfa") and not translations:
+        raise ValueError("--no-translations is for --model dcn or mfa")
     if labels is not None and not 10 <= labels <= len(d.y_train):
         raise ValueError(f"--labels must be in 10..{len(d.y_train)}, got {labels}")
     em = em or ("soft" if model == "mfa" else "hard")
@@ -373,16 +373,21 @@ def run_fit_digits(
         templates = np.asarray(fit.model.templates).reshape(-1, 8, 8)
         fig = plot_samples(templates, ncols=10, max_images=len(templates))
     elif model == "mfa":
+        from pgm_drm.data import with_translated_labels
         from pgm_drm.learning import fit_fa_em
 
         report["em"] = em
+        x_fit, y_fit = d.x_train, y
+        if labels is not None and translations:
+            x_fit, y_fit = with_translated_labels(x_fit, y_fit)
+            report["translated_labelled_images"] = int(len(y_fit) - len(y))
         fit = fit_fa_em(
-            d.x_train,
+            x_fit,
             10,
             1,
             15,
             mode=em,
-            labels=y,
+            labels=y_fit,
             n_iter=100,
             key=key,
             min_sigma=0.1,
@@ -733,8 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument(
         "--no-translations",
         action="store_true",
-        help="dcn only: train on the training images alone, not also on their "
-        "one-pixel translations",
+        help="dcn and mfa --labels: do not add the one-pixel translations of the "
+        "labelled training images",
     )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--out", type=Path, default=Path("out/fit"))

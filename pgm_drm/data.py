@@ -6,7 +6,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["UNIT_SHIFTS", "DigitsSplit", "load_digits_split", "translate_images"]
+__all__ = [
+    "UNIT_SHIFTS",
+    "DigitsSplit",
+    "load_digits_split",
+    "translate_images",
+    "with_translated_labels",
+]
 
 #: The identity and the four one-pixel translations (down, up, right, left).
 UNIT_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
@@ -93,3 +99,27 @@ def translate_images(
             raise ValueError(f"shift {s!r} moves the whole {x.shape[1:]} image out")
         out.append(nd_shift(x, (0, int(s[0]), int(s[1])), order=0, cval=0.0))
     return np.concatenate(out), np.tile(y, len(shifts))
+
+
+def with_translated_labels(
+    images: np.ndarray,
+    labels: np.ndarray,
+    shifts: tuple[tuple[int, int], ...] = UNIT_SHIFTS[1:],
+) -> tuple[np.ndarray, np.ndarray]:
+    """All images, plus translated copies of the labelled ones (label >= 0).
+
+    For semi-supervised learning: the few labels reach further when each
+    labelled image is also re-rendered under the translational nuisance
+    (:func:`translate_images`), while the unlabelled images stay as they are.
+
+    Returns:
+        ``(N + len(shifts) * N_labelled, H, W)`` images and their labels
+        (-1 for the unlabelled, as given).
+    """
+    x = np.asarray(images, dtype=float)
+    y = np.asarray(labels)
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},), got {y.shape}")
+    lab = y >= 0
+    xs, ys = translate_images(x[lab], y[lab], shifts)
+    return np.concatenate([x, xs]), np.concatenate([y, ys])

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from pgm_drm.data import UNIT_SHIFTS, load_digits_split, translate_images
+from pgm_drm.data import (
+    UNIT_SHIFTS,
+    load_digits_split,
+    translate_images,
+    with_translated_labels,
+)
 
 
 def _shift_by_slicing(img, dy, dx):
@@ -52,3 +57,18 @@ def test_bad_translations_raise(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         translate_images(**args)
+
+
+def test_only_labelled_images_are_translated():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.1, 1.0, size=(5, 4, 4))
+    y = np.array([3, -1, 0, -1, -1])
+    xs, ys = with_translated_labels(x, y)
+    assert xs.shape == (5 + 4 * 2, 4, 4)
+    np.testing.assert_array_equal(xs[:5], x)  # every original, unlabelled included
+    np.testing.assert_array_equal(ys, np.concatenate([y, np.tile([3, 0], 4)]))
+    for k, (dy, dx) in enumerate(UNIT_SHIFTS[1:]):
+        np.testing.assert_array_equal(xs[5 + 2 * k], _shift_by_slicing(x[0], dy, dx))
+        np.testing.assert_array_equal(xs[6 + 2 * k], _shift_by_slicing(x[2], dy, dx))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        with_translated_labels(x, y[:3])
