@@ -305,8 +305,10 @@ def run_fit_digits(
     per class, Eqs. 16-17, or soft EM with ``em="soft"``; with ``labels`` = N,
     semi-supervised EM on N labels, §6.3.3, each unlabelled image weighted by
     ``unlabelled_weight``), ``mfa`` (the RM with factor-analyser noise, Eq. 34:
-    one factor analyser with 15 factors per class, soft EM by default, and
-    semi-supervised with ``labels``), ``drm`` (a per-class generative DRM by hard EM),
+    one factor analyser with 15 factors per class, soft EM by default; with
+    ``labels``, semi-supervised, the labelled images also re-rendered under
+    one-pixel translations unless ``translations`` is off), ``drm`` (per class,
+    a mixture of 4 generative DRMs, each fitted by hard EM from its own start),
     ``dcn`` (the discriminative relaxation, Eq. 25, trained with optax on the
     training images and, with ``translations``, their one-pixel translations,
     the rendering model's translational nuisance of Lemma A.2) or
@@ -408,15 +410,21 @@ def run_fit_digits(
             n_states=(16, 20),
             template_sizes=(4, 2),
             n_iter=30,
+            members=4,
             key=key,
             progress=not quiet,
         )
+        report["members"] = clf.n_members
         pred = clf.predict(d.x_test)
-        for c, m in enumerate(clf.models):
-            save_model(out / f"drm_class{c}.npz", m)
-        pix = np.concatenate([np.asarray(m.pixel_templates) for m in clf.models])
+        for k, m in enumerate(clf.models):
+            c, r = divmod(k, clf.n_members)
+            save_model(out / f"drm_class{c}_member{r}.npz", m)
+        firsts = clf.models[:: clf.n_members]
+        pix = np.concatenate([np.asarray(m.pixel_templates) for m in firsts])
         fig = plot_samples(pix, ncols=16, max_images=len(pix))
-        fig.suptitle("level-1 templates, one row per digit's DRM", fontsize=8)
+        fig.suptitle(
+            "level-1 templates, one row per digit's first DRM member", fontsize=8
+        )
     elif model == "dcn":
         from pgm_drm.learning import fit_discriminative, init_random, predict
 

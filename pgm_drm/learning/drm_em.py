@@ -916,23 +916,31 @@ def fit_drm_em(
 
 # ---- generative classification -------------------------------------------------------
 class PerClassDRM(NamedTuple):
-    """One DRM per class (its top-level "classes" are mixture components).
+    """One DRM per class (its top-level "classes" are mixture components), or
+    an equal-weight mixture of ``n_members`` DRMs per class.
+
+    With members, class ``y``'s model is ``p(I | y) = (1/R) sum_r p_r(I | y)``:
+    a top-level latent ``r`` picks the member, and the max-sum score maximises
+    over it too (Eq. 12 with one more level).
 
     Attributes:
-        models: ``(C,)`` fitted models, one per class.
+        models: ``(C * R,)`` fitted models, class-major (class ``y``'s members
+            are ``models[y * R:(y + 1) * R]``).
         class_log_prior: ``(C,)`` ``log pi_y`` (label frequencies).
+        n_members: ``R``, members per class (1: one DRM per class).
     """
 
     models: tuple[DeepRenderingModel, ...]
     class_log_prior: np.ndarray
+    n_members: int = 1
 
     def scores(self, images: ArrayLike) -> np.ndarray:
-        """``(N, C)``: ``log pi_y + max_tau log p(tau, I | y)`` (max-sum, Eq. 12)."""
-        out = []
-        for m, lp in zip(self.models, self.class_log_prior, strict=True):
-            _, best = drm_map(m, images)
-            out.append(np.asarray(best) + lp)
-        return np.stack(out, axis=1)
+        """``(N, C)``: ``log pi_y + max_{r, tau} log p_r(tau, I | y) - log R``
+        (max-sum, Eq. 12)."""
+        r = int(self.n_members)
+        best = np.stack([np.asarray(drm_map(m, images)[1]) for m in self.models], 1)
+        best = best.reshape(best.shape[0], -1, r).max(-1) - np.log(r)
+        return best + np.asarray(self.class_log_prior)[None]
 
     def predict(self, images: ArrayLike) -> np.ndarray:
         """``(N,)`` the MAP class."""
@@ -948,12 +956,14 @@ def fit_drm_classifier(
     template_sizes: tuple[int, ...] | None = None,
     n_iter: int = 20,
     restarts: int = 1,
+    members: int = 1,
     key: PRNGKey | None = None,
     pseudo_count: float = 1.0,
     min_sigma: float = DEFAULT_MIN_SIGMA,
     progress: bool = False,
 ) -> PerClassDRM:
-    """Fit a generative DRM classifier: hard EM per class, best of ``restarts``.
+    """Fit a generative DRM classifier: hard EM per class, best of ``restarts``,
+    or a mixture of ``members`` DRMs per class.
 
     Args:
         images: ``(N, H, W)``.
@@ -962,6 +972,10 @@ def fit_drm_classifier(
             mixture components per class).
         restarts: Initialisations per class; the fit with the highest objective
             (on its own training images) is kept.
+        members: Keep this many fits per class, from different starts (start
+            ``r`` is restart ``r``'s), as an equal-weight mixture: hard EM's
+            result moves with its start, the mixture averages that out.
+            ``members > 1`` needs ``restarts == 1``.
 
     Returns:
         A :class:`PerClassDRM`.
@@ -973,15 +987,18 @@ def fit_drm_classifier(
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{x.shape[0]} images but {y.shape[0]} labels")
     n_classes = int(y.max()) + 1
+    if int(members) != members or members < 1:
+        raise ValueError(f"members must be an integer >= 1, got {members}")
+    if members > 1 and restarts != 1:
+        raise ValueError("members > 1 keeps every start: use restarts=1 with it")
     key = jax.random.PRNGKey(0) if key is None else key
     models, counts = [], []
     for c in range(n_classes):
         mine = x[y == c]
         if mine.shape[0] == 0:
             raise ValueError(f"class {c} has no training images")
-        best = None
-        for r in range(int(restarts)):
-            fit = fit_drm_em(
+        fits = [
+            fit_drm_em(
                 mine,
                 windows=windows,
                 n_states=n_states,
@@ -992,9 +1009,12 @@ def fit_drm_classifier(
                 min_sigma=min_sigma,
                 progress=progress,
             )
-            if best is None or fit.objective[-1] > best.objective[-1]:
-                best = fit
-        models.append(best.model)
+            for r in range(max(int(members), int(restarts)))
+        ]
+        if members > 1:
+            models.extend(f.model for f in fits)
+        else:  # the first start with the highest objective
+            models.append(max(fits, key=lambda f: f.objective[-1]).model)
         counts.append(mine.shape[0])
     counts = np.asarray(counts, dtype=float)
-    return PerClassDRM(tuple(models), np.log(counts / counts.sum()))
+    return PerClassDRM(tuple(models), np.log(counts / counts.sum()), int(members))

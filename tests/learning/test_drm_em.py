@@ -246,3 +246,27 @@ def test_drm_classifier_on_synthetic_classes(truth, data):
     # Held-out images; the generating model's own MAP is 99.8% right, and 60
     # images per class pin the templates down to ~0.03 (sigma 0.2 / sqrt(60)).
     assert np.mean(clf.predict(images[test]) == c[test]) >= 0.97
+
+
+def test_drm_mixture_members_score_as_one_more_max(truth, data):
+    images, latents = data
+    c = np.asarray(latents["c"])
+    train = np.concatenate([np.flatnonzero(c == k)[:60] for k in range(3)])
+    kw = dict(windows=(4, 2), n_states=(4, 1), template_sizes=(3, 2), n_iter=5)
+    mix = fit_drm_classifier(images[train], c[train], members=2, **kw)
+    assert mix.n_members == 2 and len(mix.models) == 6
+    # Member r of class y is restart r's fit: the same start, the same model.
+    single = fit_drm_classifier(images[train], c[train], **kw)
+    for y in range(3):
+        np.testing.assert_array_equal(
+            mix.models[2 * y].pixel_templates, single.models[y].pixel_templates
+        )
+    # Scores: log pi_y + max over members and tau of log p_r(tau, I | y) - log 2.
+    x = images[:7]
+    per = np.stack([np.asarray(drm_map(m, x)[1]) for m in mix.models], 1)
+    want = per.reshape(7, 3, 2).max(-1) - np.log(2) + mix.class_log_prior
+    np.testing.assert_allclose(mix.scores(x), want, atol=1e-12)
+    with pytest.raises(ValueError, match="restarts=1"):
+        fit_drm_classifier(images[train], c[train], members=2, restarts=2, **kw)
+    with pytest.raises(ValueError, match="members must be"):
+        fit_drm_classifier(images[train], c[train], members=0, **kw)
