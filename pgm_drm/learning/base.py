@@ -11,6 +11,7 @@ import numpy as np
 
 from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
+from pgm_drm.models.factor import FactorRenderingModel
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
@@ -57,7 +58,9 @@ class FitResult(NamedTuple):
     """What a fit returns.
 
     Attributes:
-        model: The fitted :class:`RenderingModel`.
+        model: The fitted :class:`RenderingModel` (a
+            :class:`~pgm_drm.models.FactorRenderingModel` from
+            :func:`~pgm_drm.learning.fit_fa_em`).
         objective: ``(n_iter + 1,)`` the objective per image at the parameters
             after ``0, 1, ..., n_iter`` iterations. Soft EM and SVI: the
             observed-data log-likelihood ``mean_n log p(I_n[, c_n])`` (labels
@@ -71,7 +74,7 @@ class FitResult(NamedTuple):
             always ``False`` for SVI, which runs a fixed number of steps.
     """
 
-    model: RenderingModel
+    model: RenderingModel | FactorRenderingModel
     objective: np.ndarray
     log_likelihood: np.ndarray
     n_iter: int
