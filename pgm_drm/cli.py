@@ -339,8 +339,13 @@ def run_fit_digits(
         raise ValueError("--unlabelled-weight needs --labels (every image is labelled)")
     if model not in ("dcn", "mfa") and not translations:
         raise ValueError("--no-translations is for --model dcn or mfa")
-    if labels is not None and not 10 <= labels <= len(d.y_train):
-        raise ValueError(f"--labels must be in 10..{len(d.y_train)}, got {labels}")
+    if labels is not None and not (10 <= labels <= 1310 and labels % 10 == 0):
+        raise ValueError(
+            f"--labels must be a multiple of 10 (as many per class) in 10..1310, "
+            f"got {labels}"
+        )
+    if model == "mfa" and labels is None and not translations:
+        raise ValueError("--no-translations with --model mfa needs --labels")
     em = em or ("soft" if model == "mfa" else "hard")
     y = np.asarray(d.y_train)
     if labels is not None:

@@ -62,7 +62,9 @@ def test_compare_greedy_quick(tmp_path):
         (["--model", "rm", "--labels", "50", "--unlabelled-weight", "0"], "(0, 1]"),
         (["--model", "rm", "--unlabelled-weight", "0.5"], "needs --labels"),
         (["--model", "mfa", "--labels", "100", "--unlabelled-weight", "0.5"], "rm"),
-        (["--model", "mfa", "--labels", "5"], "--labels must be in 10.."),
+        (["--model", "mfa", "--labels", "5"], "multiple of 10"),
+        (["--model", "mfa", "--labels", "105"], "multiple of 10"),
+        (["--model", "mfa", "--no-translations"], "needs --labels"),
         (["--model", "rm", "--no-translations"], "dcn or mfa"),
     ],
 )

@@ -153,6 +153,8 @@ class FactorRenderingModel:
 
     def __post_init__(self) -> None:
         mu = jnp.asarray(self.templates)
+        if not jnp.issubdtype(mu.dtype, jnp.floating):
+            mu = mu.astype(jnp.result_type(float))  # int templates: no truncation
         if mu.ndim < 3:
             raise ValueError(
                 f"templates must have shape (C, G, *image_shape), got {mu.shape}"
@@ -214,6 +216,11 @@ class FactorRenderingModel:
         ``MultivariateNormal`` with covariance ``Lambda Lambda^T + diag(Psi)``,
         so NumPyro's enumeration of the discrete ``c, g`` is exact.
         """
+        if image is not None and jnp.shape(image) != self.image_shape:
+            raise ValueError(
+                f"model() takes one image of shape {self.image_shape}, got "
+                f"{jnp.shape(image)}; score a batch with log_joint()"
+            )
         mu, psi = self._flat()
         c = numpyro.sample("c", dist.Categorical(self.class_prior))
         g = numpyro.sample("g", dist.Categorical(self.nuisance_prior))

@@ -237,6 +237,7 @@ def test_init_gives_every_image_a_class_and_valid_parameters():
         (dict(labels=np.zeros(5)), "labels must have shape"),
         (dict(labels=np.full(20, 7)), "labels must be in"),
         (dict(min_sigma=0.0), "min_sigma"),
+        (dict(labels=np.r_[0, 0, np.full(18, -1)]), "classes \\[1\\] have no"),
         (dict(images=np.full((20, 3, 3), np.nan)), "NaN"),
         (dict(images=np.zeros(20)), "shape"),
     ],

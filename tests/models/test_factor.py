@@ -120,9 +120,22 @@ def test_bad_parameters_raise(kwargs, match):
         FactorRenderingModel(**{**base, **kwargs})
 
 
+def test_integer_templates_do_not_truncate_the_other_parameters():
+    frm = FactorRenderingModel(
+        np.zeros((2, 1, 2, 2), dtype=int),
+        0.3 * np.ones((2, 1, 4, 1)),
+        1.5 * np.ones((2, 1, 2, 2)),
+    )
+    assert jnp.issubdtype(frm.templates.dtype, jnp.floating)
+    np.testing.assert_allclose(frm.loadings, 0.3)
+    np.testing.assert_allclose(frm.noise, 1.5)
+
+
 def test_wrong_image_shape_raises():
     frm = random_frm(0)
     with pytest.raises(ValueError, match="image has shape"):
         frm.log_joint(np.zeros((3, 3)))
     with pytest.raises(ValueError, match="NaN"):
         frm.classify(np.full((2, 3), np.inf))
+    with pytest.raises(ValueError, match="one image of shape"):
+        frm.model(np.zeros((4, 2, 3)))
