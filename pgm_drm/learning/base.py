@@ -178,6 +178,32 @@ def check_labels(labels: ArrayLike | None, n_images: int, n_classes: int) -> Arr
     return jnp.asarray(y, dtype=jnp.int32)
 
 
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, max_iter: int = 300):
+    """scikit-learn's k-means (greedy k-means++ seeding, one start, at most
+    ``max_iter`` Lloyd steps) on the rows of ``x``, fitted and returned.
+
+    One thread: scikit-learn's k-means sums in per-thread chunks, so its result
+    (and the fit that starts from it) would otherwise depend on the machine's
+    cores. A ``ConvergenceWarning`` (fewer distinct rows than ``k``: repeated
+    centres) is silenced; the EM fits that start from it re-seed or drop
+    unused components.
+    """
+    import warnings
+
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
+
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return KMeans(
+            n_clusters=k,
+            n_init=1,
+            max_iter=max_iter,
+            random_state=int(rng.integers(2**31 - 1)),
+        ).fit(x)
+
+
 def _kmeanspp(
     x: np.ndarray, pool: np.ndarray, k: int, chosen: list[int], rng
 ) -> list[int]:

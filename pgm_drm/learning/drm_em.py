@@ -54,7 +54,6 @@ are mixture components) for generative classification.
 from __future__ import annotations
 
 import os
-import warnings
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -64,7 +63,7 @@ import numpy as np
 
 from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
-from pgm_drm.learning.base import check_labels, real_finite
+from pgm_drm.learning.base import check_labels, kmeans, real_finite
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
 
@@ -619,30 +618,6 @@ def drm_em_step(
 
 
 # ---- initialisation ------------------------------------------------------------------
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 20):
-    """scikit-learn's k-means (greedy k-means++ seeding, at most ``iters`` Lloyd
-    steps) on the rows of ``x``; returns the ``(k, D)`` centres.
-
-    Fewer distinct rows than ``k`` give repeated centres (scikit-learn warns);
-    the DRM's EM re-seeds the states that end up unused, so that is harmless.
-    One thread: scikit-learn's k-means sums in per-thread chunks, so its centres
-    (and the fit that follows) would otherwise depend on the machine's cores.
-    """
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-    from threadpoolctl import threadpool_limits
-
-    with warnings.catch_warnings(), threadpool_limits(limits=1):
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(
-            n_clusters=k,
-            n_init=1,
-            max_iter=iters,
-            random_state=int(rng.integers(2**31 - 1)),
-        ).fit(x)
-    return km.cluster_centers_
-
-
 def drm_em_init(
     images: ArrayLike,
     key: PRNGKey,
@@ -704,7 +679,8 @@ def drm_em_init(
     if subs.shape[0] > max_patches:
         subs = subs[rng.choice(subs.shape[0], max_patches, replace=False)]
     if subs.shape[0] >= n_states[0]:
-        pix = _kmeans(subs, n_states[0], rng)
+        # <= 20 Lloyd steps; repeated centres are re-seeded by EM
+        pix = kmeans(subs, n_states[0], rng, max_iter=20).cluster_centers_
     else:
         pix = rng.normal(size=(n_states[0], t * t))
     d2 = np.min(np.sum((subs[:, None, :] - pix[None]) ** 2, axis=-1), axis=1).mean() / (

@@ -48,11 +48,11 @@ import numpy as np
 
 from pgm_drm._random import key_data, np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
-from pgm_drm.learning.base import FitResult, check_fit_inputs, check_labels
+from pgm_drm.learning.base import FitResult, check_fit_inputs, check_labels, kmeans
 from pgm_drm.learning.em import Mode, _check_mode
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.learning.likelihood import e_step_table
-from pgm_drm.models.factor import FactorRenderingModel, fa_log_joint
+from pgm_drm.models.factor import FactorRenderingModel, fa_log_joint, woodbury_terms
 
 __all__ = [
     "FAInfo",
@@ -146,6 +146,17 @@ def _table(params: FAParams, x: Array) -> Array:
     )
 
 
+def _moments(x: Array, resp: Array) -> tuple[Array, Array, Array]:
+    """Per component: the mass ``N_cg``, the weighted mean ``(C, G, D)`` and
+    the weighted scatter about it ``(C, G, D, D)`` (0 for an empty one)."""
+    counts = resp.sum(0)
+    safe = jnp.where(counts > 0, counts, 1.0)
+    mu = jnp.einsum("ncg,nd->cgd", resp, x) / safe[..., None]
+    r = x[:, None, None, :] - mu[None]  # (N, C, G, D)
+    scatter = jnp.einsum("ncg,ncgd,ncge->cgde", resp, r, r) / safe[..., None, None]
+    return counts, mu, scatter
+
+
 def fa_m_step(
     params: FAParams, x: Array, resp: Array, min_sigma: float = DEFAULT_MIN_SIGMA
 ) -> FAParams:
@@ -162,16 +173,11 @@ def fa_m_step(
         The new :class:`FAParams`.
     """
     total = jnp.sum(resp)
-    counts = resp.sum(0)  # (C, G)
+    counts, mu, scatter = _moments(x, resp)
     full = counts > 0
-    safe = jnp.where(full, counts, 1.0)
-    mu = jnp.einsum("ncg,nd->cgd", resp, x) / safe[..., None]
-    r = x[:, None, None, :] - mu[None]  # (N, C, G, D)
-    scatter = jnp.einsum("ncg,ncgd,ncge->cgde", resp, r, r) / safe[..., None, None]
     lam, psi = params.loadings, params.noise
     q = lam.shape[-1]
-    lw = lam / psi[..., None]  # Psi^-1 Lambda
-    m = jnp.eye(q) + jnp.einsum("cgdq,cgdr->cgqr", lam, lw)
+    lw, m = woodbury_terms(lam, psi)
     beta = jnp.linalg.solve(m, jnp.swapaxes(lw, -1, -2))  # M^-1 Lambda^T Psi^-1
     s_bt = jnp.einsum("cgde,cgqe->cgdq", scatter, beta)  # S beta^T
     ezz = (
@@ -298,31 +304,22 @@ def _initial_classes(x: np.ndarray, y: np.ndarray, n_classes: int, rng) -> np.nd
         xl = x[lab]
         d2 = (x**2).sum(1)[:, None] - 2 * x @ xl.T + (xl**2).sum(1)[None]
         return np.where(lab, y, y[lab][np.argmin(d2, axis=1)])
-    return _kmeans(x, n_classes, rng)
+    return _kmeans_labels(x, n_classes, rng)
 
 
-def _kmeans(x: np.ndarray, k: int, rng) -> np.ndarray:
-    """scikit-learn k-means labels (single-threaded: the same on every machine);
-    fewer images than clusters: one image per cluster, the rest empty."""
+def _kmeans_labels(x: np.ndarray, k: int, rng) -> np.ndarray:
+    """k-means cluster of each row; fewer rows than clusters: one row per
+    cluster, the rest empty."""
     if len(x) <= k:
         return np.arange(len(x))
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        km = KMeans(k, n_init=1, random_state=int(rng.integers(2**31 - 1)))
-        return km.fit_predict(x)
+    return kmeans(x, k, rng).labels_
 
 
 def _ppca_m_step(x: Array, resp: Array, q: int, min_sigma: float) -> FAParams:
     """Closed-form probabilistic PCA per component (Tipping & Bishop 1999):
     ``Lambda = U_q (L_q - s^2)^(1/2)``, ``Psi = s^2`` = the mean of the other
     eigenvalues of the weighted scatter (floored); the initial M-step."""
-    counts = resp.sum(0)
-    safe = jnp.where(counts > 0, counts, 1.0)
-    mu = jnp.einsum("ncg,nd->cgd", resp, x) / safe[..., None]
-    r = x[:, None, None, :] - mu[None]
-    scatter = jnp.einsum("ncg,ncgd,ncge->cgde", resp, r, r) / safe[..., None, None]
+    _, mu, scatter = _moments(x, resp)
     evals, evecs = jnp.linalg.eigh(scatter)  # ascending
     evals, evecs = evals[..., ::-1], evecs[..., ::-1]
     s2 = jnp.maximum(evals[..., q:].mean(-1), min_sigma**2)
@@ -399,7 +396,7 @@ def _init_state(x, c_, g_, q, y, key, min_sigma) -> FAState:
         for c in range(c_):
             idx = np.flatnonzero(cls == c)
             if len(idx):
-                sub[idx] = _kmeans(xn[idx], g_, rng)
+                sub[idx] = _kmeans_labels(xn[idx], g_, rng)
     resp = np.zeros((len(xn), c_, g_))
     resp[np.arange(len(xn)), cls, sub] = 1.0
     empty = resp.sum(0) == 0  # start an empty component from all the images

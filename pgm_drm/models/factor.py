@@ -39,7 +39,18 @@ __all__ = [
     "fa_log_joint",
     "fa_log_normal",
     "naive_fa_log_joint",
+    "woodbury_terms",
 ]
+
+
+def woodbury_terms(loadings: Array, noise: Array) -> tuple[Array, Array]:
+    """``Psi^-1 Lambda`` (``(..., D, q)``) and ``M = I_q + Lambda^T Psi^-1
+    Lambda`` (``(..., q, q)``): the pieces of the Woodbury identity for
+    ``(Lambda Lambda^T + Psi)^-1`` that the log-density, the ``z``-posterior
+    (covariance ``M^-1``) and the M-step share."""
+    lw = loadings / noise[..., None]
+    m = jnp.eye(loadings.shape[-1]) + jnp.einsum("...dq,...dr->...qr", loadings, lw)
+    return lw, m
 
 
 def fa_log_normal(x: Array, mean: Array, loadings: Array, noise: Array) -> Array:
@@ -58,8 +69,7 @@ def fa_log_normal(x: Array, mean: Array, loadings: Array, noise: Array) -> Array
     """
     d = x.shape[-1]
     inv_psi = 1.0 / noise  # (K, D)
-    lw = loadings * inv_psi[..., None]  # Psi^-1 Lambda, (K, D, q)
-    m = jnp.eye(loadings.shape[-1]) + jnp.einsum("kdq,kdr->kqr", loadings, lw)
+    lw, m = woodbury_terms(loadings, noise)  # Psi^-1 Lambda (K, D, q), M (K, q, q)
     chol = jnp.linalg.cholesky(m)  # (K, q, q)
     r = x[:, None, :] - mean[None]  # (N, K, D)
     u = jnp.einsum("nkd,kdq->nkq", r, lw)
@@ -290,10 +300,8 @@ class FactorRenderingModel:
         ``(C, G, q, q)``, ``V = M^-1``, ``m = V Lambda^T Psi^-1 (I - mu)``."""
         x, _ = check_images(images, self.image_shape)
         mu, psi = self._flat()
-        lw = self.loadings / psi[..., None]
-        v = jnp.linalg.inv(
-            jnp.eye(self.n_factors) + jnp.einsum("cgdq,cgdr->cgqr", self.loadings, lw)
-        )
+        lw, m_prec = woodbury_terms(self.loadings, psi)
+        v = jnp.linalg.inv(m_prec)
         r = x.reshape(x.shape[0], 1, 1, -1) - mu[None]
         m = jnp.einsum("cgqr,ncgr->ncgq", v, jnp.einsum("ncgd,cgdq->ncgq", r, lw))
         return m, v
