@@ -339,9 +339,10 @@ def run_fit_digits(
         raise ValueError("--unlabelled-weight needs --labels (every image is labelled)")
     if model not in ("dcn", "mfa") and not translations:
         raise ValueError("--no-translations is for --model dcn or mfa")
-    if labels is not None and not (10 <= labels <= 1310 and labels % 10 == 0):
+    most = 10 * int(np.bincount(d.y_train).min())  # as many of every class
+    if labels is not None and not (10 <= labels <= most and labels % 10 == 0):
         raise ValueError(
-            f"--labels must be a multiple of 10 (as many per class) in 10..1310, "
+            f"--labels must be a multiple of 10 (as many per class) in 10..{most}, "
             f"got {labels}"
         )
     if model == "mfa" and labels is None and not translations:
