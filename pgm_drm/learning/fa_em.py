@@ -160,7 +160,8 @@ def _moments(x: Array, resp: Array) -> tuple[Array, Array, Array]:
 def fa_m_step(
     params: FAParams, x: Array, resp: Array, min_sigma: float = DEFAULT_MIN_SIGMA
 ) -> FAParams:
-    """The M-step (steps 2-3 of the module docstring), from responsibilities.
+    """The M-step for Eq. 34's parameters (steps 2-3 of the module docstring;
+    the factor-analyser counterpart of Eqs. 15/17), from responsibilities.
 
     Args:
         params: Old parameters (the ``z`` posterior uses their ``Lambda, Psi``;

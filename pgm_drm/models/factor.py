@@ -44,8 +44,9 @@ __all__ = [
 
 
 def woodbury_terms(loadings: Array, noise: Array) -> tuple[Array, Array]:
-    """``Psi^-1 Lambda`` (``(..., D, q)``) and ``M = I_q + Lambda^T Psi^-1
-    Lambda`` (``(..., q, q)``): the pieces of the Woodbury identity for
+    """Eq. 34's covariance ``Lambda Lambda^T + Psi``, inverted by parts:
+    ``Psi^-1 Lambda`` (``(..., D, q)``) and ``M = I_q + Lambda^T Psi^-1
+    Lambda`` (``(..., q, q)``), the pieces of the Woodbury identity for
     ``(Lambda Lambda^T + Psi)^-1`` that the log-density, the ``z``-posterior
     (covariance ``M^-1``) and the M-step share."""
     lw = loadings / noise[..., None]
@@ -54,7 +55,8 @@ def woodbury_terms(loadings: Array, noise: Array) -> tuple[Array, Array]:
 
 
 def fa_log_normal(x: Array, mean: Array, loadings: Array, noise: Array) -> Array:
-    """``log N(x_n; mu_k, Lambda_k Lambda_k^T + diag(Psi_k))`` for every n, k.
+    """``log N(x_n; mu_k, Lambda_k Lambda_k^T + diag(Psi_k))`` for every n, k:
+    Eq. 34 with ``z`` integrated out.
 
     Woodbury: with ``M_k = I_q + Lambda_k^T Psi_k^-1 Lambda_k``,
     ``r = x - mu_k`` and ``u = Lambda_k^T Psi_k^-1 r``, the quadratic form is
@@ -110,8 +112,9 @@ def fa_log_joint(
 
 
 def naive_fa_log_joint(model: FactorRenderingModel, images: ArrayLike) -> np.ndarray:
-    """Twin of :meth:`FactorRenderingModel.log_joint`: every ``(c, g)`` scored by
-    ``scipy.stats.multivariate_normal`` with the dense covariance, in float64."""
+    """Twin of :meth:`FactorRenderingModel.log_joint` (Eq. 34): every ``(c, g)``
+    scored by ``scipy.stats.multivariate_normal`` with the dense covariance, in
+    float64."""
     from scipy.stats import multivariate_normal
 
     x, _ = check_images(images, model.image_shape)
