@@ -1,19 +1,38 @@
 """Compile a NumPyro model with finite discrete latent sites into a factor graph.
 
-The compiler never re-derives model math: it traces the user's model under
-NumPyro's enumeration handlers (``numpyro.contrib.funsor.enum`` +
-``config_enumerate``) and reads every sample site's ``log_prob`` tensor, whose
-named batch dimensions (``site["infer"]["dim_to_name"]``) say which enumerated
-latent sites and which plates the tensor depends on. Each plate instance of a
-latent site becomes one variable node; each plate instance of any sample site
-(latent, observed, or ``numpyro.factor``) becomes one factor node whose table is
-the slice of that site's log-prob tensor (DESIGN §3).
+The compiler never re-derives model math: every factor table is the model's own
+``log_prob`` (DESIGN §3). It is *lifted* (DESIGN §3b): it costs what the model's
+structure costs, not what its number of plate instances costs.
+
+1. One plain trace (latent values set to their first support value, nothing
+   sampled) checks the sites: finite discrete supports, no subsampled plates, no
+   undeclared batch dimensions, and records plates and supports.
+2. One abstract trace (``jax.make_jaxpr``) of "latent values and evidence ->
+   every site's log-prob" gives a jaxpr ``J``. Walking ``J`` gives each site's
+   *provenance*: the latent sites and evidence arrays its log-prob depends on
+   (the idea of ``numpyro.infer.inspect.get_dependencies``). A site's table is
+   read over its *own* parents, so there is no limit on the number of sites
+   (NumPyro's enumerator has 25 dims).
+3. Latent sites that appear together in some site's scope get different
+   *colours* (greedy colouring of that interference graph; a chain or a grid needs
+   two). ``J`` is evaluated once under one ``jax.vmap`` per colour, the latent
+   inputs of colour ``c`` mapped over their support values: each site's output is
+   its whole log-prob table over (its parents' states, its plate instances).
+4. A site inside plates stays one *group*: one table of shape
+   ``(n_instances, *cardinalities)`` and an ``int32`` index array of shape
+   ``(n_instances, arity)`` naming its scope's variables. No Python object per
+   instance is made unless asked for (``variables``, ``factors``, ``graph``).
+
+Observed exponential-family sites are scored in natural-parameter form
+(``pgm_drm.graph.natural``, Eq. 8): one matmul per batch instead of an
+elementwise table over (latent states x pixels).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,23 +40,31 @@ import jax
 import jax.numpy as jnp
 import networkx as nx
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor import trace as packed_trace
+from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Array, ScheduleKind
+from pgm_drm.graph.natural import natural_log_prob
 
 __all__ = [
     "CompileError",
     "Factor",
     "FactorGraph",
+    "FactorGroup",
     "SiteInfo",
     "Variable",
+    "VariableGroup",
     "compile_model",
     "enum_support",
     "model_sites",
     "support_values",
 ]
+
+#: Most distinct colours (simultaneously enumerated latent sites) one trace uses.
+MAX_COLOURS = 48
 
 
 class CompileError(ValueError):
@@ -91,70 +118,178 @@ class SiteInfo:
         is_observed: Observed (or ``numpyro.factor``) sites only contribute factors.
         plates: Plate names of the site, outermost batch dim first (most negative).
         plate_shape: Sizes of those plates (the site's value shape, numpyro layout).
+        plate_dims: The plates' batch dims (negative), in the same order.
         support: Support values (latent sites) or ``()``.
-        enum_names: Latent sites the log-prob tensor depends on, in table axis order.
-        dims: Batch dims of those names and plates in the traced tensor.
+        scope: Latent sites the log-prob depends on, in table axis order (the site
+            itself first when it is latent).
+        evidence: Evidence keyword arguments the log-prob depends on.
     """
 
     name: str
     is_observed: bool
     plates: tuple[str, ...]
     plate_shape: tuple[int, ...]
-    support: tuple[Any, ...]
-    enum_names: tuple[str, ...]
-    enum_dims: tuple[int | None, ...]
     plate_dims: tuple[int, ...]
+    support: tuple[Any, ...]
+    scope: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = ()
+
+    @property
+    def enum_names(self) -> tuple[str, ...]:
+        """Alias of :attr:`scope` (the table's latent axes)."""
+        return self.scope
+
+    @property
+    def n_instances(self) -> int:
+        return int(np.prod(self.plate_shape, dtype=np.int64))
+
+
+@dataclass(frozen=True, eq=False)
+class VariableGroup:
+    """All plate instances of one latent site: flat ids ``offset .. offset+size``.
+
+    Attributes:
+        site: Site name.
+        plate_shape: The site's plate sizes (numpyro layout).
+        support: Support values, in enumeration order.
+        offset: Flat id of the first instance (instances in C order of the plates).
+    """
+
+    site: str
+    plate_shape: tuple[int, ...]
+    support: tuple[Any, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.plate_shape, dtype=np.int64))
+
+    @property
+    def cardinality(self) -> int:
+        return len(self.support)
+
+
+@dataclass(frozen=True, eq=False)
+class FactorGroup:
+    """All plate instances of one sample site's log-prob, as one table.
+
+    Attributes:
+        site: Site name.
+        scope_sites: Latent sites of the table's axes (after the instance axis).
+        cards: Cardinalities of those axes.
+        scope: ``int32`` array ``(n_instances, arity)``: the flat variable id of each
+            scope axis, per instance (read-only).
+        plate_shape: The site's plate sizes; instance ``i`` is the C-order ravel.
+        evidence: Evidence keyword arguments the table depends on.
+    """
+
+    site: str
+    scope_sites: tuple[str, ...]
+    cards: tuple[int, ...]
+    scope: np.ndarray
+    plate_shape: tuple[int, ...]
+    evidence: tuple[str, ...]
+
+    @property
+    def arity(self) -> int:
+        return len(self.cards)
+
+    @property
+    def size(self) -> int:
+        return int(self.scope.shape[0])
 
 
 def _index_str(index: tuple[int, ...]) -> str:
     return "" if not index else "[" + ",".join(str(i) for i in index) + "]"
 
 
+class _first_value(Messenger):
+    """Set every latent sample site to its first support value (no sampling)."""
+
+    def process_message(self, msg):
+        if (
+            msg["type"] == "sample"
+            and not msg["is_observed"]
+            and msg["value"] is None
+            and getattr(msg["fn"], "has_enumerate_support", False)
+            and msg["fn"].event_shape == ()
+        ):
+            sup = msg["fn"].enumerate_support(expand=False)
+            first = jnp.reshape(sup, (sup.shape[0], -1))[0, 0]
+            msg["value"] = jnp.broadcast_to(first, msg["fn"].batch_shape)
+
+
 def _plain_trace(model: Callable, args: tuple, kwargs: dict) -> dict:
-    return handlers.trace(handlers.seed(model, 0)).get_trace(*args, **kwargs)
+    return handlers.trace(handlers.seed(_first_value(model), 0)).get_trace(
+        *args, **kwargs
+    )
+
+
+def _frames(site: Mapping) -> list:
+    return sorted(
+        (f for f in site["cond_indep_stack"] if f.dim is not None),
+        key=lambda f: f.dim,
+    )
 
 
 def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
-    """Trace ``model`` once (no enumeration) and check its latent sites.
+    """Trace ``model`` once (no enumeration, nothing sampled) and check its sites.
+
+    Latent sites take their first support value.
 
     Returns:
         The NumPyro trace (an ordered dict of site messages).
 
     Raises:
-        CompileError: A latent site has no finite support (continuous latent),
-            or a plate is subsampled.
+        CompileError: A latent site has no finite support (continuous latent), a
+            plate is subsampled, or a site has a batch dimension that no plate
+            declares (it would collide with enumeration, whatever its size).
     """
     tr = _plain_trace(model, args, kwargs)
     for name, site in tr.items():
+        if site["type"] == "plate":
+            size, sub = (tuple(site["args"]) + (None, None))[:2]
+            if sub is not None and sub != size:
+                raise CompileError(
+                    f"plate '{name}' is subsampled ({sub} of {size}); subsampled "
+                    "plates scale log-probabilities and are not supported by exact "
+                    "inference"
+                )
         if site["type"] != "sample":
             continue
-        for frame in site["cond_indep_stack"]:
-            if frame.dim is None:
-                continue
-            if jnp.shape(site["fn"].log_prob(site["value"]))[frame.dim] not in (
-                1,
-                frame.size,
-            ):
-                raise CompileError(
-                    f"plate '{frame.name}' at site '{name}' is subsampled; "
-                    "subsampled plates are not supported by exact inference"
-                )
-        if site["is_observed"]:
-            continue
         fn = site["fn"]
-        if not getattr(fn, "has_enumerate_support", False):
-            raise CompileError(
-                f"latent site '{name}' has distribution {type(fn).__name__}, which "
-                "has no finite support; every latent site must be discrete and "
-                "enumerable (Categorical, Bernoulli, DiscreteUniform, ...). "
-                "Observe it or integrate it out."
-            )
-        if fn.event_shape != ():
-            raise CompileError(
-                f"latent site '{name}' has event shape {fn.event_shape}; only "
-                "scalar discrete latents (batched by plates) are supported"
-            )
-        support_values(fn, name)
+        if not site["is_observed"]:
+            if not getattr(fn, "has_enumerate_support", False):
+                raise CompileError(
+                    f"latent site '{name}' has distribution {type(fn).__name__}, "
+                    "which has no finite support; every latent site must be discrete "
+                    "and enumerable (Categorical, Bernoulli, DiscreteUniform, ...). "
+                    "Observe it or integrate it out."
+                )
+            if fn.event_shape != ():
+                raise CompileError(
+                    f"latent site '{name}' has event shape {fn.event_shape}; only "
+                    "scalar discrete latents (batched by plates) are supported"
+                )
+            support_values(fn, name)
+        lp_shape = jnp.shape(_site_log_prob(site))
+        frames = {f.dim: f for f in _frames(site)}
+        for d in range(-len(lp_shape), 0):
+            size = lp_shape[d]
+            if d in frames:
+                full = frames[d].size
+                if size not in (1, full):
+                    raise CompileError(
+                        f"plate '{frames[d].name}' at site '{name}' is subsampled "
+                        f"({size} of {full}); subsampled plates are not supported "
+                        "by exact inference"
+                    )
+            elif size != 1:
+                raise CompileError(
+                    f"site '{name}' has a batch dimension {d} of size {size} that no "
+                    "numpyro.plate declares; declare batch dimensions with "
+                    "numpyro.plate (or use .to_event for event dimensions)"
+                )
     return tr
 
 
@@ -170,6 +305,641 @@ def support_values(fn: Any, name: str = "?") -> np.ndarray:
             "every plate instance must share one support"
         )
     return sup[:, 0]
+
+
+def _site_log_prob(site: Mapping, natural: bool = False) -> Array:
+    """The site's log-prob at its value, with scale and mask applied."""
+    value = site["value"]
+    lp = None
+    if site.get("intermediates"):
+        lp = site["fn"].log_prob(value, site["intermediates"])
+    elif natural and site["is_observed"]:
+        lp = natural_log_prob(site["fn"], value)
+    if lp is None:
+        lp = site["fn"].log_prob(value)
+    if site.get("scale") is not None:
+        lp = site["scale"] * lp
+    if site.get("mask") is not None:
+        lp = jnp.where(site["mask"], lp, 0.0)
+    return jnp.asarray(lp)
+
+
+# --------------------------------------------------------------------------- #
+# Provenance: which inputs of a jaxpr each output depends on.
+# --------------------------------------------------------------------------- #
+
+
+#: Primitives that call a sub-jaxpr once, inputs lined up with the equation's.
+#: Loops and branches (scan, while, cond) are not walked: their outputs depend on
+#: all their inputs (a carried value can move between slots across iterations).
+_CALL_PRIMITIVES = frozenset(
+    {
+        "pjit",
+        "jit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "remat",
+        "checkpoint",
+    }
+)
+
+
+def _jaxpr_provenance(jaxpr, inputs: Sequence[frozenset]) -> list[frozenset]:
+    """Forward data-flow over a jaxpr: the input labels each output depends on.
+
+    Sub-jaxprs (``jit``, ``custom_jvp_call``, ...) are walked recursively when
+    their inputs line up with the equation's; otherwise every output of the
+    equation depends on every input (an over-approximation: a bigger scope,
+    never a wrong table).
+    """
+    env: dict = {}
+    empty: frozenset = frozenset()
+
+    def read(v):
+        return empty if isinstance(v, Literal) else env.get(v, empty)
+
+    for v, p in zip(jaxpr.invars, inputs, strict=True):
+        env[v] = p
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        sub = None
+        if eqn.primitive.name in _CALL_PRIMITIVES:
+            for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+                cand = eqn.params.get(key)
+                if cand is not None:
+                    sub = cand.jaxpr if hasattr(cand, "jaxpr") else cand
+                    break
+        if (
+            sub is not None
+            and hasattr(sub, "invars")
+            and len(sub.invars) == len(ins)
+            and not getattr(sub, "constvars", ())
+            and len(sub.outvars) == len(eqn.outvars)
+        ):
+            outs = _jaxpr_provenance(sub, ins)
+        else:
+            union = frozenset().union(*ins) if ins else empty
+            outs = [union] * len(eqn.outvars)
+        for v, p in zip(eqn.outvars, outs, strict=True):
+            env[v] = p
+    return [read(v) for v in jaxpr.outvars]
+
+
+# --------------------------------------------------------------------------- #
+# The abstract trace.
+# --------------------------------------------------------------------------- #
+
+
+def _split_evidence(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Array keyword arguments (evidence, traced) and the rest (static)."""
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+    return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
+
+
+def _log_prob_fn(
+    model: Callable,
+    args: tuple,
+    static: Mapping[str, Any],
+    latent: Sequence[str],
+    sites: Sequence[str],
+    natural: bool,
+) -> Callable:
+    """``(latent values, evidence) -> log-prob of every site`` (pure)."""
+
+    def fn(values, evidence):
+        data = dict(zip(latent, values, strict=True))
+        seeded = handlers.seed(handlers.substitute(model, data=data), 0)
+        tr = handlers.trace(seeded).get_trace(*args, **{**static, **evidence})
+        return [_site_log_prob(tr[n], natural) for n in sites]
+
+    return fn
+
+
+def _greedy_colours(scopes: Sequence[Sequence[str]], latent: Sequence[str]) -> dict:
+    """Colour the latent sites so that no scope holds two of one colour."""
+    g = nx.Graph()
+    g.add_nodes_from(latent)
+    for scope in scopes:
+        g.add_edges_from(itertools.combinations(scope, 2))
+    return nx.greedy_color(g, strategy="largest_first") if latent else {}
+
+
+@dataclass(frozen=True, eq=False)
+class _Evaluator:
+    """Evaluates the model's jaxpr over every site's parents' supports.
+
+    ``jaxpr`` maps (latent values, evidence arrays) to every site's log-prob.
+    ``inputs[c]`` holds, for colour ``c``, the latent input positions and their
+    value arrays ``(K_c, *value_shape)``. Each site's output is mapped over the
+    colours of its scope (``out_axes`` per output), so no table is broadcast over
+    latents it does not depend on.
+    """
+
+    jaxpr: ClosedJaxpr
+    n_latent: int
+    colour_inputs: tuple[tuple[int, ...], ...]
+    colour_values: tuple[tuple[np.ndarray, ...], ...]
+    out_colours: tuple[tuple[int, ...], ...]
+    latent_fill: tuple[np.ndarray, ...]
+
+    def __call__(self, evidence: Sequence[Array], outputs: Sequence[int]) -> list:
+        """Tables of the chosen outputs, each ``(K_c for its colours, *lp_shape)``
+        with colours in increasing order."""
+        jaxpr = self.jaxpr
+        outputs = list(outputs)
+        try:  # keep only what the chosen outputs need
+            from jax._src.interpreters import partial_eval as pe
+
+            used = [i in outputs for i in range(len(jaxpr.jaxpr.outvars))]
+            dced, _ = pe.dce_jaxpr(jaxpr.jaxpr, used, instantiate=True)
+            jaxpr = ClosedJaxpr(dced, jaxpr.consts)
+            picked = list(range(len(outputs)))
+            order = sorted(range(len(outputs)), key=lambda k: outputs[k])
+            picked = [order.index(k) for k in range(len(outputs))]
+            out_ids = sorted(outputs)
+        except Exception:  # pragma: no cover - internal API moved
+            picked, out_ids = outputs, list(range(len(jaxpr.jaxpr.outvars)))
+        f = jaxpr_as_fun(jaxpr)
+        n_col = len(self.colour_inputs)
+
+        def run(*coloured):
+            latents = list(self.latent_fill)
+            for c in range(n_col):
+                for pos, val in zip(self.colour_inputs[c], coloured[c], strict=True):
+                    latents[pos] = val
+            return f(*latents, *evidence)
+
+        fn = run
+        # vmap innermost colour last: colour c maps argument c.
+        for c in reversed(range(n_col)):
+            axes_out = [0 if c in self.out_colours[o] else None for o in out_ids]
+            in_axes = tuple(0 if k == c else None for k in range(n_col))
+            fn = jax.vmap(fn, in_axes=in_axes, out_axes=axes_out)
+        outs = fn(*self.colour_values)
+        return [outs[k] for k in picked]
+
+
+def _rearrange(
+    table: Array,
+    colours: Sequence[int],
+    info: SiteInfo,
+    colour_of: Mapping[str, int],
+    cards: Mapping[str, int],
+) -> Array:
+    """``(K_c..., *lp_shape)`` -> ``(n_instances, *cards of scope)``."""
+    nc = len(colours)
+    lead, lp_shape = table.shape[:nc], table.shape[nc:]
+    length = max([len(lp_shape)] + [-d for d in info.plate_dims])
+    lp = jnp.reshape(table, lead + (1,) * (length - len(lp_shape)) + lp_shape)
+    plate_axes = [nc + length + d for d in info.plate_dims]
+    other = [a for a in range(nc, nc + length) if a not in plate_axes]
+    if any(lp.shape[a] != 1 for a in other):
+        raise CompileError(
+            f"site '{info.name}' has a batch dimension that no numpyro.plate declares"
+        )
+    lp = jnp.squeeze(lp, axis=tuple(other)) if other else lp
+    lp = jnp.broadcast_to(lp, lead + info.plate_shape)
+    # Colour axes -> scope order, slicing padded states off.
+    pos = {c: k for k, c in enumerate(colours)}
+    perm = [pos[colour_of[s]] for s in info.scope]
+    lp = jnp.transpose(lp, [nc + k for k in range(len(info.plates))] + perm)
+    lp = jnp.reshape(lp, (info.n_instances,) + lp.shape[len(info.plates) :])
+    index = (slice(None),) + tuple(slice(0, cards[s]) for s in info.scope)
+    return lp[index]
+
+
+# --------------------------------------------------------------------------- #
+# The compiled graph.
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(eq=False)
+class FactorGraph:
+    """A NumPyro model compiled to a plate-lifted factor graph.
+
+    The primary structure is grouped: :attr:`variable_groups` (one per latent
+    site) and :attr:`factor_groups` (one per sample site), with tables from
+    :meth:`group_tables`. The per-instance view (:attr:`variables`,
+    :attr:`factors`, :meth:`tables`, :attr:`graph`) is built on demand, for
+    inspection, drawing and the naive reference kernel.
+
+    Attributes:
+        sites: What the compiler learned about each sample site.
+        variable_groups: One group per latent site (flat variable ids).
+        factor_groups: One group per sample site.
+        model, args, kwargs: The model and the arguments it was compiled with.
+
+    Example:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> def model(x=None):
+        ...     z = numpyro.sample("z", dist.Bernoulli(0.3))
+        ...     numpyro.sample("x", dist.Normal(z * 2.0, 1.0), obs=x)
+        >>> fg = compile_model(model, x=jnp.array(1.5))
+        >>> [v.name for v in fg.variables], [f.scope for f in fg.factors]
+        (['z'], [('z',), ('z',)])
+    """
+
+    model: Callable
+    args: tuple
+    kwargs: dict
+    sites: dict[str, SiteInfo]
+    variable_groups: tuple[VariableGroup, ...]
+    factor_groups: tuple[FactorGroup, ...]
+    plate_nesting: int
+    _evaluator: _Evaluator = field(repr=False)
+    _colour_of: dict = field(repr=False)
+    _out_index: dict = field(repr=False)
+    _static_tables: tuple = field(repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- sizes -------------------------------------------------------------
+    @property
+    def n_variables(self) -> int:
+        return sum(g.size for g in self.variable_groups)
+
+    @property
+    def n_factors(self) -> int:
+        return sum(g.size for g in self.factor_groups)
+
+    @property
+    def cardinalities(self) -> np.ndarray:
+        """``int32`` array ``(n_variables,)`` of every variable's cardinality."""
+        if "cards" not in self._cache:
+            self._cache["cards"] = np.concatenate(
+                [np.full(g.size, g.cardinality, np.int32) for g in self.variable_groups]
+                or [np.zeros(0, np.int32)]
+            )
+        return self._cache["cards"]
+
+    @property
+    def latent_sites(self) -> tuple[str, ...]:
+        return tuple(n for n, s in self.sites.items() if not s.is_observed)
+
+    @property
+    def evidence_names(self) -> tuple[str, ...]:
+        """Keyword arguments whose arrays can be swapped in ``tables``/``infer``."""
+        return tuple(_split_evidence(self.kwargs)[0])
+
+    @property
+    def n_traces(self) -> int:
+        """How many times ``infer`` traced (and so jitted) a kernel for this graph."""
+        return self._cache.get("n_traces", 0)
+
+    # ---- grouped tables ----------------------------------------------------
+    def group_tables(self, **evidence: Any) -> tuple[Array, ...]:
+        """Every factor group's table ``(n_instances, *cards)`` for new evidence.
+
+        Tables that do not depend on evidence were computed once at compile time;
+        the others are evaluated from the model's jaxpr (pure; jit/vmap it).
+        """
+        dynamic = [
+            k
+            for k, g in enumerate(self.factor_groups)
+            if set(g.evidence) & set(evidence)
+        ]
+        if not dynamic:
+            return self._static_tables
+        arrays, _ = _split_evidence(self.kwargs)
+        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
+        fresh = self._evaluate(values, dynamic)
+        out = list(self._static_tables)
+        for k, t in zip(dynamic, fresh, strict=True):
+            out[k] = t
+        return tuple(out)
+
+    def evidence_tables(self, **evidence: Any) -> dict[int, Array]:
+        """Tables of the groups that depend on evidence, keyed by group index.
+
+        Evidence not given keeps its compile-time value. Pure: jit/vmap it.
+        """
+        dynamic = [k for k, g in enumerate(self.factor_groups) if g.evidence]
+        if not dynamic:
+            return {}
+        arrays, _ = _split_evidence(self.kwargs)
+        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
+        return dict(zip(dynamic, self._evaluate(values, dynamic), strict=True))
+
+    def _evaluate(self, evidence: Sequence[Array], groups: Sequence[int]) -> list:
+        cards = {g.site: g.cardinality for g in self.variable_groups}
+        outs = [self._out_index[self.factor_groups[k].site] for k in groups]
+        raw = self._evaluator(evidence, outs)
+        tables = []
+        for k, t in zip(groups, raw, strict=True):
+            info = self.sites[self.factor_groups[k].site]
+            colours = sorted(self._colour_of[s] for s in info.scope)
+            tables.append(_rearrange(t, colours, info, self._colour_of, cards))
+        return tables
+
+    # ---- per-instance view (on demand) -------------------------------------
+    @functools.cached_property
+    def variables(self) -> tuple[Variable, ...]:
+        """Variable nodes in flat-id order (site order, then plate index)."""
+        out = []
+        for g in self.variable_groups:
+            for idx in itertools.product(*(range(s) for s in g.plate_shape)):
+                out.append(
+                    Variable(f"{g.site}{_index_str(idx)}", g.site, idx, g.support)
+                )
+        return tuple(out)
+
+    @functools.cached_property
+    def factors(self) -> tuple[Factor, ...]:
+        """Factor nodes, group by group, instances in C order of the plates."""
+        names = [v.name for v in self.variables]
+        out = []
+        for g in self.factor_groups:
+            for i, idx in enumerate(
+                itertools.product(*(range(s) for s in g.plate_shape))
+            ):
+                scope = tuple(names[v] for v in g.scope[i])
+                out.append(Factor(f"p({g.site}{_index_str(idx)})", g.site, idx, scope))
+        return tuple(out)
+
+    @property
+    def variable_index(self) -> dict[str, int]:
+        return {v.name: i for i, v in enumerate(self.variables)}
+
+    def tables(self, **evidence: Any) -> tuple[Array, ...]:
+        """Per-instance factor tables (the naive view of :meth:`group_tables`).
+
+        Returns:
+            One array per factor, of shape ``[cardinality of v for v in scope]``.
+        """
+        out = []
+        for t in self.group_tables(**evidence):
+            out.extend(t[i] for i in range(t.shape[0]))
+        return tuple(out)
+
+    @functools.cached_property
+    def graph(self) -> nx.Graph:
+        """Bipartite ``networkx.Graph`` of every instance (built on demand).
+
+        Node attribute ``kind`` is "variable" or "factor"; variables carry
+        ``cardinality``, ``site``, ``index``, ``support``; factors carry ``scope``,
+        ``site`` and ``table`` (for the evidence the graph was compiled with).
+        """
+        g = nx.Graph()
+        for v in self.variables:
+            g.add_node(
+                v.name,
+                kind="variable",
+                cardinality=v.cardinality,
+                site=v.site,
+                index=v.index,
+                support=v.support,
+            )
+        for f, t in zip(self.factors, self.tables(), strict=True):
+            g.add_node(f.name, kind="factor", scope=f.scope, site=f.site, table=t)
+            for v in f.scope:
+                g.add_edge(f.name, v)
+        return g
+
+    def grouped_graph(self) -> nx.Graph:
+        """One node per site group (for drawing big models).
+
+        Variable-group nodes carry ``kind="variable"``, ``plate_shape`` and
+        ``cardinality``; factor-group nodes ``kind="factor"``, ``plate_shape``,
+        ``size`` (instances) and ``scope`` (site names).
+        """
+        g = nx.Graph()
+        for v in self.variable_groups:
+            g.add_node(
+                v.site,
+                kind="variable",
+                plate_shape=v.plate_shape,
+                cardinality=v.cardinality,
+                size=v.size,
+            )
+        for f in self.factor_groups:
+            name = f"p({f.site})"
+            g.add_node(
+                name,
+                kind="factor",
+                plate_shape=f.plate_shape,
+                size=f.size,
+                scope=f.scope_sites,
+            )
+            for s in f.scope_sites:
+                g.add_edge(name, s)
+        return g
+
+    # ---- structure ---------------------------------------------------------
+    def is_tree(self) -> bool:
+        """True when the bipartite instance graph has no loops (a forest)."""
+        from pgm_drm.graph.plan import instance_forest
+
+        return instance_forest(self) is not None
+
+    def schedule(self, kind: ScheduleKind = "auto", **options: Any):
+        """Per-instance message schedule (naive kernel); see ``make_schedule``."""
+        from pgm_drm.graph.schedule import make_schedule
+
+        key = ("schedule", kind, tuple(sorted(options.items())))
+        if key not in self._cache:
+            self._cache[key] = make_schedule(self, kind, **options)
+        return self._cache[key]
+
+    def plan(self, kind: str = "auto", **options: Any):
+        """Flat plan (frozen index arrays); see :func:`pgm_drm.graph.make_flat_plan`."""
+        from pgm_drm.graph.plan import make_flat_plan
+
+        key = ("plan", kind, tuple(sorted(options.items())))
+        if key not in self._cache:
+            self._cache[key] = make_flat_plan(self, kind, **options)
+        return self._cache[key]
+
+    def draw(self, ax=None, **kwargs: Any):
+        """Draw the factor graph with matplotlib (variables round, factors square)."""
+        from pgm_drm.diagnostics.plots import draw_factor_graph
+
+        return draw_factor_graph(self, ax=ax, **kwargs)
+
+
+def _site_info(name: str, site: Mapping, supports: Mapping[str, tuple]) -> SiteInfo:
+    frames = _frames(site)
+    return SiteInfo(
+        name=name,
+        is_observed=name not in supports,
+        plates=tuple(f.name for f in frames),
+        plate_shape=tuple(f.size for f in frames),
+        plate_dims=tuple(f.dim for f in frames),
+        support=supports.get(name, ()),
+    )
+
+
+def _scope_index(
+    info: SiteInfo, infos: Mapping[str, SiteInfo], offsets: Mapping[str, int]
+) -> np.ndarray:
+    """``(n_instances, arity)`` flat variable ids of a site's scope."""
+    n = info.n_instances
+    grid = np.indices(info.plate_shape).reshape(len(info.plate_shape), n)
+    pos = {p: k for k, p in enumerate(info.plates)}
+    cols = []
+    for s in info.scope:
+        parent = infos[s]
+        missing = [p for p in parent.plates if p not in pos]
+        if missing:
+            raise CompileError(
+                f"site '{info.name}' depends on '{s}' inside plate(s) {missing} that "
+                f"'{info.name}' is not in; such reductions are not supported"
+            )
+        sub = tuple(grid[pos[p]] for p in parent.plates)
+        flat = (
+            np.ravel_multi_index(sub, parent.plate_shape) if sub else np.zeros(n, int)
+        )
+        cols.append(offsets[s] + flat)
+    arr = np.stack(cols, axis=1) if cols else np.zeros((n, 0), np.int64)
+    arr = arr.astype(np.int32)
+    arr.setflags(write=False)
+    return arr
+
+
+def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
+    """Compile a NumPyro model with finite discrete latents into a factor graph.
+
+    Every latent sample site must have finite support (``has_enumerate_support``).
+    Each sample site (latent, observed or ``numpyro.factor``) gives one factor
+    group: its ``log_prob`` over its own latent parents, found by provenance, with
+    its plates as an instance axis (module docstring). The number of sites is not
+    limited by NumPyro's enumeration dims.
+
+    Args:
+        model: A NumPyro model function.
+        *args, **kwargs: Arguments for the model, including the observations.
+            Array keyword arguments are evidence that ``infer`` may replace
+            (a batch of them is vmapped).
+
+    Returns:
+        The compiled :class:`FactorGraph`.
+
+    Raises:
+        CompileError: Continuous latent sites, subsampled plates, batch
+            dimensions not declared by plates, NaN or +inf log-probabilities.
+    """
+    plain = model_sites(model, *args, **kwargs)
+    sample_sites = [n for n, s in plain.items() if s["type"] == "sample"]
+    latent = [n for n in sample_sites if not plain[n]["is_observed"]]
+    supports = {n: tuple(support_values(plain[n]["fn"], n).tolist()) for n in latent}
+    infos = {n: _site_info(n, plain[n], supports) for n in sample_sites}
+    nesting = max([0] + [-d for i in infos.values() for d in i.plate_dims])
+    arrays, static = _split_evidence(kwargs)
+    ev_names = list(arrays)
+
+    # One abstract trace: latent values + evidence -> every site's log-prob.
+    fn = _log_prob_fn(model, args, static, latent, sample_sites, natural=True)
+    lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
+    ev_values = [jnp.asarray(arrays[k]) for k in ev_names]
+    closed = jax.make_jaxpr(
+        lambda lv, ev: fn(lv, dict(zip(ev_names, ev, strict=True)))
+    )(lat_values, ev_values)
+    labels = [frozenset({("z", n)}) for n in latent] + [
+        frozenset({("e", k)}) for k in ev_names
+    ]
+    prov = _jaxpr_provenance(closed.jaxpr, labels)
+    for n, p in zip(sample_sites, prov, strict=True):
+        parents = sorted(
+            (s for kind, s in p if kind == "z" and s != n), key=latent.index
+        )
+        scope = ((n,) if n in supports else ()) + tuple(parents)
+        evidence = tuple(k for kind, k in p if kind == "e")
+        infos[n] = SiteInfo(
+            **{**infos[n].__dict__, "scope": scope, "evidence": evidence}
+        )
+
+    colour_of = _greedy_colours([i.scope for i in infos.values()], latent)
+    n_col = max(colour_of.values(), default=-1) + 1
+    if n_col > MAX_COLOURS:
+        worst = max(infos.values(), key=lambda i: len(i.scope))
+        raise CompileError(
+            f"the model needs {n_col} simultaneously enumerated latent sites; site "
+            f"'{worst.name}' alone depends on {len(worst.scope)}: {worst.scope}"
+        )
+    pos = {n: k for k, n in enumerate(latent)}
+    colour_inputs, colour_values = [], []
+    for c in range(n_col):
+        members = [n for n in latent if colour_of[n] == c]
+        kmax = max(len(supports[n]) for n in members)
+        colour_inputs.append(tuple(pos[n] for n in members))
+        vals = []
+        for n in members:
+            sup = np.asarray(supports[n])
+            sup = np.concatenate([sup, np.repeat(sup[:1], kmax - len(sup))])
+            shape = np.shape(lat_values[pos[n]])
+            dtype = lat_values[pos[n]].dtype
+            vals.append(
+                np.broadcast_to(
+                    sup.reshape((kmax,) + (1,) * len(shape)), (kmax,) + shape
+                ).astype(dtype)
+            )
+        colour_values.append(tuple(vals))
+    out_colours = tuple(
+        tuple(sorted(colour_of[s] for s in infos[n].scope)) for n in sample_sites
+    )
+    evaluator = _Evaluator(
+        jaxpr=closed,
+        n_latent=len(latent),
+        colour_inputs=tuple(colour_inputs),
+        colour_values=tuple(colour_values),
+        out_colours=out_colours,
+        latent_fill=tuple(lat_values),
+    )
+
+    offsets, start = {}, 0
+    vgroups = []
+    for n in latent:
+        info = infos[n]
+        offsets[n] = start
+        vgroups.append(VariableGroup(n, info.plate_shape, info.support, start))
+        start += info.n_instances
+    fgroups = tuple(
+        FactorGroup(
+            site=n,
+            scope_sites=infos[n].scope,
+            cards=tuple(len(supports[s]) for s in infos[n].scope),
+            scope=_scope_index(infos[n], infos, offsets),
+            plate_shape=infos[n].plate_shape,
+            evidence=infos[n].evidence,
+        )
+        for n in sample_sites
+    )
+    fg = FactorGraph(
+        model=model,
+        args=args,
+        kwargs=dict(kwargs),
+        sites=infos,
+        variable_groups=tuple(vgroups),
+        factor_groups=fgroups,
+        plate_nesting=nesting,
+        _evaluator=evaluator,
+        _colour_of=colour_of,
+        _out_index={n: k for k, n in enumerate(sample_sites)},
+        _static_tables=(),
+    )
+    tables = tuple(fg._evaluate(ev_values, range(len(fgroups))))
+    for g, t in zip(fgroups, tables, strict=True):
+        _check_table(g.site, t)
+    fg._static_tables = tables
+    return fg
+
+
+def _check_table(site: str, table: Array) -> None:
+    """Only -inf is a legal non-finite log-potential (a hard zero)."""
+    t = np.asarray(table)
+    if np.isnan(t).any():
+        raise CompileError(f"site '{site}' has NaN log-probabilities")
+    if np.isposinf(t).any():
+        raise CompileError(
+            f"site '{site}' has +inf log-probabilities; only -inf (a hard zero) is "
+            "allowed"
+        )
+
+
+# --------------------------------------------------------------------------- #
+# Reference path: NumPyro's own parallel enumeration (25 dims at most).
+# --------------------------------------------------------------------------- #
 
 
 class enum_support(enum):
@@ -216,294 +986,55 @@ def _enum_trace(model: Callable, args: tuple, kwargs: dict, nesting: int) -> dic
         if isinstance(err, CompileError):
             raise
         raise CompileError(
-            f"tracing the model under parallel enumeration failed ({err}); "
-            "index arrays with numpyro.ops.indexing.Vindex and declare every batch "
-            "dimension with numpyro.plate so enumerated dims can broadcast"
+            f"tracing the model under NumPyro's parallel enumeration failed ({err})"
         ) from err
 
 
-def _site_log_prob(site: dict) -> Array:
-    value = site["value"]
-    if site.get("intermediates"):
-        lp = site["fn"].log_prob(value, site["intermediates"])
-    else:
-        lp = site["fn"].log_prob(value)
-    if site.get("scale") is not None:
-        lp = site["scale"] * lp
-    if site.get("mask") is not None:
-        lp = jnp.where(site["mask"], lp, 0.0)
-    return jnp.asarray(lp)
+def enumeration_tables(fg: FactorGraph, **evidence: Any) -> tuple[Array, ...]:
+    """Per-instance tables read through NumPyro's enumeration (reference path).
 
-
-def _site_infos(
-    tr: Mapping[str, dict], supports: Mapping[str, tuple]
-) -> dict[str, SiteInfo]:
-    latent = set(supports)
-    infos: dict[str, SiteInfo] = {}
-    for name, site in tr.items():
-        if site["type"] != "sample":
-            continue
+    Independent of the compiler's provenance and colouring: the model is traced
+    under ``numpyro.contrib.funsor.enum`` and each site's log-prob tensor is
+    rearranged by its ``dim_to_name``. Limited to NumPyro's 25 enumeration dims.
+    """
+    kwargs = {**fg.kwargs, **evidence}
+    tr = _enum_trace(fg.model, fg.args, kwargs, fg.plate_nesting)
+    cards = {g.site: g.cardinality for g in fg.variable_groups}
+    out = []
+    for g in fg.factor_groups:
+        site = tr[g.site]
+        info = fg.sites[g.site]
         lp = _site_log_prob(site)
-        frames = sorted(
-            (f for f in site["cond_indep_stack"] if f.dim is not None),
-            key=lambda f: f.dim,
-        )
-        plate_dims = tuple(f.dim for f in frames)
         dim_to_name = dict(site["infer"].get("dim_to_name", {}))
-        enum_names: list[str] = []
-        enum_dims: list[int | None] = []
-        if name in latent:
-            enum_names.append(name)
-            own = [d for d, n in dim_to_name.items() if n == name]
-            enum_dims.append(own[0] if own else None)
-        for d in sorted(dim_to_name):
-            n = dim_to_name[d]
-            if d in plate_dims or n == name:
-                continue
-            if n not in latent:
-                raise CompileError(
-                    f"site '{name}' has a batch dimension {d} ('{n}') that is "
-                    "neither a plate nor an enumerated latent site; declare "
-                    "batch dimensions with numpyro.plate"
-                )
-            enum_names.append(n)
-            enum_dims.append(d)
-        known = set(plate_dims) | {d for d in enum_dims if d is not None}
-        for d in range(-lp.ndim, 0):
-            if d not in known and lp.shape[d] != 1:
-                raise CompileError(
-                    f"site '{name}' has an undeclared batch dimension {d} of size "
-                    f"{lp.shape[d]}; declare batch dimensions with numpyro.plate"
-                )
-        support: tuple[Any, ...] = supports.get(name, ())
-        infos[name] = SiteInfo(
-            name=name,
-            is_observed=name not in latent,
-            plates=tuple(f.name for f in frames),
-            plate_shape=tuple(f.size for f in frames),
-            support=support,
-            enum_names=tuple(enum_names),
-            enum_dims=tuple(enum_dims),
-            plate_dims=plate_dims,
+        name_to_dim = {n: d for d, n in dim_to_name.items()}
+        dims = [name_to_dim.get(s) for s in info.scope]
+        length = max(
+            [lp.ndim]
+            + [-d for d in dims if d is not None]
+            + [-d for d in info.plate_dims]
         )
-    return infos
-
-
-def _site_tensor(lp: Array, info: SiteInfo, cards: Mapping[str, int]) -> Array:
-    """Rearrange a traced log-prob tensor to axes ``(*enum_names, *plates)``."""
-    dims = [d for d in info.enum_dims if d is not None] + list(info.plate_dims)
-    length = max([lp.ndim] + [-d for d in dims]) if dims else lp.ndim
-    x = jnp.reshape(lp, (1,) * (length - lp.ndim) + lp.shape)
-    target = list(x.shape)
-    for n, d in zip(info.enum_names, info.enum_dims, strict=True):
-        if d is not None:
-            target[length + d] = cards[n]
-    for d, size in zip(info.plate_dims, info.plate_shape, strict=True):
-        target[length + d] = size
-    x = jnp.broadcast_to(x, tuple(target))
-    order = [length + d for d in dims]
-    rest = [a for a in range(length) if a not in order]
-    x = jnp.transpose(x, order + rest)
-    x = jnp.reshape(x, tuple(target[a] for a in order))
-    # A latent site of cardinality one has no enumerated dim: add its axis.
-    for k, d in enumerate(info.enum_dims):
-        if d is None:
-            x = jnp.expand_dims(x, k)
-    return x
-
-
-@dataclass(eq=False)
-class FactorGraph:
-    """A NumPyro model compiled to a bipartite factor graph.
-
-    Attributes:
-        graph: ``networkx.Graph`` with node attribute ``kind`` ("variable" or
-            "factor"); variables carry ``cardinality``, ``site``, ``index``;
-            factors carry ``scope`` and ``table`` (log-potentials for the
-            evidence the graph was compiled with).
-        variables: Variable nodes in a fixed order (site order, then plate index).
-        factors: Factor nodes in a fixed order.
-        sites: What the compiler learned about each sample site.
-        model, args, kwargs: The model and the arguments it was compiled with.
-
-    Example:
-        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
-        >>> def model(x=None):
-        ...     z = numpyro.sample("z", dist.Bernoulli(0.3))
-        ...     numpyro.sample("x", dist.Normal(z * 2.0, 1.0), obs=x)
-        >>> fg = compile_model(model, x=jnp.array(1.5))
-        >>> [v.name for v in fg.variables], [f.scope for f in fg.factors]
-        (['z'], [('z',), ('z',)])
-    """
-
-    model: Callable
-    args: tuple
-    kwargs: dict
-    sites: dict[str, SiteInfo]
-    variables: tuple[Variable, ...]
-    factors: tuple[Factor, ...]
-    plate_nesting: int
-    graph: nx.Graph
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def variable_index(self) -> dict[str, int]:
-        return {v.name: i for i, v in enumerate(self.variables)}
-
-    @property
-    def latent_sites(self) -> tuple[str, ...]:
-        return tuple(n for n, s in self.sites.items() if not s.is_observed)
-
-    @property
-    def evidence_names(self) -> tuple[str, ...]:
-        """Keyword arguments whose arrays can be swapped in ``tables``/``infer``."""
-        return tuple(_split_evidence(self.kwargs)[0])
-
-    @property
-    def n_traces(self) -> int:
-        """How many times ``infer`` traced (and so jitted) a kernel for this graph."""
-        return self._cache.get("n_traces", 0)
-
-    def tables(self, **evidence: Any) -> tuple[Array, ...]:
-        """Log-potential tables of every factor, for new evidence.
-
-        Pure and jit/vmap-compatible: re-traces the model under enumeration with
-        ``kwargs`` updated by ``evidence``.
-
-        Returns:
-            One array per factor, of shape ``[cardinality of v for v in scope]``.
-        """
-        kwargs = {**self.kwargs, **evidence}
-        tr = _enum_trace(self.model, self.args, kwargs, self.plate_nesting)
-        cards = {n: len(s.support) for n, s in self.sites.items() if s.support}
-        per_site: dict[str, Array] = {}
-        for name, info in self.sites.items():
-            per_site[name] = _site_tensor(_site_log_prob(tr[name]), info, cards)
-        out = []
-        for f in self.factors:
-            t = per_site[f.site]
-            n_enum = len(self.sites[f.site].enum_names)
-            out.append(t[(slice(None),) * n_enum + f.index])
-        return tuple(out)
-
-    def schedule(self, kind: ScheduleKind = "auto", **options: Any):
-        """Derive a message schedule; see :func:`pgm_drm.graph.make_schedule`."""
-        from pgm_drm.graph.schedule import make_schedule
-
-        key = (kind, tuple(sorted(options.items())))
-        if key not in self._cache:
-            self._cache[key] = make_schedule(self, kind, **options)
-        return self._cache[key]
-
-    def is_tree(self) -> bool:
-        """True when the bipartite factor graph has no loops (a forest)."""
-        return nx.is_forest(self.graph)
-
-    def draw(self, ax=None, **kwargs: Any):
-        """Draw the factor graph with matplotlib (variables round, factors square)."""
-        from pgm_drm.diagnostics.plots import draw_factor_graph
-
-        return draw_factor_graph(self, ax=ax, **kwargs)
-
-
-def _split_evidence(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Array keyword arguments (evidence, traced) and the rest (static)."""
-    arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
-    return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
-
-
-def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
-    """Compile a NumPyro model with finite discrete latents into a factor graph.
-
-    Every latent sample site must have finite support (``has_enumerate_support``);
-    plates are unrolled, one variable node per plate instance. Observed sites,
-    ``numpyro.factor`` sites and latent sites each give one factor per plate
-    instance, whose table is the site's own ``log_prob`` traced under
-    enumeration (DESIGN §3).
-
-    Args:
-        model: A NumPyro model function.
-        *args, **kwargs: Arguments for the model, including the observations.
-            Array keyword arguments are evidence that ``infer`` may replace
-            (a batch of them is vmapped).
-
-    Returns:
-        The compiled :class:`FactorGraph`.
-
-    Raises:
-        CompileError: Continuous latent sites, subsampled plates, or batch
-            dimensions not declared by plates.
-    """
-    plain = model_sites(model, *args, **kwargs)
-    supports = {
-        n: tuple(support_values(s["fn"], n).tolist())
-        for n, s in plain.items()
-        if s["type"] == "sample" and not s["is_observed"]
-    }
-    nesting = _max_plate_nesting(plain)
-    holder: dict[str, Any] = {}
-    arrays, static = _split_evidence(kwargs)
-
-    def read_structure(arrays):
-        # Structure depends on shapes only: trace abstractly (no eager XLA ops).
-        tr = _enum_trace(model, args, {**static, **arrays}, nesting)
-        holder["infos"] = _site_infos(tr, supports)
-        return 0
-
-    jax.eval_shape(read_structure, arrays)
-    infos = holder["infos"]
-
-    variables: list[Variable] = []
-    for name, info in infos.items():
-        if info.is_observed:
-            continue
-        for idx in itertools.product(*(range(s) for s in info.plate_shape)):
-            variables.append(
-                Variable(f"{name}{_index_str(idx)}", name, tuple(idx), info.support)
-            )
-
-    factors: list[Factor] = []
-    for name, info in infos.items():
-        pos = {p: k for k, p in enumerate(info.plates)}
-        for idx in itertools.product(*(range(s) for s in info.plate_shape)):
-            scope = []
-            for n in info.enum_names:
-                parent = infos[n]
-                missing = [p for p in parent.plates if p not in pos]
-                if missing:
-                    raise CompileError(
-                        f"site '{name}' depends on '{n}' inside plate(s) {missing} "
-                        f"that '{name}' is not in; such reductions are not supported"
-                    )
-                sub = tuple(idx[pos[p]] for p in parent.plates)
-                scope.append(f"{n}{_index_str(sub)}")
-            factors.append(
-                Factor(f"p({name}{_index_str(tuple(idx))})", name, idx, tuple(scope))
-            )
-
-    graph = nx.Graph()
-    for v in variables:
-        graph.add_node(
-            v.name,
-            kind="variable",
-            cardinality=v.cardinality,
-            site=v.site,
-            index=v.index,
-            support=v.support,
-        )
-    fg = FactorGraph(
-        model=model,
-        args=args,
-        kwargs=dict(kwargs),
-        sites=infos,
-        variables=tuple(variables),
-        factors=tuple(factors),
-        plate_nesting=nesting,
-        graph=graph,
-    )
-    tables = jax.jit(lambda ev: fg.tables(**ev))(arrays)
-    for f, t in zip(factors, tables, strict=True):
-        graph.add_node(f.name, kind="factor", scope=f.scope, site=f.site, table=t)
-        for v in f.scope:
-            graph.add_edge(f.name, v)
-    return fg
+        x = jnp.reshape(lp, (1,) * (length - lp.ndim) + lp.shape)
+        for d in range(-length, 0):
+            if d not in info.plate_dims and d not in dims and x.shape[d] != 1:
+                raise CompileError(
+                    f"site '{g.site}' depends on a latent outside its scope (dim {d})"
+                )
+        target = list(x.shape)
+        for s, d in zip(info.scope, dims, strict=True):
+            if d is not None:
+                target[length + d] = cards[s]
+        for d, size in zip(info.plate_dims, info.plate_shape, strict=True):
+            target[length + d] = size
+        x = jnp.broadcast_to(x, tuple(target))
+        order = [length + d for d in info.plate_dims] + [
+            length + d for d in dims if d is not None
+        ]
+        rest = [a for a in range(length) if a not in order]
+        x = jnp.transpose(x, order + rest)
+        x = jnp.reshape(x, tuple(target[a] for a in order))
+        x = jnp.reshape(x, (info.n_instances,) + x.shape[len(info.plate_dims) :])
+        for k, d in enumerate(dims):
+            if d is None:  # cardinality-one latent: no enumerated dim
+                x = jnp.expand_dims(x, k + 1)
+        out.extend(x[i] for i in range(x.shape[0]))
+    return tuple(out)

@@ -16,7 +16,14 @@ from pgm_drm.inference.edrm import (
     path_log_joint,
     path_posterior,
 )
-from pgm_drm.inference.kernel import KernelResult, Plan, make_plan, reduce_t, run_plan
+from pgm_drm.inference.flat import FlatResult, run_flat_plan
+from pgm_drm.inference.kernel import (
+    KernelResult,
+    Plan,
+    make_plan,
+    naive_run_plan,
+    reduce_t,
+)
 from pgm_drm.inference.reference import (
     MAX_BRUTE_FORCE_CONFIGS,
     brute_force,
@@ -28,6 +35,7 @@ __all__ = [
     "MAX_BRUTE_FORCE_CONFIGS",
     "ConvDCNOutput",
     "DCNOutput",
+    "FlatResult",
     "KernelResult",
     "Plan",
     "Posterior",
@@ -43,11 +51,12 @@ __all__ = [
     "latent_layout",
     "leaf_log_joint",
     "make_plan",
+    "naive_run_plan",
     "naive_conv_dcn_pass",
     "naive_dcn_pass",
     "path_log_joint",
     "path_posterior",
     "reduce_t",
     "resolve_temperature",
-    "run_plan",
+    "run_flat_plan",
 ]

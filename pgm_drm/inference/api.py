@@ -10,8 +10,10 @@ import numpy as np
 
 from pgm_drm._typing import Array, Semiring
 from pgm_drm.graph.compile import FactorGraph
+from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
-from pgm_drm.inference.kernel import make_plan, run_plan
+from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
+from pgm_drm.inference.kernel import make_plan, naive_run_plan
 
 __all__ = ["Posterior", "infer", "resolve_temperature"]
 
@@ -98,15 +100,15 @@ def _check_evidence(fg: FactorGraph, evidence: dict[str, Any]):
     return arrays, axes, batch
 
 
-def _compiled(fg: FactorGraph, schedule: Schedule, temperature: float, axes: dict):
-    key = ("infer", schedule, temperature, tuple(sorted(axes.items())))
+def _compiled_naive(fg: FactorGraph, schedule: Schedule, temperature: float, axes):
+    key = ("naive", schedule, temperature, tuple(sorted(axes.items())))
     if key in fg._cache:
         return fg._cache[key]
     plan = make_plan(fg, schedule)
 
     def single(ev):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
-        return run_plan(plan, fg, fg.tables(**ev), temperature)
+        return naive_run_plan(plan, fg, fg.tables(**ev), temperature)
 
     fn = single
     if any(a == 0 for a in axes.values()):
@@ -115,32 +117,80 @@ def _compiled(fg: FactorGraph, schedule: Schedule, temperature: float, axes: dic
     return fg._cache[key]
 
 
+def _compiled_flat(fg: FactorGraph, plan: FlatPlan, hard: bool, want_map: bool, axes):
+    key = ("flat", id(plan), hard, want_map, tuple(sorted(axes.items())))
+    if key in fg._cache:
+        return fg._cache[key][1]
+
+    groups = fg.factor_groups
+    static = static_inputs(plan, fg.group_tables(), groups)
+
+    def single(ev, t, static):
+        fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
+        inputs = add_dynamic(plan, static, fg.evidence_tables(**ev), groups)
+        return run_flat_plan(plan, inputs, None if hard else t, want_map)
+
+    fn = single
+    if any(a == 0 for a in axes.values()):
+        fn = jax.vmap(single, in_axes=(dict(axes), None, None))
+    jitted = jax.jit(fn)
+    # Keep the plan alive with the cache entry (the key holds its id).
+    fg._cache[key] = (plan, lambda ev, t: jitted(ev, t, static))
+    return fg._cache[key][1]
+
+
+def _resolve_schedule(fg: FactorGraph, schedule: str | Schedule | FlatPlan):
+    if isinstance(schedule, (Schedule, FlatPlan)):
+        return schedule
+    if schedule == "auto":
+        return fg.plan("tree") if fg.is_tree() else fg.schedule("exact")
+    if schedule in ("tree", "loopy"):
+        return fg.plan(schedule)
+    if schedule == "exact":
+        return fg.schedule("exact")
+    raise ValueError(
+        f"unknown schedule kind {schedule!r}; use 'auto', 'tree', 'exact' or 'loopy'"
+    )
+
+
 def infer(
     fg: FactorGraph,
     semiring: Semiring = "sum",
     *,
     temperature: float | None = None,
-    schedule: str | Schedule = "auto",
+    schedule: str | Schedule | FlatPlan = "auto",
+    map: bool = True,  # noqa: A002 - the natural name for "decode the MAP"
     **evidence: Any,
 ) -> Posterior:
     """Run max-sum, sum-product or tempered message passing on a compiled graph.
+
+    Tree and loopy schedules run the flat kernel (:mod:`pgm_drm.inference.flat`)
+    on the graph's grouped tables; "exact" (a junction tree, for graphs with
+    loops) and explicit :class:`~pgm_drm.graph.Schedule` objects run the
+    per-message kernel (:mod:`pgm_drm.inference.kernel`).
 
     Args:
         fg: A graph from :func:`pgm_drm.graph.compile_model`.
         semiring: "sum" (T=1) or "max" (T=0).
         temperature: Overrides ``semiring``: ``T * logsumexp(x / T)`` reductions
-            (paper §6.2.1); T=0 is max-sum.
-        schedule: "auto", "tree", "exact", "loopy" or a :class:`Schedule`.
+            (paper §6.2.1); T=0 is max-sum. Flat plans compile once for every
+            T > 0 (the temperature is a traced argument).
+        schedule: "auto" (tree when the graph is a forest, else "exact"), "tree",
+            "exact", "loopy", a :class:`~pgm_drm.graph.Schedule` or a
+            :class:`~pgm_drm.graph.FlatPlan` (``fg.plan("loopy", damping=0.5,
+            max_iters=100)``).
+        map: Decode the joint MAP. ``False`` skips the backtracking (and, for
+            T > 0, the extra max-sum pass); ``Posterior.map`` is then empty.
         **evidence: New values for the array keyword arguments the graph was
             compiled with; a leading extra axis is a batch (vmapped; the graph is
-            traced and jitted once per schedule, temperature and batching pattern).
+            traced and jitted once per schedule and batching pattern).
 
     Returns:
         A :class:`Posterior`.
 
     Raises:
         ValueError: Unknown evidence names, wrong shapes, NaN/inf evidence, bad
-            semiring or temperature, evidence of probability zero.
+            semiring or temperature, evidence of probability zero, NaN tables.
 
     Example:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -153,15 +203,18 @@ def infer(
         0.8808
     """
     t = resolve_temperature(semiring, temperature)
-    sched = schedule if isinstance(schedule, Schedule) else fg.schedule(schedule)
+    sched = _resolve_schedule(fg, schedule)
     arrays, axes, batch = _check_evidence(fg, evidence)
-    out = _compiled(fg, sched, t, axes)(arrays)
-    log_z = out.log_z
-    if bool(jnp.any(jnp.isneginf(log_z))):
-        raise ValueError(
-            "the evidence has probability zero under the model (log Z = -inf)"
-        )
     lead = () if batch is None else (batch,)
+    if isinstance(sched, FlatPlan):
+        fn = _compiled_flat(fg, sched, t == 0.0, bool(map), axes)
+        out = fn(arrays, jnp.asarray(t if t > 0 else 1.0))
+        _check_log_z(out.log_z)
+        margs, maps = _flat_posterior(fg, out, lead, bool(map))
+        deltas = None if sched.is_exact else out.deltas
+        return Posterior(margs, maps, out.log_z, t, sched.kind, deltas)
+    out = _compiled_naive(fg, sched, t, axes)(arrays)
+    _check_log_z(out.log_z)
     margs: dict[str, Array] = {}
     maps: dict[str, Array] = {}
     for site in fg.latent_sites:
@@ -169,8 +222,38 @@ def infer(
         ids = [k for k, v in enumerate(fg.variables) if v.site == site]
         m = jnp.stack([out.log_marginals[k] for k in ids], axis=len(lead))
         margs[site] = jnp.reshape(m, lead + info.plate_shape + (len(info.support),))
-        idx = jnp.stack([out.map_index[k] for k in ids], axis=len(lead))
-        support = jnp.asarray(np.asarray(info.support))
-        maps[site] = jnp.reshape(support[idx], lead + info.plate_shape)
+        if map:
+            idx = jnp.stack([out.map_index[k] for k in ids], axis=len(lead))
+            support = jnp.asarray(np.asarray(info.support))
+            maps[site] = jnp.reshape(support[idx], lead + info.plate_shape)
     deltas = None if sched.is_exact else out.deltas
-    return Posterior(margs, maps, log_z, t, sched.kind, deltas)
+    return Posterior(margs, maps, out.log_z, t, sched.kind, deltas)
+
+
+def _check_log_z(log_z: Array) -> None:
+    if bool(jnp.any(jnp.isnan(log_z))):
+        raise ValueError(
+            "log Z is NaN: a factor table holds NaN (only -inf, a hard zero, is a "
+            "legal non-finite log-potential)"
+        )
+    if bool(jnp.any(jnp.isneginf(log_z))):
+        raise ValueError(
+            "the evidence has probability zero under the model (log Z = -inf)"
+        )
+    if bool(jnp.any(jnp.isposinf(log_z))):
+        raise ValueError("log Z is +inf: a factor table holds +inf")
+
+
+def _flat_posterior(fg: FactorGraph, out, lead: tuple, want_map: bool):
+    margs: dict[str, Array] = {}
+    maps: dict[str, Array] = {}
+    b = len(lead)
+    for g in fg.variable_groups:
+        sl = slice(g.offset, g.offset + g.size)
+        m = out.log_marginals[(slice(None),) * b + (sl, slice(0, g.cardinality))]
+        margs[g.site] = jnp.reshape(m, lead + g.plate_shape + (g.cardinality,))
+        if want_map:
+            idx = out.map_index[(slice(None),) * b + (sl,)]
+            support = jnp.asarray(np.asarray(g.support))
+            maps[g.site] = jnp.reshape(support[idx], lead + g.plate_shape)
+    return margs, maps

@@ -1,4 +1,8 @@
-"""One message-passing kernel, parametrised by temperature, for every schedule.
+"""The naive twin: one traced update per message, for every per-instance schedule.
+
+The flat kernel (:mod:`pgm_drm.inference.flat`) is the fast path for tree and
+loopy schedules; this kernel stays as its reference (tests compare them) and
+runs the junction-tree ("exact") schedule.
 
 The semiring is the temperature ``T`` of the reduction
 ``reduce_T(x) = T * logsumexp(x / T)``: ``T = 1`` is sum-product, ``T -> 0`` is
@@ -34,7 +38,7 @@ __all__ = [
     "Plan",
     "make_plan",
     "reduce_t",
-    "run_plan",
+    "naive_run_plan",
 ]
 
 
@@ -266,7 +270,7 @@ def _bethe_log_z(plan: Plan, pots, beliefs, temperature: float, constant) -> Arr
     return total
 
 
-def run_plan(
+def naive_run_plan(
     plan: Plan, fg: FactorGraph, tables: tuple[Array, ...], temperature: float
 ) -> KernelResult:
     """Run a schedule on one set of factor tables (pure; jit/vmap it).

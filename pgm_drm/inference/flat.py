@@ -1,0 +1,550 @@
+"""The flat message-passing kernel: one kernel, parametrised by temperature.
+
+Runs a :class:`pgm_drm.graph.plan.FlatPlan` on a compiled graph's *group* tables
+(``(n_instances, *cards)`` per site). The semiring is the temperature ``T`` of
+``reduce_T(x) = T * logsumexp(x / T)`` (paper §6.2.1): ``T = 0`` is max-sum
+(``max`` exactly, a static branch), any ``T > 0`` is a traced argument, so one
+compile serves every positive temperature. A factor-to-variable message is
+
+    m_{f->v}(x_v) = reduce_T over x_{f \\ v} [ psi_f + sum_{u != v} m_{u->f} ]
+
+and a variable-to-factor message is the variable's belief minus that factor's
+own message, ``m_{v->f} = U_v + sum_{g != f} m_{g->v}``: the belief is summed
+once per variable (a scatter-add) and each outgoing message subtracts its own
+incoming one. ``-inf`` (hard zeros) is exact there: beliefs are kept as the sum
+of finite parts and the count of ``-inf`` parts.
+
+Numerics: every table row, unary term and message is shifted by its own max as
+it is computed and the shifts are added to log Z, so no belief ever holds the
+absolute log joint (a float32 image of large magnitude keeps normalised
+marginals).
+
+On a DRM tree these steps are the paper's Eqs. 12-13: the reduction over a
+child's nuisance is the max-pool, over its switch the ReLU, and the table is the
+template match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import entr
+
+from pgm_drm._typing import Array
+from pgm_drm.graph.plan import FlatPlan
+
+__all__ = [
+    "FlatInputs",
+    "FlatResult",
+    "add_dynamic",
+    "flat_inputs",
+    "run_flat_plan",
+    "static_inputs",
+]
+
+
+class FlatResult(NamedTuple):
+    """Output of one flat-kernel run (one evidence instance; vmap adds a batch axis).
+
+    Attributes:
+        log_z: Scalar log partition at the temperature (T=0: max log joint). Loopy
+            T>0: the Bethe estimate; loopy T=0: the log joint of the decoded MAP.
+        log_marginals: ``(n_vars, kmax)`` normalised log (max-)marginals; states
+            past a variable's cardinality are ``-inf``.
+        map_index: ``(n_vars,)`` joint MAP state indices (``-1`` when not asked).
+        deltas: Loopy: max message change per iteration ``(max_iters,)``; else
+            ``(0,)``.
+    """
+
+    log_z: Array
+    log_marginals: Array
+    map_index: Array
+    deltas: Array
+
+
+def _reduce(x: Array, axes: tuple[int, ...], t: Array | None) -> Array:
+    """``T * logsumexp(x / T)`` over ``axes``; ``max`` when ``t`` is None (T=0)."""
+    if not axes:
+        return x
+    if t is None:
+        return jnp.max(x, axis=axes)
+    return t * jax.nn.logsumexp(x / t, axis=axes)
+
+
+def _shift(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """``x - max`` over ``axes`` and the max (``-inf`` rows stay ``-inf``)."""
+    m = jnp.max(x, axis=axes, keepdims=True)
+    safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    return x - safe, jnp.squeeze(m, axis=axes)
+
+
+def _finite_sum(x: Array) -> Array:
+    """Sum of finite entries (the -inf offsets are counted by the caller)."""
+    return jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0))
+
+
+class _Beliefs(NamedTuple):
+    fin: Array  # (n_vars + 1, kmax): sum of the finite incoming parts
+    ninf: Array  # (n_vars + 1, kmax) int32: number of -inf incoming parts
+
+
+def _scatter(b: _Beliefs, ids: Array, msg: Array) -> _Beliefs:
+    neg = jnp.isneginf(msg)
+    return _Beliefs(
+        b.fin.at[ids].add(jnp.where(neg, 0.0, msg)),
+        b.ninf.at[ids].add(neg.astype(jnp.int32)),
+    )
+
+
+def _total(b: _Beliefs, ids) -> Array:
+    return jnp.where(b.ninf[ids] > 0, -jnp.inf, b.fin[ids])
+
+
+def _leave_one_out(b: _Beliefs, ids, msg: Array) -> Array:
+    """Sum of a variable's incoming messages except ``msg`` (exact with -inf)."""
+    fin, ninf = b.fin[ids], b.ninf[ids]
+    neg = jnp.isneginf(msg)
+    return jnp.where(
+        neg,
+        jnp.where(ninf == 1, fin, -jnp.inf),
+        jnp.where(ninf == 0, fin - jnp.where(neg, 0.0, msg), -jnp.inf),
+    )
+
+
+def _rows(index: np.ndarray, inst) -> np.ndarray | Array:
+    """Rows of a static index array: numpy when ``inst`` is static, else a gather."""
+    if isinstance(inst, np.ndarray):
+        return index[inst]
+    return jnp.asarray(index)[inst]
+
+
+def _pad(x: Array, kmax: int) -> Array:
+    k = x.shape[-1]
+    if k == kmax:
+        return x
+    return jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (kmax - k,), x.dtype)], -1)
+
+
+def _joint(table: Array, v_in: Array, cards: tuple[int, ...], skip: int) -> Array:
+    """``table + sum_{i != skip} v_in[:, i]`` broadcast over the table's axes."""
+    a = len(cards)
+    x = table
+    for i in range(a):
+        if i == skip:
+            continue
+        shape = [x.shape[0]] + [1] * a
+        shape[i + 1] = cards[i]
+        x = x + jnp.reshape(v_in[:, i, : cards[i]], shape)
+    return x
+
+
+def _factor_message(
+    table: Array, v_in: Array, cards: tuple[int, ...], j: int, t, kmax: int
+) -> tuple[Array, Array]:
+    """Message from each factor instance to its slot-``j`` variable, shifted."""
+    x = _joint(table, v_in, cards, j)
+    axes = tuple(i + 1 for i in range(len(cards)) if i != j)
+    m, off = _shift(_reduce(x, axes, t), (1,))
+    return _pad(m, kmax), off
+
+
+class FlatInputs(NamedTuple):
+    """A flat plan's inputs: unary terms, constant, and one table per class.
+
+    Attributes:
+        unary: ``(n_vars, kmax)`` sum of every arity-1 table of each variable
+            (entries past a variable's cardinality are ignored).
+        constant: Scalar sum of the arity-0 tables.
+        tables: Per class of the plan, ``(n_c, *cards)``: its member groups'
+            tables concatenated in member order.
+    """
+
+    unary: Array
+    constant: Array
+    tables: tuple[Array, ...]
+
+
+def static_inputs(plan: FlatPlan, tables: Sequence[Array], groups) -> FlatInputs:
+    """The part of the inputs from evidence-free groups (numpy, once per plan).
+
+    Args:
+        plan: The flat plan.
+        tables: Every group's table (``fg.group_tables()``).
+        groups: The compiled graph's factor groups (to read evidence dependence).
+    """
+    dtype = (
+        np.result_type(*[np.asarray(t).dtype for t in tables])
+        if tables
+        else (np.float32)
+    )
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.float32
+    unary = np.zeros((plan.n_vars, plan.kmax), dtype)
+    for k, ids in plan.unary:
+        if not groups[k].evidence:
+            t = np.asarray(tables[k], dtype)
+            np.add.at(unary, (ids[:, None], np.arange(t.shape[1])[None, :]), t)
+    constant = np.asarray(
+        sum(float(np.sum(tables[k])) for k in plan.constant if not groups[k].evidence),
+        dtype,
+    )
+    parts = []
+    for members, n_static, cards in zip(
+        plan.pairs, plan.n_static, plan.pair_cards, strict=True
+    ):
+        chunk = [np.asarray(tables[k], dtype) for k in members[:n_static]]
+        parts.append(
+            np.concatenate(chunk) if chunk else np.zeros((0,) + tuple(cards), dtype)
+        )
+    return FlatInputs(
+        jnp.asarray(unary), jnp.asarray(constant), tuple(map(jnp.asarray, parts))
+    )
+
+
+def add_dynamic(
+    plan: FlatPlan, static: FlatInputs, dynamic: Mapping[int, Array], groups
+) -> FlatInputs:
+    """Complete :func:`static_inputs` with the evidence-dependent groups' tables."""
+    dtype = jnp.result_type(static.unary, *dynamic.values())
+    unary = static.unary.astype(dtype)
+    for k, ids in plan.unary:
+        if groups[k].evidence:
+            t = dynamic[k].astype(dtype)
+            unary = unary.at[ids, : t.shape[1]].add(t)
+    constant = static.constant.astype(dtype)
+    for k in plan.constant:
+        if groups[k].evidence:
+            constant = constant + jnp.sum(dynamic[k])
+    out = []
+    for members, n_static, part in zip(
+        plan.pairs, plan.n_static, static.tables, strict=True
+    ):
+        rest = [dynamic[k].astype(dtype) for k in members[n_static:]]
+        out.append(jnp.concatenate([part.astype(dtype)] + rest) if rest else part)
+    return FlatInputs(unary, constant, tuple(out))
+
+
+class _Setup(NamedTuple):
+    unary: Array  # (n_vars + 1, kmax), max-shifted, -inf past each cardinality
+    tables: tuple[Array, ...]  # per class (n_c + 1, *cards), max-shifted
+    offset: Array  # log Z so far (constants and shifts)
+
+
+def _setup(plan: FlatPlan, inputs: FlatInputs, dtype) -> _Setup:
+    kmax = plan.kmax
+    valid = np.arange(kmax)[None, :] < plan.cards[:, None]
+    u = jnp.where(valid, inputs.unary.astype(dtype), -jnp.inf)
+    u, off_u = _shift(u, (1,))
+    u = jnp.concatenate([u, jnp.zeros((1, kmax), dtype)])
+    offset = inputs.constant.astype(dtype) + jnp.sum(off_u)
+    pair_tables = []
+    for t0, cards in zip(inputs.tables, plan.pair_cards, strict=True):
+        t, off = _shift(t0.astype(dtype), tuple(range(1, len(cards) + 1)))
+        offset = offset + jnp.sum(off)
+        pair_tables.append(jnp.concatenate([t, jnp.zeros((1,) + t.shape[1:], dtype)]))
+    return _Setup(u, tuple(pair_tables), offset)
+
+
+# --------------------------------------------------------------------------- #
+# Tree: two passes, depth by depth.
+# --------------------------------------------------------------------------- #
+
+
+class _TreeState(NamedTuple):
+    b: _Beliefs
+    v: tuple[Array, ...]  # per pair group (n_k + 1, arity, kmax): var->factor
+    m: tuple[Array, ...]  # per pair group (n_k + 1, arity, kmax): factor->var
+    log_z: Array
+
+
+def _up_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeState:
+    """Factors at one depth send to their parents (children already sent)."""
+    b, v, m, log_z = state
+    v, m = list(v), list(m)
+    sends = []
+    for (k, p), inst in step:
+        cards = plan.pair_cards[k]
+        ids = _rows(plan.pair_scope[k], inst)
+        for j in range(len(cards)):
+            if j != p:
+                up = s.unary[ids[:, j]] + _total(b, ids[:, j])
+                v[k] = v[k].at[inst, j].set(up)
+        msg, off = _factor_message(
+            s.tables[k][inst], v[k][inst], cards, p, t, plan.kmax
+        )
+        real = jnp.asarray(inst) < plan.pair_scope[k].shape[0] - 1
+        log_z = log_z + jnp.sum(jnp.where(real, off, 0.0))
+        m[k] = m[k].at[inst, p].set(msg)
+        sends.append((ids[:, p], msg))
+    for ids, msg in sends:
+        b = _scatter(b, ids, msg)
+    return _TreeState(b, tuple(v), tuple(m), log_z)
+
+
+def _down_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeState:
+    """Factors at one depth get their parent's message and send to children."""
+    b, v, m, log_z = state
+    v, m = list(v), list(m)
+    sends = []
+    for (k, p), inst in step:
+        cards = plan.pair_cards[k]
+        ids = _rows(plan.pair_scope[k], inst)
+        down = s.unary[ids[:, p]] + _leave_one_out(b, ids[:, p], m[k][inst, p])
+        v[k] = v[k].at[inst, p].set(down)
+        for j in range(len(cards)):
+            if j != p:
+                msg, _ = _factor_message(
+                    s.tables[k][inst], v[k][inst], cards, j, t, plan.kmax
+                )
+                m[k] = m[k].at[inst, j].set(msg)
+                sends.append((ids[:, j], msg))
+    for ids, msg in sends:
+        b = _scatter(b, ids, msg)
+    return _TreeState(b, tuple(v), tuple(m), log_z)
+
+
+def _run_steps(plan: FlatPlan, fn, state, reverse: bool):
+    """Apply ``fn(state, step)`` over the steps, unrolled or inside ``lax.scan``."""
+    if plan.padded is None:
+        steps = reversed(plan.steps) if reverse else plan.steps
+        for step in steps:
+            state = fn(state, step)
+        return state
+    slots = plan.slots
+    xs = {kp: plan.padded[kp] for kp in slots}
+
+    def body(carry, x):
+        step = tuple((kp, x[kp]) for kp in slots)
+        return fn(carry, step), None
+
+    state, _ = jax.lax.scan(body, state, xs, reverse=reverse)
+    return state
+
+
+def _tree_up(plan: FlatPlan, s: _Setup, t, dtype) -> _TreeState:
+    n, kmax = plan.n_vars, plan.kmax
+    zeros = tuple(
+        jnp.zeros((sc.shape[0], sc.shape[1], kmax), dtype) for sc in plan.pair_scope
+    )
+    state = _TreeState(
+        _Beliefs(jnp.zeros((n + 1, kmax), dtype), jnp.zeros((n + 1, kmax), jnp.int32)),
+        zeros,
+        zeros,
+        s.offset,
+    )
+    return _run_steps(
+        plan, lambda st, step: _up_step(plan, s, t, st, step), state, reverse=True
+    )
+
+
+def _backtrack(plan: FlatPlan, s: _Setup, up: _TreeState) -> Array:
+    """Joint MAP by coarse-to-fine backtracking over the rooted tree (max-sum)."""
+    n = plan.n_vars
+    roots = plan.roots
+    x = jnp.zeros((n + 1,), jnp.int32)
+    root_b = s.unary[roots] + _total(up.b, roots)
+    x = x.at[roots].set(jnp.argmax(root_b, axis=1).astype(jnp.int32))
+
+    def step_fn(x, step):
+        for (k, p), inst in step:
+            cards = plan.pair_cards[k]
+            ids = _rows(plan.pair_scope[k], inst)
+            scores = _joint(s.tables[k][inst], up.v[k][inst], cards, p)
+            xp = x[ids[:, p]]
+            # Fix the parent slot at its assigned state.
+            idx = jnp.reshape(xp, (-1,) + (1,) * len(cards))
+            scores = jnp.take_along_axis(scores, idx, axis=p + 1)
+            scores = jnp.squeeze(scores, axis=p + 1)
+            rest = [c for i, c in enumerate(cards) if i != p]
+            flat = jnp.argmax(jnp.reshape(scores, (scores.shape[0], -1)), axis=1)
+            states = jnp.unravel_index(flat, tuple(rest))
+            others = [i for i in range(len(cards)) if i != p]
+            for i, st in zip(others, states, strict=True):
+                x = x.at[ids[:, i]].set(st.astype(jnp.int32))
+        return x
+
+    return _run_steps(plan, step_fn, x, reverse=False)[:n]
+
+
+def _marginals(u: Array, b: _Beliefs, n: int, t) -> Array:
+    belief = u[:n] + _total(b, slice(0, n))
+    shifted, _ = _shift(belief, (1,))
+    norm = _reduce(shifted, (1,), t)
+    return shifted - jnp.where(jnp.isfinite(norm), norm, 0.0)[:, None]
+
+
+def _run_tree(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult:
+    n = plan.n_vars
+    up = _tree_up(plan, s, t, dtype)
+    roots = plan.roots
+    root_b = s.unary[roots] + _total(up.b, roots)
+    log_z = up.log_z + jnp.sum(_reduce(root_b, (1,), t))
+    down = _run_steps(
+        plan, lambda st, step: _down_step(plan, s, t, st, step), up, reverse=False
+    )
+    margs = _marginals(s.unary, down.b, n, t)
+    if want_map:
+        max_up = up if t is None else _tree_up(plan, s, None, dtype)
+        map_index = _backtrack(plan, s, max_up)
+    else:
+        map_index = jnp.full((n,), -1, jnp.int32)
+    return FlatResult(log_z, margs, map_index, jnp.zeros((0,), dtype))
+
+
+# --------------------------------------------------------------------------- #
+# Loopy: flooding with factor-to-variable messages as the state.
+# --------------------------------------------------------------------------- #
+
+
+def _gather_beliefs(plan: FlatPlan, m: tuple[Array, ...], dtype) -> _Beliefs:
+    n, kmax = plan.n_vars, plan.kmax
+    b = _Beliefs(jnp.zeros((n + 1, kmax), dtype), jnp.zeros((n + 1, kmax), jnp.int32))
+    for k, sc in enumerate(plan.pair_scope):
+        ids = sc[:-1]
+        for j in range(sc.shape[1]):
+            b = _scatter(b, ids[:, j], m[k][:, j])
+    return b
+
+
+def _var_to_factor(plan: FlatPlan, s: _Setup, b: _Beliefs, m) -> list[Array]:
+    out = []
+    for k, sc in enumerate(plan.pair_scope):
+        ids = sc[:-1]
+        cols = [
+            s.unary[ids[:, j]] + _leave_one_out(b, ids[:, j], m[k][:, j])
+            for j in range(sc.shape[1])
+        ]
+        out.append(jnp.stack(cols, axis=1))
+    return out
+
+
+def _loopy_messages(plan: FlatPlan, s: _Setup, t, dtype):
+    kmax, d = plan.kmax, plan.damping
+    init = tuple(
+        jnp.zeros((sc.shape[0] - 1, sc.shape[1], kmax), dtype) for sc in plan.pair_scope
+    )
+    masks = []
+    for cards in plan.pair_cards:
+        mk = np.zeros((len(cards), kmax), bool)
+        for j, c in enumerate(cards):
+            mk[j, :c] = True
+        masks.append(mk)
+
+    def sweep(m, _):
+        b = _gather_beliefs(plan, m, dtype)
+        v = _var_to_factor(plan, s, b, m)
+        new, delta = [], jnp.zeros((), dtype)
+        for k, cards in enumerate(plan.pair_cards):
+            table = s.tables[k][:-1]
+            cols = [
+                _factor_message(table, v[k], cards, j, t, kmax)[0]
+                for j in range(len(cards))
+            ]
+            fresh = jnp.stack(cols, axis=1)
+            if d > 0:
+                fresh = d * m[k] + (1.0 - d) * fresh
+                fresh, _ = _shift(fresh, (2,))
+            fresh = jnp.where(masks[k], fresh, 0.0)
+            diff = jnp.where(jnp.isfinite(fresh), jnp.abs(fresh - m[k]), 0.0)
+            delta = jnp.maximum(delta, jnp.max(diff, initial=0.0))
+            new.append(fresh)
+        return tuple(new), delta
+
+    return jax.lax.scan(sweep, init, None, length=plan.max_iters)
+
+
+def _bethe_log_z(plan: FlatPlan, s: _Setup, m, t) -> Array:
+    """Bethe estimate at temperature T: sum of energies plus T times the Bethe
+    entropy (unary terms folded into the variables, counted ``1 - degree``)."""
+    n = plan.n_vars
+    b = _gather_beliefs(plan, m, s.unary.dtype)
+    logp = _marginals(s.unary, b, n, t) / t
+    p = jnp.exp(logp)
+    u = s.unary[:n]
+    energy = jnp.sum(jnp.where(p > 0, p * u, 0.0))
+    h = jnp.sum(entr(p), axis=1)
+    total = s.offset + energy + t * jnp.sum((1.0 - plan.degree) * h)
+    v = _var_to_factor(plan, s, b, m)
+    for k, cards in enumerate(plan.pair_cards):
+        table = s.tables[k][:-1]
+        x = _joint(table, v[k], cards, -1)
+        axes = tuple(range(1, len(cards) + 1))
+        shifted, _ = _shift(x, axes)
+        lq = shifted - jnp.expand_dims(_reduce(shifted, axes, t), axes)
+        q = jnp.exp(lq / t)
+        total = total + jnp.sum(jnp.where(q > 0, q * table, 0.0)) + t * jnp.sum(entr(q))
+    return total
+
+
+def _score(plan: FlatPlan, s: _Setup, x: Array) -> Array:
+    n = plan.n_vars
+    total = s.offset + jnp.sum(s.unary[jnp.arange(n), x])
+    for k, sc in enumerate(plan.pair_scope):
+        ids = sc[:-1]
+        table = s.tables[k][:-1]
+        idx = (jnp.arange(ids.shape[0]),) + tuple(
+            x[ids[:, j]] for j in range(ids.shape[1])
+        )
+        total = total + jnp.sum(table[idx])
+    return total
+
+
+def _run_loopy(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult:
+    n = plan.n_vars
+    m, deltas = _loopy_messages(plan, s, t, dtype)
+    margs = _marginals(s.unary, _gather_beliefs(plan, m, dtype), n, t)
+    if t is None:
+        max_margs = margs
+    elif want_map:
+        mm, _ = _loopy_messages(plan, s, None, dtype)
+        max_margs = _marginals(s.unary, _gather_beliefs(plan, mm, dtype), n, None)
+    else:
+        max_margs = None
+    if max_margs is not None:
+        map_index = jnp.argmax(max_margs, axis=1).astype(jnp.int32)
+    else:
+        map_index = jnp.full((n,), -1, jnp.int32)
+    if t is None:
+        log_z = _score(plan, s, map_index)
+    else:
+        log_z = _bethe_log_z(plan, s, m, t)
+    return FlatResult(log_z, margs, map_index, deltas)
+
+
+def flat_inputs(plan: FlatPlan, tables: Sequence[Array], groups) -> FlatInputs:
+    """All of a plan's inputs from every group's concrete table (outside jit)."""
+    dynamic = {k: jnp.asarray(t) for k, t in enumerate(tables) if groups[k].evidence}
+    return add_dynamic(plan, static_inputs(plan, tables, groups), dynamic, groups)
+
+
+def run_flat_plan(
+    plan: FlatPlan,
+    inputs: FlatInputs,
+    temperature: Array | None,
+    want_map: bool = True,
+) -> FlatResult:
+    """Run a flat plan on one set of inputs (pure; jit/vmap it).
+
+    Args:
+        plan: From :func:`pgm_drm.graph.make_flat_plan`.
+        inputs: :class:`FlatInputs` (see :func:`flat_inputs`).
+        temperature: ``None`` for max-sum (T=0, exact ``max``), else T > 0 (may be
+            a traced scalar).
+        want_map: Also decode the joint MAP (tree: backtracking, with a second
+            max-sum upward pass when T > 0; loopy: a max-product run when T > 0).
+
+    Returns:
+        :class:`FlatResult`. Tree plans are exact; loopy plans give loopy beliefs.
+    """
+    dtype = jnp.result_type(inputs.unary, inputs.constant, *inputs.tables)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    s = _setup(plan, inputs, dtype)
+    t = None if temperature is None else jnp.asarray(temperature, dtype)
+    if plan.kind == "tree":
+        return _run_tree(plan, s, t, want_map, dtype)
+    return _run_loopy(plan, s, t, want_map, dtype)
