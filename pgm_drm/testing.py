@@ -22,9 +22,15 @@ from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
     "assert_posteriors_close",
+    "chain_loop_model",
+    "ising_grid",
+    "ising_loop_model",
     "log_joint",
+    "numpy_forward_backward",
+    "numpy_loopy_ising",
     "random_factor_model",
     "random_plate_model",
+    "random_plated_tree_model",
     "random_rendering_model",
 ]
 
@@ -200,3 +206,215 @@ def assert_posteriors_close(
         la = log_joint(model, actual.map, **kw)
         le = log_joint(model, expected.map, **kw)
         np.testing.assert_allclose(la, le, atol=atol, err_msg="MAP log-joint")
+
+
+def ising_grid(n: int, seed: int = 0, coupling: float = 0.5) -> dict[str, np.ndarray]:
+    """Random log-potentials of an ``n x n`` binary grid (the bench's Ising model).
+
+    Returns:
+        ``unary`` ``(n, n, 2)`` ~ N(0, 1); ``horizontal`` ``(n, n-1, 2, 2)`` for
+        ``(x[i,j], x[i,j+1])`` and ``vertical`` ``(n-1, n, 2, 2)`` for
+        ``(x[i,j], x[i+1,j])``, each ``[[J, -J], [-J, J]]`` with ``J ~ N(0,
+        coupling)``.
+    """
+    rng = np.random.default_rng(seed)
+    unary = rng.normal(size=(n, n, 2))
+    sign = np.array([[1.0, -1.0], [-1.0, 1.0]])
+    jh = rng.normal(scale=coupling, size=(n, n - 1))
+    jv = rng.normal(scale=coupling, size=(n - 1, n))
+    return {
+        "unary": unary,
+        "horizontal": jh[..., None, None] * sign,
+        "vertical": jv[..., None, None] * sign,
+    }
+
+
+def ising_loop_model(potentials: Mapping[str, np.ndarray]) -> Callable[[], None]:
+    """The grid as a user writes it: one site per node in a plain double loop.
+
+    ``x[i,j] ~ Categorical(logits=unary[i,j])`` and a ``numpyro.factor`` per edge
+    with the pairwise log-potential. No plates, no ``markov``.
+    """
+    unary = jnp.asarray(potentials["unary"])
+    hor = jnp.asarray(potentials["horizontal"])
+    ver = jnp.asarray(potentials["vertical"])
+    n = unary.shape[0]
+
+    def model() -> None:
+        x = {}
+        for i in range(n):
+            for j in range(n):
+                x[i, j] = numpyro.sample(
+                    f"x_{i}_{j}", dist.Categorical(logits=unary[i, j])
+                )
+        for i in range(n):
+            for j in range(n):
+                if j + 1 < n:
+                    numpyro.factor(f"h_{i}_{j}", hor[i, j][x[i, j], x[i, j + 1]])
+                if i + 1 < n:
+                    numpyro.factor(f"v_{i}_{j}", ver[i, j][x[i, j], x[i + 1, j]])
+
+    return model
+
+
+def chain_loop_model(
+    n: int, k: int = 4, seed: int = 0
+) -> tuple[Callable[[], None], dict[str, np.ndarray]]:
+    """A Markov chain of ``n`` sites with ``k`` states, written as a plain loop.
+
+    ``x0 ~ Cat(prior)``, ``x_i ~ Cat(trans[i][x_{i-1}])`` (a random transition
+    matrix per step) and a ``numpyro.factor`` of random evidence on every site.
+
+    Returns:
+        The model and its parameters (``prior``, ``trans`` ``(n-1, k, k)``,
+        ``evidence`` ``(n, k)`` log-potentials) for a numpy twin.
+    """
+    rng = np.random.default_rng(seed)
+    params = {
+        "prior": rng.dirichlet(np.ones(k)),
+        "trans": rng.dirichlet(np.ones(k), size=(n - 1, k)),
+        "evidence": rng.normal(size=(n, k)),
+    }
+    prior = jnp.asarray(params["prior"])
+    trans = jnp.asarray(params["trans"])
+    evidence = jnp.asarray(params["evidence"])
+
+    def model() -> None:
+        x = numpyro.sample("x_0", dist.Categorical(prior))
+        numpyro.factor("e_0", evidence[0][x])
+        for i in range(1, n):
+            x = numpyro.sample(f"x_{i}", dist.Categorical(trans[i - 1][x]))
+            numpyro.factor(f"e_{i}", evidence[i][x])
+
+    return model, params
+
+
+def numpy_loopy_ising(
+    potentials: Mapping[str, np.ndarray],
+    num_iters: int,
+    damping: float = 0.5,
+    temperature: float = 1.0,
+) -> dict[str, Any]:
+    """Plain-numpy loopy BP on :func:`ising_grid` potentials (the flat kernel's twin).
+
+    Flooding schedule, factor-to-variable messages as the state (shifted to max
+    0), damping ``new = damping * old + (1 - damping) * computed`` in log space,
+    ``T * logsumexp(x / T)`` reductions (``max`` at T = 0): PGMax's conventions.
+
+    Returns:
+        ``marginals`` ``(n, n, 2)`` (softmax of the beliefs at temperature T;
+        T = 0: normalised max-marginals ``exp(b - max b)``), ``deltas`` (max
+        message change per iteration).
+    """
+
+    def reduce(a: np.ndarray, axis: int) -> np.ndarray:
+        mx = np.max(a, axis=axis, keepdims=True)
+        if temperature == 0.0:
+            return np.squeeze(mx, axis=axis)
+        s = np.sum(np.exp((a - mx) / temperature), axis=axis, keepdims=True)
+        return np.squeeze(mx + temperature * np.log(s), axis=axis)
+
+    u = np.asarray(potentials["unary"], np.float64)
+    h = np.asarray(potentials["horizontal"], np.float64)
+    v = np.asarray(potentials["vertical"], np.float64)
+    n = u.shape[0]
+    msgs = [np.zeros((n, n - 1, 2)), np.zeros((n, n - 1, 2))]
+    msgs += [np.zeros((n - 1, n, 2)), np.zeros((n - 1, n, 2))]
+
+    def beliefs(hl, hr, vu, vd):
+        b = u.copy()
+        b[:, :-1] += hl
+        b[:, 1:] += hr
+        b[:-1, :] += vu
+        b[1:, :] += vd
+        return b
+
+    deltas = []
+    for _ in range(num_iters):
+        hl, hr, vu, vd = msgs
+        b = beliefs(*msgs)
+        n_hl, n_hr = b[:, :-1] - hl, b[:, 1:] - hr
+        n_vu, n_vd = b[:-1, :] - vu, b[1:, :] - vd
+        sh = h + n_hl[..., :, None] + n_hr[..., None, :]
+        sv = v + n_vu[..., :, None] + n_vd[..., None, :]
+        computed = [
+            reduce(sh, -1) - n_hl,
+            reduce(sh, -2) - n_hr,
+            reduce(sv, -1) - n_vu,
+            reduce(sv, -2) - n_vd,
+        ]
+        new = []
+        for old, c in zip(msgs, computed, strict=True):
+            m = damping * old + (1.0 - damping) * c
+            new.append(m - np.max(m, axis=-1, keepdims=True))
+        change = [np.max(np.abs(a - b)) for a, b in zip(new, msgs, strict=True)]
+        deltas.append(float(max(change)))
+        msgs = new
+    b = beliefs(*msgs)
+    b = b - np.max(b, axis=-1, keepdims=True)
+    if temperature == 0.0:
+        marg = np.exp(b)
+    else:
+        e = np.exp(b / temperature)
+        marg = e / e.sum(-1, keepdims=True)
+    return {"marginals": marg, "deltas": np.asarray(deltas)}
+
+
+def numpy_forward_backward(
+    params: Mapping[str, np.ndarray],
+) -> tuple[float, np.ndarray]:
+    """Exact log Z and marginals of :func:`chain_loop_model` (the chain's twin).
+
+    Normalised forward-backward in float64 on ``prior``, ``trans`` and the
+    evidence log-potentials.
+
+    Returns:
+        ``(log_z, marginals)`` with marginals of shape ``(n, k)``.
+    """
+    prior = np.asarray(params["prior"], np.float64)
+    trans = np.asarray(params["trans"], np.float64)
+    ev = np.asarray(params["evidence"], np.float64)
+    n = ev.shape[0]
+    shift = ev.max(axis=1, keepdims=True)
+    lik = np.exp(ev - shift)
+    alpha = np.zeros_like(lik)
+    scale = np.zeros(n)
+    alpha[0] = prior * lik[0]
+    scale[0] = alpha[0].sum()
+    alpha[0] /= scale[0]
+    for i in range(1, n):
+        alpha[i] = (alpha[i - 1] @ trans[i - 1]) * lik[i]
+        scale[i] = alpha[i].sum()
+        alpha[i] /= scale[i]
+    beta = np.ones_like(lik)
+    for i in range(n - 2, -1, -1):
+        beta[i] = trans[i] @ (lik[i + 1] * beta[i + 1]) / scale[i + 1]
+    marg = alpha * beta
+    marg /= marg.sum(axis=1, keepdims=True)
+    return float(np.log(scale).sum() + shift.sum()), marg
+
+
+def random_plated_tree_model(seed: int, size: int = 3) -> Model:
+    """A tree written with plates: a global ``c``, per-instance children, evidence.
+
+    ``c ~ Cat``; in plate ``i``: ``z_i ~ Cat(cpt[c])``, ``b_i ~ Bernoulli(q[z_i])``
+    and ``y_i ~ N(m[b_i], 1)`` observed. Its factor graph is a tree whose
+    size grows with the plate, not its program.
+    """
+    rng = np.random.default_rng(seed)
+    kc, kz = int(rng.integers(2, 4)), int(rng.integers(2, 5))
+    pc = rng.dirichlet(np.ones(kc))
+    cpt = rng.dirichlet(np.ones(kz), size=kc)
+    q = rng.uniform(0.1, 0.9, size=kz)
+    m = rng.normal(scale=1.5, size=2)
+    y = rng.normal(size=size)
+
+    def model(y=None):
+        c = numpyro.sample("c", dist.Categorical(jnp.asarray(pc)))
+        with numpyro.plate("i", size):
+            z = numpyro.sample("z", dist.Categorical(Vindex(jnp.asarray(cpt))[c]))
+            b = numpyro.sample("b", dist.Bernoulli(jnp.asarray(q)[z]))
+            idx = b.astype(jnp.int32)
+            numpyro.sample("y", dist.Normal(jnp.asarray(m)[idx], 1.0), obs=y)
+
+    return model, {"y": jnp.asarray(y)}

@@ -87,26 +87,31 @@ def _finite_sum(x: Array) -> Array:
     return jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0))
 
 
-class _Beliefs(NamedTuple):
-    fin: Array  # (n_vars + 1, kmax): sum of the finite incoming parts
-    ninf: Array  # (n_vars + 1, kmax) int32: number of -inf incoming parts
-
-
-def _scatter(b: _Beliefs, ids: Array, msg: Array) -> _Beliefs:
+def _pack(msg: Array) -> Array:
+    """``(..., kmax)`` message -> ``(..., 2, kmax)``: finite part, -inf indicator."""
     neg = jnp.isneginf(msg)
-    return _Beliefs(
-        b.fin.at[ids].add(jnp.where(neg, 0.0, msg)),
-        b.ninf.at[ids].add(neg.astype(jnp.int32)),
-    )
+    return jnp.stack([jnp.where(neg, 0.0, msg), neg.astype(msg.dtype)], axis=-2)
 
 
-def _total(b: _Beliefs, ids) -> Array:
-    return jnp.where(b.ninf[ids] > 0, -jnp.inf, b.fin[ids])
+def _empty(n: int, kmax: int, dtype) -> Array:
+    """Belief accumulator ``(n + 1, 2, kmax)``: sum of the finite incoming parts
+    and the number of ``-inf`` incoming parts (row ``n`` is the sink)."""
+    return jnp.zeros((n + 1, 2, kmax), dtype)
 
 
-def _leave_one_out(b: _Beliefs, ids, msg: Array) -> Array:
+def _scatter(acc: Array, ids, msg: Array) -> Array:
+    return acc.at[ids].add(_pack(msg))
+
+
+def _total(acc: Array, ids) -> Array:
+    a = acc[ids]
+    return jnp.where(a[..., 1, :] > 0, -jnp.inf, a[..., 0, :])
+
+
+def _leave_one_out(acc: Array, ids, msg: Array) -> Array:
     """Sum of a variable's incoming messages except ``msg`` (exact with -inf)."""
-    fin, ninf = b.fin[ids], b.ninf[ids]
+    a = acc[ids]
+    fin, ninf = a[..., 0, :], a[..., 1, :]
     neg = jnp.isneginf(msg)
     return jnp.where(
         neg,
@@ -255,7 +260,7 @@ def _setup(plan: FlatPlan, inputs: FlatInputs, dtype) -> _Setup:
 
 
 class _TreeState(NamedTuple):
-    b: _Beliefs
+    b: Array  # belief accumulator (see _empty)
     v: tuple[Array, ...]  # per pair group (n_k + 1, arity, kmax): var->factor
     m: tuple[Array, ...]  # per pair group (n_k + 1, arity, kmax): factor->var
     log_z: Array
@@ -331,7 +336,7 @@ def _tree_up(plan: FlatPlan, s: _Setup, t, dtype) -> _TreeState:
         jnp.zeros((sc.shape[0], sc.shape[1], kmax), dtype) for sc in plan.pair_scope
     )
     state = _TreeState(
-        _Beliefs(jnp.zeros((n + 1, kmax), dtype), jnp.zeros((n + 1, kmax), jnp.int32)),
+        _empty(n, kmax, dtype),
         zeros,
         zeros,
         s.offset,
@@ -370,7 +375,7 @@ def _backtrack(plan: FlatPlan, s: _Setup, up: _TreeState) -> Array:
     return _run_steps(plan, step_fn, x, reverse=False)[:n]
 
 
-def _marginals(u: Array, b: _Beliefs, n: int, t) -> Array:
+def _marginals(u: Array, b: Array, n: int, t) -> Array:
     belief = u[:n] + _total(b, slice(0, n))
     shifted, _ = _shift(belief, (1,))
     norm = _reduce(shifted, (1,), t)
@@ -400,25 +405,22 @@ def _run_tree(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult
 # --------------------------------------------------------------------------- #
 
 
-def _gather_beliefs(plan: FlatPlan, m: tuple[Array, ...], dtype) -> _Beliefs:
+def _gather_beliefs(plan: FlatPlan, m: tuple[Array, ...], dtype) -> Array:
+    """Every variable's incoming factor messages, summed in one segment sum."""
     n, kmax = plan.n_vars, plan.kmax
-    b = _Beliefs(jnp.zeros((n + 1, kmax), dtype), jnp.zeros((n + 1, kmax), jnp.int32))
-    for k, sc in enumerate(plan.pair_scope):
-        ids = sc[:-1]
-        for j in range(sc.shape[1]):
-            b = _scatter(b, ids[:, j], m[k][:, j])
-    return b
+    if not plan.pair_scope:
+        return _empty(n, kmax, dtype)
+    ids = jnp.asarray(np.concatenate([sc[:-1].reshape(-1) for sc in plan.pair_scope]))
+    msgs = jnp.concatenate([mk.reshape(-1, kmax) for mk in m])
+    return jax.ops.segment_sum(_pack(msgs), ids, num_segments=n + 1)
 
 
-def _var_to_factor(plan: FlatPlan, s: _Setup, b: _Beliefs, m) -> list[Array]:
+def _var_to_factor(plan: FlatPlan, s: _Setup, b: Array, m) -> list[Array]:
+    """``U_v + sum_{g != f} m_{g->v}`` for every slot of every factor instance."""
     out = []
     for k, sc in enumerate(plan.pair_scope):
         ids = sc[:-1]
-        cols = [
-            s.unary[ids[:, j]] + _leave_one_out(b, ids[:, j], m[k][:, j])
-            for j in range(sc.shape[1])
-        ]
-        out.append(jnp.stack(cols, axis=1))
+        out.append(s.unary[ids] + _leave_one_out(b, ids, m[k]))
     return out
 
 

@@ -1,0 +1,219 @@
+"""The flat kernel against its naive twin, brute force, NumPyro and numpy twins.
+
+Tolerances: float64 throughout (conftest). The flat and the per-message kernels,
+brute force and NumPyro's enumeration sum the same few dozen log-terms in other
+orders and with other max-shifts, so they agree to ~1e-12; 1e-8 (and the
+suite's 1e-6 where ``assert_posteriors_close`` is used) leaves room for
+logsumexp's rescaling.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pgm_drm.graph import compile_model
+from pgm_drm.graph.plan import UNROLL_STEPS
+from pgm_drm.inference import brute_force, enumerate_exact, infer
+from pgm_drm.testing import (
+    assert_posteriors_close,
+    chain_loop_model,
+    ising_grid,
+    ising_loop_model,
+    numpy_forward_backward,
+    numpy_loopy_ising,
+    random_factor_model,
+    random_plated_tree_model,
+)
+
+ATOL = 1e-8
+
+
+@given(
+    seed=st.integers(0, 100_000),
+    kind=st.sampled_from(["chain", "tree"]),
+    t=st.sampled_from([0.0, 1.0, 0.4]),
+    hard=st.booleans(),
+)
+def test_flat_tree_equals_naive_twin_and_brute_force(seed, kind, t, hard):
+    model, kwargs = random_factor_model(seed, n_vars=5, kind=kind, hard_zeros=hard)
+    fg = compile_model(model, **kwargs)
+    flat = infer(fg, temperature=t, schedule="tree")
+    naive = infer(fg, temperature=t, schedule=fg.schedule("tree"))
+    ref = brute_force(model, temperature=t, **kwargs)
+    assert_posteriors_close(flat, naive, ATOL, model, kwargs)
+    assert_posteriors_close(flat, ref, ATOL, model, kwargs)
+    if t == 0.0:
+        # Backtracking visits the same tree: the same joint MAP, not just as good.
+        for site in naive.map:
+            assert int(flat.map[site]) == int(naive.map[site])
+
+
+@given(seed=st.integers(0, 100_000), semiring=st.sampled_from(["sum", "max"]))
+def test_plated_tree_is_exact_against_brute_force_and_numpyro(seed, semiring):
+    model, kwargs = random_plated_tree_model(seed, size=3)
+    fg = compile_model(model, **kwargs)
+    assert fg.is_tree()
+    # One group per site, whatever the plate size.
+    assert [g.site for g in fg.factor_groups] == ["c", "z", "b", "y"]
+    post = infer(fg, semiring, schedule="tree")
+    assert_posteriors_close(post, brute_force(model, semiring=semiring, **kwargs), 1e-6)
+    ref = enumerate_exact(model, semiring=semiring, **kwargs)
+    assert_posteriors_close(post, ref, 1e-6, model, kwargs)
+
+
+def test_plated_tree_program_does_not_grow_with_the_plate():
+    small_model, small_kw = random_plated_tree_model(0, size=3)
+    big_model, big_kw = random_plated_tree_model(0, size=300)
+    small = compile_model(small_model, **small_kw).plan("tree")
+    big = compile_model(big_model, **big_kw).plan("tree")
+    # Steps are tree depths, each one batched op per (class, parent slot).
+    assert small.n_steps == big.n_steps
+    assert [len(s) for s in small.steps] == [len(s) for s in big.steps]
+
+
+def test_batched_evidence_equals_one_by_one():
+    model, kwargs = random_plated_tree_model(3, size=4)
+    fg = compile_model(model, **kwargs)
+    ys = np.random.default_rng(0).normal(size=(5, 4))
+    batch = infer(fg, "sum", y=jnp.asarray(ys))
+    for i in range(5):
+        one = infer(fg, "sum", y=jnp.asarray(ys[i]))
+        np.testing.assert_allclose(float(batch.log_z[i]), float(one.log_z), atol=ATOL)
+        for site in one.log_marginals:
+            np.testing.assert_allclose(
+                batch.log_marginals[site][i], one.log_marginals[site], atol=ATOL
+            )
+
+
+@pytest.mark.parametrize("n", [UNROLL_STEPS // 2, 3 * UNROLL_STEPS])
+def test_chain_as_a_loop_equals_forward_backward(n):
+    # 3 * UNROLL_STEPS sites run the depth steps inside lax.scan (padded arrays).
+    model, params = chain_loop_model(n, k=4, seed=n)
+    fg = compile_model(model)
+    plan = fg.plan("tree")
+    assert (plan.padded is not None) == (plan.n_steps > UNROLL_STEPS)
+    post = infer(fg, "sum")
+    log_z, marg = numpy_forward_backward(params)
+    np.testing.assert_allclose(float(post.log_z), log_z, atol=ATOL)
+    got = np.stack([np.asarray(post.marginals[f"x_{i}"]) for i in range(n)])
+    np.testing.assert_allclose(got, marg, atol=ATOL)
+    # The MAP of the flat kernel equals the naive twin's (same backtracking).
+    flat = infer(fg, "max")
+    naive = infer(fg, "max", schedule=fg.schedule("tree"))
+    np.testing.assert_allclose(float(flat.log_z), float(naive.log_z), atol=ATOL)
+    assert all(int(flat.map[s]) == int(naive.map[s]) for s in naive.map)
+
+
+def test_more_sites_than_numpyro_has_enumeration_dims():
+    # The issue's example: 30 Bernoulli sites in a Python loop (NumPyro: 25 dims).
+    rng = np.random.default_rng(0)
+    flips = jnp.asarray(rng.uniform(0.1, 0.9, size=(30, 2)))
+
+    def model():
+        x = numpyro.sample("x0", dist.Bernoulli(0.5))
+        for i in range(1, 30):
+            x = numpyro.sample(f"x{i}", dist.Bernoulli(flips[i][x.astype(int)]))
+
+    fg = compile_model(model)
+    assert fg.n_variables == 30
+    post = infer(fg, "sum")
+    # A chain with no evidence: log Z = 0 and x0's marginal is its prior.
+    np.testing.assert_allclose(float(post.log_z), 0.0, atol=ATOL)
+    np.testing.assert_allclose(post.marginals["x0"], [0.5, 0.5], atol=ATOL)
+    # Marginals propagate through the transition tables.
+    p = np.array([0.5, 0.5])
+    for i in range(1, 30):
+        t = np.stack([1 - np.asarray(flips[i]), np.asarray(flips[i])], axis=1)
+        p = p @ t
+        np.testing.assert_allclose(post.marginals[f"x{i}"], p, atol=ATOL)
+
+
+def test_one_compile_serves_every_positive_temperature():
+    model, kwargs = random_factor_model(5, n_vars=5, kind="tree")
+    fg = compile_model(model, **kwargs)
+    infer(fg, temperature=0.3, map=False)
+    traces = fg.n_traces
+    hot = infer(fg, temperature=0.7, map=False)
+    assert fg.n_traces == traces
+    ref = brute_force(model, temperature=0.7, **kwargs)
+    np.testing.assert_allclose(float(hot.log_z), float(ref.log_z), atol=ATOL)
+
+
+def test_map_false_skips_the_map():
+    model, kwargs = random_factor_model(2, n_vars=4, kind="chain")
+    fg = compile_model(model, **kwargs)
+    with_map = infer(fg, "sum")
+    without = infer(fg, "sum", map=False)
+    assert without.map == {}
+    np.testing.assert_allclose(float(without.log_z), float(with_map.log_z), atol=0)
+
+
+@pytest.mark.parametrize("kind", ["chain", "tree"])
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_flat_loopy_on_a_tree_converges_to_exact(kind, damping):
+    model, kwargs = random_factor_model(4, n_vars=5, kind=kind)
+    fg = compile_model(model, **kwargs)
+    for semiring in ("sum", "max"):
+        exact = infer(fg, semiring, schedule="tree")
+        plan = fg.plan("loopy", damping=damping, max_iters=150)
+        loopy = infer(fg, semiring, schedule=plan)
+        assert loopy.converged
+        for site in exact.log_marginals:
+            # BP is exact on a tree once converged (damping 0.5 halves the error
+            # each sweep: 150 sweeps are far below 1e-8).
+            np.testing.assert_allclose(
+                np.exp(loopy.log_marginals[site]),
+                np.exp(exact.log_marginals[site]),
+                atol=1e-8,
+            )
+            assert int(loopy.map[site]) == int(exact.map[site])
+        if semiring == "sum":  # the Bethe free energy is exact on a tree
+            np.testing.assert_allclose(float(loopy.log_z), float(exact.log_z), atol=1e-8)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_flat_loopy_equals_its_numpy_twin_on_an_ising_grid(temperature):
+    pot = ising_grid(4, seed=1, coupling=1.0)
+    fg = compile_model(ising_loop_model(pot))
+    plan = fg.plan("loopy", damping=0.5, max_iters=40)
+    post = infer(fg, temperature=temperature, schedule=plan)
+    ref = numpy_loopy_ising(pot, 40, damping=0.5, temperature=temperature)
+    got = np.stack(
+        [
+            np.stack([np.exp(post.log_marginals[f"x_{i}_{j}"]) for j in range(4)])
+            for i in range(4)
+        ]
+    )
+    # Same iterates (same damping, shift and schedule): float64 round-off only.
+    np.testing.assert_allclose(got, ref["marginals"], atol=1e-9)
+    np.testing.assert_allclose(np.asarray(post.deltas), ref["deltas"], atol=1e-9)
+
+
+def test_flat_loopy_matches_naive_loopy_at_convergence():
+    model, kwargs = random_factor_model(11, n_vars=5, kind="loopy")
+    fg = compile_model(model, **kwargs)
+    flat = infer(fg, "sum", schedule=fg.plan("loopy", damping=0.5, max_iters=300))
+    naive = infer(fg, "sum", schedule=fg.schedule("loopy", damping=0.5, max_iters=300))
+    assert flat.converged and naive.converged
+    # Both schedules flood the same Bethe cluster graph: the same fixed point.
+    for site in flat.log_marginals:
+        np.testing.assert_allclose(
+            np.exp(flat.log_marginals[site]),
+            np.exp(naive.log_marginals[site]),
+            atol=1e-6,
+        )
+    np.testing.assert_allclose(float(flat.log_z), float(naive.log_z), atol=1e-6)
+
+
+def test_a_tree_plan_on_a_loopy_graph_names_a_cycle():
+    model, kwargs = random_factor_model(1, n_vars=5, kind="loopy")
+    fg = compile_model(model, **kwargs)
+    assert not fg.is_tree()
+    with pytest.raises(ValueError, match="cycle through"):
+        fg.plan("tree")
+    # auto falls back to the exact junction tree.
+    assert infer(fg, "sum").schedule == "exact"
