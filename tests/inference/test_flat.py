@@ -172,7 +172,9 @@ def test_flat_loopy_on_a_tree_converges_to_exact(kind, damping):
             )
             assert int(loopy.map[site]) == int(exact.map[site])
         if semiring == "sum":  # the Bethe free energy is exact on a tree
-            np.testing.assert_allclose(float(loopy.log_z), float(exact.log_z), atol=1e-8)
+            np.testing.assert_allclose(
+                float(loopy.log_z), float(exact.log_z), atol=1e-8
+            )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
