@@ -849,6 +849,7 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
             **{**infos[n].__dict__, "scope": scope, "evidence": evidence}
         )
 
+    _check_table_sizes(infos, supports)
     colour_of = _greedy_colours([i.scope for i in infos.values()], latent)
     n_col = max(colour_of.values(), default=-1) + 1
     if n_col > MAX_COLOURS:
@@ -923,6 +924,22 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         _check_table(g.site, t)
     fg._static_tables = tables
     return fg
+
+
+def _check_table_sizes(infos: Mapping[str, SiteInfo], supports: Mapping) -> None:
+    """Refuse a site whose table would pass ``MAX_CLUSTER_SIZE``, before any
+    table is allocated (its states times its plate instances)."""
+    from pgm_drm.graph.schedule import MAX_CLUSTER_SIZE
+
+    for info in infos.values():
+        states = int(np.prod([len(supports[s]) for s in info.scope], dtype=np.int64))
+        if states * max(info.n_instances, 1) > MAX_CLUSTER_SIZE:
+            raise CompileError(
+                f"site '{info.name}' depends on {list(info.scope)}: its table has "
+                f"{states} joint states x {info.n_instances} plate instances "
+                f"(> {MAX_CLUSTER_SIZE} entries); reduce the site's parents or "
+                "their cardinalities"
+            )
 
 
 def _check_table(site: str, table: Array) -> None:

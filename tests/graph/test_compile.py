@@ -130,3 +130,81 @@ def test_enumeration_broadcast_failure_is_explained():
 
     with pytest.raises(CompileError, match="numpyro.plate"):
         compile_model(model, x=jnp.zeros(3))
+
+
+def test_a_site_with_too_many_joint_states_is_refused_before_allocation():
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model():
+        xs = [
+            numpyro.sample(f"x{i}", dist.Categorical(jnp.ones(40) / 40))
+            for i in range(5)
+        ]
+        numpyro.factor("all", sum(x.astype(jnp.float32) for x in xs))
+
+    # 40**5 = 1.0e8 joint states > MAX_CLUSTER_SIZE: the message names the scope.
+    with pytest.raises(CompileError, match=r"site 'all' depends on \['x0'"):
+        compile_model(model)
+
+
+def test_nan_and_posinf_log_potentials_are_refused_naming_the_site():
+    import numpyro
+    import numpyro.distributions as dist
+
+    for bad in (jnp.nan, jnp.inf):
+
+        def model(bad=bad):
+            z = numpyro.sample("z", dist.Bernoulli(0.5))
+            numpyro.factor("f", jnp.where(z == 1, bad, 0.0))
+
+        with pytest.raises(CompileError, match="site 'f'"):
+            compile_model(model)
+
+
+def test_subsampled_plate_is_refused_naming_the_plate():
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model():
+        with numpyro.plate("N", 6, subsample_size=3):
+            numpyro.sample("z", dist.Bernoulli(0.3))
+
+    with pytest.raises(CompileError, match="plate 'N' is subsampled"):
+        compile_model(model)
+
+
+def test_undeclared_batch_dim_is_refused_whatever_its_size():
+    import numpyro
+    import numpyro.distributions as dist
+
+    # Size 2 equals the enumeration size of z: it must not collide silently.
+    def model(y=None):
+        z = numpyro.sample("z", dist.Bernoulli(0.3 * jnp.ones(2)))
+        numpyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y)
+
+    with pytest.raises(CompileError, match="no numpyro.plate declares"):
+        compile_model(model, y=jnp.array(0.5))
+
+
+@given(seed=st.integers(0, 10_000))
+def test_group_tables_equal_numpyro_enumeration_tables(seed):
+    from pgm_drm.graph import enumeration_tables
+
+    for model, kwargs in (
+        random_plate_model(seed, outer=2, inner=3),
+        random_factor_model(seed, n_vars=5, kind="loopy", hard_zeros=True),
+    ):
+        fg = compile_model(model, **kwargs)
+        for ours, ref in zip(fg.tables(), enumeration_tables(fg), strict=True):
+            # Same log_prob calls on the same values: float64 round-off only.
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-10)
+
+
+def test_grouped_view_has_one_node_per_site():
+    model, kwargs = random_plate_model(0, outer=3, inner=4)
+    fg = compile_model(model, **kwargs)
+    g = fg.grouped_graph()
+    assert set(g.nodes) == {"c", "z", "w", "p(c)", "p(bonus)", "p(z)", "p(w)", "p(y)"}
+    assert g.nodes["p(y)"]["size"] == 12 and g.nodes["w"]["plate_shape"] == (4, 3)
+    assert fg.graph.number_of_nodes() == fg.n_variables + fg.n_factors
