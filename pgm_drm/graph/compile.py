@@ -63,6 +63,9 @@ __all__ = [
     "support_values",
 ]
 
+#: Evaluate the model's jaxpr as one jitted program up to this many equations.
+JIT_EQNS = 3000
+
 #: Most distinct colours (simultaneously enumerated latent sites) one trace uses.
 MAX_COLOURS = 48
 
@@ -478,6 +481,10 @@ class _Evaluator:
             axes_out = [0 if c in self.out_colours[o] else None for o in out_ids]
             in_axes = tuple(0 if k == c else None for k in range(n_col))
             fn = jax.vmap(fn, in_axes=in_axes, out_axes=axes_out)
+        # One XLA program for small models; op by op for big ones (a model written
+        # as a loop of thousands of sites compiles slower than it dispatches).
+        if len(jaxpr.jaxpr.eqns) <= JIT_EQNS:
+            fn = jax.jit(fn)
         outs = fn(*self.colour_values)
         return [outs[k] for k in picked]
 

@@ -191,14 +191,16 @@ def test_undeclared_batch_dim_is_refused_whatever_its_size():
 def test_group_tables_equal_numpyro_enumeration_tables(seed):
     from pgm_drm.graph import enumeration_tables
 
-    for model, kwargs in (
-        random_plate_model(seed, outer=2, inner=3),
-        random_factor_model(seed, n_vars=5, kind="loopy", hard_zeros=True),
-    ):
-        fg = compile_model(model, **kwargs)
-        for ours, ref in zip(fg.tables(), enumeration_tables(fg), strict=True):
-            # Same log_prob calls on the same values: float64 round-off only.
-            np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-10)
+    if seed % 2:
+        model, kwargs = random_plate_model(seed, outer=2, inner=3)
+    else:
+        model, kwargs = random_factor_model(
+            seed, n_vars=5, kind="loopy", hard_zeros=True
+        )
+    fg = compile_model(model, **kwargs)
+    for ours, ref in zip(fg.tables(), enumeration_tables(fg), strict=True):
+        # Same log_prob calls on the same values: float64 round-off only.
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-10)
 
 
 def test_grouped_view_has_one_node_per_site():

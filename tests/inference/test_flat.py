@@ -38,14 +38,13 @@ ATOL = 1e-8
     t=st.sampled_from([0.0, 1.0, 0.4]),
     hard=st.booleans(),
 )
-def test_flat_tree_equals_naive_twin_and_brute_force(seed, kind, t, hard):
+def test_flat_tree_equals_naive_twin(seed, kind, t, hard):
+    # Brute force and NumPyro check the same "tree" path in test_exactness.py.
     model, kwargs = random_factor_model(seed, n_vars=5, kind=kind, hard_zeros=hard)
     fg = compile_model(model, **kwargs)
     flat = infer(fg, temperature=t, schedule="tree")
     naive = infer(fg, temperature=t, schedule=fg.schedule("tree"))
-    ref = brute_force(model, temperature=t, **kwargs)
     assert_posteriors_close(flat, naive, ATOL, model, kwargs)
-    assert_posteriors_close(flat, ref, ATOL, model, kwargs)
     if t == 0.0:
         # Backtracking visits the same tree: the same joint MAP, not just as good.
         for site in naive.map:
