@@ -117,8 +117,10 @@ def _compiled_naive(fg: FactorGraph, schedule: Schedule, temperature: float, axe
     return fg._cache[key]
 
 
-def _compiled_flat(fg: FactorGraph, plan: FlatPlan, hard: bool, want_map: bool, axes):
-    key = ("flat", id(plan), hard, want_map, tuple(sorted(axes.items())))
+def _compiled_flat(
+    fg: FactorGraph, plan: FlatPlan, hard: bool, want_map: bool, want_margs: bool, axes
+):
+    key = ("flat", id(plan), hard, want_map, want_margs, tuple(sorted(axes.items())))
     if key in fg._cache:
         return fg._cache[key][1]
 
@@ -132,7 +134,8 @@ def _compiled_flat(fg: FactorGraph, plan: FlatPlan, hard: bool, want_map: bool, 
         # Per-site arrays are sliced inside the program (one dispatch, not one
         # per site: a model written as a loop has thousands of sites).
         margs, maps = _flat_posterior(fg, out, (), want_map)
-        return out.log_z, margs, maps, out.deltas
+        # Marginals not asked for are not outputs: XLA drops the downward pass.
+        return out.log_z, margs if want_margs else {}, maps, out.deltas
 
     fn = single
     if any(a == 0 for a in axes.values()):
@@ -164,6 +167,7 @@ def infer(
     temperature: float | None = None,
     schedule: str | Schedule | FlatPlan = "auto",
     map: bool = True,  # noqa: A002 - the natural name for "decode the MAP"
+    marginals: bool = True,
     **evidence: Any,
 ) -> Posterior:
     """Run max-sum, sum-product or tempered message passing on a compiled graph.
@@ -185,6 +189,8 @@ def infer(
             max_iters=100)``).
         map: Decode the joint MAP. ``False`` skips the backtracking (and, for
             T > 0, the extra max-sum pass); ``Posterior.map`` is then empty.
+        marginals: ``False`` returns ``log_z`` (and the MAP) only; on a tree the
+            downward pass is skipped. ``Posterior.log_marginals`` is then empty.
         **evidence: New values for the array keyword arguments the graph was
             compiled with; a leading extra axis is a batch (vmapped; the graph is
             traced and jitted once per schedule and batching pattern).
@@ -211,7 +217,7 @@ def infer(
     arrays, axes, batch = _check_evidence(fg, evidence)
     lead = () if batch is None else (batch,)
     if isinstance(sched, FlatPlan):
-        fn = _compiled_flat(fg, sched, t == 0.0, bool(map), axes)
+        fn = _compiled_flat(fg, sched, t == 0.0, bool(map), bool(marginals), axes)
         log_z, margs, maps, deltas = fn(arrays, jnp.asarray(t if t > 0 else 1.0))
         _check_log_z(log_z)
         deltas = None if sched.is_exact else deltas
@@ -230,7 +236,7 @@ def infer(
             support = jnp.asarray(np.asarray(info.support))
             maps[site] = jnp.reshape(support[idx], lead + info.plate_shape)
     deltas = None if sched.is_exact else out.deltas
-    return Posterior(margs, maps, out.log_z, t, sched.kind, deltas)
+    return Posterior(margs if marginals else {}, maps, out.log_z, t, sched.kind, deltas)
 
 
 def _check_log_z(log_z: Array) -> None:

@@ -149,6 +149,10 @@ def test_map_false_skips_the_map():
     without = infer(fg, "sum", map=False)
     assert without.map == {}
     np.testing.assert_allclose(float(without.log_z), float(with_map.log_z), atol=0)
+    only_z = infer(fg, "sum", map=False, marginals=False)
+    assert only_z.log_marginals == {} and only_z.map == {}
+    # Same upward pass: the same log Z up to XLA's fusion of the reductions.
+    np.testing.assert_allclose(float(only_z.log_z), float(with_map.log_z), atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["chain", "tree"])
