@@ -839,9 +839,16 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     fn = _log_prob_fn(model, args, static, latent, sample_sites, natural=True)
     lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
     ev_values = [jnp.asarray(arrays[k]) for k in ev_names]
-    closed = jax.make_jaxpr(
-        lambda lv, ev: fn(lv, dict(zip(ev_names, ev, strict=True)))
-    )(lat_values, ev_values)
+    try:
+        closed = jax.make_jaxpr(
+            lambda lv, ev: fn(lv, dict(zip(ev_names, ev, strict=True)))
+        )(lat_values, ev_values)
+    except jax.errors.ConcretizationTypeError as err:
+        raise CompileError(
+            "the model uses a latent value or evidence in Python control flow or as "
+            "a shape (an `if`, `int(...)`, a Python index); write it with array ops "
+            f"(jnp.where, Vindex) so every value can be enumerated ({err})"
+        ) from err
     labels = [frozenset({("z", n)}) for n in latent] + [
         frozenset({("e", k)}) for k in ev_names
     ]

@@ -210,3 +210,16 @@ def test_grouped_view_has_one_node_per_site():
     assert set(g.nodes) == {"c", "z", "w", "p(c)", "p(bonus)", "p(z)", "p(w)", "p(y)"}
     assert g.nodes["p(y)"]["size"] == 12 and g.nodes["w"]["plate_shape"] == (4, 3)
     assert fg.graph.number_of_nodes() == fg.n_variables + fg.n_factors
+
+
+def test_python_control_flow_on_a_latent_is_a_clear_error():
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(y=None):
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        mu = 2.0 if z > 0.5 else 0.0  # Python branch on a latent value
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with pytest.raises(CompileError, match="Python control flow"):
+        compile_model(model, y=jnp.array(1.0))
