@@ -131,11 +131,9 @@ def _compiled_flat(
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
         inputs = add_dynamic(plan, static, fg.evidence_tables(**ev), groups)
         out = run_flat_plan(plan, inputs, None if hard else t, want_map)
-        # Per-site arrays are sliced inside the program (one dispatch, not one
-        # per site: a model written as a loop has thousands of sites).
-        margs, maps = _flat_posterior(fg, out, (), want_map)
         # Marginals not asked for are not outputs: XLA drops the downward pass.
-        return out.log_z, margs if want_margs else {}, maps, out.deltas
+        margs = out.log_marginals if want_margs else None
+        return out.log_z, margs, out.map_index if want_map else None, out.deltas
 
     fn = single
     if any(a == 0 for a in axes.values()):
@@ -218,8 +216,11 @@ def infer(
     lead = () if batch is None else (batch,)
     if isinstance(sched, FlatPlan):
         fn = _compiled_flat(fg, sched, t == 0.0, bool(map), bool(marginals), axes)
-        log_z, margs, maps, deltas = fn(arrays, jnp.asarray(t if t > 0 else 1.0))
+        log_z, flat_margs, flat_map, deltas = fn(
+            arrays, jnp.asarray(t if t > 0 else 1.0)
+        )
         _check_log_z(log_z)
+        margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead)
         deltas = None if sched.is_exact else deltas
         return Posterior(margs, maps, log_z, t, sched.kind, deltas)
     out = _compiled_naive(fg, sched, t, axes)(arrays)
@@ -254,16 +255,32 @@ def _check_log_z(log_z: Array) -> None:
         raise ValueError("log Z is +inf: a factor table holds +inf")
 
 
-def _flat_posterior(fg: FactorGraph, out, lead: tuple, want_map: bool):
-    margs: dict[str, Array] = {}
-    maps: dict[str, Array] = {}
+#: Above this many latent sites, per-site arrays are split on the host (numpy) and
+#: moved back in one transfer: a model written as a loop has thousands of sites,
+#: and one dispatch per site (or one output per site) would cost more than the run.
+HOST_SPLIT_SITES = 64
+
+
+def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple):
+    """Per-site arrays from the flat ``(.., n_vars, kmax)`` / ``(.., n_vars)`` ones."""
+    groups = fg.variable_groups
+    host = len(groups) > HOST_SPLIT_SITES
+    xp = np if host else jnp
+    if host:
+        margs = None if margs is None else np.asarray(margs)
+        map_index = None if map_index is None else np.asarray(map_index)
     b = len(lead)
-    for g in fg.variable_groups:
+    out_m: dict[str, Array] = {}
+    out_map: dict[str, Array] = {}
+    for g in groups:
         sl = slice(g.offset, g.offset + g.size)
-        m = out.log_marginals[(slice(None),) * b + (sl, slice(0, g.cardinality))]
-        margs[g.site] = jnp.reshape(m, lead + g.plate_shape + (g.cardinality,))
-        if want_map:
-            idx = out.map_index[(slice(None),) * b + (sl,)]
-            support = jnp.asarray(np.asarray(g.support))
-            maps[g.site] = jnp.reshape(support[idx], lead + g.plate_shape)
-    return margs, maps
+        if margs is not None:
+            m = margs[(slice(None),) * b + (sl, slice(0, g.cardinality))]
+            out_m[g.site] = xp.reshape(m, lead + g.plate_shape + (g.cardinality,))
+        if map_index is not None:
+            idx = map_index[(slice(None),) * b + (sl,)]
+            support = xp.asarray(np.asarray(g.support))
+            out_map[g.site] = xp.reshape(support[idx], lead + g.plate_shape)
+    if host:
+        out_m, out_map = jax.device_put((out_m, out_map))
+    return out_m, out_map
