@@ -148,12 +148,22 @@ def _joint(table: Array, v_in: Array, cards: tuple[int, ...], skip: int) -> Arra
 
 
 def _factor_message(
-    table: Array, v_in: Array, cards: tuple[int, ...], j: int, t, kmax: int
+    table: Array,
+    v_in: Array,
+    cards: tuple[int, ...],
+    j: int,
+    t,
+    kmax: int,
+    shift: bool = True,
 ) -> tuple[Array, Array]:
-    """Message from each factor instance to its slot-``j`` variable, shifted."""
+    """Message from each factor instance to its slot-``j`` variable, shifted by
+    its max (``shift=False``: unshifted, for a caller that shifts later)."""
     x = _joint(table, v_in, cards, j)
     axes = tuple(i + 1 for i in range(len(cards)) if i != j)
-    m, off = _shift(_reduce(x, axes, t), (1,))
+    m = _reduce(x, axes, t)
+    if not shift:
+        return _pad(m, kmax), jnp.zeros(m.shape[:1], m.dtype)
+    m, off = _shift(m, (1,))
     return _pad(m, kmax), off
 
 
@@ -442,15 +452,17 @@ def _loopy_messages(plan: FlatPlan, s: _Setup, t, dtype):
         new, delta = [], jnp.zeros((), dtype)
         for k, cards in enumerate(plan.pair_cards):
             table = s.tables[k][:-1]
+            # With damping, one shift after mixing suffices (a per-edge constant).
             cols = [
-                _factor_message(table, v[k], cards, j, t, kmax)[0]
+                _factor_message(table, v[k], cards, j, t, kmax, shift=d == 0)[0]
                 for j in range(len(cards))
             ]
             fresh = jnp.stack(cols, axis=1)
             if d > 0:
                 fresh = d * m[k] + (1.0 - d) * fresh
                 fresh, _ = _shift(fresh, (2,))
-            fresh = jnp.where(masks[k], fresh, 0.0)
+            if not masks[k].all():
+                fresh = jnp.where(masks[k], fresh, 0.0)
             diff = jnp.where(jnp.isfinite(fresh), jnp.abs(fresh - m[k]), 0.0)
             delta = jnp.maximum(delta, jnp.max(diff, initial=0.0))
             new.append(fresh)
