@@ -448,6 +448,24 @@ class _Evaluator:
     out_colours: tuple[tuple[int, ...], ...]
     latent_fill: tuple[np.ndarray, ...]
 
+    def restrict(self, outputs: Sequence[int]) -> _Evaluator:
+        """An evaluator of only ``outputs`` (renumbered ``0..``): the rest of the
+        jaxpr is dropped (a graph keeps only what new evidence can change)."""
+        from jax._src.interpreters import partial_eval as pe
+
+        wanted = set(outputs)
+        used = [i in wanted for i in range(len(self.jaxpr.jaxpr.outvars))]
+        dced, _ = pe.dce_jaxpr(self.jaxpr.jaxpr, used, instantiate=True)
+        keep = sorted(wanted)
+        return _Evaluator(
+            jaxpr=ClosedJaxpr(dced, self.jaxpr.consts),
+            n_latent=self.n_latent,
+            colour_inputs=self.colour_inputs,
+            colour_values=self.colour_values,
+            out_colours=tuple(self.out_colours[o] for o in keep),
+            latent_fill=self.latent_fill,
+        )
+
     def __call__(self, evidence: Sequence[Array], outputs: Sequence[int]) -> list:
         """Tables of the chosen outputs, each ``(K_c for its colours, *lp_shape)``
         with colours in increasing order."""
@@ -456,13 +474,13 @@ class _Evaluator:
         try:  # keep only what the chosen outputs need
             from jax._src.interpreters import partial_eval as pe
 
-            used = [i in outputs for i in range(len(jaxpr.jaxpr.outvars))]
+            wanted = set(outputs)
+            used = [i in wanted for i in range(len(jaxpr.jaxpr.outvars))]
             dced, _ = pe.dce_jaxpr(jaxpr.jaxpr, used, instantiate=True)
             jaxpr = ClosedJaxpr(dced, jaxpr.consts)
-            picked = list(range(len(outputs)))
-            order = sorted(range(len(outputs)), key=lambda k: outputs[k])
-            picked = [order.index(k) for k in range(len(outputs))]
-            out_ids = sorted(outputs)
+            out_ids = sorted(wanted)
+            rank = {o: r for r, o in enumerate(out_ids)}
+            picked = [rank[o] for o in outputs]
         except Exception:  # pragma: no cover - internal API moved
             picked, out_ids = outputs, list(range(len(jaxpr.jaxpr.outvars)))
         f = jaxpr_as_fun(jaxpr)
@@ -937,6 +955,10 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     for g, t in zip(fgroups, tables, strict=True):
         _check_table(g.site, t)
     fg._static_tables = tables
+    # Keep only the part of the jaxpr that new evidence can change.
+    dynamic = [n for n in sample_sites if infos[n].evidence]
+    fg._evaluator = evaluator.restrict([fg._out_index[n] for n in dynamic])
+    fg._out_index = {n: k for k, n in enumerate(dynamic)}
     return fg
 
 
