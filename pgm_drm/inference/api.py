@@ -22,6 +22,8 @@ class Posterior(NamedTuple):
     """Posterior summaries of every latent site.
 
     With a batch of ``B`` evidence instances every array gets a leading ``(B,)``.
+    Models with more than ``HOST_SPLIT_SITES`` latent sites get numpy arrays per
+    site (split on the host in one go); smaller ones get JAX arrays.
 
     Attributes:
         log_marginals: ``site -> (*plate_shape, K)`` normalised log-marginals
@@ -47,7 +49,10 @@ class Posterior(NamedTuple):
     @property
     def marginals(self) -> dict[str, Array]:
         """``exp`` of :attr:`log_marginals`."""
-        return {k: jnp.exp(v) for k, v in self.log_marginals.items()}
+        return {
+            k: np.exp(v) if isinstance(v, np.ndarray) else jnp.exp(v)
+            for k, v in self.log_marginals.items()
+        }
 
     @property
     def converged(self) -> bool | None:
@@ -255,9 +260,9 @@ def _check_log_z(log_z: Array) -> None:
         raise ValueError("log Z is +inf: a factor table holds +inf")
 
 
-#: Above this many latent sites, per-site arrays are split on the host (numpy) and
-#: moved back in one transfer: a model written as a loop has thousands of sites,
-#: and one dispatch per site (or one output per site) would cost more than the run.
+#: Above this many latent sites, per-site arrays are split on the host and returned
+#: as numpy arrays: a model written as a loop has thousands of sites, and one device
+#: dispatch (or one program output) per site would cost more than the run itself.
 HOST_SPLIT_SITES = 64
 
 
@@ -281,6 +286,4 @@ def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple):
             idx = map_index[(slice(None),) * b + (sl,)]
             support = xp.asarray(np.asarray(g.support))
             out_map[g.site] = xp.reshape(support[idx], lead + g.plate_shape)
-    if host:
-        out_m, out_map = jax.device_put((out_m, out_map))
     return out_m, out_map
