@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_rm.py
+	$(BIN)/python bench/bench_compiler.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
