@@ -1,4 +1,8 @@
-"""NumPyro model -> networkx factor graph -> message schedules (no JAX math here)."""
+"""NumPyro model -> plate-grouped factor graph (networkx view) -> schedules, flat plans.
+
+JAX appears here only to trace the model and evaluate its own log-probs (and their
+natural-parameter form, Eq. 8); message passing lives in ``pgm_drm.inference``.
+"""
 
 from pgm_drm.graph.compile import (
     CompileError,
@@ -12,6 +16,7 @@ from pgm_drm.graph.compile import (
     enumeration_tables,
     model_sites,
 )
+from pgm_drm.graph.natural import natural_log_prob
 from pgm_drm.graph.plan import FlatPlan, make_flat_plan
 from pgm_drm.graph.schedule import MAX_CLUSTER_SIZE, Schedule, make_schedule
 
@@ -31,4 +36,5 @@ __all__ = [
     "make_flat_plan",
     "make_schedule",
     "model_sites",
+    "natural_log_prob",
 ]
