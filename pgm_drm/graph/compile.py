@@ -30,6 +30,7 @@ elementwise table over (latent states x pixels).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Mapping, Sequence
@@ -136,11 +137,6 @@ class SiteInfo:
     support: tuple[Any, ...]
     scope: tuple[str, ...] = ()
     evidence: tuple[str, ...] = ()
-
-    @property
-    def enum_names(self) -> tuple[str, ...]:
-        """Alias of :attr:`scope` (the table's latent axes)."""
-        return self.scope
 
     @property
     def n_instances(self) -> int:
@@ -442,7 +438,6 @@ class _Evaluator:
     """
 
     jaxpr: ClosedJaxpr
-    n_latent: int
     colour_inputs: tuple[tuple[int, ...], ...]
     colour_values: tuple[tuple[np.ndarray, ...], ...]
     out_colours: tuple[tuple[int, ...], ...]
@@ -459,7 +454,6 @@ class _Evaluator:
         keep = sorted(wanted)
         return _Evaluator(
             jaxpr=ClosedJaxpr(dced, self.jaxpr.consts),
-            n_latent=self.n_latent,
             colour_inputs=self.colour_inputs,
             colour_values=self.colour_values,
             out_colours=tuple(self.out_colours[o] for o in keep),
@@ -871,15 +865,12 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         frozenset({("e", k)}) for k in ev_names
     ]
     prov = _jaxpr_provenance(closed.jaxpr, labels)
+    pos = {n: k for k, n in enumerate(latent)}
     for n, p in zip(sample_sites, prov, strict=True):
-        parents = sorted(
-            (s for kind, s in p if kind == "z" and s != n), key=latent.index
-        )
+        parents = sorted((s for kind, s in p if kind == "z" and s != n), key=pos.get)
         scope = ((n,) if n in supports else ()) + tuple(parents)
         evidence = tuple(k for kind, k in p if kind == "e")
-        infos[n] = SiteInfo(
-            **{**infos[n].__dict__, "scope": scope, "evidence": evidence}
-        )
+        infos[n] = dataclasses.replace(infos[n], scope=scope, evidence=evidence)
 
     _check_table_sizes(infos, supports)
     colour_of = _greedy_colours([i.scope for i in infos.values()], latent)
@@ -890,7 +881,6 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
             f"the model needs {n_col} simultaneously enumerated latent sites; site "
             f"'{worst.name}' alone depends on {len(worst.scope)}: {worst.scope}"
         )
-    pos = {n: k for k, n in enumerate(latent)}
     colour_inputs, colour_values = [], []
     for c in range(n_col):
         members = [n for n in latent if colour_of[n] == c]
@@ -913,7 +903,6 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     )
     evaluator = _Evaluator(
         jaxpr=closed,
-        n_latent=len(latent),
         colour_inputs=tuple(colour_inputs),
         colour_values=tuple(colour_values),
         out_colours=out_colours,

@@ -130,7 +130,11 @@ def _compiled_flat(
         return fg._cache[key][1]
 
     groups = fg.factor_groups
-    static = static_inputs(plan, fg.group_tables(), groups)
+    # Evidence-free inputs are built once per plan, shared by every variant.
+    skey = ("static", id(plan))
+    if skey not in fg._cache:
+        fg._cache[skey] = static_inputs(plan, fg.group_tables(), groups)
+    static = fg._cache[skey]
 
     def single(ev, t, static):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
