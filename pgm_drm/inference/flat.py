@@ -543,6 +543,9 @@ def run_flat_plan(
 ) -> FlatResult:
     """Run a flat plan on one set of inputs (pure; jit/vmap it).
 
+    Max-sum, sum-product or tempered message passing (paper §6.2.1: reductions
+    ``T * logsumexp(x / T)``; on a DRM tree each step is Eqs. 12-13).
+
     Args:
         plan: From :func:`pgm_drm.graph.make_flat_plan`.
         inputs: :class:`FlatInputs` (see :func:`flat_inputs`).
