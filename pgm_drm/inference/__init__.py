@@ -1,6 +1,6 @@
 """Schedules executed in JAX under a semiring; exact references from NumPyro."""
 
-from pgm_drm.inference.api import Posterior, infer, resolve_temperature
+from pgm_drm.inference.api import Posterior, infer
 from pgm_drm.inference.conv_dcn import (
     ConvDCNOutput,
     conv_dcn_infer,
@@ -22,7 +22,6 @@ from pgm_drm.inference.kernel import (
     Plan,
     make_plan,
     naive_run_plan,
-    reduce_t,
 )
 from pgm_drm.inference.reference import (
     MAX_BRUTE_FORCE_CONFIGS,
@@ -56,7 +55,5 @@ __all__ = [
     "naive_dcn_pass",
     "path_log_joint",
     "path_posterior",
-    "reduce_t",
-    "resolve_temperature",
     "run_flat_plan",
 ]

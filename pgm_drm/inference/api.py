@@ -14,8 +14,9 @@ from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
 from pgm_drm.inference.kernel import make_plan, naive_run_plan
+from pgm_drm.semiring import resolve_temperature
 
-__all__ = ["Posterior", "infer", "resolve_temperature"]
+__all__ = ["Posterior", "infer"]
 
 
 class Posterior(NamedTuple):
@@ -60,18 +61,6 @@ class Posterior(NamedTuple):
         if self.deltas is None:
             return None
         return bool(np.all(np.asarray(self.deltas)[..., -1] < 1e-6))
-
-
-def resolve_temperature(semiring: Semiring, temperature: float | None) -> float:
-    """Map ``semiring`` / ``temperature`` arguments to one temperature T >= 0."""
-    if semiring not in ("max", "sum"):
-        raise ValueError(f"semiring must be 'max' or 'sum', got {semiring!r}")
-    if temperature is None:
-        return 0.0 if semiring == "max" else 1.0
-    t = float(temperature)
-    if not np.isfinite(t) or t < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-    return t
 
 
 def _check_evidence(fg: FactorGraph, evidence: dict[str, Any]):

@@ -23,10 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
-from pgm_drm.inference.api import resolve_temperature
-from pgm_drm.inference.dcn import switch_reduce
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.models.conv_drm import ConvRenderingModel
+from pgm_drm.semiring import reduce_t, resolve_temperature, switch_reduce
 
 __all__ = ["ConvDCNOutput", "conv_dcn_infer", "naive_conv_dcn_pass"]
 

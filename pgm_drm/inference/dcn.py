@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
-from pgm_drm.inference.api import resolve_temperature
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
+from pgm_drm.semiring import reduce_t, resolve_temperature, switch_reduce
 
 __all__ = ["DCNOutput", "dcn_infer", "naive_dcn_pass", "windows_of"]
 
@@ -117,21 +116,6 @@ def _child_scores_onehot(
     return jnp.einsum(
         "bxyoj,kgoj->bxykg", win, onehot, precision=jax.lax.Precision.HIGHEST
     )
-
-
-def switch_reduce(pooled: Array, p_on: float, t: float) -> Array:
-    """Eq. 9: reduce a unit's message over its switch; the last state (OFF) stays
-    OFF either way. ``pooled`` ``(..., K+1)`` -> ``(..., K+1)``; at ``t = 0`` this
-    is ``max(x_s - x_OFF + log(p_on / p_off), 0) + const``, the ReLU."""
-    log_on, log_off = jnp.log(p_on), jnp.log1p(-p_on)
-    off = pooled[..., -1:]
-    on = reduce_t(
-        jnp.stack([log_on + pooled, log_off + jnp.broadcast_to(off, pooled.shape)]),
-        (0,),
-        t,
-    )
-    both = reduce_t(jnp.stack([log_on + off, log_off + off]), (0,), t)
-    return jnp.concatenate([on[..., :-1], both], axis=-1)
 
 
 def _switch(drm: DeepRenderingModel, level: int, pooled: Array, t: float) -> Array:

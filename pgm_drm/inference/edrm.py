@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
-from pgm_drm.inference.api import Posterior, resolve_temperature
-from pgm_drm.inference.kernel import reduce_t
+from pgm_drm.inference.api import Posterior
 from pgm_drm.models.edrm import EvolutionaryDRM, RootRule
 from pgm_drm.models.validation import check_images
+from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = [
     "coarse_to_fine_margin",

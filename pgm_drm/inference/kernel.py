@@ -32,28 +32,14 @@ from jax.scipy.special import entr
 from pgm_drm._typing import Array
 from pgm_drm.graph.compile import FactorGraph
 from pgm_drm.graph.schedule import Schedule
+from pgm_drm.semiring import reduce_t
 
 __all__ = [
     "KernelResult",
     "Plan",
     "make_plan",
-    "reduce_t",
     "naive_run_plan",
 ]
-
-
-def reduce_t(x: Array, axes: tuple[int, ...], temperature: float) -> Array:
-    """Semiring reduction ``T * logsumexp(x / T)`` over ``axes``; ``max`` at T=0.
-
-    Paper §6.2.1 (soft inference): T=1 is sum-product, T->0 is max-sum.
-    """
-    if not axes:
-        return x
-    if temperature == 0.0:
-        return jnp.max(x, axis=axes)
-    if temperature == 1.0:
-        return jax.nn.logsumexp(x, axis=axes)
-    return temperature * jax.nn.logsumexp(x / temperature, axis=axes)
 
 
 @dataclass(frozen=True)

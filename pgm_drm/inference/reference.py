@@ -37,8 +37,8 @@ from pgm_drm.graph.compile import (
     model_sites,
     support_values,
 )
-from pgm_drm.inference.api import Posterior, resolve_temperature
-from pgm_drm.inference.kernel import reduce_t
+from pgm_drm.inference.api import Posterior
+from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = ["MAX_BRUTE_FORCE_CONFIGS", "brute_force", "enumerate_exact", "latent_layout"]
 

@@ -46,12 +46,11 @@ from tqdm.auto import tqdm
 
 from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
-from pgm_drm.inference.api import resolve_temperature
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.learning.em import fit_em
 from pgm_drm.models.drm import DeepRenderingModel
 from pgm_drm.models.rendering import RenderingModel
 from pgm_drm.models.validation import check_images
+from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = [
     "DCNLayer",

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
-from pgm_drm.inference.api import resolve_temperature
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.learning.base import RMParams, params_from_model
 from pgm_drm.models.rendering import RenderingModel
 from pgm_drm.models.validation import check_images
+from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = [
     "clamp_labels",

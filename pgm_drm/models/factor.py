@@ -30,9 +30,8 @@ from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
-from pgm_drm.inference.api import resolve_temperature
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.models.validation import check_images, check_prior
+from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = [
     "FactorRenderingModel",

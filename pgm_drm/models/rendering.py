@@ -13,9 +13,8 @@ from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
-from pgm_drm.inference.api import resolve_temperature
-from pgm_drm.inference.kernel import reduce_t
 from pgm_drm.models.validation import check_images, check_prior, check_probability
+from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = ["RenderingModel", "default_templates"]
 

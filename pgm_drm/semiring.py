@@ -1,0 +1,58 @@
+"""The semiring of every pass: the temperature reduction ``T * logsumexp(x / T)``.
+
+The bottom layer of the package: it imports nothing of ours, and models, graph,
+inference and learning all reduce through it. Paper §6.2.1 (soft inference):
+``T = 1`` is sum-product, ``T -> 0`` is max-sum (``T = 0`` uses ``max`` exactly),
+anything in between is the relaxation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pgm_drm._typing import Array, Semiring
+
+__all__ = ["reduce_t", "resolve_temperature", "switch_reduce"]
+
+
+def resolve_temperature(semiring: Semiring, temperature: float | None) -> float:
+    """Map ``semiring`` / ``temperature`` arguments to one temperature T >= 0."""
+    if semiring not in ("max", "sum"):
+        raise ValueError(f"semiring must be 'max' or 'sum', got {semiring!r}")
+    if temperature is None:
+        return 0.0 if semiring == "max" else 1.0
+    t = float(temperature)
+    if not np.isfinite(t) or t < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    return t
+
+
+def reduce_t(x: Array, axes: tuple[int, ...], temperature: float) -> Array:
+    """Semiring reduction ``T * logsumexp(x / T)`` over ``axes``; ``max`` at T=0.
+
+    Paper §6.2.1 (soft inference): T=1 is sum-product, T->0 is max-sum.
+    """
+    if not axes:
+        return x
+    if temperature == 0.0:
+        return jnp.max(x, axis=axes)
+    if temperature == 1.0:
+        return jax.nn.logsumexp(x, axis=axes)
+    return temperature * jax.nn.logsumexp(x / temperature, axis=axes)
+
+
+def switch_reduce(pooled: Array, p_on: float, t: float) -> Array:
+    """Eq. 9: reduce a unit's message over its switch; the last state (OFF) stays
+    OFF either way. ``pooled`` ``(..., K+1)`` -> ``(..., K+1)``; at ``t = 0`` this
+    is ``max(x_s - x_OFF + log(p_on / p_off), 0) + const``, the ReLU."""
+    log_on, log_off = jnp.log(p_on), jnp.log1p(-p_on)
+    off = pooled[..., -1:]
+    on = reduce_t(
+        jnp.stack([log_on + pooled, log_off + jnp.broadcast_to(off, pooled.shape)]),
+        (0,),
+        t,
+    )
+    both = reduce_t(jnp.stack([log_on + off, log_off + off]), (0,), t)
+    return jnp.concatenate([on[..., :-1], both], axis=-1)
