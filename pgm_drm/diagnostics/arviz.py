@@ -51,7 +51,7 @@ from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, infer_discrete
 
 from pgm_drm._typing import ArrayLike, PRNGKey
-from pgm_drm.graph.compile import FactorGraph, _max_plate_nesting
+from pgm_drm.graph.compile import FactorGraph, max_plate_nesting
 from pgm_drm.graph.compile import support_values as _support_values
 from pgm_drm.inference.api import Posterior
 from pgm_drm.models.rendering import RenderingModel
@@ -213,7 +213,7 @@ def discrete_posterior_draws(
                 f"site {name!r} has support {lay.support.tolist()}; infer_discrete "
                 "needs support 0..K-1 with K >= 2 (use marginal draws instead)"
             )
-    nesting = _max_plate_nesting(_trace(model, args, first))
+    nesting = max_plate_nesting(_trace(model, args, first))
     enum_model = config_enumerate(model)
 
     def one(k, sample, ev):

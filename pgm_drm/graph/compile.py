@@ -60,7 +60,9 @@ __all__ = [
     "VariableGroup",
     "compile_model",
     "enum_support",
+    "max_plate_nesting",
     "model_sites",
+    "split_evidence",
     "support_values",
 ]
 
@@ -392,7 +394,7 @@ def _jaxpr_provenance(jaxpr, inputs: Sequence[frozenset]) -> list[frozenset]:
 # --------------------------------------------------------------------------- #
 
 
-def _split_evidence(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+def split_evidence(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
     """Array keyword arguments (evidence, traced) and the rest (static)."""
     arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
     return arrays, {k: v for k, v in kwargs.items() if k not in arrays}
@@ -600,7 +602,7 @@ class FactorGraph:
     @property
     def evidence_names(self) -> tuple[str, ...]:
         """Keyword arguments whose arrays can be swapped in ``tables``/``infer``."""
-        return tuple(_split_evidence(self.kwargs)[0])
+        return tuple(split_evidence(self.kwargs)[0])
 
     @property
     def n_traces(self) -> int:
@@ -621,7 +623,7 @@ class FactorGraph:
         ]
         if not dynamic:
             return self._static_tables
-        arrays, _ = _split_evidence(self.kwargs)
+        arrays, _ = split_evidence(self.kwargs)
         values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         fresh = self._evaluate(values, dynamic)
         out = list(self._static_tables)
@@ -637,7 +639,7 @@ class FactorGraph:
         dynamic = [k for k, g in enumerate(self.factor_groups) if g.evidence]
         if not dynamic:
             return {}
-        arrays, _ = _split_evidence(self.kwargs)
+        arrays, _ = split_evidence(self.kwargs)
         values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         return dict(zip(dynamic, self._evaluate(values, dynamic), strict=True))
 
@@ -770,12 +772,6 @@ class FactorGraph:
             self._cache[key] = make_flat_plan(self, kind, **options)
         return self._cache[key]
 
-    def draw(self, ax=None, **kwargs: Any):
-        """Draw the factor graph with matplotlib (variables round, factors square)."""
-        from pgm_drm.diagnostics.plots import draw_factor_graph
-
-        return draw_factor_graph(self, ax=ax, **kwargs)
-
 
 def _site_info(name: str, site: Mapping, supports: Mapping[str, tuple]) -> SiteInfo:
     frames = _frames(site)
@@ -844,7 +840,7 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     supports = {n: tuple(support_values(plain[n]["fn"], n).tolist()) for n in latent}
     infos = {n: _site_info(n, plain[n], supports) for n in sample_sites}
     nesting = max([0] + [-d for i in infos.values() for d in i.plate_dims])
-    arrays, static = _split_evidence(kwargs)
+    arrays, static = split_evidence(kwargs)
     ev_names = list(arrays)
 
     # One abstract trace: latent values + evidence -> every site's log-prob.
@@ -1009,7 +1005,9 @@ class enum_support(enum):
             msg["value"] = sup[msg["value"]]
 
 
-def _max_plate_nesting(tr: Mapping[str, dict]) -> int:
+def max_plate_nesting(tr: Mapping[str, dict]) -> int:
+    """The deepest plate dim of a trace (``-dim`` of the outermost plate), as
+    NumPyro's ``enum``/``infer_discrete`` want for ``max_plate_nesting``."""
     depth = 0
     for site in tr.values():
         for frame in site.get("cond_indep_stack", ()):

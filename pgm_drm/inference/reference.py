@@ -31,10 +31,10 @@ from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Semiring
 from pgm_drm.graph.compile import (
-    _max_plate_nesting,
-    _split_evidence,
     enum_support,
+    max_plate_nesting,
     model_sites,
+    split_evidence,
     support_values,
 )
 from pgm_drm.inference.api import Posterior
@@ -109,7 +109,7 @@ _CACHE: dict = {}
 
 
 def _enum_functions(model, args, kwargs, layout, temperature):
-    arrays, static = _split_evidence(kwargs)
+    arrays, static = split_evidence(kwargs)
     try:
         key = (model, tuple(sorted(static.items())), temperature, len(args))
         hash(key)
@@ -117,7 +117,7 @@ def _enum_functions(model, args, kwargs, layout, temperature):
         key = None
     if key is not None and key in _CACHE:
         return _CACHE[key], arrays
-    nesting = _max_plate_nesting(model_sites(model, *args, **kwargs))
+    nesting = max_plate_nesting(model_sites(model, *args, **kwargs))
     supports = {s: jnp.asarray(sup) for s, (_, sup) in layout.items()}
     sum_op = funsor.ops.max if temperature == 0.0 else funsor.ops.logaddexp
 
@@ -275,7 +275,7 @@ def brute_force(
     }
     for col, (site, idx) in enumerate(slots):
         params[site][(slice(None),) + idx] = layout[site][1][states[:, col]]
-    arrays, static = _split_evidence(kwargs)
+    arrays, static = split_evidence(kwargs)
 
     def joint(p, arrays):
         return log_density(model, args, {**static, **arrays}, p)[0]

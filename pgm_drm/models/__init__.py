@@ -21,10 +21,3 @@ __all__ = [
     "grid_to_plates",
     "plates_to_grid",
 ]
-
-
-def __getattr__(name: str):
-    """The E-DRM's inference and study functions moved out of ``models``."""
-    from pgm_drm._compat import edrm_moved, moved_getattr
-
-    return moved_getattr(__name__, name, edrm_moved())

@@ -375,10 +375,3 @@ class EvolutionaryDRM:
             np.broadcast_to(fine, (6, 2, s, s)),
         )
         return cls(root, muts, sigma)
-
-
-def __getattr__(name: str):
-    """The E-DRM's inference and study functions moved out of ``models``."""
-    from pgm_drm._compat import edrm_moved, moved_getattr
-
-    return moved_getattr(__name__, name, edrm_moved())
