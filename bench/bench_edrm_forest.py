@@ -10,7 +10,7 @@ import time
 from sklearn.model_selection import train_test_split
 
 from pgm_drm.data import load_digits_split
-from pgm_drm.learning.forest import EDRMForestClassifier, EDRMTreeClassifier
+from pgm_drm.sklearn import EDRMForestClassifier, EDRMTreeClassifier
 
 
 def timed_fit(clf, x, y):

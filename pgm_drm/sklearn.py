@@ -9,13 +9,15 @@
   18-23, :func:`~pgm_drm.learning.fit_drm_classifier`); ``predict`` is the
   max-sum class (Eq. 12).
 - :class:`EDRMTreeClassifier`, :class:`EDRMForestClassifier`: InfoMax E-DRM trees
-  and bagged forests (§4, Eqs. 32-33), re-exported from
-  :mod:`pgm_drm.learning.forest`.
+  and bagged forests (§4, Eqs. 32-33) of :mod:`pgm_drm.learning.forest`; their
+  hyperparameters are the fields of :class:`~pgm_drm.learning.TreeParams` and
+  :class:`~pgm_drm.learning.ForestParams`, defined once.
 
-Both take ``X`` as images ``(n, H, W)`` or as rows ``(n, D)``; rows are reshaped
-to ``image_shape`` when given, else to a square ``(sqrt(D), sqrt(D))`` when
-``D`` is a perfect square, else kept as 1-d images ``(D,)``. Labels may be any
-values (``classes_``, encoded as ``0..C-1``).
+Every estimator takes ``X`` as images ``(n, H, W)`` or as rows ``(n, D)`` (one
+input path, :func:`_flat`). The RM and DRM classifiers reshape rows to
+``image_shape`` when given, else to a square ``(sqrt(D), sqrt(D))`` when ``D``
+is a perfect square, else keep them as 1-d images ``(D,)``; the trees work on
+the flat rows. Labels may be any values (``classes_``, encoded as ``0..C-1``).
 
 :data:`EXPECTED_FAILED_CHECKS` lists the ``sklearn.utils.estimator_checks`` that
 cannot pass, with reasons; :func:`expected_failed_checks` is the callable for
@@ -24,6 +26,8 @@ cannot pass, with reasons; :func:`expected_failed_checks` is the callable for
 
 from __future__ import annotations
 
+import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -31,11 +35,23 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
 
 from pgm_drm.learning.drm_em import fit_drm_classifier
 from pgm_drm.learning.em import fit_em
-from pgm_drm.learning.forest import EDRMForestClassifier, EDRMTreeClassifier, _seed
+from pgm_drm.learning.forest import (
+    ForestParams,
+    InfoMaxTree,
+    TreeParams,
+    fit_infomax_forest,
+    fit_infomax_tree,
+    tree_apply,
+    tree_predict_proba,
+)
 
 __all__ = [
     "DRMClassifier",
@@ -72,11 +88,26 @@ def expected_failed_checks(estimator: BaseEstimator) -> dict[str, str]:
 
 
 def _flat(X: Any) -> tuple[Any, tuple[int, ...] | None]:
-    """Images ``(n, *shape)`` -> ``((n, D), shape)``; anything else unchanged."""
+    """The one input path: images ``(n, *shape)`` (numpy, JAX or any array with
+    ``ndim > 2``) -> ``((n, D), shape)``; anything else unchanged, shape ``None``
+    (``validate_data`` then checks it)."""
     if hasattr(X, "ndim") and hasattr(X, "shape") and X.ndim > 2:
         x = np.asarray(X)
         return x.reshape(x.shape[0], -1), tuple(x.shape[1:])
     return X, None
+
+
+def _seed(random_state: Any) -> int:
+    """An int seed from ``None`` (fresh), an int or a ``RandomState``."""
+    if random_state is None:
+        return int(np.random.default_rng().integers(2**31 - 1))
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(2**31 - 1))
+    raise ValueError(
+        f"random_state must be None, an int or a RandomState, got {random_state!r}"
+    )
 
 
 def image_shape_for(
@@ -344,3 +375,128 @@ class DRMClassifier(_ImageClassifier):
     def _scores(self, X: Any, predict: bool) -> np.ndarray:
         x = self._pad(self._images(X))  # checks fitted before drm_
         return np.asarray(self.drm_.scores(jnp.asarray(x)))
+
+
+@dataclass(kw_only=True, eq=False, repr=False)
+class EDRMTreeClassifier(ClassifierMixin, BaseEstimator, TreeParams):
+    """One E-DRM decision tree (Eqs. 31, 33, §4.2.1) with the scikit-learn API.
+
+    Wraps :func:`~pgm_drm.learning.fit_infomax_tree`. Accepts ``X`` as ``(n, D)``
+    or as images ``(n, H, W)`` (flattened).
+
+    Args:
+        branching, max_depth, min_samples_split, min_samples_leaf, relax_steps,
+        learning_rate, max_features: The fields of
+            :class:`~pgm_drm.learning.TreeParams` (keyword-only).
+        random_state: Seed (k-means seeds, feature subsets).
+
+    Attributes:
+        classes_: ``(K,)`` the class labels.
+        tree_: The fitted :class:`~pgm_drm.learning.InfoMaxTree`.
+        n_features_in_: ``D``.
+
+    Example:
+        >>> from pgm_drm.data import load_digits_split
+        >>> d = load_digits_split()
+        >>> clf = EDRMTreeClassifier(max_depth=3, relax_steps=0, random_state=0)
+        >>> clf.fit(d.x_train[:200], d.y_train[:200]).predict(d.x_test[:4]).shape
+        (4,)
+    """
+
+    random_state: Any = None
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> EDRMTreeClassifier:
+        """Grow the tree on ``X (n, D | H, W)``, labels ``y (n,)``."""
+        X, y = validate_data(self, _flat(X)[0], y, y_numeric=False)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        w = None
+        if sample_weight is not None:
+            w = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
+            if not w.sum() > 0:
+                raise ValueError("sample_weight must have a positive sum")
+        self.tree_ = fit_infomax_tree(
+            X,
+            y_idx,
+            len(self.classes_),
+            TreeParams.of(self),
+            weights=w,
+            rng=np.random.default_rng(_seed(self.random_state)),
+        )
+        return self
+
+    def apply(self, X: Any) -> np.ndarray:
+        """Leaf id reached by each sample (the inferred path's end), ``(n,)``."""
+        check_is_fitted(self)
+        X = validate_data(self, _flat(X)[0], reset=False)
+        return tree_apply(self.tree_, X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Leaf histograms ``p(c~ | tau*)`` (§4.2.1), ``(n, K)``; rows sum to 1."""
+        check_is_fitted(self)
+        X = validate_data(self, _flat(X)[0], reset=False)
+        return tree_predict_proba(self.tree_, X)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class label, ``(n,)``."""
+        proba = self.predict_proba(X)  # checks fitted before touching classes_
+        return self.classes_[np.argmax(proba, axis=1)]
+
+
+@dataclass(kw_only=True, eq=False, repr=False)
+class EDRMForestClassifier(ClassifierMixin, BaseEstimator, ForestParams):
+    """Bagged E-DRM trees (Eq. 32): bootstrap resamples, averaged leaf posteriors.
+
+    Wraps :func:`~pgm_drm.learning.fit_infomax_forest`.
+
+    Args:
+        n_estimators, bootstrap, branching, max_depth, min_samples_split,
+        min_samples_leaf, relax_steps, learning_rate, max_features: The fields
+            of :class:`~pgm_drm.learning.ForestParams` (keyword-only).
+        random_state: Seed of the per-tree seeds and the bootstrap draws.
+
+    Attributes:
+        classes_, n_features_in_, and ``estimators_``: the fitted
+        :class:`EDRMTreeClassifier` of each tree (``estimators_[t].random_state``
+        is the seed that tree used).
+    """
+
+    random_state: Any = None
+
+    def _tree(self, tree: InfoMaxTree, seed: int) -> EDRMTreeClassifier:
+        est = EDRMTreeClassifier(**vars(TreeParams.of(self)), random_state=seed)
+        est.classes_, est.n_features_in_, est.tree_ = (
+            self.classes_,
+            self.n_features_in_,
+            tree,
+        )
+        return est
+
+    def fit(self, X: Any, y: Any) -> EDRMForestClassifier:
+        """Fit ``n_estimators`` trees on bootstrap resamples of ``(X, y)``."""
+        X, y = validate_data(self, _flat(X)[0], y)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        forest = fit_infomax_forest(
+            X,
+            y_idx,
+            len(self.classes_),
+            ForestParams.of(self),
+            rng=np.random.default_rng(_seed(self.random_state)),
+        )
+        self.estimators_ = [
+            self._tree(t, int(s))
+            for t, s in zip(forest.trees, forest.seeds, strict=True)
+        ]
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """``1/T sum_t p(c~ | I, theta_t*)`` (Eq. 32), ``(n, K)``; rows sum to 1."""
+        check_is_fitted(self)
+        X = validate_data(self, _flat(X)[0], reset=False)
+        return np.mean([tree_predict_proba(t.tree_, X) for t in self.estimators_], 0)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class label, ``(n,)``."""
+        proba = self.predict_proba(X)  # checks fitted before touching classes_
+        return self.classes_[np.argmax(proba, axis=1)]

@@ -1,7 +1,10 @@
 """scikit-learn estimators: estimator checks, input shapes, labels, digits smoke."""
 
+import dataclasses
+import inspect
 import os
 
+import jax
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -9,6 +12,8 @@ from sklearn.utils import estimator_checks as ec
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pgm_drm.data import load_digits_split
+from pgm_drm.learning import ForestParams, TreeParams
+from pgm_drm.models.edrm import EvolutionaryDRM
 from pgm_drm.sklearn import (
     DRMClassifier,
     EDRMForestClassifier,
@@ -152,3 +157,68 @@ def test_drm_pads_small_and_rejects_large_images():
         clone(clf).fit(rng.normal(size=(4, 65)), [0, 1, 0, 1])
     with pytest.raises(ValueError, match="larger"):
         clone(clf).fit(rng.normal(size=(4, 9, 3)), [0, 1, 0, 1])
+
+
+# ---- E-DRM trees and forests ----------------------------------------------------
+# Relaxation kept short in tests: the jitted scan compiles once per frontier size.
+FAST = dict(relax_steps=10, max_depth=4)
+
+
+@pytest.fixture(scope="module")
+def edrm_data():
+    """240 noisy images from the default E-DRM, label = coarse category (6)."""
+    m = EvolutionaryDRM.default(sigma=0.3)
+    x, path = m.sample_fast(jax.random.PRNGKey(0), 240)
+    return np.asarray(x), np.asarray(path[:, 1])
+
+
+def test_tree_and_forest_hyperparameters_are_the_params_fields():
+    """One definition (issue 13): the estimators' arguments are the fields of
+    TreeParams / ForestParams (plus random_state), with the same defaults."""
+    for cls, params in (
+        (EDRMTreeClassifier, TreeParams),
+        (EDRMForestClassifier, ForestParams),
+    ):
+        sig = inspect.signature(cls.__init__).parameters
+        fields = {f.name: f.default for f in dataclasses.fields(params)}
+        assert set(sig) == {"self", "random_state", *fields}
+        assert cls().get_params() == {**fields, "random_state": None}
+        assert all(p.kind == p.KEYWORD_ONLY for n, p in sig.items() if n != "self")
+    names = {f.name for f in dataclasses.fields(TreeParams)}
+    assert names < {f.name for f in dataclasses.fields(ForestParams)}
+
+
+def test_tree_classifier_fits_edrm_data(edrm_data):
+    x, y = edrm_data
+    clf = EDRMTreeClassifier(random_state=0, **FAST).fit(x, y)
+    assert clf.score(x, y) > 0.95
+    proba = clf.predict_proba(x)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    # images and flat rows are the same input
+    np.testing.assert_array_equal(clf.predict(x.reshape(len(x), -1)), clf.predict(x))
+    assert clf.n_features_in_ == 64 and list(clf.classes_) == list(range(6))
+
+
+def test_forest_of_one_tree_on_full_data_is_the_tree(edrm_data):
+    x, y = edrm_data
+    forest = EDRMForestClassifier(
+        n_estimators=1, bootstrap=False, random_state=3, **FAST
+    ).fit(x, y)
+    seed = forest.estimators_[0].random_state
+    tree = EDRMTreeClassifier(random_state=seed, **FAST).fit(x, y)
+    np.testing.assert_array_equal(forest.predict_proba(x), tree.predict_proba(x))
+
+
+def test_forest_proba_and_string_labels(edrm_data):
+    x, y = edrm_data
+    labels = np.array(list("abcdef"))[y]
+    forest = EDRMForestClassifier(n_estimators=3, random_state=0, **FAST)
+    forest.fit(x, labels)
+    proba = forest.predict_proba(x)
+    assert proba.shape == (240, 6)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert set(forest.predict(x)) <= set("abcdef")
+    assert forest.score(x, labels) > 0.9
+    assert clone(forest).get_params()["n_estimators"] == 3
+    with pytest.raises(ValueError, match="features"):
+        forest.predict(x[:, :4])

@@ -7,31 +7,25 @@ log-likelihoods. DRM: hard EM with a max-sum E-step (:func:`fit_drm_em`) and a
 per-class generative classifier (:func:`fit_drm_classifier`). The discriminative
 relaxation (Eq. 25): the DCN-form pass with free weights, trained with optax
 (:func:`fit_discriminative`). The RM with factor-analyser noise (Eq. 34): soft
-and hard EM, semi-supervised (:func:`fit_fa_em`). Resumable checkpoints and
-model files (:func:`save_model` / :func:`load_model`).
+and hard EM, semi-supervised (:func:`fit_fa_em`). E-DRM InfoMax trees (Eq. 33,
+:func:`fit_infomax_tree`) and bagged forests (Eq. 32, :func:`fit_infomax_forest`);
+their scikit-learn estimators are in :mod:`pgm_drm.sklearn`. Resumable
+checkpoints and model files (:func:`save_model` / :func:`load_model`).
 """
 
-from pgm_drm.learning.base import (
-    FitResult,
-    RMParams,
-    params_from_model,
-    params_to_model,
-)
+from pgm_drm.learning.base import FitResult
 from pgm_drm.learning.discriminative import (
     DCNLayer,
     DCNNet,
     DCNParams,
     DCNSpec,
     DiscriminativeFit,
-    LabelBudgetResult,
     calibrate_scale,
     class_scores,
     fit_discriminative,
     init_from_drm,
     init_from_rm,
     init_random,
-    label_budget_curve,
-    plot_label_budget,
     predict,
     predict_proba,
 )
@@ -56,7 +50,6 @@ from pgm_drm.learning.em import (
 )
 from pgm_drm.learning.fa_em import (
     FAInfo,
-    FAParams,
     FAState,
     fa_em_init,
     fa_em_step,
@@ -65,11 +58,14 @@ from pgm_drm.learning.fa_em import (
     naive_fa_m_step,
 )
 from pgm_drm.learning.forest import (
-    EDRMForestClassifier,
-    EDRMTreeClassifier,
+    ForestParams,
+    InfoMaxForest,
     InfoMaxTree,
+    TreeParams,
     entropy,
+    fit_infomax_forest,
     fit_infomax_tree,
+    forest_predict_proba,
     generative_split,
     information_gain,
     leaf_histograms,
@@ -95,18 +91,16 @@ __all__ = [
     "DCNSpec",
     "DRMFitResult",
     "DiscriminativeFit",
-    "EDRMForestClassifier",
-    "EDRMTreeClassifier",
     "EMInfo",
     "EMState",
     "FAInfo",
-    "FAParams",
     "FAState",
     "FitResult",
+    "ForestParams",
+    "InfoMaxForest",
     "InfoMaxTree",
-    "LabelBudgetResult",
     "PerClassDRM",
-    "RMParams",
+    "TreeParams",
     "calibrate_scale",
     "clamp_labels",
     "class_scores",
@@ -125,14 +119,15 @@ __all__ = [
     "fit_drm_em",
     "fit_em",
     "fit_fa_em",
+    "fit_infomax_forest",
     "fit_infomax_tree",
     "fit_svi",
+    "forest_predict_proba",
     "generative_split",
     "information_gain",
     "init_from_drm",
     "init_from_rm",
     "init_random",
-    "label_budget_curve",
     "leaf_histograms",
     "load_checkpoint",
     "load_model",
@@ -142,9 +137,6 @@ __all__ = [
     "naive_log_joint_table",
     "naive_fa_m_step",
     "naive_m_step",
-    "params_from_model",
-    "params_to_model",
-    "plot_label_budget",
     "predict",
     "predict_proba",
     "responsibilities",
@@ -155,11 +147,3 @@ __all__ = [
     "tree_apply_naive",
     "tree_predict_proba",
 ]
-
-
-def __getattr__(name: str):
-    """``DRMClassifier`` (the per-class DRM tuple) was renamed ``PerClassDRM``."""
-    from pgm_drm._compat import moved_getattr
-
-    table = {"DRMClassifier": "pgm_drm.learning.drm_em:PerClassDRM"}
-    return moved_getattr(__name__, name, table)

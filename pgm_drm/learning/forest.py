@@ -28,14 +28,20 @@ such trees from labelled images:
    fine, as in the paper's split of Eq. 33.
 4. **Leaf histograms** (§4.2.1). Every node stores the (weighted) label counts of
    the training images reaching it; a leaf's normalised counts are ``p(c~ | tau*)``.
-5. **Bagging** (Eq. 32). :class:`EDRMForestClassifier` trains each tree on a
-   bootstrap resample (as integer sample weights) and averages the trees' leaf
-   posteriors with ``p(t) = 1 / T``.
+5. **Bagging** (Eq. 32). :func:`fit_infomax_forest` trains each tree on a
+   bootstrap resample (as integer sample weights) and :func:`forest_predict_proba`
+   averages the trees' leaf posteriors with ``p(t) = 1 / T``.
+
+The hyperparameters are defined once, in :class:`TreeParams` (one tree) and
+:class:`ForestParams` (plus the bagging); the scikit-learn estimators
+:class:`~pgm_drm.sklearn.EDRMTreeClassifier` and
+:class:`~pgm_drm.sklearn.EDRMForestClassifier` take their fields as arguments.
 """
 
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -43,22 +49,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import (
-    _check_sample_weight,
-    check_is_fitted,
-    validate_data,
-)
 
 from pgm_drm._typing import Array, ArrayLike
 
 __all__ = [
-    "EDRMForestClassifier",
-    "EDRMTreeClassifier",
+    "ForestParams",
+    "InfoMaxForest",
     "InfoMaxTree",
+    "TreeParams",
     "entropy",
+    "fit_infomax_forest",
     "fit_infomax_tree",
+    "forest_predict_proba",
     "generative_split",
     "information_gain",
     "leaf_histograms",
@@ -75,6 +77,58 @@ DEPTH_CAP = 64
 MIN_GAIN = 1e-9
 #: Logit gaps are multiplied by beta_t, annealed geometrically from 1 to this.
 BETA_MAX = 4.0
+
+
+@dataclass(kw_only=True, eq=False)
+class TreeParams:
+    """The hyperparameters of one InfoMax E-DRM tree (Eq. 33, §4.2.1).
+
+    Mutable (scikit-learn's ``set_params`` sets these fields on the estimators
+    that subclass it); not validated here but by :func:`fit_infomax_tree`.
+
+    Attributes:
+        branching: Children per internal node ``B >= 2``.
+        max_depth: Deepest level (``None``: :data:`DEPTH_CAP`, i.e. grow until
+            the nodes are pure or too small).
+        min_samples_split: A node needs this much (weighted) data to be split.
+        min_samples_leaf: Every child of a split needs this much (weighted) data.
+        relax_steps: Adam steps of the discriminative relaxation (0: the
+            generative E-DRM filters only).
+        learning_rate: Adam step size of the relaxation.
+        max_features: Pixels each node's filter may use (a random subset):
+            ``None`` (all), ``"sqrt"``, an int in ``[1, D]`` or a fraction in
+            ``(0, 1]``.
+    """
+
+    branching: int = 2
+    max_depth: int | None = None
+    min_samples_split: float = 2
+    min_samples_leaf: float = 1
+    relax_steps: int = 100
+    learning_rate: float = 0.02
+    max_features: Any = None
+
+    @classmethod
+    def of(cls, obj: Any) -> TreeParams:
+        """The fields of this class read from ``obj`` (e.g. an estimator that
+        subclasses it), as a plain instance of ``cls``."""
+        return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)})
+
+
+@dataclass(kw_only=True, eq=False)
+class ForestParams(TreeParams):
+    """The hyperparameters of a bagged E-DRM forest (Eq. 32): every tree's
+    :class:`TreeParams`, plus the bagging.
+
+    Attributes:
+        n_estimators: Number of trees ``T >= 1``.
+        bootstrap: Train each tree on a bootstrap resample (drawn with
+            replacement, as integer sample weights); ``False``: every tree sees
+            all the data.
+    """
+
+    n_estimators: int = 50
+    bootstrap: bool = True
 
 
 class InfoMaxTree(NamedTuple):
@@ -361,15 +415,9 @@ def fit_infomax_tree(
     x: ArrayLike,
     y: ArrayLike,
     n_classes: int,
+    params: TreeParams | None = None,
     *,
     weights: ArrayLike | None = None,
-    branching: int = 2,
-    max_depth: int | None = None,
-    min_samples_split: float = 2,
-    min_samples_leaf: float = 1,
-    relax_steps: int = 100,
-    learning_rate: float = 0.02,
-    max_features: Any = None,
     rng: np.random.Generator | None = None,
 ) -> InfoMaxTree:
     """Grow an E-DRM decision tree level by level by InfoMax (Eq. 33).
@@ -377,32 +425,34 @@ def fit_infomax_tree(
     Args:
         x: ``(N, D)`` flat images.
         y: ``(N,)`` class indices in ``[0, n_classes)``.
+        n_classes: ``K``.
+        params: The hyperparameters (:class:`TreeParams`; ``None``: defaults).
         weights: ``(N,)`` non-negative sample weights (bootstrap counts); ones when
             ``None``. Rows of weight 0 are routed but never counted.
-        branching: Children per internal node ``B >= 2``.
-        max_depth: Deepest level (``None``: :data:`DEPTH_CAP`).
-        min_samples_split: A node needs this much weight to be split.
-        min_samples_leaf: Every child of a split needs this much weight.
-        relax_steps: Adam steps of the discriminative relaxation (0: generative
-            filters only).
-        learning_rate: Adam step size.
-        max_features: Pixels each node's filter may use (random subset):
-            ``None`` (all), ``"sqrt"``, an int, or a fraction.
-        rng: Randomness of k-means seeds and feature subsets.
+        rng: Randomness of k-means seeds and feature subsets (``None``: seed 0).
 
     Returns:
         The fitted :class:`InfoMaxTree`.
+
+    Example:
+        >>> x, y = np.repeat(np.eye(2), 5, axis=0), np.repeat([0, 1], 5)
+        >>> tree = fit_infomax_tree(x, y, 2, TreeParams(relax_steps=0))
+        >>> tree.n_leaves, tree_predict_proba(tree, np.eye(2)).tolist()
+        (2, [[1.0, 0.0], [0.0, 1.0]])
     """
+    p = TreeParams() if params is None else params
     rng = np.random.default_rng(0) if rng is None else rng
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=np.int64)
     n, d = x.shape
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
-    if int(branching) < 2:
-        raise ValueError(f"branching must be >= 2, got {branching}")
-    br = int(branching)
-    depth_cap = DEPTH_CAP if max_depth is None else int(max_depth)
-    k_feat = _n_features(max_features, d)
+    if int(p.branching) < 2:
+        raise ValueError(f"branching must be >= 2, got {p.branching}")
+    br = int(p.branching)
+    depth_cap = DEPTH_CAP if p.max_depth is None else int(p.max_depth)
+    k_feat = _n_features(p.max_features, d)
+    min_samples_split, min_samples_leaf = p.min_samples_split, p.min_samples_leaf
+    relax_steps, learning_rate = p.relax_steps, p.learning_rate
     y1 = np.eye(n_classes)[y]
     xj, yj = jnp.asarray(x), jnp.asarray(y1)
 
@@ -541,207 +591,69 @@ def tree_predict_proba(tree: InfoMaxTree, x: ArrayLike) -> np.ndarray:
     return c / c.sum(axis=1, keepdims=True)
 
 
-# ---------------------------------------------------------------- scikit-learn
-def _as_2d(x: Any) -> Any:
-    """Images ``(n, H, W)`` (or any ``(n, ...)``) -> ``(n, D)``; others unchanged."""
-    if isinstance(x, np.ndarray | jax.Array) and x.ndim > 2:
-        return np.asarray(x).reshape(x.shape[0], -1)
-    return x
-
-
-def _seed(random_state: Any) -> int:
-    """An int seed from ``None`` (fresh), an int or a ``RandomState``."""
-    if random_state is None:
-        return int(np.random.default_rng().integers(2**31 - 1))
-    if isinstance(random_state, numbers.Integral):
-        return int(random_state)
-    if isinstance(random_state, np.random.RandomState):
-        return int(random_state.randint(2**31 - 1))
-    raise ValueError(
-        f"random_state must be None, an int or a RandomState, got {random_state!r}"
-    )
-
-
-class EDRMTreeClassifier(ClassifierMixin, BaseEstimator):
-    """One E-DRM decision tree (Eqs. 31, 33, §4.2.1) with the scikit-learn API.
-
-    Accepts ``X`` as ``(n, D)`` or as images ``(n, H, W)`` (flattened).
-
-    Args:
-        branching: Children per internal node.
-        max_depth: Deepest level (``None``: grow until pure / too small).
-        min_samples_split: Minimum (weighted) samples to split a node.
-        min_samples_leaf: Minimum (weighted) samples in each child.
-        relax_steps: Adam steps of the discriminative relaxation (0: generative
-            E-DRM filters only).
-        learning_rate: Adam step size.
-        max_features: Pixels each node's filter may use (see
-            :func:`fit_infomax_tree`).
-        random_state: Seed (k-means seeds, feature subsets).
+class InfoMaxForest(NamedTuple):
+    """Bagged E-DRM trees (Eq. 32).
 
     Attributes:
-        classes_: ``(K,)`` the class labels.
-        tree_: The fitted :class:`InfoMaxTree`.
-        n_features_in_: ``D``.
-
-    Example:
-        >>> from pgm_drm.data import load_digits_split
-        >>> d = load_digits_split()
-        >>> clf = EDRMTreeClassifier(max_depth=3, relax_steps=0, random_state=0)
-        >>> clf.fit(d.x_train[:200], d.y_train[:200]).predict(d.x_test[:4]).shape
-        (4,)
+        trees: The fitted :class:`InfoMaxTree` of each of the ``T`` trees.
+        seeds: ``(T,)`` the seed of each tree's generator
+            (``np.random.default_rng(seeds[t])`` grew ``trees[t]``).
     """
 
-    def __init__(
-        self,
-        branching: int = 2,
-        max_depth: int | None = None,
-        min_samples_split: float = 2,
-        min_samples_leaf: float = 1,
-        relax_steps: int = 100,
-        learning_rate: float = 0.02,
-        max_features: Any = None,
-        random_state: Any = None,
-    ):
-        self.branching = branching
-        self.max_depth = max_depth
-        self.min_samples_split = min_samples_split
-        self.min_samples_leaf = min_samples_leaf
-        self.relax_steps = relax_steps
-        self.learning_rate = learning_rate
-        self.max_features = max_features
-        self.random_state = random_state
-
-    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> EDRMTreeClassifier:
-        """Grow the tree on ``X (n, D | H, W)``, labels ``y (n,)``."""
-        X, y = validate_data(self, _as_2d(X), y, y_numeric=False)
-        check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        w = None
-        if sample_weight is not None:
-            w = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
-            if not w.sum() > 0:
-                raise ValueError("sample_weight must have a positive sum")
-        return self._fit_encoded(X, y_idx, len(self.classes_), w)
-
-    def _fit_encoded(self, X, y_idx, n_classes, weights) -> EDRMTreeClassifier:
-        self.tree_ = fit_infomax_tree(
-            X,
-            y_idx,
-            n_classes,
-            weights=weights,
-            branching=self.branching,
-            max_depth=self.max_depth,
-            min_samples_split=self.min_samples_split,
-            min_samples_leaf=self.min_samples_leaf,
-            relax_steps=self.relax_steps,
-            learning_rate=self.learning_rate,
-            max_features=self.max_features,
-            rng=np.random.default_rng(_seed(self.random_state)),
-        )
-        return self
-
-    def apply(self, X: Any) -> np.ndarray:
-        """Leaf id reached by each sample (the inferred path's end), ``(n,)``."""
-        check_is_fitted(self)
-        X = validate_data(self, _as_2d(X), reset=False)
-        return tree_apply(self.tree_, X)
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Leaf histograms ``p(c~ | tau*)`` (§4.2.1), ``(n, K)``; rows sum to 1."""
-        check_is_fitted(self)
-        X = validate_data(self, _as_2d(X), reset=False)
-        return tree_predict_proba(self.tree_, X)
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Most probable class label, ``(n,)``."""
-        proba = self.predict_proba(X)  # checks fitted before touching classes_
-        return self.classes_[np.argmax(proba, axis=1)]
+    trees: tuple[InfoMaxTree, ...]
+    seeds: np.ndarray
 
 
-class EDRMForestClassifier(ClassifierMixin, BaseEstimator):
-    """Bagged E-DRM trees (Eq. 32): bootstrap resamples, averaged leaf posteriors.
+def fit_infomax_forest(
+    x: ArrayLike,
+    y: ArrayLike,
+    n_classes: int,
+    params: ForestParams | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+) -> InfoMaxForest:
+    """Bag ``params.n_estimators`` InfoMax trees (Eq. 32).
+
+    ``rng`` first draws one seed per tree, then (with ``bootstrap``) each tree's
+    resample of the ``N`` rows, as integer weights; tree ``t`` grows from
+    ``np.random.default_rng(seeds[t])``.
 
     Args:
-        n_estimators: Number of trees ``T``.
-        bootstrap: Resample the training set per tree (with replacement, as integer
-            sample weights); ``False``: every tree sees all the data.
-        branching, max_depth, min_samples_split, min_samples_leaf, relax_steps,
-        learning_rate, max_features: As :class:`EDRMTreeClassifier`.
-        random_state: Seed of the per-tree seeds and the bootstrap draws.
+        x: ``(N, D)`` flat images.
+        y: ``(N,)`` class indices in ``[0, n_classes)``.
+        n_classes: ``K``.
+        params: The hyperparameters (:class:`ForestParams`; ``None``: defaults).
+        rng: Randomness of the seeds and the resamples (``None``: seed 0).
 
-    Attributes:
-        classes_, n_features_in_, and ``estimators_``: the fitted
-        :class:`EDRMTreeClassifier` of each tree (``estimators_[t].random_state``
-        is the seed that tree used).
+    Returns:
+        The fitted :class:`InfoMaxForest`.
     """
-
-    def __init__(
-        self,
-        n_estimators: int = 50,
-        bootstrap: bool = True,
-        branching: int = 2,
-        max_depth: int | None = None,
-        min_samples_split: float = 2,
-        min_samples_leaf: float = 1,
-        relax_steps: int = 100,
-        learning_rate: float = 0.02,
-        max_features: Any = None,
-        random_state: Any = None,
-    ):
-        self.n_estimators = n_estimators
-        self.bootstrap = bootstrap
-        self.branching = branching
-        self.max_depth = max_depth
-        self.min_samples_split = min_samples_split
-        self.min_samples_leaf = min_samples_leaf
-        self.relax_steps = relax_steps
-        self.learning_rate = learning_rate
-        self.max_features = max_features
-        self.random_state = random_state
-
-    def _tree_params(self) -> dict[str, Any]:
-        keys = (
-            "branching",
-            "max_depth",
-            "min_samples_split",
-            "min_samples_leaf",
-            "relax_steps",
-            "learning_rate",
-            "max_features",
-        )
-        return {k: getattr(self, k) for k in keys}
-
-    def fit(self, X: Any, y: Any) -> EDRMForestClassifier:
-        """Fit ``n_estimators`` trees on bootstrap resamples of ``(X, y)``."""
-        X, y = validate_data(self, _as_2d(X), y)
-        check_classification_targets(y)
-        if int(self.n_estimators) < 1:
-            raise ValueError(f"n_estimators must be >= 1, got {self.n_estimators}")
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        rng = np.random.default_rng(_seed(self.random_state))
-        seeds = rng.integers(2**31 - 1, size=int(self.n_estimators))
-        n = X.shape[0]
-        self.estimators_ = []
-        for seed in seeds:
-            weights = None
-            if self.bootstrap:
-                weights = np.bincount(rng.integers(n, size=n), minlength=n)
-            tree = EDRMTreeClassifier(**self._tree_params(), random_state=int(seed))
-            tree.classes_ = self.classes_
-            tree.n_features_in_ = self.n_features_in_
-            self.estimators_.append(
-                tree._fit_encoded(X, y_idx, len(self.classes_), weights)
+    p = ForestParams() if params is None else params
+    if int(p.n_estimators) < 1:
+        raise ValueError(f"n_estimators must be >= 1, got {p.n_estimators}")
+    rng = np.random.default_rng(0) if rng is None else rng
+    tree_params = TreeParams.of(p)
+    n = np.shape(x)[0]
+    seeds = rng.integers(2**31 - 1, size=int(p.n_estimators))
+    trees = []
+    for seed in seeds:
+        weights = None
+        if p.bootstrap:
+            weights = np.bincount(rng.integers(n, size=n), minlength=n)
+        trees.append(
+            fit_infomax_tree(
+                x,
+                y,
+                n_classes,
+                tree_params,
+                weights=weights,
+                rng=np.random.default_rng(int(seed)),
             )
-        return self
+        )
+    return InfoMaxForest(tuple(trees), seeds)
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """``1/T sum_t p(c~ | I, theta_t*)`` (Eq. 32), ``(n, K)``; rows sum to 1."""
-        check_is_fitted(self)
-        X = validate_data(self, _as_2d(X), reset=False)
-        return np.mean([tree_predict_proba(t.tree_, X) for t in self.estimators_], 0)
 
-    def predict(self, X: Any) -> np.ndarray:
-        """Most probable class label, ``(n,)``."""
-        proba = self.predict_proba(X)  # checks fitted before touching classes_
-        return self.classes_[np.argmax(proba, axis=1)]
+def forest_predict_proba(forest: InfoMaxForest, x: ArrayLike) -> np.ndarray:
+    """``1/T sum_t p(c~ | I, theta_t*)`` (Eq. 32): the trees' leaf posteriors
+    averaged, ``(N, K)``; rows sum to 1."""
+    return np.mean([tree_predict_proba(t, x) for t in forest.trees], axis=0)

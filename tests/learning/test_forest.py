@@ -6,21 +6,23 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.base import clone
 
 from pgm_drm.inference.edrm import exact_map_path
 from pgm_drm.learning.forest import (
-    EDRMForestClassifier,
-    EDRMTreeClassifier,
+    ForestParams,
+    TreeParams,
     _relax,
     entropy,
+    fit_infomax_forest,
     fit_infomax_tree,
+    forest_predict_proba,
     generative_split,
     information_gain,
     leaf_histograms,
     soft_information_gain,
     tree_apply,
     tree_apply_naive,
+    tree_predict_proba,
 )
 from pgm_drm.models.edrm import EvolutionaryDRM
 
@@ -103,7 +105,7 @@ def test_relaxation_increases_soft_gain(data):
 def test_tree_apply_matches_loop_twin(data):
     x, y, _ = data
     x2 = x.reshape(len(x), -1)
-    tree = fit_infomax_tree(x2, y, 6, branching=3, relax_steps=0)
+    tree = fit_infomax_tree(x2, y, 6, TreeParams(branching=3, relax_steps=0))
     leaves = tree_apply(tree, x2)
     assert all(leaves[i] == tree_apply_naive(tree, x2[i]) for i in range(0, 240, 7))
     assert np.all(tree.is_leaf[leaves])
@@ -113,37 +115,37 @@ def test_tree_apply_matches_loop_twin(data):
         np.testing.assert_allclose(tree.counts[kids].sum(0), tree.counts[node])
 
 
-def test_tree_classifier_fits_edrm_data(data):
+def test_forest_averages_its_trees_and_replays_their_seeds(data):
+    """Eq. 32 with p(t) = 1/T; tree t is the tree grown alone from seeds[t] on
+    its bootstrap weights (drawn from the same generator, after the seeds)."""
     x, y, _ = data
-    clf = EDRMTreeClassifier(random_state=0, **FAST).fit(x, y)
-    assert clf.score(x, y) > 0.95
-    proba = clf.predict_proba(x)
-    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
-    # images and flat rows are the same input
-    np.testing.assert_array_equal(clf.predict(x.reshape(len(x), -1)), clf.predict(x))
-    assert clf.n_features_in_ == 64 and list(clf.classes_) == list(range(6))
+    x2 = x.reshape(len(x), -1)
+    params = ForestParams(n_estimators=2, **FAST)
+    forest = fit_infomax_forest(x2, y, 6, params, rng=np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    seeds = rng.integers(2**31 - 1, size=2)
+    np.testing.assert_array_equal(forest.seeds, seeds)
+    for tree, seed in zip(forest.trees, seeds, strict=True):
+        w = np.bincount(rng.integers(len(y), size=len(y)), minlength=len(y))
+        alone = fit_infomax_tree(
+            x2, y, 6, TreeParams.of(params), weights=w, rng=np.random.default_rng(seed)
+        )
+        np.testing.assert_array_equal(tree.children, alone.children)
+        np.testing.assert_array_equal(tree.counts, alone.counts)
+        assert tree.counts[0].sum() == len(y)  # a resample of N rows
+    mean = (
+        tree_predict_proba(forest.trees[0], x2)
+        + tree_predict_proba(forest.trees[1], x2)
+    ) / 2
+    np.testing.assert_allclose(forest_predict_proba(forest, x2), mean, atol=1e-15)
+    with pytest.raises(ValueError, match="n_estimators"):
+        fit_infomax_forest(x2, y, 6, ForestParams(n_estimators=0))
 
 
-def test_forest_of_one_tree_on_full_data_is_the_tree(data):
+def test_tree_params_are_validated_by_the_fit(data):
     x, y, _ = data
-    forest = EDRMForestClassifier(
-        n_estimators=1, bootstrap=False, random_state=3, **FAST
-    ).fit(x, y)
-    seed = forest.estimators_[0].random_state
-    tree = EDRMTreeClassifier(random_state=seed, **FAST).fit(x, y)
-    np.testing.assert_array_equal(forest.predict_proba(x), tree.predict_proba(x))
-
-
-def test_forest_proba_and_string_labels(data):
-    x, y, _ = data
-    labels = np.array(list("abcdef"))[y]
-    forest = EDRMForestClassifier(n_estimators=3, random_state=0, **FAST)
-    forest.fit(x, labels)
-    proba = forest.predict_proba(x)
-    assert proba.shape == (240, 6)
-    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
-    assert set(forest.predict(x)) <= set("abcdef")
-    assert forest.score(x, labels) > 0.9
-    assert clone(forest).get_params()["n_estimators"] == 3
-    with pytest.raises(ValueError, match="features"):
-        forest.predict(x[:, :4])
+    x2 = x.reshape(len(x), -1)
+    with pytest.raises(ValueError, match="branching"):
+        fit_infomax_tree(x2, y, 6, TreeParams(branching=1))
+    with pytest.raises(ValueError, match="max_features"):
+        fit_infomax_tree(x2, y, 6, TreeParams(max_features=65, relax_steps=0))
