@@ -70,7 +70,8 @@ def main() -> None:
         jax.config.update("jax_enable_x64", True)
     from pgm_drm.graph import compile_model  # noqa: F401
     from pgm_drm.inference import enumerate_exact
-    from pgm_drm.inference.dcn import _bottom_up, dcn_infer
+    from pgm_drm.inference.dcn import dcn_infer
+    from pgm_drm.models.maxsum import bottom_up as drm_bottom_up
     from pgm_drm.models import DeepRenderingModel
 
     dev = jax.devices()[0]
@@ -82,7 +83,7 @@ def main() -> None:
         jax.random.PRNGKey(0), image_shape=(32, 32), levels=3
     )
     images, _ = drm.sample(jax.random.PRNGKey(1), args.batch)
-    bottom_up = jax.jit(lambda x: _bottom_up(drm, x, 0.0)[0])
+    bottom_up = jax.jit(lambda x: drm.class_scores(drm_bottom_up(drm, x, 0.0)[0]))
     t_up = timed(bottom_up, images)
     t_full = timed(lambda x: dcn_infer(drm, x, "max"), images)
     t_plain = timed(plain_dcn(drm, jax.random.PRNGKey(2)), images)

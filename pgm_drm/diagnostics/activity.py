@@ -38,7 +38,8 @@ from typing import NamedTuple
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
+from pgm_drm.models.drm import DeepRenderingModel
+from pgm_drm.models.maxsum import windows_to_grid
 
 __all__ = [
     "ActivityMaximization",
@@ -82,11 +83,6 @@ class ActivityMaximization(NamedTuple):
     level: int
 
 
-def _table(drm: DeepRenderingModel, level: int) -> np.ndarray:
-    """``drm.placement_table(level)`` as numpy (small; no JAX dispatch below)."""
-    return np.asarray(drm.placement_table(level))
-
-
 def _check_level(drm: DeepRenderingModel, level: int) -> int:
     if isinstance(level, bool) or int(level) != level:
         raise ValueError(f"level must be an integer, got {level!r}")
@@ -118,7 +114,7 @@ def subtree_max_energy(
     energies, best = [], []
     m = None
     for level in range(1, drm.levels + 1):
-        table = _table(drm, level)  # (K+1, G, O)
+        table = np.asarray(drm.placement_table(level))  # (K+1, G, O)
         if level == 1:
             e = np.sum(table**2, axis=-1)  # (K+1, G), translation invariant
         else:
@@ -138,11 +134,11 @@ def _render_unit(
         ``(K_level + 1, p, p)`` with ``p = prod(windows[:level])``.
     """
     w1 = drm.windows[0]
-    t1 = _table(drm, 1)
+    t1 = np.asarray(drm.placement_table(1))
     out = t1[np.arange(t1.shape[0]), best[0]].reshape(-1, w1, w1)
     for l in range(2, level + 1):
         w = drm.windows[l - 1]
-        table = _table(drm, l)
+        table = np.asarray(drm.placement_table(l))
         kids = table[np.arange(table.shape[0]), best[l - 1]]  # (K+1, w*w)
         blocks = out[kids]  # (K+1, w*w, p, p)
         k, _, p, _ = blocks.shape
@@ -239,7 +235,7 @@ def activity_maximization(
     value = np.broadcast_to(energy[level - 1], (h, h) + energy[level - 1].shape)
     path_arg = {}
     for l in range(level + 1, L + 1):
-        table = _table(drm, l)  # (K+1, G, O)
+        table = np.asarray(drm.placement_table(l))  # (K+1, G, O)
         k, g, _ = table.shape
         kids = np.moveaxis(table[:, :, _path_offsets(drm, level, l)], (0, 1), (2, 3))
         e = np.take_along_axis(value, kids.reshape(h, h, k * g), axis=-1)
@@ -257,7 +253,7 @@ def activity_maximization(
         g = path_arg[l][rows, cols, state]  # (C, h, h)
         path_g[l] = g
         offsets = _path_offsets(drm, level, l)
-        state = _table(drm, l)[state, g, offsets]
+        state = np.asarray(drm.placement_table(l))[state, g, offsets]
     patch_states = state  # (C, h, h)
 
     # Full latents: on-path ancestors at the path translations, all else at best.
@@ -270,7 +266,9 @@ def activity_maximization(
         poses[f"g{l}"] = g[..., 0, 0] if l == L else g
         if l > 1:
             w = drm.windows[l - 1]
-            grid_state = np.asarray(windows_to_grid(_table(drm, l)[grid_state, g], w))
+            grid_state = np.asarray(
+                windows_to_grid(np.asarray(drm.placement_table(l))[grid_state, g], w)
+            )
             poses[f"a{l - 1}"] = np.ones(grid_state.shape, dtype=np.int64)
     patches = _render_unit(drm, level, best)[patch_states]  # (C, h, h, p, p)
     return _finish(level, poses, patch_states, patches, normalize)

@@ -15,179 +15,46 @@ up to the class are exactly the layers of a DCN (Eqs. 9, 12-13):
 
 Any temperature ``T`` replaces max by ``T * logsumexp(. / T)`` (§6.2.1). The
 top-down pass (§2.4 stage ii, §6.2.2) backtracks the argmaxes coarse-to-fine and
-returns the joint MAP of every latent. :func:`naive_dcn_pass` is a loop-by-loop
-twin used to test the vectorised pass.
+returns the joint MAP of every latent.
+
+The pass itself is the model's own computation (:mod:`pgm_drm.models.maxsum`,
+shared with hard EM and the discriminative relaxation); this module is the
+inference API on top of it, and holds the independent twins that test it:
+:func:`naive_dcn_pass` (loop by loop, numpy) and :func:`child_scores_onehot`
+(the child level as a dense one-hot contraction).
 """
 
 from __future__ import annotations
 
 import itertools
-from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
-from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
-from pgm_drm.semiring import reduce_t, resolve_temperature, switch_reduce
+from pgm_drm.models.drm import DeepRenderingModel
+from pgm_drm.models.maxsum import DCNOutput, windows
 
-__all__ = ["DCNOutput", "dcn_infer", "naive_dcn_pass", "windows_of"]
-
-
-class DCNOutput(NamedTuple):
-    """Result of the DCN-form pass on a batch of ``B`` images.
-
-    Attributes:
-        class_log_posterior: ``(B, C)`` normalised log-(max-)marginal of the class.
-        log_z: ``(B,)`` log partition at the temperature (max: max log joint).
-        messages: Per level ``l = 1..L-1``, the bottom-up message maps
-            ``(B, *grid_shape(l), K_l + 1)`` (last state = OFF): the DCN's
-            activations.
-        scores: Per level ``l = 1..L``, pre-pooling maps
-            ``(B, *grid_shape(l), K_l + 1, G_l)``: template match + ``log pi_g``.
-        map: Joint MAP on spatial grids (``c``, ``g{L}`` ``(B,)``; ``g{l}``,
-            ``a{l}``, ``s{l}`` ``(B, *grid_shape(l))`` for ``l < L``; ``s{l}`` is
-            the unit's state after its switch, ``K_l`` = OFF), as from
-            ``DeepRenderingModel.sample``; ``drm.render(map)`` reconstructs.
-    """
-
-    class_log_posterior: Array
-    log_z: Array
-    messages: tuple[Array, ...]
-    scores: tuple[Array, ...]
-    map: dict[str, Array]
+__all__ = ["DCNOutput", "child_scores_onehot", "dcn_infer", "naive_dcn_pass"]
 
 
-def windows_of(x: Array, w: int) -> Array:
-    """``(B, H, W, ...)`` -> ``(B, H/w, W/w, w*w, ...)`` non-overlapping windows."""
-    b, h, wd = x.shape[:3]
-    rest = x.shape[3:]
-    x = jnp.reshape(x, (b, h // w, w, wd // w, w) + rest)
-    x = jnp.moveaxis(x, 2, 3)
-    return jnp.reshape(x, (b, h // w, wd // w, w * w) + rest)
-
-
-def _pixel_scores(drm: DeepRenderingModel, images: Array) -> Array:
-    """Level-1 log-likelihood of every patch under every (state, g): ``(B,h,h,K+1,G)``.
-
-    Eq. 7-8: ``<mu/sigma^2 | I> - ||mu||^2/(2 sigma^2) - ||I||^2/(2 sigma^2) - const``.
-    """
-    s2 = drm.sigma**2
-    table = drm.placement_table(1)  # (K+1, G, w*w) pixel means, OFF row zeros
-    patches = windows_of(images[..., None], drm.windows[0])[..., 0]  # (B,h,h,w*w)
-    match = jnp.einsum("bxyp,kgp->bxykg", patches, table / s2)  # the convolution
-    bias = -jnp.sum(table**2, axis=-1) / (2 * s2)
-    n = table.shape[-1]
-    const = -jnp.sum(patches**2, axis=-1) / (2 * s2) - 0.5 * n * jnp.log(
-        2 * jnp.pi * s2
-    )
-    return match + bias + const[..., None, None]
-
-
-def _child_scores(drm: DeepRenderingModel, level: int, child_msgs: Array) -> Array:
-    """Children's messages at the template states: ``(B,h,h,K+1,G)``.
-
-    Eq. 12-13: a convolution with *one-hot* child templates is a gather of the
-    children's messages at the states the template puts there, summed over the
-    window offsets.
-    """
-    table = drm.placement_table(level)  # (K+1, G, O) child states
-    win = windows_of(child_msgs, drm.windows[level - 1])  # (B,h,h,O,K'+1)
-    o = jnp.arange(table.shape[-1])
-    picked = win[:, :, :, o, table]  # (B,h,h,K+1,G,O)
-    return jnp.sum(picked, axis=-1)
-
-
-def _child_scores_onehot(
+def child_scores_onehot(
     drm: DeepRenderingModel, level: int, child_msgs: Array
 ) -> Array:
-    """Twin of :func:`_child_scores` written literally as the DCN layer: a dense
-    contraction with the one-hot templates ``sum_o sum_j 1[table[k,g,o] = j]
-    m_o(j)``. ``-inf`` messages are floored at the dtype's lowest finite value so
-    that ``0 * m`` stays 0. (On an H200 the gather was faster: 1.9M vs 1.2M
-    images/s in ``bench/bench_drm.py`` (c).)
+    """Twin of ``drm.level_scores(level, child_msgs)`` (``l >= 2``, without ``log
+    pi_g``) written literally as the DCN layer: a dense contraction with the
+    one-hot templates ``sum_o sum_j 1[table[k,g,o] = j] m_o(j)``. ``-inf`` messages
+    are floored at the dtype's lowest finite value so that ``0 * m`` stays 0. (On
+    an H200 the gather was faster: 1.9M vs 1.2M images/s in ``bench/bench_drm.py``
+    (c).)
     """
     table = drm.placement_table(level)  # (K+1, G, O) child states
-    win = windows_of(child_msgs, drm.windows[level - 1])  # (B,h,h,O,K'+1)
+    win = windows(child_msgs, drm.windows[level - 1])  # (B,h,h,O,K'+1)
     win = jnp.maximum(win, jnp.finfo(win.dtype).min)
     onehot = jax.nn.one_hot(table, win.shape[-1], dtype=win.dtype)  # (K+1,G,O,K'+1)
     return jnp.einsum(
         "bxyoj,kgoj->bxykg", win, onehot, precision=jax.lax.Precision.HIGHEST
-    )
-
-
-def _switch(drm: DeepRenderingModel, level: int, pooled: Array, t: float) -> Array:
-    return switch_reduce(pooled, drm.switch_priors[level - 1], t)
-
-
-def _bottom_up(drm: DeepRenderingModel, images: Array, t: float):
-    scores, messages = [], []
-    msg = None
-    for level in range(1, drm.levels + 1):
-        raw = (
-            _pixel_scores(drm, images) if level == 1 else _child_scores(drm, level, msg)
-        )
-        u = raw + jnp.log(drm.nuisance_priors[level - 1])
-        scores.append(u)
-        pooled = reduce_t(u, (u.ndim - 1,), t)  # pooling over translations g
-        if level < drm.levels:
-            msg = _switch(drm, level, pooled, t)
-            messages.append(msg)
-    top = pooled[:, 0, 0, :]  # (B, K_L + 1); the OFF row is never used at the top
-    class_scores = top[:, :-1] + jnp.log(drm.class_prior)
-    return class_scores, tuple(messages), tuple(scores)
-
-
-def _top_down(drm: DeepRenderingModel, scores: tuple[Array, ...], class_scores: Array):
-    """Coarse-to-fine backtracking of the max-sum argmaxes (§2.4 stage ii)."""
-    L = drm.levels
-    b = class_scores.shape[0]
-    c = jnp.argmax(class_scores, axis=-1)
-    top = scores[L - 1][:, 0, 0]  # (B, K+1, G)
-    g = jnp.argmax(top[jnp.arange(b), c], axis=-1)
-    out = {"c": c, f"g{L}": g}
-    eff = c[:, None, None]
-    g_grid = g[:, None, None]
-    for level in range(L, 1, -1):
-        table = drm.placement_table(level)
-        children = windows_to_grid(
-            table[eff, g_grid], drm.windows[level - 1]
-        )  # (B,H,W)
-        u = scores[level - 2]  # (B,H,W,K+1,G) of the child level
-        best = jnp.max(u, axis=-1)  # (B,H,W,K+1)
-        p = drm.switch_priors[level - 2]
-        s_best = jnp.take_along_axis(best, children[..., None], axis=-1)[..., 0]
-        off_best = best[..., -1]
-        # a=0 wins ties, as the first index of an argmax over (OFF, ON) would.
-        on_score = jnp.log(p) + s_best
-        off_score = jnp.log1p(-p) + off_best
-        a = (on_score > off_score).astype(jnp.int32)
-        eff = jnp.where(a == 1, children, drm.n_states[level - 2])
-        g_grid = jnp.argmax(
-            jnp.take_along_axis(u, eff[..., None, None], axis=-2)[..., 0, :], axis=-1
-        )
-        out[f"s{level - 1}"] = eff
-        out[f"a{level - 1}"] = a
-        out[f"g{level - 1}"] = g_grid
-    return out
-
-
-@partial(jax.jit, static_argnums=(0, 2))
-def _dcn(drm: DeepRenderingModel, images: Array, t: float) -> DCNOutput:
-    class_scores, messages, scores = _bottom_up(drm, images, t)
-    log_z = reduce_t(class_scores, (1,), t)
-    if t == 0.0:
-        max_scores, max_class = scores, class_scores
-    else:
-        max_class, _, max_scores = _bottom_up(drm, images, 0.0)
-    return DCNOutput(
-        class_log_posterior=class_scores - log_z[:, None],
-        log_z=log_z,
-        messages=messages,
-        scores=scores,
-        map=_top_down(drm, max_scores, max_class),
     )
 
 
@@ -197,7 +64,8 @@ def dcn_infer(
     semiring: Semiring = "max",
     temperature: float | None = None,
 ) -> DCNOutput:
-    """DCN-form bottom-up + top-down inference on one image or a batch (jitted).
+    """DCN-form bottom-up + top-down inference on one image or a batch (jitted,
+    the model traced): ``drm.infer``, the pass of :mod:`pgm_drm.models.maxsum`.
 
     Args:
         drm: The model.
@@ -208,9 +76,7 @@ def dcn_infer(
     Returns:
         :class:`DCNOutput` (batched; a single image gets ``B = 1``).
     """
-    t = resolve_temperature(semiring, temperature)
-    x, _ = drm.check_images(images)
-    return _dcn(drm, x, t)
+    return drm.infer(images, semiring, temperature)
 
 
 def naive_dcn_pass(

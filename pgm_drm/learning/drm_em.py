@@ -4,10 +4,9 @@ One iteration, on ``N`` training images:
 
 * **E-step** (Eq. 18): the joint MAP rendering tree ``tau*_n = argmax log p(tau, I_n)``
   of every image by bottom-up max-sum (conv -> ReLU -> max-pool) and top-down
-  backtracking -- the same pass as :func:`pgm_drm.inference.dcn_infer` (``"max"``),
-  re-written here on a parameter pytree so that it is traced once per model
-  *structure* instead of once per model (``dcn_infer`` is jitted with the model as
-  a static argument and would recompile every iteration). With labels the class
+  backtracking -- the model's own pass (:mod:`pgm_drm.models.maxsum`, the one
+  :func:`pgm_drm.inference.dcn_infer` runs at ``"max"``), jitted with the model
+  traced, so it compiles once per model *structure*. With labels the class
   is clamped by giving the other classes' scores ``-inf`` before the top-down
   argmax: the bottom-up scores of the class ``c`` are already
   ``max_{tau \\ c} log p(tau, I)``, so backtracking from the clamped class returns
@@ -55,7 +54,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,14 +64,15 @@ from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import check_labels, kmeans, real_finite
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
-from pgm_drm.models.drm import DeepRenderingModel, windows_to_grid
+from pgm_drm.models import maxsum
+from pgm_drm.models.drm import DeepRenderingModel, placement_offsets
+from pgm_drm.models.maxsum import Latents, bottom_up, latents_to_map, top_down
+from pgm_drm.models.pytree import replace
 
 __all__ = [
     "DRMEMInfo",
     "DRMEMState",
     "DRMFitResult",
-    "DRMParams",
-    "DRMStructure",
     "PerClassDRM",
     "drm_em_init",
     "drm_em_step",
@@ -80,8 +80,6 @@ __all__ = [
     "drm_map",
     "fit_drm_classifier",
     "fit_drm_em",
-    "params_from_drm",
-    "params_to_drm",
 ]
 
 #: Default floor on ``sigma``: a template that fits its patches exactly would
@@ -89,56 +87,11 @@ __all__ = [
 DEFAULT_MIN_SIGMA = 1e-3
 
 
-class DRMStructure(NamedTuple):
-    """The static shape of a tree DRM (hashable: a jit static argument).
-
-    Attributes:
-        windows: ``(w_1, ..., w_L)``.
-        template_sizes: ``(t_1, ..., t_L)``.
-        n_states: ``(K_1, ..., K_L)``; ``K_L`` classes.
-    """
-
-    windows: tuple[int, ...]
-    template_sizes: tuple[int, ...]
-    n_states: tuple[int, ...]
-
-    @property
-    def levels(self) -> int:
-        return len(self.windows)
-
-    def n_nuisances(self, level: int) -> int:
-        return (self.windows[level - 1] - self.template_sizes[level - 1] + 1) ** 2
-
-    @property
-    def image_shape(self) -> tuple[int, int]:
-        side = int(np.prod(self.windows))
-        return (side, side)
-
-
-class DRMParams(NamedTuple):
-    """The DRM's parameters as a pytree (see :class:`DeepRenderingModel`).
-
-    Attributes:
-        pixel_templates: ``(K_1, t_1, t_1)``.
-        child_templates: for ``l = 2..L`` int ``(K_l, t_l, t_l)`` (``K_{l-1}`` OFF).
-        class_prior: ``(K_L,)``.
-        nuisance_priors: for ``l = 1..L`` ``(G_l,)``.
-        switch_priors: ``(L - 1,)`` probability a level-``l`` unit is ON.
-        sigma: ``()`` pixel noise.
-    """
-
-    pixel_templates: Array
-    child_templates: tuple[Array, ...]
-    class_prior: Array
-    nuisance_priors: tuple[Array, ...]
-    switch_priors: Array
-    sigma: Array
-
-
 class DRMEMState(NamedTuple):
-    """State of hard EM: the parameters and the number of iterations done."""
+    """State of hard EM: the model (a pytree whose leaves are all arrays, see
+    :func:`_as_arrays`) and the number of iterations done."""
 
-    params: DRMParams
+    model: DeepRenderingModel
     iteration: Array
 
 
@@ -174,228 +127,68 @@ class DRMFitResult(NamedTuple):
     converged: bool
 
 
-# ---- conversions -------------------------------------------------------------------
-def params_from_drm(drm: DeepRenderingModel) -> tuple[DRMStructure, DRMParams]:
-    """Split a model into its static structure and its parameter pytree."""
-    struct = DRMStructure(
-        tuple(int(w) for w in drm.windows),
-        tuple(int(t) for t in drm.template_sizes),
-        tuple(int(k) for k in drm.n_states),
-    )
-    params = DRMParams(
-        pixel_templates=jnp.asarray(drm.pixel_templates, dtype=float),
-        child_templates=tuple(
-            jnp.asarray(t, dtype=jnp.int32) for t in drm.child_templates
-        ),
-        class_prior=jnp.asarray(drm.class_prior, dtype=float),
-        nuisance_priors=tuple(jnp.asarray(p, dtype=float) for p in drm.nuisance_priors),
-        switch_priors=jnp.asarray(drm.switch_priors, dtype=float).reshape(
-            drm.levels - 1
-        ),
-        sigma=jnp.asarray(drm.sigma, dtype=float),
-    )
-    return struct, params
+# ---- the E-step: the model's own max-sum pass -------------------------------------
+def _as_arrays(drm: DeepRenderingModel) -> DeepRenderingModel:
+    """The model with every leaf a strongly typed array (Python floats become 0-d
+    float arrays), so the jitted step sees the same abstract values at every
+    iteration and compiles once per structure."""
+    return jax.tree.map(lambda v: jnp.asarray(v, dtype=jnp.asarray(v).dtype), drm)
 
 
-def params_to_drm(struct: DRMStructure, params: DRMParams) -> DeepRenderingModel:
-    """A validated :class:`DeepRenderingModel`; priors renormalised (float rounding)."""
+def _as_model(drm: DeepRenderingModel) -> DeepRenderingModel:
+    """A validated :class:`DeepRenderingModel` from EM's array leaves; priors
+    renormalised (float rounding), switch priors clipped to ``[0, 1]``."""
 
     def norm(p):
         p = np.asarray(p, dtype=float)
         return p / p.sum()
 
     return DeepRenderingModel(
-        windows=struct.windows,
-        pixel_templates=np.asarray(params.pixel_templates),
-        child_templates=tuple(np.asarray(t) for t in params.child_templates),
-        class_prior=norm(params.class_prior),
-        nuisance_priors=tuple(norm(p) for p in params.nuisance_priors),
+        windows=drm.windows,
+        pixel_templates=np.asarray(drm.pixel_templates),
+        child_templates=tuple(np.asarray(t) for t in drm.child_templates),
+        class_prior=norm(drm.class_prior),
+        nuisance_priors=tuple(norm(p) for p in drm.nuisance_priors),
         switch_priors=tuple(
-            float(np.clip(p, 0.0, 1.0)) for p in np.asarray(params.switch_priors)
+            float(np.clip(np.asarray(p), 0.0, 1.0)) for p in drm.switch_priors
         ),
-        sigma=float(params.sigma),
+        sigma=float(np.asarray(drm.sigma)),
     )
 
 
-# ---- the pass on the pytree ----------------------------------------------------------
-def _offsets(w: int, t: int) -> np.ndarray:
-    """``(G, t*t)`` window offsets ``o = r*w + c`` of the template cells, per g.
-
-    Translations in :meth:`DeepRenderingModel.placement_table` order (dy, then dx).
-    """
-    moves = [(dy, dx) for dy in range(w - t + 1) for dx in range(w - t + 1)]
-    return np.array(
-        [
-            [(dy + i) * w + dx + j for i in range(t) for j in range(t)]
-            for dy, dx in moves
-        ]
-    )
-
-
-def _table(struct: DRMStructure, params: DRMParams, level: int) -> Array:
-    """Traced ``placement_table(level)``: ``(K_l + 1, G_l, w_l**2)``, OFF row last."""
-    w, t = struct.windows[level - 1], struct.template_sizes[level - 1]
-    k = struct.n_states[level - 1]
-    offs = _offsets(w, t)
-    g = np.arange(offs.shape[0])[:, None]
-    if level == 1:
-        src = jnp.reshape(params.pixel_templates, (k, t * t))
-        out = jnp.zeros((k + 1, offs.shape[0], w * w), src.dtype)
-    else:
-        src = jnp.reshape(params.child_templates[level - 2], (k, t * t))
-        off = struct.n_states[level - 2]
-        out = jnp.full((k + 1, offs.shape[0], w * w), off, src.dtype)
-    return out.at[:k, g, offs].set(src[:, None, :])
-
-
-def _windows(x: Array, w: int) -> Array:
-    """``(B, H, W, ...)`` -> ``(B, H/w, W/w, w*w, ...)`` non-overlapping windows."""
-    xp = np if isinstance(x, np.ndarray) else jnp
-    b, h, wd = x.shape[:3]
-    rest = x.shape[3:]
-    x = xp.reshape(x, (b, h // w, w, wd // w, w) + rest)
-    x = xp.moveaxis(x, 2, 3)
-    return xp.reshape(x, (b, h // w, wd // w, w * w) + rest)
-
-
-def _log(p: Array) -> Array:
-    return jnp.log(jnp.asarray(p))
-
-
-def _level_scores(
-    struct: DRMStructure, params: DRMParams, level: int, below: Array
-) -> Array:
-    """Pre-pooling scores ``(B, h, h, K_l + 1, G_l)`` (Eqs. 7-8, 12): template match
-    (pixels at level 1, children's messages at ``l >= 2``) plus ``log pi_g``.
-
-    ``below``: images ``(B, H, W)`` at level 1, else the child messages
-    ``(B, h', h', K_{l-1} + 1)``.
-    """
-    table = _table(struct, params, level)
-    w = struct.windows[level - 1]
-    if level == 1:
-        s2 = params.sigma**2
-        patches = _windows(below[..., None], w)[..., 0]  # (B,h,h,w*w)
-        match = jnp.einsum("bxyp,kgp->bxykg", patches, table) / s2
-        bias = -jnp.sum(table**2, axis=-1) / (2 * s2)
-        const = -jnp.sum(patches**2, axis=-1) / (2 * s2) - 0.5 * w * w * jnp.log(
-            2 * jnp.pi * s2
-        )
-        raw = match + bias + const[..., None, None]
-    else:
-        win = _windows(below, w)  # (B,h,h,O,K'+1)
-        o = jnp.arange(table.shape[-1])
-        raw = jnp.sum(win[:, :, :, o, table], axis=-1)
-    return raw + _log(params.nuisance_priors[level - 1])
-
-
-def _switch(params: DRMParams, level: int, pooled: Array) -> Array:
-    """Eq. 9 (max-sum): ``max(log p + x_s, log(1-p) + x_OFF)``; OFF stays OFF."""
-    p = params.switch_priors[level - 1]
-    log_on, log_off = _log(p), jnp.log1p(-p)
-    off = pooled[..., -1:]
-    on = jnp.maximum(log_on + pooled[..., :-1], log_off + off)
-    both = off + jnp.maximum(log_on, log_off)
-    return jnp.concatenate([on, both], axis=-1)
-
-
-def _bottom_up(struct: DRMStructure, params: DRMParams, images: Array):
-    """Scores per level and the class scores ``(B, K_L)`` (max-sum)."""
-    scores = []
-    below = images
-    for level in range(1, struct.levels + 1):
-        u = _level_scores(struct, params, level, below)
-        scores.append(u)
-        pooled = jnp.max(u, axis=-1)
-        if level < struct.levels:
-            below = _switch(params, level, pooled)
-    class_scores = pooled[:, 0, 0, :-1] + _log(params.class_prior)
-    return tuple(scores), class_scores
-
-
-class _Latents(NamedTuple):
-    """MAP latents per level ``l = 1..L`` (index ``l - 1``), grids ``(B, h_l, h_l)``;
-    level ``L``: ``(B, 1, 1)`` with the class as its state. ``a`` for ``l < L``."""
-
-    states: tuple[Array, ...]
-    g: tuple[Array, ...]
-    a: tuple[Array, ...]
-
-
-def _top_down(
-    struct: DRMStructure,
-    params: DRMParams,
-    scores: tuple[Array, ...],
-    class_scores: Array,
-    labels: Array,
-) -> tuple[_Latents, Array]:
-    """Backtrack the argmaxes from the (clamped) class; returns latents and the max."""
-    L = struct.levels
+def _clamp(class_scores: Array, labels: Array) -> Array:
+    """Class scores with every class but the label at ``-inf`` (label -1: free)."""
     k = class_scores.shape[-1]
     keep = (labels[:, None] < 0) | (labels[:, None] == jnp.arange(k))
-    cs = jnp.where(keep, class_scores, -jnp.inf)
-    c = jnp.argmax(cs, axis=-1)
-    value = jnp.max(cs, axis=-1)
-    top = scores[L - 1][:, 0, 0]  # (B, K+1, G)
-    g = jnp.argmax(jnp.take_along_axis(top, c[:, None, None], axis=1)[:, 0], axis=-1)
-    states, gs, as_ = [c[:, None, None]], [g[:, None, None]], []
-    eff, g_grid = states[0], gs[0]
-    for level in range(L, 1, -1):
-        table = _table(struct, params, level)
-        children = windows_to_grid(table[eff, g_grid], struct.windows[level - 1])
-        u = scores[level - 2]
-        best = jnp.max(u, axis=-1)
-        p = params.switch_priors[level - 2]
-        s_best = jnp.take_along_axis(best, children[..., None], axis=-1)[..., 0]
-        # a = 0 wins ties, as in pgm_drm.inference.dcn.
-        a = (_log(p) + s_best > jnp.log1p(-p) + best[..., -1]).astype(jnp.int32)
-        eff = jnp.where(a == 1, children, struct.n_states[level - 2])
-        g_grid = jnp.argmax(
-            jnp.take_along_axis(u, eff[..., None, None], axis=-2)[..., 0, :], axis=-1
-        )
-        states.insert(0, eff)
-        gs.insert(0, g_grid)
-        as_.insert(0, a)
-    return _Latents(tuple(states), tuple(gs), tuple(as_)), value
+    return jnp.where(keep, class_scores, -jnp.inf)
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _messages(struct, params, images, level: int) -> Array:
+def _e_step(drm: DeepRenderingModel, images: Array, labels: Array):
+    """Eq. 18: the MAP latents (class clamped where labelled) and their log joint."""
+    pooled, _, scores = bottom_up(drm, images, 0.0)
+    class_scores = _clamp(drm.class_scores(pooled), labels)
+    z = top_down(drm, scores, class_scores)
+    return z, jnp.max(class_scores, axis=-1)
+
+
+@jax.jit
+def _map_jit(drm, images, labels):
+    z, value = _e_step(drm, images, labels)
+    return latents_to_map(z), value
+
+
+@partial(jax.jit, static_argnums=(2,))
+def _messages(drm: DeepRenderingModel, images: Array, level: int) -> Array:
     """Bottom-up max-sum messages of the level-``level`` units ``(B, h, h, K+1)``."""
-    below = images
-    for lv in range(1, level + 1):
-        pooled = jnp.max(_level_scores(struct, params, lv, below), axis=-1)
-        below = _switch(params, lv, pooled)
-    return below
+    pooled, _, _ = bottom_up(drm, images, 0.0, upto=level)
+    return drm.level_switch(level, pooled, 0.0)
 
 
-def _e_step(struct, params, images, labels):
-    scores, class_scores = _bottom_up(struct, params, images)
-    return _top_down(struct, params, scores, class_scores, labels)
-
-
-def _to_grids(struct: DRMStructure, z: _Latents) -> dict[str, Array]:
-    """Internal latents -> the ``dcn_infer(...).map`` / ``sample`` layout."""
-    L = struct.levels
-    out = {"c": z.states[L - 1][:, 0, 0], f"g{L}": z.g[L - 1][:, 0, 0]}
-    for l in range(L - 1, 0, -1):
-        out[f"g{l}"] = z.g[l - 1]
-        out[f"a{l}"] = z.a[l - 1]
-        out[f"s{l}"] = z.states[l - 1]
-    return out
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _map_jit(struct, params, images, labels):
-    z, value = _e_step(struct, params, images, labels)
-    return _to_grids(struct, z), value
-
-
-def _check_images(struct: DRMStructure, images: ArrayLike) -> Array:
+def _check_images(image_shape: tuple[int, int], images: ArrayLike) -> Array:
     x = jnp.asarray(images)
-    if x.ndim != 3 or x.shape[1:] != struct.image_shape or x.shape[0] < 1:
+    if x.ndim != 3 or x.shape[1:] != image_shape or x.shape[0] < 1:
         raise ValueError(
-            f"images must have shape (N, *{struct.image_shape}) with N >= 1 "
+            f"images must have shape (N, *{image_shape}) with N >= 1 "
             f"(the model's image_shape), got {x.shape}"
         )
     return real_finite(x)
@@ -405,6 +198,10 @@ def drm_map(
     drm: DeepRenderingModel, images: ArrayLike, labels: ArrayLike | None = None
 ) -> tuple[dict[str, Array], Array]:
     """The E-step (Eq. 18): joint MAP latents, with the class clamped where labelled.
+
+    The pass of ``drm.infer`` (:mod:`pgm_drm.models.maxsum`) at max-sum, with the
+    clamped classes' scores set to ``-inf`` before the top-down argmax; jitted
+    with the model traced.
 
     Args:
         drm: The model.
@@ -425,10 +222,9 @@ def drm_map(
         >>> z["c"][0].item(), z["s1"].shape, best.shape
         (2, (3, 2, 2), (3,))
     """
-    struct, params = params_from_drm(drm)
-    x = _check_images(struct, images)
-    y = check_labels(labels, x.shape[0], struct.n_states[-1])
-    return _map_jit(struct, params, x, y)
+    x = _check_images(drm.image_shape, images)
+    y = check_labels(labels, x.shape[0], drm.n_classes)
+    return _map_jit(drm, x, y)
 
 
 def drm_log_joint(
@@ -478,12 +274,12 @@ def _seed_index(empty: Array, gain: Array) -> Array:
     return order[rank]
 
 
-def _pixel_update(struct, params, images, z: _Latents, sigma_floor):
+def _pixel_update(drm: DeepRenderingModel, images, z: Latents, sigma_floor):
     """Steps 2-3: level-1 templates (patch means) and sigma (RMS residual)."""
-    w, t = struct.windows[0], struct.template_sizes[0]
-    k = struct.n_states[0]
-    offs = _offsets(w, t)
-    patches = _windows(images[..., None], w)[..., 0]  # (B,h,h,w*w)
+    w, t = drm.windows[0], drm.template_sizes[0]
+    k = drm.n_states[0]
+    offs = placement_offsets(w, t)
+    patches = maxsum.windows(images[..., None], w)[..., 0]  # (B,h,h,w*w)
     subs = patches[..., offs]  # (B,h,h,G,t*t)
     s1, g1 = z.states[0], z.g[0]
     mine = jnp.take_along_axis(subs, g1[..., None, None], axis=-2)[..., 0, :]
@@ -492,8 +288,8 @@ def _pixel_update(struct, params, images, z: _Latents, sigma_floor):
     counts = jnp.sum(onehot, axis=(0, 1, 2))
     mean = sums / jnp.maximum(counts, 1.0)[:, None]
     # Residual of each level-1 unit under the new templates: picks the re-seeds.
-    new = params._replace(pixel_templates=mean.reshape(k, t, t))
-    rendered = _table(struct, new, 1)[s1, g1]  # (B,h,h,w*w)
+    new = replace(drm, pixel_templates=mean.reshape(k, t, t))
+    rendered = new.placement_table(1)[s1, g1]  # (B,h,h,w*w)
     resid = jnp.sum((patches - rendered) ** 2, axis=-1)
     empty = counts == 0
     unit = _seed_index(empty, resid)
@@ -502,15 +298,15 @@ def _pixel_update(struct, params, images, z: _Latents, sigma_floor):
     seeded = jnp.take_along_axis(flat, best_g[:, None, None], axis=1)[:, 0]
     mean = jnp.where(empty[:, None], seeded, mean)
     sigma = jnp.maximum(jnp.sqrt(jnp.mean(resid) / (w * w)), sigma_floor)
-    return params._replace(pixel_templates=mean.reshape(k, t, t), sigma=sigma)
+    return replace(drm, pixel_templates=mean.reshape(k, t, t), sigma=sigma)
 
 
-def _child_update(struct, params, level: int, msgs: Array, z: _Latents) -> Array:
+def _child_update(drm: DeepRenderingModel, level: int, msgs: Array, z: Latents):
     """Step 4 at ``level``: ``argmax_v`` of the summed child messages per cell."""
-    w, t = struct.windows[level - 1], struct.template_sizes[level - 1]
-    k = struct.n_states[level - 1]
-    offs = _offsets(w, t)
-    win = _windows(msgs, w)[..., offs, :]  # (B,h,h,G,t*t,V)
+    w, t = drm.windows[level - 1], drm.template_sizes[level - 1]
+    k = drm.n_states[level - 1]
+    offs = placement_offsets(w, t)
+    win = maxsum.windows(msgs, w)[..., offs, :]  # (B,h,h,G,t*t,V)
     s, g = z.states[level - 1], z.g[level - 1]
     sel = jnp.take_along_axis(win, g[..., None, None, None], axis=3)[..., 0, :, :]
     onehot = jax.nn.one_hot(s, k, dtype=sel.dtype)
@@ -520,7 +316,7 @@ def _child_update(struct, params, level: int, msgs: Array, z: _Latents) -> Array
     counts = jnp.sum(onehot, axis=(0, 1, 2))
     updated = jnp.argmax(total, axis=-1).astype(jnp.int32)  # (K, t*t)
     # Re-seed: the gap between a unit's best child arrangement and what it renders.
-    old = jnp.reshape(params.child_templates[level - 2], (k, t * t))
+    old = jnp.reshape(drm.child_templates[level - 2], (k, t * t))
     n_child = msgs.shape[-1]
     cur = jnp.concatenate([old, jnp.full((1, t * t), n_child - 1, old.dtype)])[s]
     rendered = jnp.take_along_axis(sel, cur[..., None], axis=-1)[..., 0]
@@ -535,58 +331,58 @@ def _child_update(struct, params, level: int, msgs: Array, z: _Latents) -> Array
     return jnp.where(empty[:, None], seeded, updated).reshape(k, t, t)
 
 
-def _m_step(struct, params, images, z: _Latents, labels, alpha, sigma_floor):
-    L = struct.levels
+def _m_step(drm: DeepRenderingModel, images, z: Latents, alpha, sigma_floor):
+    L = drm.levels
     # 1. priors from counts (+ alpha per outcome).
-    class_prior = _prior(_onehot_counts(z.states[L - 1], struct.n_states[-1]), alpha)
+    class_prior = _prior(_onehot_counts(z.states[L - 1], drm.n_classes), alpha)
     nuis = tuple(
-        _prior(_onehot_counts(z.g[l - 1], struct.n_nuisances(l)), alpha)
+        _prior(_onehot_counts(z.g[l - 1], drm.n_nuisances[l - 1]), alpha)
         for l in range(1, L + 1)
     )
-    switch = jnp.asarray(
-        [(jnp.sum(a) + alpha) / (a.size + 2 * alpha) for a in z.a],  # 1..L-1
-        dtype=params.switch_priors.dtype,
-    ).reshape(L - 1)
-    params = params._replace(
-        class_prior=class_prior, nuisance_priors=nuis, switch_priors=switch
+    switch = tuple(
+        ((jnp.sum(a) + alpha) / (a.size + 2 * alpha)).astype(jnp.asarray(p).dtype)
+        for a, p in zip(z.a, drm.switch_priors, strict=True)  # levels 1..L-1
+    )
+    drm = replace(
+        drm, class_prior=class_prior, nuisance_priors=nuis, switch_priors=switch
     )
     # 2-3. pixel templates and sigma.
-    params = _pixel_update(struct, params, images, z, sigma_floor)
-    # 4. child templates, bottom-up, each with messages of the updated levels below.
+    drm = _pixel_update(drm, images, z, sigma_floor)
+    # 4. child templates, bottom-up, each with messages of the updated levels below:
+    # the pass of pgm_drm.models.maxsum, one level at a time.
     below = images
     for level in range(1, L):
-        pooled = jnp.max(_level_scores(struct, params, level, below), axis=-1)
-        below = _switch(params, level, pooled)
-        kids = list(params.child_templates)
-        kids[level - 1] = _child_update(struct, params, level + 1, below, z)
-        params = params._replace(child_templates=tuple(kids))
-    return params
+        pooled = jnp.max(drm.level_scores(level, below), axis=-1)
+        below = drm.level_switch(level, pooled, 0.0)
+        kids = list(drm.child_templates)
+        kids[level - 1] = _child_update(drm, level + 1, below, z)
+        drm = replace(drm, child_templates=tuple(kids))
+    return drm
 
 
-def _log_dirichlet(params: DRMParams, alpha: Array) -> Array:
+def _log_dirichlet(drm: DeepRenderingModel, alpha: Array) -> Array:
     """``alpha * sum log pi`` over every prior: the log Dirichlet(``alpha + 1``)
     density up to a constant (``0 * log 0`` read as 0)."""
 
     def s(p):
         return jnp.sum(jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf))
 
-    total = s(params.class_prior) + sum(s(p) for p in params.nuisance_priors)
-    sw = params.switch_priors
+    total = s(drm.class_prior) + sum(s(p) for p in drm.nuisance_priors)
+    sw = jnp.asarray(drm.switch_priors, dtype=float).reshape(drm.levels - 1)
     total = total + s(sw) + s(1.0 - sw)
     return jnp.where(alpha > 0, alpha * total, 0.0)
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _step(struct, params, images, labels, alpha, sigma_floor):
-    z, value = _e_step(struct, params, images, labels)
+@jax.jit
+def _step(drm, images, labels, alpha, sigma_floor):
+    z, value = _e_step(drm, images, labels)
     mlj = jnp.mean(value)
-    obj = mlj + _log_dirichlet(params, alpha) / images.shape[0]
-    new = _m_step(struct, params, images, z, labels, alpha, sigma_floor)
+    obj = mlj + _log_dirichlet(drm, alpha) / images.shape[0]
+    new = _m_step(drm, images, z, alpha, sigma_floor)
     return new, obj, mlj
 
 
 def drm_em_step(
-    struct: DRMStructure,
     state: DRMEMState,
     images: Array,
     labels: Array,
@@ -595,9 +391,10 @@ def drm_em_step(
 ) -> tuple[DRMEMState, DRMEMInfo]:
     """One hard-EM iteration (E-step Eq. 18, M-step Eqs. 21-23; module docstring).
 
+    Jitted with the model traced: one compilation per structure and data shape.
+
     Args:
-        struct: The static structure.
-        state: Current parameters.
+        state: Current model (all leaves arrays, as :func:`drm_em_init` makes it).
         images: ``(N, H, W)`` float.
         labels: ``(N,)`` int, -1 for unlabelled.
         pseudo_count: Dirichlet pseudo-count ``alpha >= 0`` added to every count.
@@ -607,8 +404,7 @@ def drm_em_step(
         The new state and the objective at the *old* parameters.
     """
     new, obj, mlj = _step(
-        struct,
-        state.params,
+        state.model,
         images,
         labels,
         jnp.asarray(pseudo_count, dtype=float),
@@ -628,7 +424,7 @@ def drm_em_init(
     labels: ArrayLike | None = None,
     switch_prior: float = 0.9,
     max_patches: int = 20000,
-) -> tuple[DRMStructure, DRMEMState]:
+) -> DRMEMState:
     """A data-driven starting point (every template seeded from the data).
 
     * level-1 templates: k-means (scikit-learn, greedy k-means++, <= 20 steps) of the
@@ -645,7 +441,7 @@ def drm_em_init(
       images around their nearest level-1 template (data std as fallback).
 
     Returns:
-        The structure and the initial :class:`DRMEMState`.
+        The initial :class:`DRMEMState` (its model's leaves all arrays).
     """
     windows = tuple(int(w) for w in windows)
     n_states = tuple(int(k) for k in n_states)
@@ -665,14 +461,14 @@ def drm_em_init(
             f"need n_states >= 1 and 1 <= template size <= window; got {n_states}, "
             f"{template_sizes}, {windows}"
         )
-    struct = DRMStructure(windows, template_sizes, n_states)
-    x = _check_images(struct, images)
+    side = int(np.prod(windows))
+    x = _check_images((side, side), images)
     y = np.asarray(check_labels(labels, x.shape[0], n_states[-1]))
     rng = np_rng(key)
     # level 1: k-means on sub-patches.
     w, t = windows[0], template_sizes[0]
-    offs = _offsets(w, t)
-    patches = _windows(np.asarray(x)[..., None], w)[..., 0]
+    offs = placement_offsets(w, t)
+    patches = maxsum.windows(np.asarray(x)[..., None], w)[..., 0]
     subs = patches[..., offs].reshape(-1, t * t)
     energy = np.sum(subs**2, axis=1)
     subs = subs[energy > 0.1 * energy.mean()] if energy.mean() > 0 else subs
@@ -687,74 +483,57 @@ def drm_em_init(
         t * t
     )
     sigma = float(np.sqrt(d2)) if d2 > 0 else float(np.std(np.asarray(x)) or 1.0)
-    params = DRMParams(
-        pixel_templates=jnp.asarray(pix.reshape(n_states[0], t, t)),
+    n_g = [(w - t + 1) ** 2 for w, t in zip(windows, template_sizes, strict=True)]
+    drm = DeepRenderingModel(
+        windows=windows,
+        pixel_templates=pix.reshape(n_states[0], t, t),
         child_templates=tuple(  # placeholders, seeded level by level below
-            jnp.zeros((n_states[l - 1],) + (template_sizes[l - 1],) * 2, jnp.int32)
+            np.zeros((n_states[l - 1],) + (template_sizes[l - 1],) * 2, np.int32)
             for l in range(2, L + 1)
         ),
-        class_prior=jnp.full(n_states[-1], 1.0 / n_states[-1]),
-        nuisance_priors=tuple(
-            jnp.full(struct.n_nuisances(l), 1.0 / struct.n_nuisances(l))
-            for l in range(1, L + 1)
-        ),
-        switch_priors=jnp.full(L - 1, float(switch_prior)),
-        sigma=jnp.asarray(sigma),
+        class_prior=np.full(n_states[-1], 1.0 / n_states[-1]),
+        nuisance_priors=tuple(np.full(g, 1.0 / g) for g in n_g),
+        switch_priors=(float(switch_prior),) * (L - 1),
+        sigma=sigma,
     )
     for level in range(1, L):
-        msgs = _messages(struct, params, x, level)
-        params = _seed_children(struct, params, level + 1, msgs, y, rng)
-    return struct, DRMEMState(params, jnp.asarray(0))
+        msgs = _messages(drm, x, level)
+        drm = _seed_children(drm, level + 1, msgs, y, rng)
+    return DRMEMState(_as_arrays(drm), jnp.asarray(0))
 
 
-def _seed_children(struct, params, level, msgs, y, rng) -> DRMParams:
-    w, t = struct.windows[level - 1], struct.template_sizes[level - 1]
-    k = struct.n_states[level - 1]
-    offs = _offsets(w, t)
+def _seed_children(drm, level, msgs, y, rng) -> DeepRenderingModel:
+    w, t = drm.windows[level - 1], drm.template_sizes[level - 1]
+    k = drm.n_states[level - 1]
+    offs = placement_offsets(w, t)
     g0 = offs.shape[0] // 2
-    win = _windows(np.asarray(msgs), w)[..., offs[g0], :]  # (B,h,h,t*t,V)
+    win = maxsum.windows(np.asarray(msgs), w)[..., offs[g0], :]  # (B,h,h,t*t,V)
     flat = win.reshape(-1, t * t, win.shape[-1])
     gain = np.sum(flat.max(-1) - flat[..., -1], axis=-1)
     p = gain / gain.sum() if gain.sum() > 0 else None
     picks = rng.choice(flat.shape[0], size=k, replace=flat.shape[0] < k, p=p)
     tmpl = np.argmax(flat[picks], axis=-1)
-    if level == struct.levels and np.any(y >= 0):
+    if level == drm.levels and np.any(y >= 0):
         for c in range(k):
             if np.any(y == c):
                 tmpl[c] = np.argmax(flat[y == c].sum(0), axis=-1)
-    kids = list(params.child_templates)
+    kids = list(drm.child_templates)
     kids[level - 2] = jnp.asarray(tmpl.reshape(k, t, t), dtype=jnp.int32)
-    return params._replace(child_templates=tuple(kids))
+    return replace(drm, child_templates=tuple(kids))
 
 
 # ---- the loop ------------------------------------------------------------------------
-def _params_arrays(params: DRMParams) -> dict[str, np.ndarray]:
-    out = {
-        "pixel_templates": np.asarray(params.pixel_templates),
-        "class_prior": np.asarray(params.class_prior),
-        "switch_priors": np.asarray(params.switch_priors),
-        "sigma": np.asarray(params.sigma),
-    }
-    for i, t in enumerate(params.child_templates):
-        out[f"child_templates_{i}"] = np.asarray(t)
-    for i, p in enumerate(params.nuisance_priors):
-        out[f"nuisance_priors_{i}"] = np.asarray(p)
-    return out
+def _state_arrays(state: DRMEMState) -> dict[str, np.ndarray]:
+    """Checkpoint arrays keyed by pytree path (``.model.pixel_templates``, ...)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
-def _params_from_arrays(arrays, levels: int) -> DRMParams:
-    return DRMParams(
-        pixel_templates=jnp.asarray(arrays["pixel_templates"]),
-        child_templates=tuple(
-            jnp.asarray(arrays[f"child_templates_{i}"]) for i in range(levels - 1)
-        ),
-        class_prior=jnp.asarray(arrays["class_prior"]),
-        nuisance_priors=tuple(
-            jnp.asarray(arrays[f"nuisance_priors_{i}"]) for i in range(levels)
-        ),
-        switch_priors=jnp.asarray(arrays["switch_priors"]),
-        sigma=jnp.asarray(arrays["sigma"]),
-    )
+def _state_from_arrays(like: DRMEMState, arrays) -> DRMEMState:
+    """The inverse of :func:`_state_arrays`, with the structure of ``like``."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    values = [jnp.asarray(arrays[jax.tree_util.keystr(k)]) for k, _ in leaves]
+    return jax.tree.unflatten(treedef, values)
 
 
 def fit_drm_em(
@@ -823,14 +602,13 @@ def fit_drm_em(
     if init is not None and not (windows is n_states is template_sizes is None):
         raise ValueError("give either init or windows/n_states/template_sizes")
     if init is not None:
-        struct, params = params_from_drm(init)
-        x = _check_images(struct, images)
-        y = check_labels(labels, x.shape[0], struct.n_states[-1])
-        state = DRMEMState(params, jnp.asarray(0))
+        x = _check_images(init.image_shape, images)
+        y = check_labels(labels, x.shape[0], init.n_classes)
+        state = DRMEMState(_as_arrays(init), jnp.asarray(0))
     else:
         if windows is None or n_states is None:
             raise ValueError("give either init or both windows and n_states")
-        struct, state = drm_em_init(
+        state = drm_em_init(
             images,
             key,
             windows=windows,
@@ -838,30 +616,25 @@ def fit_drm_em(
             template_sizes=template_sizes,
             labels=labels,
         )
-        x = _check_images(struct, images)
-        y = check_labels(labels, x.shape[0], struct.n_states[-1])
+        x = _check_images(state.model.image_shape, images)
+        y = check_labels(labels, x.shape[0], state.model.n_classes)
+    drm = state.model
     meta = {
         "kind": "drm_em",
-        "windows": list(struct.windows),
-        "template_sizes": list(struct.template_sizes),
-        "n_states": list(struct.n_states),
+        "windows": list(drm.windows),
+        "template_sizes": list(drm.template_sizes),
+        "n_states": list(drm.n_states),
         "pseudo_count": float(pseudo_count),
         "min_sigma": float(min_sigma),
         "data": fingerprint(x, y),
-        "init": fingerprint(*jax.tree.leaves(state.params)),
+        "init": fingerprint(*jax.tree.leaves(drm)),
     }
 
     def from_arrays(arrays: dict[str, np.ndarray]) -> DRMEMState:
-        return DRMEMState(
-            _params_from_arrays(arrays, struct.levels),
-            jnp.asarray(arrays["iteration"]),
-        )
-
-    def to_arrays(st: DRMEMState) -> dict[str, Any]:
-        return {**_params_arrays(st.params), "iteration": np.asarray(st.iteration)}
+        return _state_from_arrays(state, arrays)
 
     loop = run_em_loop(
-        lambda st: drm_em_step(struct, st, x, y, pseudo_count, min_sigma),
+        lambda st: drm_em_step(st, x, y, pseudo_count, min_sigma),
         state,
         n_iter=n_iter,
         tol=tol,
@@ -872,17 +645,17 @@ def fit_drm_em(
         checkpoint_every=checkpoint_every,
         resume=resume,
         meta=meta,
-        to_arrays=to_arrays,
+        to_arrays=_state_arrays,
         from_arrays=from_arrays,
     )
     state, converged = loop.state, loop.converged
     objective, mlj = loop.history["objective"], loop.history["max_log_joint"]
     # The objective at the final parameters: the E-step part of one more step
     # (its M-step is discarded; reusing the compiled step saves a compilation).
-    _, end = drm_em_step(struct, state, x, y, pseudo_count, min_sigma)
+    _, end = drm_em_step(state, x, y, pseudo_count, min_sigma)
     obj_end, mlj_end = end.objective, end.max_log_joint
     return DRMFitResult(
-        model=params_to_drm(struct, state.params),
+        model=_as_model(state.model),
         objective=np.asarray(objective + [float(obj_end)]),
         max_log_joint=np.asarray(mlj + [float(mlj_end)]),
         n_iter=int(state.iteration),

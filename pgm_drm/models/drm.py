@@ -12,13 +12,19 @@ plate ``p{l}`` (size ``w_l**2``, batch dim ``-(L - l + 1)``) indexes a unit's
 children, and a level-``l`` unit is addressed by its path of offsets.
 
 Bottom-up max-sum on this tree is ``conv -> max with OFF (ReLU) -> max-pool``
-(Eqs. 12-13); see :mod:`pgm_drm.inference.dcn`.
+(Eqs. 12-13): the model's :meth:`~DeepRenderingModel.level_scores` and
+:meth:`~DeepRenderingModel.level_switch` are the levels of the one pass in
+:mod:`pgm_drm.models.maxsum`; :meth:`~DeepRenderingModel.infer` runs it.
+
+The model is a JAX pytree (:func:`pgm_drm.models.pytree.pytree_model`): the
+templates and priors are leaves, ``windows`` is static, so jitted functions take
+the model as an ordinary argument and a new parameter value of the same structure
+does not compile again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,19 +36,17 @@ import numpyro.distributions as dist
 from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
-from pgm_drm._typing import Array, ArrayLike, PRNGKey
+from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
+from pgm_drm.models.maxsum import DCNOutput, dcn_pass, windows, windows_to_grid
+from pgm_drm.models.pytree import pytree_model
 from pgm_drm.models.validation import check_images, check_prior, check_probability
+from pgm_drm.semiring import resolve_temperature, switch_reduce
 
 __all__ = [
     "DeepRenderingModel",
     "grid_to_plates",
     "plates_to_grid",
-    "windows_to_grid",
 ]
-
-
-#: Jitted samplers per model and sample size (``DeepRenderingModel.sample``).
-_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def grid_to_plates(x: ArrayLike, windows: tuple[int, ...]) -> Array:
@@ -83,24 +87,26 @@ def plates_to_grid(x: ArrayLike, windows: tuple[int, ...]) -> Array:
     return jnp.reshape(x, lead + (side, side))
 
 
-def windows_to_grid(x: ArrayLike, w: int) -> Array:
-    """Per-unit window contents ``(..., h, h, w*w)`` -> the grid ``(..., h*w, h*w)``.
+def placement_offsets(window: int, size: int) -> np.ndarray:
+    """``(G, t*t)`` window offsets ``o = r * w + c`` of a ``t x t`` template's cells
+    at each of the ``G = (w - t + 1)**2`` translations inside a ``w x w`` window
+    (translations row-major: ``dy``, then ``dx``; cells row-major).
 
-    Offset ``o = r * w + c`` of the unit at ``(y, x)`` lands at ``(y*w + r, x*w + c)``.
+    Example:
+        >>> placement_offsets(3, 2).tolist()
+        [[0, 1, 3, 4], [1, 2, 4, 5], [3, 4, 6, 7], [4, 5, 7, 8]]
     """
-    x = jnp.asarray(x)
-    h = x.shape[-2]
-    x = jnp.reshape(x, x.shape[:-1] + (w, w))
-    x = jnp.swapaxes(x, -3, -2)
-    return jnp.reshape(x, x.shape[:-4] + (h * w, h * w))
+    w, t = int(window), int(size)
+    moves = [(dy, dx) for dy in range(w - t + 1) for dx in range(w - t + 1)]
+    return np.array(
+        [
+            [(dy + i) * w + dx + j for i in range(t) for j in range(t)]
+            for dy, dx in moves
+        ]
+    ).reshape(len(moves), t * t)
 
 
-def _placements(window: int, size: int) -> list[tuple[int, int]]:
-    return [
-        (dy, dx) for dy in range(window - size + 1) for dx in range(window - size + 1)
-    ]
-
-
+@pytree_model(static=("windows",))
 @dataclass(frozen=True, eq=False)
 class DeepRenderingModel:
     """A tree DRM (DESIGN §2). Level index ``l`` runs 1 (renders pixels) .. L (class).
@@ -117,6 +123,10 @@ class DeepRenderingModel:
             ``G_l = (w_l - t_l + 1)**2`` translations.
         switch_priors: For ``l = 1..L-1``, probability a unit is ON.
         sigma: Pixel noise (> 0).
+
+    Leaves are stored with fixed types (float templates and priors, int32 child
+    templates, Python-float ``switch_priors`` and ``sigma``), so every model of
+    one structure has the same abstract value under ``jit``.
     """
 
     windows: tuple[int, ...]
@@ -163,7 +173,7 @@ class DeepRenderingModel:
                 )
             sizes.append(t.shape[1])
             states.append(t.shape[0])
-            kids.append(t)
+            kids.append(jnp.asarray(t, dtype=jnp.int32))
         for l, (w, t) in enumerate(zip(windows, sizes, strict=True), start=1):
             if t > w:
                 raise ValueError(
@@ -178,7 +188,10 @@ class DeepRenderingModel:
             zip(self.nuisance_priors, windows, sizes, strict=True), start=1
         ):
             g_priors.append(
-                check_prior(p, f"nuisance_priors[level {l}]", (w - t + 1) ** 2)
+                jnp.asarray(
+                    check_prior(p, f"nuisance_priors[level {l}]", (w - t + 1) ** 2),
+                    dtype=float,
+                )
             )
         if len(self.switch_priors) != levels - 1:
             raise ValueError(
@@ -198,7 +211,9 @@ class DeepRenderingModel:
         object.__setattr__(
             self,
             "class_prior",
-            check_prior(self.class_prior, "class_prior", states[-1]),
+            jnp.asarray(
+                check_prior(self.class_prior, "class_prior", states[-1]), dtype=float
+            ),
         )
         object.__setattr__(self, "nuisance_priors", tuple(g_priors))
         object.__setattr__(self, "switch_priors", switch)
@@ -254,16 +269,56 @@ class DeepRenderingModel:
         """
         w, t = self.windows[level - 1], self.template_sizes[level - 1]
         k = self.n_states[level - 1]
-        moves = _placements(w, t)
+        offs = placement_offsets(w, t)
+        g = np.arange(offs.shape[0])[:, None]
         if level == 1:
-            out = np.zeros((k + 1, len(moves), w, w))
-            src = np.asarray(self.pixel_templates)
+            src = jnp.reshape(self.pixel_templates, (k, t * t))
+            out = jnp.zeros((k + 1, offs.shape[0], w * w), src.dtype)
         else:
-            out = np.full((k + 1, len(moves), w, w), self.n_states[level - 2])
-            src = np.asarray(self.child_templates[level - 2])
-        for g, (dy, dx) in enumerate(moves):
-            out[:k, g, dy : dy + t, dx : dx + t] = src
-        return jnp.asarray(out.reshape(k + 1, len(moves), w * w))
+            src = jnp.reshape(self.child_templates[level - 2], (k, t * t))
+            off = self.n_states[level - 2]
+            out = jnp.full((k + 1, offs.shape[0], w * w), off, src.dtype)
+        return out.at[:k, g, offs].set(src[:, None, :])
+
+    # ---- the DCN-form pass (pgm_drm.models.maxsum) --------------------------------
+    def level_scores(self, level: int, below: Array) -> Array:
+        """Pre-pooling scores ``(B, h, h, K_l + 1, G_l)`` of the level-``level`` units:
+        template match plus ``log pi_g`` (last state = OFF).
+
+        Level 1 (Eqs. 7-8): the log-likelihood of each unit's patch of the images
+        ``below`` ``(B, H, W)`` under every placed pixel template, ``<mu/sigma^2 |
+        I> - ||mu||^2/(2 sigma^2) - ||I||^2/(2 sigma^2) - const`` (a strided
+        convolution). Level ``l >= 2`` (Eqs. 12-13): the children's messages
+        ``below`` ``(B, h', h', K_{l-1} + 1)`` at the states the template puts
+        there, summed over the window (a convolution with *one-hot* templates,
+        i.e. a gather).
+        """
+        table = self.placement_table(level)  # (K+1, G, w*w)
+        w = self.windows[level - 1]
+        if level == 1:
+            s2 = self.sigma**2
+            patches = windows(below[..., None], w)[..., 0]  # (B,h,h,w*w)
+            match = jnp.einsum("bxyp,kgp->bxykg", patches, table / s2)
+            bias = -jnp.sum(table**2, axis=-1) / (2 * s2)
+            const = -jnp.sum(patches**2, axis=-1) / (2 * s2) - 0.5 * w * w * jnp.log(
+                2 * jnp.pi * s2
+            )
+            raw = match + bias + const[..., None, None]
+        else:
+            win = windows(below, w)  # (B,h,h,O,K'+1)
+            o = jnp.arange(table.shape[-1])
+            raw = jnp.sum(win[:, :, :, o, table], axis=-1)  # (B,h,h,K+1,G)
+        return raw + jnp.log(self.nuisance_priors[level - 1])
+
+    def level_switch(self, level: int, pooled: Array, t: float) -> Array:
+        """Eq. 9: the level-``level`` messages ``(B, h, h, K_l + 1)``, the pooled
+        scores reduced over the unit's switch (the ReLU at ``t = 0``)."""
+        return switch_reduce(pooled, self.switch_priors[level - 1], t)
+
+    def class_scores(self, pooled: Array) -> Array:
+        """``(B, K_L)``: the top unit's pooled scores ``(B, 1, 1, K_L + 1)`` plus
+        ``log pi_c`` (its OFF row is never used)."""
+        return pooled[:, 0, 0, :-1] + jnp.log(self.class_prior)
 
     # ---- the NumPyro model ---------------------------------------------------------
     def model(self, image: ArrayLike | None = None) -> None:
@@ -300,8 +355,8 @@ class DeepRenderingModel:
     def sample(self, key: PRNGKey, n: int) -> tuple[Array, dict[str, Array]]:
         """Draw ``n`` images and every latent, on spatial grids.
 
-        NumPyro's ``Predictive`` over :meth:`model`, jitted once per model and
-        ``n`` (later calls take milliseconds).
+        NumPyro's ``Predictive`` over :meth:`model`, jitted once per structure and
+        ``n`` (the model is traced; later calls take milliseconds).
 
         Returns:
             ``images`` ``(n, H, W)`` and ``latents``: ``"c"`` ``(n,)``;
@@ -310,10 +365,7 @@ class DeepRenderingModel:
         """
         if int(n) < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        cache = _SAMPLERS.setdefault(self, {})
-        if int(n) not in cache:
-            cache[int(n)] = jax.jit(partial(self._sample, int(n)))
-        return cache[int(n)](key)
+        return _sample(self, int(n), key)
 
     def _sample(self, n: int, key: PRNGKey) -> tuple[Array, dict[str, Array]]:
         draws = Predictive(self.model, num_samples=n)(key)
@@ -343,12 +395,26 @@ class DeepRenderingModel:
         return out
 
     def infer(
-        self, images: ArrayLike, semiring: str = "max", temperature: float | None = None
-    ):
-        """DCN-form bottom-up + top-down pass (:func:`pgm_drm.inference.dcn_infer`)."""
-        from pgm_drm.inference.dcn import dcn_infer
+        self,
+        images: ArrayLike,
+        semiring: Semiring = "max",
+        temperature: float | None = None,
+    ) -> DCNOutput:
+        """DCN-form bottom-up + top-down inference on one image or a batch (jitted,
+        the model traced): :func:`pgm_drm.models.maxsum.dcn_pass`.
 
-        return dcn_infer(self, images, semiring, temperature)
+        Args:
+            images: ``image_shape`` or ``(B, *image_shape)``.
+            semiring: "max" (max-sum: max-pooling, ReLU) or "sum" (sum-product).
+            temperature: Overrides ``semiring`` (``T * logsumexp(x / T)``).
+
+        Returns:
+            :class:`pgm_drm.models.maxsum.DCNOutput` (batched; a single image
+            gets ``B = 1``).
+        """
+        t = resolve_temperature(semiring, temperature)
+        x, _ = self.check_images(images)
+        return dcn_pass(self, x, t)
 
     def render(self, latents: dict[str, ArrayLike]) -> Array:
         """The noise-free image ``mu(c, g, a)`` of Eq. 10 for latents on grids.
@@ -492,3 +558,9 @@ class DeepRenderingModel:
             switch_priors=(0.95, 0.95),
             sigma=sigma,
         )
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _sample(drm: DeepRenderingModel, n: int, key: PRNGKey):
+    """:meth:`DeepRenderingModel.sample`, compiled once per structure and ``n``."""
+    return drm._sample(n, key)

@@ -18,8 +18,6 @@ from pgm_drm.learning.drm_em import (
     drm_map,
     fit_drm_classifier,
     fit_drm_em,
-    params_from_drm,
-    params_to_drm,
 )
 from pgm_drm.models.drm import DeepRenderingModel
 
@@ -78,11 +76,31 @@ def test_clamped_map_fixes_the_class(truth, data):
     np.testing.assert_array_equal(z_semi["c"], free["c"])
 
 
-def test_params_round_trip(truth):
-    back = params_to_drm(*params_from_drm(truth))
-    np.testing.assert_array_equal(back.pixel_templates, truth.pixel_templates)
-    np.testing.assert_array_equal(back.child_templates[0], truth.child_templates[0])
-    assert back.switch_priors == truth.switch_priors and back.sigma == truth.sigma
+def test_new_parameters_of_one_structure_do_not_trace_again(truth, data, monkeypatch):
+    """The model is a pytree traced by jit: a second fit (new parameter values,
+    same structure) and inference with its model reuse the compiled programs.
+    Traces are counted by a Python side effect in the pass, which runs only
+    while jit traces."""
+    images, _ = data
+    traces = []
+    level_scores = DeepRenderingModel.level_scores
+
+    def counted(self, level, below):
+        traces.append(level)
+        return level_scores(self, level, below)
+
+    monkeypatch.setattr(DeepRenderingModel, "level_scores", counted)
+    first = _fit(images, n_iter=2, tol=None, key=jax.random.PRNGKey(0)).model
+    dcn_infer(first, images)
+    drm_map(first, images[:9])  # a batch size no other test uses: traces here
+    assert traces
+    before = len(traces)
+    second = _fit(images, n_iter=3, tol=None, key=jax.random.PRNGKey(1)).model
+    assert not np.array_equal(second.pixel_templates, first.pixel_templates)
+    dcn_infer(second, images)
+    drm_map(second, images[:9])
+    drm_map(truth, images[:9])  # a model built by hand: the same leaf types
+    assert len(traces) == before
 
 
 # ---- learning ----------------------------------------------------------------------
