@@ -71,8 +71,8 @@ def main() -> None:
     from pgm_drm.graph import compile_model  # noqa: F401
     from pgm_drm.inference import enumerate_exact
     from pgm_drm.inference.dcn import dcn_infer
-    from pgm_drm.models.maxsum import bottom_up as drm_bottom_up
     from pgm_drm.models import DeepRenderingModel
+    from pgm_drm.models.maxsum import bottom_up as drm_bottom_up
 
     dev = jax.devices()[0]
     print(
