@@ -17,8 +17,6 @@ from pgm_drm.learning.base import FitResult
 from pgm_drm.learning.discriminative import (
     DCNLayer,
     DCNNet,
-    DCNParams,
-    DCNSpec,
     DiscriminativeFit,
     calibrate_scale,
     class_scores,
@@ -87,8 +85,6 @@ from pgm_drm.learning.svi import fit_svi
 __all__ = [
     "DCNLayer",
     "DCNNet",
-    "DCNParams",
-    "DCNSpec",
     "DRMFitResult",
     "DiscriminativeFit",
     "EMInfo",

@@ -10,7 +10,9 @@ natural parameters -- real-valued filters ``w`` instead of ``mu / sigma^2`` and
 one-hot templates, free biases ``b`` -- and maximises the conditional
 log-likelihood ``sum_n ln p(c_n | I_n, eta)`` (softmax cross-entropy) by SGD.
 
-The network family (:class:`DCNSpec`, :class:`DCNParams`): level ``l`` reads
+The network family (:class:`DCNNet`, a pytree of :class:`DCNLayer` weights run
+by the DRM's own pass, :func:`pgm_drm.models.maxsum.bottom_up`: the relaxation is
+that pass with free weights): level ``l`` reads
 ``w_l x w_l`` windows of the level below at stride ``s_l`` (``s_l = w_l`` is the
 tree DRM; ``s_l < w_l`` overlaps), has ``K_l`` units with ``G_l`` pieces each,
 
@@ -18,25 +20,27 @@ tree DRM; ``s_l < w_l`` overlaps), has ``K_l`` units with ``G_l`` pieces each,
     h_l[k] = act_T(z_l[k])   (l < L),    scores[c] = z_L[c],
 
 where ``act_0 = ReLU``. The top level covers the whole grid (one unit, the
-class). A *dense* spec reads the flattened image as one window: the max-out
+class). A *dense* net reads the flattened image as one window: the max-out
 network ``max_g <w_cg | I> + b_cg`` of the shallow RM (Prop. A.1).
 
 * :func:`init_from_rm`: the RM's MS-RMC (or SP-RMC) scores, exactly.
 * :func:`init_from_drm`: the DRM's DCN-form class scores, exactly up to a
   per-image constant (the dropped ``-||I||^2 / 2 sigma^2`` terms and the OFF
   branches' constants), so the relaxation starts at the generative model.
-* :func:`init_random`: He-style random filters for any spec.
+* :func:`init_random`: He-style random filters for any structure.
 * :func:`fit_discriminative`: optax Adam(W), minibatches, jitted epochs,
   optional early stopping on a validation split of the training data.
-* :func:`label_budget_curve` / :func:`plot_label_budget`: the bias-variance
-  trade-off of §2.7 (generative wins with few labels, discriminative with many).
+
+The label-budget curve of §2.7 (generative vs relaxed as labels grow) is an
+experiment: :func:`pgm_drm.experiments.label_budget_curve`.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +50,9 @@ from tqdm.auto import tqdm
 
 from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
-from pgm_drm.learning.em import fit_em
 from pgm_drm.models.drm import DeepRenderingModel
+from pgm_drm.models.maxsum import bottom_up, windows
+from pgm_drm.models.pytree import pytree_model, replace
 from pgm_drm.models.rendering import RenderingModel
 from pgm_drm.models.validation import check_images
 from pgm_drm.semiring import reduce_t, resolve_temperature
@@ -55,20 +60,14 @@ from pgm_drm.semiring import reduce_t, resolve_temperature
 __all__ = [
     "DCNLayer",
     "DCNNet",
-    "DCNParams",
-    "DCNSpec",
     "DiscriminativeFit",
-    "LabelBudgetResult",
     "as_net",
     "calibrate_scale",
-    "check_spec",
     "class_scores",
     "fit_discriminative",
     "init_from_drm",
     "init_from_rm",
     "init_random",
-    "label_budget_curve",
-    "plot_label_budget",
     "predict",
     "predict_proba",
     "stratified_split",
@@ -76,107 +75,112 @@ __all__ = [
 
 
 # ---- the network family --------------------------------------------------------
-class DCNSpec(NamedTuple):
-    """Static structure of a DCN-form network (hashable; a jit static argument).
+class DCNLayer(NamedTuple):
+    """One level's free weights: ``w`` ``(K, G, w*w, C_in)`` filters, ``b``
+    ``(K, G)`` biases."""
 
-    Attributes:
+    w: Array
+    b: Array
+
+
+@pytree_model(static=("image_shape", "windows", "strides", "temperature", "dense"))
+@dataclass(frozen=True, eq=False)
+class DCNNet:
+    """The relaxation: a DCN-form model with free weights, run by the DRM's own
+    pass (:func:`pgm_drm.models.maxsum.bottom_up`).
+
+    A JAX pytree: the :class:`DCNLayer` weights are the leaves (what Adam
+    trains), the rest is static structure.
+
+    Args:
+        layers: One :class:`DCNLayer` per level.
         image_shape: Shape of one input image.
         windows: Per level, the window side ``w_l`` (in units of the level below).
         strides: Per level, the stride ``s_l`` between windows (``= w_l``: tree).
         temperature: ``T`` of the pooling and switch reductions (0: max, ReLU).
         dense: Level 1 reads the whole flattened image as one window
             (``windows == strides == (1,)``; any ``image_shape``).
+
+    Raises:
+        ValueError: The weights do not fit the windows, or the top level is not
+            one unit.
     """
 
+    layers: tuple[DCNLayer, ...]
     image_shape: tuple[int, ...]
     windows: tuple[int, ...]
     strides: tuple[int, ...]
     temperature: float = 0.0
     dense: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("image_shape", "windows", "strides"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "dense", bool(self.dense))
+        object.__setattr__(
+            self, "layers", tuple(DCNLayer(*layer) for layer in self.layers)
+        )
+        if len(self.windows) != len(self.strides) or not self.windows:
+            raise ValueError("windows and strides must be non-empty and equally long")
+        if self.dense:
+            if self.windows != (1,) or self.strides != (1,):
+                raise ValueError("a dense net has windows == strides == (1,)")
+        elif len(self.image_shape) != 2 or self.image_shape[0] != self.image_shape[1]:
+            raise ValueError(f"a grid net needs square images, got {self.image_shape}")
+        side = 1 if self.dense else self.image_shape[0]
+        for w, s in zip(self.windows, self.strides, strict=True):
+            if w > side or (side - w) % s:
+                raise ValueError(
+                    f"window {w} with stride {s} does not tile a grid of side {side}"
+                )
+            side = (side - w) // s + 1
+        if side != 1:
+            raise ValueError(f"the top level must be one unit, got a {side}^2 grid")
+        if len(self.layers) != len(self.windows):
+            raise ValueError(
+                f"{len(self.windows)} levels need {len(self.windows)} layers, "
+                f"got {len(self.layers)}"
+            )
+        c_in = int(np.prod(self.image_shape)) if self.dense else 1
+        for l, (layer, w) in enumerate(
+            zip(self.layers, self.windows, strict=True), start=1
+        ):
+            k, g = layer.b.shape
+            want = (k, g, w * w, c_in)
+            if layer.w.shape != want:
+                raise ValueError(
+                    f"level {l}: w has shape {layer.w.shape}, expected {want}"
+                )
+            c_in = k
 
-class DCNLayer(NamedTuple):
-    """One level: ``w`` ``(K, G, w*w, C_in)`` filters, ``b`` ``(K, G)`` biases."""
-
-    w: Array
-    b: Array
-
-
-class DCNParams(NamedTuple):
-    """The free natural parameters ``eta`` of Eq. 25: one :class:`DCNLayer` a level."""
-
-    layers: tuple[DCNLayer, ...]
-
-
-class DCNNet(NamedTuple):
-    """A network: trainable ``params`` (a pytree) and its static ``spec``."""
-
-    params: DCNParams
-    spec: DCNSpec
+    @property
+    def levels(self) -> int:
+        return len(self.layers)
 
     @property
     def n_classes(self) -> int:
-        return int(self.params.layers[-1].w.shape[0])
+        return int(self.layers[-1].w.shape[0])
 
+    # ---- the DCN-form pass (pgm_drm.models.maxsum) ------------------------------
+    def level_scores(self, level: int, below: Array) -> Array:
+        """``sum_{o, i} W_l[k, g, o, i] h_{l-1}[o, i] + b_l[k, g]``: ``(B, n, n, K,
+        G)``; at level 1 ``below`` are the images ``(B, *image_shape)``."""
+        if level == 1:
+            b = below.shape[0]
+            below = below.reshape(b, 1, 1, -1) if self.dense else below[..., None]
+        layer = self.layers[level - 1]
+        p = windows(below, self.windows[level - 1], self.strides[level - 1])
+        return jnp.einsum("bxyoi,kgoi->bxykg", p, layer.w) + layer.b
 
-def _grid_sides(spec: DCNSpec) -> list[int]:
-    """Side of the unit grid below each level (index 0: the input map)."""
-    side = 1 if spec.dense else int(spec.image_shape[0])
-    sides = [side]
-    for w, s in zip(spec.windows, spec.strides, strict=True):
-        if w > side or (side - w) % s:
-            raise ValueError(
-                f"window {w} with stride {s} does not tile a grid of side {side}"
-            )
-        side = (side - w) // s + 1
-        sides.append(side)
-    return sides
+    def level_switch(self, level: int, pooled: Array, t: float) -> Array:
+        """The switch (Eq. 9), its prior folded into the free bias:
+        ``reduce_T(z, 0)``, the ReLU at ``T = 0``."""
+        return _act(pooled, t)
 
-
-def check_spec(spec: DCNSpec, params: DCNParams) -> None:
-    """Raise ValueError unless ``params`` fit ``spec`` and the top is one unit."""
-    if len(spec.windows) != len(spec.strides) or not spec.windows:
-        raise ValueError("windows and strides must be non-empty and equally long")
-    if spec.dense:
-        if spec.windows != (1,) or spec.strides != (1,):
-            raise ValueError("a dense spec has windows == strides == (1,)")
-    elif len(spec.image_shape) != 2 or spec.image_shape[0] != spec.image_shape[1]:
-        raise ValueError(f"a grid spec needs square images, got {spec.image_shape}")
-    sides = _grid_sides(spec)
-    if sides[-1] != 1:
-        raise ValueError(f"the top level must be one unit, got a {sides[-1]}^2 grid")
-    if len(params.layers) != len(spec.windows):
-        raise ValueError(
-            f"{len(spec.windows)} levels need {len(spec.windows)} layers, "
-            f"got {len(params.layers)}"
-        )
-    c_in = int(np.prod(spec.image_shape)) if spec.dense else 1
-    for l, (layer, w) in enumerate(
-        zip(params.layers, spec.windows, strict=True), start=1
-    ):
-        k, g = layer.b.shape
-        want = (k, g, w * w, c_in)
-        if layer.w.shape != want:
-            raise ValueError(f"level {l}: w has shape {layer.w.shape}, expected {want}")
-        c_in = k
-
-
-def _patches(h: Array, w: int, s: int) -> Array:
-    """``(B, H, H, C)`` -> ``(B, n, n, w*w, C)`` windows at stride ``s``.
-
-    Offset ``o = r * w + c`` inside a window, as in
-    :func:`pgm_drm.inference.dcn.windows_of` and ``placement_table``.
-    """
-    b, side = h.shape[:2]
-    n = (side - w) // s + 1
-    if w == side:
-        return h.reshape(b, 1, 1, w * w, h.shape[-1])
-    if w == s:  # non-overlapping: a reshape (the tree DRM)
-        x = h.reshape(b, n, w, n, w, h.shape[-1])
-        return jnp.moveaxis(x, 2, 3).reshape(b, n, n, w * w, h.shape[-1])
-    idx = s * np.arange(n)[:, None] + np.arange(w)[None, :]  # (n, w)
-    x = h[:, idx[:, None, :, None], idx[None, :, None, :], :]  # (B,n,n,w,w,C)
-    return x.reshape(b, n, n, w * w, h.shape[-1])
+    def class_scores(self, pooled: Array) -> Array:
+        """The top unit's pooled scores ``(B, 1, 1, C)`` as ``(B, C)``."""
+        return pooled[:, 0, 0, :]
 
 
 def _act(z: Array, t: float) -> Array:
@@ -186,21 +190,14 @@ def _act(z: Array, t: float) -> Array:
     return t * jax.nn.softplus(z / t)
 
 
-def _forward(params: DCNParams, spec: DCNSpec, x: Array) -> Array:
-    """Class scores ``(B, C)`` of images ``(B, *image_shape)`` (no checks)."""
-    b = x.shape[0]
-    h = x.reshape(b, 1, 1, -1) if spec.dense else x[..., None]
-    t = spec.temperature
-    n_levels = len(params.layers)
-    for l, layer in enumerate(params.layers):
-        p = _patches(h, spec.windows[l], spec.strides[l])  # (B,n,n,O,Ci)
-        u = jnp.einsum("bxyoi,kgoi->bxykg", p, layer.w) + layer.b  # template match
-        z = reduce_t(u, (4,), t)  # pool over translations g (Eq. 12)
-        h = z if l == n_levels - 1 else _act(z, t)
-    return h[:, 0, 0, :]
+def _forward(net: DCNNet, x: Array) -> Array:
+    """Class scores ``(B, C)`` of images ``(B, *image_shape)`` (no checks): the
+    DRM's bottom-up pass with the net's free weights."""
+    pooled, _, _ = bottom_up(net, x, net.temperature)
+    return net.class_scores(pooled)
 
 
-_jit_forward = jax.jit(_forward, static_argnums=(1,))
+_jit_forward = jax.jit(_forward)
 
 
 def class_scores(net: DCNNet, images: ArrayLike) -> Array:
@@ -214,8 +211,8 @@ def class_scores(net: DCNNet, images: ArrayLike) -> Array:
         >>> bool(jnp.allclose(class_scores(net, x), rm.class_log_scores(x)))
         True
     """
-    x, single = check_images(images, tuple(net.spec.image_shape))
-    s = _jit_forward(net.params, net.spec, x.astype(net.params.layers[0].w.dtype))
+    x, single = check_images(images, net.image_shape)
+    s = _jit_forward(net, x.astype(net.layers[0].w.dtype))
     return s[0] if single else s
 
 
@@ -253,8 +250,7 @@ def init_from_rm(rm: RenderingModel, semiring: Semiring = "max") -> DCNNet:
         )
         w = jnp.concatenate([w, jnp.zeros((c, 1, 1, d), w.dtype)], axis=1)
         b = jnp.concatenate([b, reduce_t(off, (1,), t)[:, None]], axis=1)
-    spec = DCNSpec(tuple(rm.image_shape), (1,), (1,), t, dense=True)
-    return DCNNet(DCNParams((DCNLayer(w, b),)), spec)
+    return DCNNet((DCNLayer(w, b),), rm.image_shape, (1,), (1,), t, dense=True)
 
 
 def init_from_drm(drm: DeepRenderingModel, semiring: Semiring = "max") -> DCNNet:
@@ -305,8 +301,7 @@ def init_from_drm(drm: DeepRenderingModel, semiring: Semiring = "max") -> DCNNet
         else:
             b = raw_b + jnp.log(drm.class_prior)[:, None]
         layers.append(DCNLayer(w, b))
-    spec = DCNSpec(tuple(drm.image_shape), tuple(drm.windows), tuple(drm.windows), t)
-    return DCNNet(DCNParams(tuple(layers)), spec)
+    return DCNNet(tuple(layers), drm.image_shape, drm.windows, drm.windows, t)
 
 
 def init_random(
@@ -382,16 +377,12 @@ def init_random(
             g = len(moves)
         layers.append(DCNLayer(filt, jnp.zeros((k, g))))
         c_in = k
-    spec = DCNSpec(tuple(image_shape), windows, strides, float(temperature), dense)
-    params = DCNParams(tuple(layers))
-    check_spec(spec, params)
-    return DCNNet(params, spec)
+    return DCNNet(tuple(layers), image_shape, windows, strides, temperature, dense)
 
 
 def as_net(model: DCNNet | RenderingModel | DeepRenderingModel) -> DCNNet:
     """A :class:`DCNNet` from a net, an RM (:func:`init_from_rm`) or a DRM."""
     if isinstance(model, DCNNet):
-        check_spec(model.spec, model.params)
         return model
     if isinstance(model, RenderingModel):
         return init_from_rm(model)
@@ -415,18 +406,17 @@ def calibrate_scale(
     are informative and Adam's step size is commensurate with the weights.
     """
     net = as_net(net)
-    xs, _ = check_images(x, tuple(net.spec.image_shape))
+    xs, _ = check_images(x, net.image_shape)
     ys = _check_labels(y, xs.shape[0], net.n_classes)
-    logits = _jit_forward(net.params, net.spec, xs.astype(net.params.layers[0].w.dtype))
+    logits = _jit_forward(net, xs.astype(net.layers[0].w.dtype))
     grid = 10.0 ** np.linspace(-4, 1, 51) if grid is None else np.asarray(grid)
     losses = [
         float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(a * logits, ys)))
         for a in grid
     ]
     a = float(grid[int(np.nanargmin(losses))])
-    top = net.params.layers[-1]
-    layers = net.params.layers[:-1] + (DCNLayer(a * top.w, a * top.b),)
-    return DCNNet(DCNParams(layers), net.spec)
+    top = net.layers[-1]
+    return replace(net, layers=net.layers[:-1] + (DCNLayer(a * top.w, a * top.b),))
 
 
 # ---- training ---------------------------------------------------------------------
@@ -447,16 +437,16 @@ class DiscriminativeFit(NamedTuple):
     best_epoch: int
 
 
-def _loss(params: DCNParams, spec: DCNSpec, x: Array, y: Array) -> Array:
+def _loss(net: DCNNet, x: Array, y: Array) -> Array:
     """Eq. 25: mean ``-ln p(c_n | I_n, eta)`` (softmax cross-entropy)."""
-    logits = _forward(params, spec, x)
+    logits = _forward(net, x)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
-def _evaluate(params, spec, x, y, chunk: int = 2048) -> tuple[float, float]:
+def _evaluate(net: DCNNet, x, y, chunk: int = 2048) -> tuple[float, float]:
     losses, hits = [], []
     for i in range(0, x.shape[0], chunk):
-        logits = _jit_forward(params, spec, x[i : i + chunk])
+        logits = _jit_forward(net, x[i : i + chunk])
         yy = y[i : i + chunk]
         losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, yy))
         hits.append(jnp.argmax(logits, -1) == yy)
@@ -472,28 +462,29 @@ def _optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=32)
-def _make_epoch(spec: DCNSpec, lr: float, weight_decay: float, batch_size: int):
+def _make_epoch(lr: float, weight_decay: float, batch_size: int):
     """A jitted epoch: shuffle, then ``lax.scan`` the Adam step over minibatches.
 
-    Cached per (spec, settings) so repeated fits reuse the compiled step.
+    Cached per settings, and jitted with the net traced (its structure is static),
+    so repeated fits of one structure reuse the compiled step.
     """
     opt = _optimizer(lr, weight_decay)
     grad = jax.value_and_grad(_loss)
 
     def step(carry, idx):
-        params, state, x, y = carry
-        loss, g = grad(params, spec, x[idx], y[idx])
-        updates, state = opt.update(g, state, params)
-        return (optax.apply_updates(params, updates), state, x, y), loss
+        net, state, x, y = carry
+        loss, g = grad(net, x[idx], y[idx])
+        updates, state = opt.update(g, state, net)
+        return (optax.apply_updates(net, updates), state, x, y), loss
 
     @jax.jit
-    def epoch(params, state, x, y, key):
+    def epoch(net, state, x, y, key):
         n = x.shape[0]
         nb = max(n // batch_size, 1)
         perm = jax.random.permutation(key, n)[: nb * batch_size]
         perm = perm.reshape(nb, -1) if n >= batch_size else perm[None]
-        (params, state, _, _), losses = jax.lax.scan(step, (params, state, x, y), perm)
-        return params, state, jnp.mean(losses)
+        (net, state, _, _), losses = jax.lax.scan(step, (net, state, x, y), perm)
+        return net, state, jnp.mean(losses)
 
     return epoch
 
@@ -513,7 +504,7 @@ def _check_labels(y: ArrayLike, n: int, n_classes: int) -> Array:
 
 
 def fit_discriminative(
-    params_or_model: DCNNet | RenderingModel | DeepRenderingModel,
+    net_or_model: DCNNet | RenderingModel | DeepRenderingModel,
     x: ArrayLike,
     y: ArrayLike,
     *,
@@ -532,7 +523,7 @@ def fit_discriminative(
     """Train the relaxation by minibatch Adam(W) on Eq. 25's ``L_dis``.
 
     Args:
-        params_or_model: A :class:`DCNNet`, or an RM / DRM to relax
+        net_or_model: A :class:`DCNNet`, or an RM / DRM to relax
             (:func:`init_from_rm` / :func:`init_from_drm`).
         x: ``(N, *image_shape)`` training images.
         y: ``(N,)`` labels in ``0..C-1``.
@@ -568,9 +559,8 @@ def fit_discriminative(
         >>> fit.history["train_loss"].shape
         (4,)
     """
-    net = as_net(params_or_model)
-    spec = net.spec
-    xs, _ = check_images(x, tuple(spec.image_shape))
+    net = as_net(net_or_model)
+    xs, _ = check_images(x, net.image_shape)
     c = net.n_classes
     ys = _check_labels(y, xs.shape[0], c)
     if int(epochs) != epochs or epochs < 0:
@@ -587,10 +577,10 @@ def fit_discriminative(
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     key = jax.random.PRNGKey(0) if key is None else key
     key, split_key = jax.random.split(key)
-    dtype = net.params.layers[0].w.dtype
+    dtype = net.layers[0].w.dtype
     xs = xs.astype(dtype)
     if validation is not None:
-        xv, _ = check_images(validation[0], tuple(spec.image_shape))
+        xv, _ = check_images(validation[0], net.image_shape)
         yv = _check_labels(validation[1], xv.shape[0], c)
         xv = xv.astype(dtype)
     elif val_fraction > 0:
@@ -600,10 +590,9 @@ def fit_discriminative(
         xv = yv = None
     if calibrate:
         net = calibrate_scale(net, xs, ys)
-    params = net.params
-    state = _optimizer(float(lr), float(weight_decay)).init(params)
+    state = _optimizer(float(lr), float(weight_decay)).init(net)
     bs = int(min(batch_size, xs.shape[0]))
-    epoch_fn = _make_epoch(spec, float(lr), float(weight_decay), bs)
+    epoch_fn = _make_epoch(float(lr), float(weight_decay), bs)
     hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "seconds": []}
     if xv is not None:
         hist.update(val_loss=[], val_acc=[])
@@ -611,24 +600,24 @@ def fit_discriminative(
 
     def record(p) -> tuple[float, float]:
         """Log one epoch; return the (lexicographic) score to minimise."""
-        loss, acc = _evaluate(p, spec, xs, ys)
+        loss, acc = _evaluate(p, xs, ys)
         hist["train_loss"].append(loss)
         hist["train_acc"].append(acc)
         hist["seconds"].append(time.perf_counter() - start)
         if xv is None:
             return (loss, 0.0)
-        vloss, vacc = _evaluate(p, spec, xv, yv)
+        vloss, vacc = _evaluate(p, xv, yv)
         hist["val_loss"].append(vloss)
         hist["val_acc"].append(vacc)
         return (-vacc, vloss) if monitor == "acc" else (vloss, 0.0)
 
-    best = record(params)
-    best_params, best_epoch, since = params, 0, 0
+    best = record(net)
+    best_net, best_epoch, since = net, 0, 0
     bar = tqdm(range(1, int(epochs) + 1), disable=not progress, desc="relaxation")
     for ep in bar:
         key, sub = jax.random.split(key)
-        params, state, _ = epoch_fn(params, state, xs, ys, sub)
-        score = record(params)
+        net, state, _ = epoch_fn(net, state, xs, ys, sub)
+        score = record(net)
         post = {"loss": f"{hist['train_loss'][-1]:.4f}"}
         post["acc"] = f"{hist['train_acc'][-1]:.3f}"
         if xv is not None:
@@ -637,13 +626,13 @@ def fit_discriminative(
         if not np.all(np.isfinite(score)):
             break
         if xv is None or score < best:
-            best, best_params, best_epoch, since = score, params, ep, 0
+            best, best_net, best_epoch, since = score, net, ep, 0
         else:
             since += 1
             if patience is not None and since >= patience:
                 break
     bar.close()
-    out = DCNNet(best_params, spec)
+    out = best_net
     return DiscriminativeFit(
         out, {k: np.asarray(v) for k, v in hist.items()}, best_epoch
     )
@@ -663,148 +652,3 @@ def stratified_split(
         va.append(idx[:m])
         tr.append(idx[m:])
     return np.sort(np.concatenate(tr)), np.sort(np.concatenate(va))
-
-
-# ---- the generative classifier and the label-budget curve ----------------------------
-class LabelBudgetResult(NamedTuple):
-    """Test accuracies per label budget (§2.7's bias-variance trade-off).
-
-    Attributes:
-        n_labels: ``(B,)`` labelled training images used.
-        generative: ``(B, R)`` test accuracy of the RM's MS-RMC, per repeat.
-        discriminative: ``(B, R)`` of its relaxation trained on the same labels.
-    """
-
-    n_labels: np.ndarray
-    generative: np.ndarray
-    discriminative: np.ndarray
-
-
-def _budget_subset(y: np.ndarray, n: int, n_classes: int, rng) -> np.ndarray:
-    """``n`` indices, as balanced over classes as possible (>= 1 per class)."""
-    per = [rng.permutation(np.flatnonzero(y == c)) for c in range(n_classes)]
-    take = [min(len(p), max(1, n // n_classes)) for p in per]
-    chosen = [p[:t] for p, t in zip(per, take, strict=True)]
-    rest = rng.permutation(
-        np.concatenate([p[t:] for p, t in zip(per, take, strict=True)])
-    )
-    extra = max(n - sum(take), 0)
-    return np.sort(np.concatenate(chosen + [rest[:extra]]))
-
-
-def label_budget_curve(
-    n_labels: tuple[int | None, ...] = (20, 50, 100, 200, 500, None),
-    *,
-    data: Any = None,
-    n_nuisances: int = 10,
-    steps: int = 600,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    repeats: int = 1,
-    key: PRNGKey | None = None,
-    progress: bool = True,
-) -> LabelBudgetResult:
-    """Generative RM vs its discriminative relaxation as labels grow (§2.7).
-
-    For each budget ``n`` (``None``: every training label) and repeat: draw a
-    class-balanced subset of ``n`` labelled training images, fit the RM with
-    :func:`pgm_drm.learning.fit_em` (supervised hard EM, Eqs. 16-17 with ``c``
-    clamped by the labels; ``G = n_nuisances`` templates per class; ``sigma``
-    floored at 0.05 so that tiny budgets do not collapse onto their images),
-    then relax it (:func:`init_from_rm`) and train on the same ``n`` images for
-    ``steps`` minibatch steps (no validation split: the budget is all the labels there
-    are), after temperature-scaling its saturated scores
-    (:func:`calibrate_scale`, which keeps the generative decisions).
-
-    Args:
-        n_labels: Budgets; ``None`` for all.
-        data: A :class:`pgm_drm.data.DigitsSplit`-like 4-tuple; default
-            :func:`pgm_drm.data.load_digits_split`.
-        n_nuisances: ``G``.
-        steps: Adam steps per fit (epochs = ``ceil(steps * batch / n)``).
-        batch_size, lr, weight_decay: As :func:`fit_discriminative`.
-        repeats: Independent subsets per budget.
-        key: PRNG key.
-        progress: An outer tqdm bar over the fits.
-
-    Returns:
-        :class:`LabelBudgetResult`.
-    """
-    if data is None:
-        from pgm_drm.data import load_digits_split
-
-        data = load_digits_split()
-    x_tr, y_tr, x_te, y_te = (np.asarray(a) for a in data)
-    n_classes = int(max(y_tr.max(), y_te.max())) + 1
-    key = jax.random.PRNGKey(0) if key is None else key
-    budgets = [len(y_tr) if n is None else min(int(n), len(y_tr)) for n in n_labels]
-    gen = np.zeros((len(budgets), repeats))
-    dis = np.zeros((len(budgets), repeats))
-    bar = tqdm(total=len(budgets) * repeats, disable=not progress, desc="budgets")
-    for i, n in enumerate(budgets):
-        for r in range(repeats):
-            key, k_sub, k_gen, k_fit = jax.random.split(key, 4)
-            rng = np_rng(k_sub)
-            idx = _budget_subset(y_tr, n, n_classes, rng)
-            rm = fit_em(
-                x_tr[idx],
-                n_classes,
-                n_nuisances,
-                mode="hard",
-                labels=y_tr[idx],
-                n_iter=30,
-                key=k_gen,
-                min_sigma=0.05,
-                progress=False,
-            ).model
-            gen[i, r] = float(np.mean(np.asarray(rm.classify(x_te)) == y_te))
-            bs = min(batch_size, len(idx))
-            epochs = int(np.ceil(steps / max(len(idx) // bs, 1)))
-            fit = fit_discriminative(
-                rm,
-                x_tr[idx],
-                y_tr[idx],
-                epochs=epochs,
-                batch_size=bs,
-                lr=lr,
-                weight_decay=weight_decay,
-                key=k_fit,
-                calibrate=True,
-                progress=False,
-            )
-            dis[i, r] = float(np.mean(np.asarray(predict(fit.net, x_te)) == y_te))
-            bar.set_postfix(n=n, gen=f"{gen[i, r]:.3f}", dis=f"{dis[i, r]:.3f}")
-            bar.update()
-    bar.close()
-    return LabelBudgetResult(np.asarray(budgets), gen, dis)
-
-
-def plot_label_budget(result: LabelBudgetResult, ax: Any = None):
-    """Test accuracy vs number of labels, generative vs discriminative.
-
-    Returns:
-        The matplotlib ``Figure`` (mean over repeats, min-max band).
-    """
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-    else:
-        fig = ax.figure
-    n = result.n_labels
-    for name, acc, style in (
-        ("generative (RM, MS-RMC)", result.generative, "o-"),
-        ("discriminative relaxation", result.discriminative, "s-"),
-    ):
-        ax.plot(n, acc.mean(1), style, label=name)
-        if acc.shape[1] > 1:
-            ax.fill_between(n, acc.min(1), acc.max(1), alpha=0.2)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled training images")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Generative vs discriminative (§2.7)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig

@@ -24,8 +24,6 @@ from pgm_drm.learning.discriminative import (
     init_from_drm,
     init_from_rm,
     init_random,
-    label_budget_curve,
-    plot_label_budget,
     predict,
     predict_proba,
 )
@@ -212,24 +210,8 @@ def test_calibrate_scale_keeps_decisions_and_lowers_loss():
     assert fit1.history["train_loss"][0] <= fit0.history["train_loss"][0]
 
 
-def test_label_budget_curve_small():
-    rm, images, labels = _toy_problem()
-    data = (images[:90], labels[:90], images[90:], labels[90:])
-    res = label_budget_curve(
-        (6, None), data=data, n_nuisances=2, steps=10, progress=False
-    )
-    assert res.n_labels.tolist() == [6, 90]
-    assert res.generative.shape == res.discriminative.shape == (2, 1)
-    assert np.all((res.generative >= 0) & (res.generative <= 1))
-    fig = plot_label_budget(res)
-    assert len(fig.axes[0].lines) == 2
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
 def test_net_is_a_pytree_of_params():
     net = init_from_rm(RenderingModel(default_templates(), sigma=0.5))
     assert isinstance(net, DCNNet)
-    leaves = jax.tree.leaves(net.params)
+    leaves = jax.tree.leaves(net)
     assert [leaf.shape for leaf in leaves] == [(3, 4, 1, 36), (3, 4)]
