@@ -1,5 +1,7 @@
-"""Posteriors as ArviZ InferenceData, plots, activity maximization, layer probes,
-the DCN-vs-exact study."""
+"""Posteriors as ArviZ InferenceData, plots, activity maximization, layer probes.
+
+The DCN-vs-exact and greedy-vs-exact studies are experiments:
+:mod:`pgm_drm.experiments.studies`."""
 
 from pgm_drm.diagnostics.activity import (
     ActivityMaximization,
@@ -17,14 +19,6 @@ from pgm_drm.diagnostics.arviz import (
     site_layouts,
     to_inference_data,
 )
-from pgm_drm.diagnostics.exactness import (
-    DCNExactnessStudy,
-    GreedyStudyRow,
-    dcn_exactness_study,
-    greedy_vs_exact_study,
-    plot_dcn_exactness,
-    plot_greedy_vs_exact,
-)
 from pgm_drm.diagnostics.plots import (
     draw_factor_graph,
     plot_factor_directions,
@@ -41,23 +35,17 @@ from pgm_drm.diagnostics.probes import (
 
 __all__ = [
     "ActivityMaximization",
-    "DCNExactnessStudy",
-    "GreedyStudyRow",
     "ProbeResult",
     "SiteLayout",
     "activity_maximization",
-    "dcn_exactness_study",
     "discrete_posterior_draws",
     "disentanglement_probe",
     "draw_factor_graph",
     "draws_to_inference_data",
     "from_rendering_model",
-    "greedy_vs_exact_study",
     "naive_activity_maximization",
     "plot_activity_maximization",
-    "plot_dcn_exactness",
     "plot_disentanglement",
-    "plot_greedy_vs_exact",
     "plot_posterior_comparison",
     "plot_posterior_comparison_az",
     "plot_reconstructions",

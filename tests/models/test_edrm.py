@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgm_drm.diagnostics.exactness import GreedyStudyRow, plot_greedy_vs_exact
 from pgm_drm.graph.compile import compile_model
 from pgm_drm.inference.api import infer
 from pgm_drm.inference.edrm import (
@@ -213,14 +212,6 @@ def test_default_model_is_coarse_to_fine():
     assert coarse_to_fine_margin(m) > 0
     leaves = m.path_from_leaf(np.arange(12))
     np.testing.assert_array_equal(greedy_path(m, m.render(leaves)), leaves)
-
-
-def test_plot_greedy_vs_exact():
-    rows = [
-        GreedyStudyRow(s, 1.0 - s / 4, 1.0, 1.0 - s / 2, 0.9, s, 10) for s in (0.1, 1.0)
-    ]
-    fig = plot_greedy_vs_exact(rows)
-    assert len(fig.axes[0].lines) == 4
 
 
 def test_save_load_roundtrip(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
-"""When is a DCN exact inference? The DCN pass vs exact inference under overlap.
+"""Studies: when is a DCN exact inference, and when is the greedy E-DRM path the MAP?
 
-On :class:`pgm_drm.models.ConvRenderingModel` (windows that overlap by
+The DCN pass vs exact inference under overlap (:func:`dcn_exactness_study`). On
+:class:`pgm_drm.models.ConvRenderingModel` (windows that overlap by
 ``t - stride`` pixels) we sample images, run
 
 * the DCN-form pass (:func:`pgm_drm.inference.conv_dcn_infer`): max-sum for the
@@ -15,12 +16,17 @@ exact MAP and how far its class posterior is (total variation).
 
 The same question for the E-DRM (§4): :func:`greedy_vs_exact_study` measures how
 often the greedy decision tree (Eq. 31) finds the exact MAP path (Eq. 30).
+
+:func:`run_study` runs either study and writes its table, rows and figure (the
+``pgm-drm compare dcn|greedy`` command).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +46,13 @@ from pgm_drm.models.edrm import EvolutionaryDRM, RootRule
 __all__ = [
     "DCNExactnessStudy",
     "GreedyStudyRow",
+    "StudyReport",
     "dcn_exactness_study",
     "greedy_vs_exact_study",
     "plot_dcn_exactness",
+    "greedy_table",
     "plot_greedy_vs_exact",
+    "run_study",
 ]
 
 #: Columns of :attr:`DCNExactnessStudy.rows`.
@@ -410,3 +419,63 @@ def plot_greedy_vs_exact(rows: Sequence[GreedyStudyRow], ax: Any = None) -> Any:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def greedy_table(rows: Sequence[GreedyStudyRow]) -> str:
+    """The rows of :func:`greedy_vs_exact_study` as a Markdown table."""
+    dicts = [r._asdict() for r in rows]
+    cols = list(dicts[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in dicts:
+        cells = [f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class StudyReport(NamedTuple):
+    """What :func:`run_study` wrote.
+
+    Attributes:
+        rows: One dict per row (``rows.json``).
+        table: The rows as Markdown (``table.md``).
+    """
+
+    rows: list[dict[str, Any]]
+    table: str
+
+
+def run_study(
+    study: Literal["dcn", "greedy"], out: Path, quick: bool = False, seed: int = 0
+) -> StudyReport:
+    """Run a study and write ``table.md``, ``rows.json`` and ``<study>_study.png``.
+
+    Args:
+        study: ``"dcn"``: the DCN pass vs exact inference under overlapping
+            rendering (:func:`dcn_exactness_study`); ``"greedy"``: the E-DRM's
+            greedy path (Eq. 31) vs the exact MAP path (Eq. 30,
+            :func:`greedy_vs_exact_study`).
+        out: Output folder (created).
+        quick: A small, fast version (one model, two noise levels, few images).
+        seed: PRNG seed.
+
+    Returns:
+        :class:`StudyReport`.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.PRNGKey(seed)
+    if study == "dcn":
+        kw = {"n_images": 5, "n_models": 1, "sigmas": (0.5, 1.0)} if quick else {}
+        res = dcn_exactness_study(key, **kw)
+        rows, table, fig = res.rows, res.table(), plot_dcn_exactness(res)
+    elif study == "greedy":
+        kw = {"n_images": 50, "n_models": 1, "sigmas": (0.1, 1.0)} if quick else {}
+        res = greedy_vs_exact_study(key, **kw)
+        rows = [r._asdict() for r in res]
+        table, fig = greedy_table(res), plot_greedy_vs_exact(res)
+    else:
+        raise ValueError(f"unknown study {study!r}; choose 'dcn' or 'greedy'")
+    (out / "table.md").write_text(table + "\n")
+    (out / "rows.json").write_text(json.dumps(rows, indent=2, default=float))
+    fig.savefig(out / f"{study}_study.png", dpi=110)
+    plt.close(fig)
+    return StudyReport(rows, table)
