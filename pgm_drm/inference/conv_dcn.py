@@ -128,7 +128,7 @@ def conv_dcn_infer(
     """DCN-form bottom-up + top-down pass on convolutional rendering (jitted).
 
     Exact when ``model.overlap == 0``; otherwise the DCN's approximation, whose
-    error :func:`pgm_drm.diagnostics.dcn_exactness_study` measures.
+    error :func:`pgm_drm.experiments.dcn_exactness_study` measures.
 
     Args:
         model: The model.

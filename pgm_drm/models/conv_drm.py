@@ -12,7 +12,7 @@ With ``stride == t`` the windows tile the image and the model is a two-level tre
 DRM; the DCN-form pass (:func:`pgm_drm.inference.conv_dcn_infer`) is then exact.
 With overlap the DCN pass scores every patch as if its unit alone rendered it --
 what a convolution with stride < kernel size computes -- and the toolkit measures
-how far that is from exact inference (:func:`pgm_drm.diagnostics.dcn_exactness_study`).
+how far that is from exact inference (:func:`pgm_drm.experiments.dcn_exactness_study`).
 """
 
 from __future__ import annotations

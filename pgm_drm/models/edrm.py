@@ -22,7 +22,7 @@ upward pass over the tree of categories.
 
 Inference on it lives in :mod:`pgm_drm.inference.edrm` (exact ``path_posterior``,
 the greedy decision tree ``greedy_path`` of Eq. 31); the greedy-vs-exact study in
-:mod:`pgm_drm.diagnostics.exactness`.
+:mod:`pgm_drm.experiments.studies`.
 """
 
 from __future__ import annotations
