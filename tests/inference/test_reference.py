@@ -1,0 +1,100 @@
+"""The exact references themselves, against a posterior computed by hand in numpy.
+
+Every other exactness test trusts :func:`brute_force` and :func:`enumerate_exact`;
+here both are checked against a joint table written out with numpy (three
+latent values of a global site, two plated binary sites: 12 configurations).
+Tolerance: the same ~12 float64 log-terms summed in other orders agree to
+~1e-13; 1e-9 leaves room for logsumexp's max-shift.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.ops.indexing import Vindex
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from pgm_drm.inference import (
+    MAX_BRUTE_FORCE_CONFIGS,
+    brute_force,
+    enumerate_exact,
+    latent_layout,
+)
+
+ATOL = 1e-9
+
+PRIOR = np.array([0.5, 0.3, 0.2])  # c takes the values 2, 3, 4 (not 0..2)
+CPT = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8]])  # p(z_i | c)
+MEANS = np.array([-1.0, 1.5])  # x_i ~ N(MEANS[z_i], 1)
+X = np.array([0.3, 1.1])
+
+
+def model(x=None):
+    c = numpyro.sample("c", dist.DiscreteUniform(2, 4))  # log(1/3), reweighted:
+    numpyro.factor("prior_c", jnp.log(jnp.asarray(PRIOR))[c - 2])
+    with numpyro.plate("pixels", 2):
+        z = numpyro.sample("z", dist.Categorical(Vindex(jnp.asarray(CPT))[c - 2]))
+        numpyro.sample("x", dist.Normal(jnp.asarray(MEANS)[z], 1.0), obs=x)
+
+
+def joint_table() -> np.ndarray:
+    """``log p(c, z_0, z_1, x)``, shape ``(3, 2, 2)``, written out by hand."""
+    lik = norm.logpdf(X[:, None], MEANS[None, :], 1.0)  # (pixel, z)
+    t = np.log(PRIOR / 3)[:, None, None]
+    t = t + np.log(CPT)[:, :, None] + lik[0][None, :, None]
+    return t + np.log(CPT)[:, None, :] + lik[1][None, None, :]
+
+
+def reduce_t(a: np.ndarray, axis, t: float) -> np.ndarray:
+    return np.max(a, axis=axis) if t == 0.0 else t * logsumexp(a / t, axis=axis)
+
+
+def test_latent_layout_lists_plates_and_support_values():
+    layout = latent_layout(model, x=jnp.asarray(X))
+    assert list(layout) == ["c", "z"]
+    assert layout["c"][0] == () and np.array_equal(layout["c"][1], [2, 3, 4])
+    assert layout["z"][0] == (2,) and np.array_equal(layout["z"][1], [0, 1])
+
+
+@pytest.mark.parametrize(
+    "reference, t",
+    [
+        (brute_force, 1.0),
+        (brute_force, 0.0),
+        (brute_force, 0.4),
+        (enumerate_exact, 1.0),
+        (enumerate_exact, 0.0),
+    ],
+)
+def test_references_equal_the_hand_computed_posterior(reference, t):
+    post = reference(model, temperature=t, x=jnp.asarray(X))
+    joint = joint_table()
+    log_z = reduce_t(joint, (0, 1, 2), t)
+    np.testing.assert_allclose(float(post.log_z), log_z, atol=ATOL)
+    want = {
+        "c": reduce_t(joint, (1, 2), t) - log_z,
+        "z": np.stack([reduce_t(joint, (0, 2), t), reduce_t(joint, (0, 1), t)]) - log_z,
+    }
+    for site, m in want.items():
+        np.testing.assert_allclose(np.asarray(post.log_marginals[site]), m, atol=ATOL)
+    c, z0, z1 = np.unravel_index(np.argmax(joint), joint.shape)
+    assert int(post.map["c"]) == [2, 3, 4][c]  # support values, not indices
+    assert np.asarray(post.map["z"]).tolist() == [z0, z1]
+
+
+def test_enumerate_exact_has_only_funsors_two_semirings():
+    with pytest.raises(ValueError, match="temperature 0"):
+        enumerate_exact(model, temperature=0.5, x=jnp.asarray(X))
+
+
+def test_brute_force_refuses_more_configurations_than_its_cap():
+    n = int(np.log2(MAX_BRUTE_FORCE_CONFIGS)) + 1
+
+    def wide():
+        with numpyro.plate("bits", n):
+            numpyro.sample("b", dist.Bernoulli(0.5))
+
+    with pytest.raises(ValueError, match="configurations"):
+        brute_force(wide)
