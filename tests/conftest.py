@@ -1,6 +1,7 @@
 """Test configuration: CPU only, float64 for exactness checks, seeded everything."""
 
 import os
+import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -35,3 +36,25 @@ def _seed():
 @pytest.fixture
 def key():
     return jax.random.PRNGKey(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per hypothesis property that ran: how many examples it drew.
+
+    The counts come from hypothesis's own per-test statistics (the text that
+    ``--hypothesis-show-statistics`` prints in full), which its pytest plugin
+    attaches to the reports, so they reach this hook from xdist workers too.
+    """
+    rows = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            stats = report.__dict__.get("_hypothesis_stats")
+            if stats:
+                counts = re.findall(r"(\d+) passing, (\d+) failing", stats)
+                ok, bad = (sum(int(c[i]) for c in counts) for i in (0, 1))
+                rows.append((report.nodeid, ok, bad))
+    if rows:
+        terminalreporter.section("hypothesis: examples drawn per property")
+        for nodeid, ok, bad in sorted(rows):
+            failed = f" ({bad} failing)" if bad else ""
+            terminalreporter.write_line(f"{ok + bad:4d}{failed}  {nodeid}")

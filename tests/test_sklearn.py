@@ -153,6 +153,15 @@ def test_drm_pads_small_and_rejects_large_images():
     x, y = rng.normal(size=(12, 5)), np.repeat([3, 7], 6)
     clf = DRMClassifier(n_states=(2, 2), n_iter=1, random_state=0).fit(x, y)
     assert clf.image_shape_ == (5,) and set(clf.predict(x)) <= {3, 7}
+    # 5 pixels laid out in the first row of the DRM's 8 x 8 image, zeros elsewhere:
+    # the estimator's scores are the per-class DRM scores of that image.
+    padded = np.zeros((12, 8, 8))
+    padded[:, 0, :5] = x
+    s = np.asarray(clf.drm_.scores(padded))
+    p = np.exp(s - s.max(1, keepdims=True))
+    # the same softmax computed two ways: float64 round-off only
+    np.testing.assert_allclose(clf.predict_proba(x), p / p.sum(1)[:, None], atol=1e-12)
+    np.testing.assert_array_equal(clf.predict(x), clf.classes_[s.argmax(1)])
     with pytest.raises(ValueError, match="do not fit"):
         clone(clf).fit(rng.normal(size=(4, 65)), [0, 1, 0, 1])
     with pytest.raises(ValueError, match="larger"):

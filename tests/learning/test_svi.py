@@ -1,7 +1,5 @@
 """SVI with TraceEnum_ELBO as a cross-check of EM (DESIGN §5)."""
 
-import time
-
 import jax
 import numpy as np
 from numpyro.infer import TraceEnum_ELBO
@@ -30,19 +28,11 @@ def test_em_and_svi_reach_the_same_held_out_log_likelihood():
     truth = RenderingModel(default_templates(4)[:2, :2], 0.3, switch_prior=0.8)
     x = truth.sample(jax.random.PRNGKey(0), 100)[0]
     test = truth.sample(jax.random.PRNGKey(1), 200)[0]
-    t0 = time.perf_counter()
+    # (Their speed is compared side by side in bench/bench_em_svi.py, not here.)
     em = fit_em(x, 2, 2, switch=True, progress=False)
-    t_em = time.perf_counter() - t0
-    t0 = time.perf_counter()
     svi = fit_svi(x, 2, 2, switch=True, n_steps=300, learning_rate=0.05, progress=False)
-    t_svi = time.perf_counter() - t0
     ll_em = float(log_likelihood(em.model, test).mean())
     ll_svi = float(log_likelihood(svi.model, test).mean())
-    print(
-        f"held-out log-lik/image: EM {ll_em:.4f} ({t_em:.2f} s, {em.n_iter} it), "
-        f"SVI {ll_svi:.4f} ({t_svi:.2f} s, 300 steps); a first fit of a shape "
-        "includes JIT compilation"
-    )
     # Both climb the same exact log-likelihood from the same k-means++ start, so
     # they should reach the same optimum. Measured: training log-lik equal to
     # ~1e-6 nats/image (EM stops at tol=1e-6), held-out within ~6e-4 (Adam
@@ -51,3 +41,7 @@ def test_em_and_svi_reach_the_same_held_out_log_likelihood():
     # (~0.3 nats/image on this data).
     assert abs(ll_em - ll_svi) < 0.01
     assert abs(em.log_likelihood[-1] - svi.log_likelihood[-1]) < 1e-3
+    # And that optimum is not the start: both climb from -7.89 to -4.80
+    # nats/image (measured); 1 nat/image of gain leaves 3x room.
+    for fit in (em, svi):
+        assert fit.log_likelihood[-1] > fit.log_likelihood[0] + 1.0
