@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.datasets import load_digits
 
 from pgm_drm.data import (
     UNIT_SHIFTS,
@@ -26,6 +27,22 @@ def test_split_is_the_fixed_one():
     # stratified: each class keeps its share of the 1797 images (+/- 1 image)
     full = np.bincount(np.concatenate([d.y_train, d.y_test]))
     assert np.all(np.abs(np.bincount(d.y_test) - 0.25 * full) <= 1)
+    # a partition of scikit-learn's digits (pixels / 16), rows and labels together
+    x, y = load_digits(return_X_y=True)
+    rows = np.hstack([x / 16.0, y[:, None]])
+    split = np.vstack(
+        [
+            np.hstack([d.x_train.reshape(-1, 64), d.y_train[:, None]]),
+            np.hstack([d.x_test.reshape(-1, 64), d.y_test[:, None]]),
+        ]
+    )
+    np.testing.assert_array_equal(np.unique(split, axis=0), np.unique(rows, axis=0))
+    assert len(np.unique(rows, axis=0)) == len(split) == 1797  # no duplicate rows
+    # ... and the same one every time (every accuracy in the README is on it):
+    # pinned labels and pixel sums (multiples of 1/16: exact in float64)
+    assert d.y_test[:12].tolist() == [2, 0, 4, 9, 4, 1, 2, 4, 6, 7, 9, 1]
+    assert d.y_train[:12].tolist() == [7, 3, 6, 6, 7, 6, 7, 9, 2, 9, 0, 9]
+    assert float(d.x_test.sum()) == 8794.5625 and float(d.x_train.sum()) == 26312.8125
 
 
 @pytest.mark.parametrize("shifts", [UNIT_SHIFTS, ((2, -1), (-3, 3))])
