@@ -14,7 +14,13 @@ import numpy as np
 
 from pgm_drm._typing import Array, Semiring
 
-__all__ = ["reduce_t", "resolve_temperature", "switch_reduce"]
+__all__ = ["MIN_TEMPERATURE", "reduce_t", "resolve_temperature", "switch_reduce"]
+
+
+#: Smallest positive temperature: ``x / T`` must stay finite in float32 for log-
+#: potentials up to ~1e8 (float32 overflows at 3.4e38). The limit T -> 0 is the
+#: max semiring, T = 0 exactly.
+MIN_TEMPERATURE = 1e-30
 
 
 def resolve_temperature(semiring: Semiring, temperature: float | None) -> float:
@@ -26,6 +32,12 @@ def resolve_temperature(semiring: Semiring, temperature: float | None) -> float:
     t = float(temperature)
     if not np.isfinite(t) or t < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if 0.0 < t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature {t:g} is too small to divide by in float32 (below "
+            f"{MIN_TEMPERATURE:g}); use temperature=0 (the max semiring) for the "
+            "T -> 0 limit"
+        )
     return t
 
 

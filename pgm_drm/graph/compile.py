@@ -59,6 +59,7 @@ __all__ = [
     "Variable",
     "VariableGroup",
     "compile_model",
+    "check_evidence_values",
     "enum_support",
     "max_plate_nesting",
     "model_sites",
@@ -273,6 +274,8 @@ def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
                     "scalar discrete latents (batched by plates) are supported"
                 )
             support_values(fn, name)
+        else:
+            _check_observed_shape(name, site)
         lp_shape = jnp.shape(_site_log_prob(site))
         frames = {f.dim: f for f in _frames(site)}
         for d in range(-len(lp_shape), 0):
@@ -292,6 +295,27 @@ def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
                     "numpyro.plate (or use .to_event for event dimensions)"
                 )
     return tr
+
+
+def _check_observed_shape(name: str, site: Mapping) -> None:
+    """An observed value must have exactly the site's shape (plate batch + event):
+    NumPyro would broadcast a scalar or a ``(1, 8)`` image against an ``(8, 8)``
+    event and score a different image without a word."""
+    fn, value = site["fn"], site["value"]
+    want, got = tuple(fn.shape()), tuple(jnp.shape(value))
+    if got == want:
+        return
+    event = tuple(fn.event_shape)
+    hint = ""
+    if len(got) > len(want) and got[len(got) - len(want) :] == want:
+        hint = (
+            "; compile_model takes one example: pass a batch of evidence to "
+            "infer(fg, ..., name=batch) instead"
+        )
+    raise CompileError(
+        f"observed site '{name}' got a value of shape {got}, but its distribution "
+        f"has shape {want} (batch {tuple(fn.batch_shape)} + event {event}){hint}"
+    )
 
 
 def support_values(fn: Any, name: str = "?") -> np.ndarray:
@@ -392,6 +416,20 @@ def _jaxpr_provenance(jaxpr, inputs: Sequence[frozenset]) -> list[frozenset]:
 # --------------------------------------------------------------------------- #
 # The abstract trace.
 # --------------------------------------------------------------------------- #
+
+
+def check_evidence_values(name: str, x: Any) -> None:
+    """Refuse evidence that no likelihood can score: complex, NaN or infinite
+    values (each would otherwise surface as "probability zero" or deep inside JAX).
+    Shapes are checked against the model by :func:`model_sites`."""
+    x = np.asarray(x)
+    if np.iscomplexobj(x):
+        raise ValueError(f"evidence {name!r} is complex ({x.dtype}); give real values")
+    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise ValueError(
+            f"evidence {name!r} contains NaN or inf values ({bad} of {x.size} entries)"
+        )
 
 
 def split_evidence(kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -834,6 +872,8 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         CompileError: Continuous latent sites, subsampled plates, batch
             dimensions not declared by plates, NaN or +inf log-probabilities.
     """
+    for name, x in split_evidence(kwargs)[0].items():
+        check_evidence_values(name, x)
     plain = model_sites(model, *args, **kwargs)
     sample_sites = [n for n, s in plain.items() if s["type"] == "sample"]
     latent = [n for n in sample_sites if not plain[n]["is_observed"]]

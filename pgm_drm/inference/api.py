@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pgm_drm._typing import Array, Semiring
-from pgm_drm.graph.compile import FactorGraph
+from pgm_drm.graph.compile import FactorGraph, check_evidence_values
 from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
@@ -88,8 +88,7 @@ def _check_evidence(fg: FactorGraph, evidence: dict[str, Any]):
                 f"evidence {name!r} has shape {x.shape}; the graph was compiled for "
                 f"shape {ref} (or a batch of shape (B, *{ref}))"
             )
-        if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x))):
-            raise ValueError(f"evidence {name!r} contains NaN or inf values")
+        check_evidence_values(name, x)
         arrays[name] = x
     return arrays, axes, batch
 
@@ -238,19 +237,32 @@ def infer(
     return Posterior(margs if marginals else {}, maps, out.log_z, t, sched.kind, deltas)
 
 
+def _where(bad: np.ndarray) -> str:
+    """`` at batch index [i, ...]`` for a batched log Z, else nothing."""
+    if bad.ndim == 0:
+        return ""
+    idx = np.argwhere(bad)
+    shown = ", ".join(str(tuple(int(j) for j in i)) for i in idx[:5])
+    more = f" and {len(idx) - 5} more" if len(idx) > 5 else ""
+    return f" at batch index {shown}{more}"
+
+
 def _check_log_z(log_z: Array) -> None:
     log_z = np.asarray(log_z)
     if np.any(np.isnan(log_z)):
         raise ValueError(
-            "log Z is NaN: a factor table holds NaN (only -inf, a hard zero, is a "
-            "legal non-finite log-potential)"
+            f"log Z is NaN{_where(np.isnan(log_z))}: a factor table holds NaN (only "
+            "-inf, a hard zero, is a legal non-finite log-potential)"
         )
     if np.any(np.isneginf(log_z)):
         raise ValueError(
             "the evidence has probability zero under the model (log Z = -inf)"
+            f"{_where(np.isneginf(log_z))}"
         )
     if np.any(np.isposinf(log_z)):
-        raise ValueError("log Z is +inf: a factor table holds +inf")
+        raise ValueError(
+            f"log Z is +inf{_where(np.isposinf(log_z))}: a factor table holds +inf"
+        )
 
 
 #: Above this many latent sites, per-site arrays are split on the host and returned

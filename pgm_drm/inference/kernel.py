@@ -197,7 +197,16 @@ def _score(fg_factors_scopes, tables, assign_by_var, constant) -> Array:
     return total
 
 
+def _shift(x: Array) -> Array:
+    """``x - max(x)`` (unchanged when every entry is -inf): a belief may hold the
+    absolute log joint (|x| ~ 1e5 for a bright 64x64 image), where ``x -
+    logsumexp(x)`` cancels in float32; after the shift the largest entry is 0."""
+    m = jnp.max(x)
+    return x - jnp.where(jnp.isfinite(m), m, 0.0)
+
+
 def _normalise(x: Array, temperature: float) -> Array:
+    x = _shift(x)
     return x - reduce_t(x, tuple(range(x.ndim)), temperature)
 
 
@@ -206,7 +215,8 @@ def _marginals(plan: Plan, beliefs, temperature: float) -> tuple[Array, ...]:
     for v, c in enumerate(plan.schedule.home):
         pos = plan.schedule.clusters[c].index(v)
         axes = tuple(a for a in range(len(plan.shapes[c])) if a != pos)
-        out.append(_normalise(reduce_t(beliefs[c], axes, temperature), temperature))
+        b = reduce_t(_shift(beliefs[c]), axes, temperature)
+        out.append(_normalise(b, temperature))
     return tuple(out)
 
 

@@ -14,7 +14,9 @@ Neither uses the factor-graph compiler or the message-passing kernel:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +33,7 @@ from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Semiring
 from pgm_drm.graph.compile import (
+    check_evidence_values,
     enum_support,
     max_plate_nesting,
     model_sites,
@@ -105,23 +108,37 @@ class _offsets(Messenger):
             )
 
 
-_CACHE: dict = {}
+#: Compiled reference functions, keyed on what they compute (see _fingerprint);
+#: bounded, so it keeps at most this many models alive.
+_CACHE: OrderedDict = OrderedDict()
+CACHE_SIZE = 16
+
+
+def _fingerprint(fn: Callable, *example: Any) -> tuple:
+    """What a traced function computes: its jaxpr and the bytes of every constant
+    it closed over. A global the model reads, changed between calls, changes the
+    fingerprint (a cache keyed on the model object would return the old answer)."""
+    closed = jax.make_jaxpr(fn)(*example)
+    consts = tuple(
+        (
+            np.asarray(c).dtype.str,
+            np.shape(c),
+            hashlib.sha1(np.asarray(c).tobytes()).hexdigest(),
+        )
+        for c in closed.consts
+    )
+    return str(closed.jaxpr), consts
 
 
 def _enum_functions(model, args, kwargs, layout, temperature):
     arrays, static = split_evidence(kwargs)
-    try:
-        key = (model, tuple(sorted(static.items())), temperature, len(args))
-        hash(key)
-    except TypeError:
-        key = None
-    if key is not None and key in _CACHE:
-        return _CACHE[key], arrays
     nesting = max_plate_nesting(model_sites(model, *args, **kwargs))
     supports = {s: jnp.asarray(sup) for s, (_, sup) in layout.items()}
     sum_op = funsor.ops.max if temperature == 0.0 else funsor.ops.logaddexp
 
-    def log_z(offsets, args, arrays):
+    # Positional arguments are structure (plate sizes, shapes): closed over, never
+    # traced, as compile_model treats them.
+    def log_z(offsets, arrays):
         m = enum_support(
             config_enumerate(_offsets(model, offsets, supports)),
             first_available_dim=-(nesting + 1),
@@ -131,7 +148,7 @@ def _enum_functions(model, args, kwargs, layout, temperature):
         )
         return res.data
 
-    def map_values(args, arrays):
+    def map_values(arrays):
         m = infer_discrete(
             config_enumerate(model),
             first_available_dim=-(nesting + 1),
@@ -141,9 +158,15 @@ def _enum_functions(model, args, kwargs, layout, temperature):
         tr = handlers.trace(m).get_trace(*args, **{**static, **arrays})
         return {s: tr[s]["value"] for s in layout}
 
-    fns = (jax.jit(jax.vmap(log_z, in_axes=(0, None, None))), jax.jit(map_values))
-    if key is not None:
-        _CACHE[key] = fns
+    zero = {s: jnp.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    key = (_fingerprint(log_z, zero, arrays), temperature)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key], arrays
+    fns = (jax.jit(jax.vmap(log_z, in_axes=(0, None))), jax.jit(map_values))
+    _CACHE[key] = fns
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
     return fns, arrays
 
 
@@ -165,7 +188,7 @@ def _clamps(layout) -> tuple[dict, list]:
     return offsets, entries
 
 
-def _map_by_clamping(layout, max_log_z_fn, args, arrays) -> dict:
+def _map_by_clamping(layout, max_log_z_fn, arrays) -> dict:
     """Joint MAP by fixing one variable at a time to its best max-marginal state."""
     fixed = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
     values = {s: np.zeros(shape, dtype=sup.dtype) for s, (shape, sup) in layout.items()}
@@ -177,13 +200,36 @@ def _map_by_clamping(layout, max_log_z_fn, args, arrays) -> dict:
                 row = np.full(k_all, -np.inf)
                 row[k] = 0.0
                 batch[site][(k,) + idx] = row
-            scores = max_log_z_fn(
-                {s: jnp.asarray(b) for s, b in batch.items()}, args, arrays
-            )
+            scores = max_log_z_fn({s: jnp.asarray(b) for s, b in batch.items()}, arrays)
             best = int(jnp.argmax(scores))
             fixed[site][idx] = batch[site][(best,) + idx]
             values[site][idx] = sup[best]
     return values
+
+
+def _check_evidence_arrays(arrays: dict) -> None:
+    """The references refuse what :func:`~pgm_drm.inference.infer` refuses."""
+    for name, x in arrays.items():
+        check_evidence_values(name, x)
+
+
+def _check_log_z(logp) -> None:
+    """Refuse evidence of probability zero and NaN/+inf joints, as ``infer`` does."""
+    if np.any(np.isnan(np.asarray(logp))):
+        raise ValueError("the log joint is NaN for some configuration")
+    top = float(np.max(np.asarray(logp)))
+    if top == np.inf:
+        raise ValueError("the log joint is +inf for some configuration")
+    if top == -np.inf:
+        raise ValueError("the evidence has probability zero under the model")
+
+
+def _no_latents(model, args, kwargs, t: float, schedule: str) -> Posterior:
+    """A model with no latent site: log Z is its log density, nothing to infer."""
+    arrays, static = split_evidence(kwargs)
+    log_z = log_density(model, args, {**static, **arrays}, {})[0]
+    _check_log_z(np.asarray(log_z))
+    return Posterior({}, {}, log_z, t, schedule)
 
 
 def enumerate_exact(
@@ -212,24 +258,37 @@ def enumerate_exact(
     t = resolve_temperature(semiring, temperature)
     if t not in (0.0, 1.0):
         raise ValueError("enumerate_exact supports temperature 0 (max) or 1 (sum)")
+    _check_evidence_arrays(split_evidence(kwargs)[0])
     layout = latent_layout(model, *args, **kwargs)
+    if not layout:
+        return _no_latents(model, args, kwargs, t, "enumeration")
     (log_z_fn, map_fn), arrays = _enum_functions(model, args, kwargs, layout, t)
     offsets, entries = _clamps(layout)
-    z = log_z_fn({s: jnp.asarray(o) for s, o in offsets.items()}, args, arrays)
+    z = log_z_fn({s: jnp.asarray(o) for s, o in offsets.items()}, arrays)
     log_z = z[0]
+    _check_log_z(np.asarray(z))
     margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
-    zc = np.asarray(z[1:] - log_z)
+    zc = np.asarray(z[1:])
     for value, (site, idx, k) in zip(zc, entries, strict=True):
         margs[site][idx + (k,)] = value
+    for site, m in margs.items():
+        # log Z(clamped to k), normalised over k by its own reduction (exactly log
+        # Z in either semiring), shifted by the max first: at |log Z| ~ 1e5 the
+        # difference with the separately computed log Z cancels in float32.
+        top = np.max(m, axis=-1, keepdims=True)
+        rel = m - np.where(np.isfinite(top), top, 0.0)
+        margs[site] = (
+            rel - np.asarray(reduce_t(jnp.asarray(rel), (rel.ndim - 1,), t))[..., None]
+        )
     if all(
         len(sup) > 1 and np.array_equal(sup, np.arange(len(sup)))
         for _, sup in layout.values()
     ):
-        maps = map_fn(args, arrays)
+        maps = map_fn(arrays)
     else:  # infer_discrete enumerates arange(K) and fails on one-state sites
         # ("Could not extract point"): decode by max-clamping instead
         (max_log_z_fn, _), _ = _enum_functions(model, args, kwargs, layout, 0.0)
-        maps = _map_by_clamping(layout, max_log_z_fn, args, arrays)
+        maps = _map_by_clamping(layout, max_log_z_fn, arrays)
     return Posterior(
         {s: jnp.asarray(m) for s, m in margs.items()},
         {s: jnp.reshape(jnp.asarray(v), layout[s][0]) for s, v in maps.items()},
@@ -256,7 +315,10 @@ def brute_force(
         ValueError: More than :data:`MAX_BRUTE_FORCE_CONFIGS` configurations.
     """
     t = resolve_temperature(semiring, temperature)
+    _check_evidence_arrays(split_evidence(kwargs)[0])
     layout = latent_layout(model, *args, **kwargs)
+    if not layout:
+        return _no_latents(model, args, kwargs, t, "brute-force")
     slots = [
         (site, idx)
         for site, (shape, _) in layout.items()
@@ -283,13 +345,19 @@ def brute_force(
     logp = jax.jit(jax.vmap(joint, in_axes=(0, None)))(
         {s: jnp.asarray(v) for s, v in params.items()}, arrays
     )
-    log_z = reduce_t(logp, (0,), t)
+    _check_log_z(logp)
     best = int(jnp.argmax(logp))
+    # Marginals from log-joints shifted by their max: at |log p| ~ 1e5 (a bright
+    # 64x64 image) the difference of two absolute log-sums cancels in float32.
+    top = logp[best]
+    rel = logp - top
+    rel_z = reduce_t(rel, (0,), t)
+    log_z = top + rel_z
     margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
     for col, (site, idx) in enumerate(slots):
         for k in range(sizes[col]):
-            sel = logp[states[:, col] == k]
-            margs[site][idx + (k,)] = float(reduce_t(sel, (0,), t) - log_z)
+            sel = rel[states[:, col] == k]
+            margs[site][idx + (k,)] = float(reduce_t(sel, (0,), t) - rel_z)
     maps = {s: jnp.asarray(v[best]) for s, v in params.items()}
     return Posterior(
         {s: jnp.asarray(m) for s, m in margs.items()}, maps, log_z, t, "brute-force"

@@ -15,7 +15,12 @@ PRIOR_ATOL = 1e-5
 
 
 def check_prior(p: ArrayLike, name: str, size: int | None = None) -> Array:
-    """A probability vector: finite, >= 0, sums to 1 (within :data:`PRIOR_ATOL`)."""
+    """A probability vector: finite, >= 0, sums to 1 (within :data:`PRIOR_ATOL`).
+
+    Returned renormalised to sum to 1 in its own dtype: NumPyro's Categorical
+    checks its probabilities at 1e-6, tighter than :data:`PRIOR_ATOL`, and would
+    otherwise fail deep inside a model that this check accepted.
+    """
     arr = np.asarray(p, dtype=float)
     if arr.ndim != 1:
         raise ValueError(
@@ -29,7 +34,10 @@ def check_prior(p: ArrayLike, name: str, size: int | None = None) -> Array:
         raise ValueError(f"{name} has negative entries: {arr.tolist()}")
     if abs(arr.sum() - 1.0) > PRIOR_ATOL:
         raise ValueError(f"{name} must sum to 1, sums to {arr.sum():.6g}")
-    return jnp.asarray(p)
+    out = jnp.asarray(p)
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        out = jnp.asarray(arr)
+    return out / jnp.sum(out)
 
 
 def check_probability(p: float, name: str) -> float:
@@ -56,6 +64,8 @@ def check_images(images: ArrayLike, image_shape: tuple[int, ...]) -> tuple[Array
             f"image has shape {x.shape}; the model renders images of shape "
             f"{image_shape} (or a batch (N, *{image_shape}))"
         )
+    if jnp.iscomplexobj(x):
+        raise ValueError(f"image is complex ({x.dtype}); give real pixel values")
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("image contains NaN or inf values")
     return x, single

@@ -223,3 +223,36 @@ def test_python_control_flow_on_a_latent_is_a_clear_error():
 
     with pytest.raises(CompileError, match="Python control flow"):
         compile_model(model, y=jnp.array(1.0))
+
+
+def _rm_model(image=None):
+    """A tiny RM-like model: one class, an (2, 3) image event."""
+    c = numpyro.sample("c", dist.Categorical(jnp.array([0.3, 0.7])))
+    mean = jnp.where(c == 1, 1.0, -1.0) * jnp.ones((2, 3))
+    numpyro.sample("image", dist.Normal(mean, 1.0).to_event(2), obs=image)
+
+
+@pytest.mark.parametrize("shape", [(), (1, 3), (3, 2), (2,)])
+def test_observed_value_of_another_shape_is_refused(shape):
+    """NumPyro broadcasts a scalar or a (1, 3) image against a (2, 3) event and
+    scores a different image; the compiler refuses it, naming both shapes."""
+    with pytest.raises(CompileError, match=r"'image' got a value of shape .*\(2, 3\)"):
+        compile_model(_rm_model, image=jnp.zeros(shape))
+
+
+def test_a_batch_given_to_compile_model_points_to_infer():
+    with pytest.raises(CompileError, match="compile_model takes one example"):
+        compile_model(_rm_model, image=jnp.zeros((5, 2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (jnp.full((2, 3), jnp.nan), "NaN or inf values"),
+        (jnp.full((2, 3), jnp.inf), "NaN or inf values"),
+        (np.ones((2, 3), np.complex64), "complex"),
+    ],
+)
+def test_unscorable_evidence_is_refused_at_compile_time(value, match):
+    with pytest.raises(ValueError, match=f"evidence 'image'.*{match}"):
+        compile_model(_rm_model, image=value)

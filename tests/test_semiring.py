@@ -1,0 +1,81 @@
+"""The bottom layer: the temperature reduction and the switch (Eq. 9)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy.special import logsumexp
+
+from pgm_drm.semiring import (
+    MIN_TEMPERATURE,
+    reduce_t,
+    resolve_temperature,
+    switch_reduce,
+)
+
+finite = st.floats(-50, 50, allow_nan=False)
+
+
+@given(
+    x=hnp.arrays(np.float64, (3, 4), elements=finite),
+    t=st.sampled_from([0.0, 0.3, 1.0, 2.5]),
+)
+def test_reduce_t_is_temperature_logsumexp(x, t):
+    """Independent numpy/scipy reference; float64 round-off only (1e-10)."""
+    got = np.asarray(reduce_t(jnp.asarray(x), (1,), t))
+    want = x.max(axis=1) if t == 0 else t * logsumexp(x / t, axis=1)
+    np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def test_reduce_t_tends_to_max_as_t_falls():
+    x = jnp.array([0.0, -1.0, -3.0])
+    gaps = [float(reduce_t(x, (0,), t) - 0.0) for t in (1.0, 0.5, 0.25)]
+    # T * log(1 + e^{-1/T} + e^{-3/T}) falls to 0 with T.
+    assert gaps[0] > gaps[1] > gaps[2] > 0
+    assert float(reduce_t(x, (), 1.0)[0]) == 0.0  # no axes: unchanged
+
+
+@pytest.mark.parametrize(
+    ("args", "t"), [(("max", None), 0.0), (("sum", None), 1.0), (("max", 0.5), 0.5)]
+)
+def test_resolve_temperature(args, t):
+    assert resolve_temperature(*args) == t
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("product", None), "semiring"),
+        (("sum", -1.0), ">= 0"),
+        (("sum", float("nan")), "finite"),
+        (("sum", MIN_TEMPERATURE / 10), "too small"),
+    ],
+)
+def test_resolve_temperature_refuses_by_name(args, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_temperature(*args)
+
+
+@given(
+    x=hnp.arrays(np.float64, (5,), elements=finite),
+    p_on=st.floats(0.05, 0.95),
+)
+def test_switch_reduce_at_t0_is_the_relu(x, p_on):
+    """Eq. 9: at T = 0 the ON states' message, less the OFF state's, is
+    max(x_s - x_OFF + log(p_on / p_off), 0) (a ReLU), and OFF stays OFF."""
+    out = np.asarray(switch_reduce(jnp.asarray(x), p_on, 0.0))
+    off = x[-1] + max(np.log(p_on), np.log1p(-p_on))
+    relu = np.maximum(x[:-1] - x[-1] + np.log(p_on / (1 - p_on)), 0.0)
+    # Direct form: out_s = max(log p_on + x_s, log p_off + x_OFF).
+    want_on = np.maximum(np.log(p_on) + x[:-1], np.log1p(-p_on) + x[-1])
+    np.testing.assert_allclose(out[:-1], want_on, atol=1e-10)
+    np.testing.assert_allclose(out[-1], off, atol=1e-10)
+    np.testing.assert_allclose(out[:-1] - (np.log1p(-p_on) + x[-1]), relu, atol=1e-10)
+
+
+def test_switch_reduce_is_jittable_in_p_on():
+    f = jax.jit(lambda p: switch_reduce(jnp.zeros(3), p, 1.0))
+    assert f(0.3).shape == (3,)
