@@ -464,12 +464,11 @@ class EDRMForestClassifier(ClassifierMixin, BaseEstimator, ForestParams):
     random_state: Any = None
 
     def _tree(self, tree: InfoMaxTree, seed: int) -> EDRMTreeClassifier:
+        """Tree ``t`` of the forest as a fitted :class:`EDRMTreeClassifier`."""
         est = EDRMTreeClassifier(**vars(TreeParams.of(self)), random_state=seed)
-        est.classes_, est.n_features_in_, est.tree_ = (
-            self.classes_,
-            self.n_features_in_,
-            tree,
-        )
+        est.classes_ = self.classes_
+        est.n_features_in_ = self.n_features_in_
+        est.tree_ = tree
         return est
 
     def fit(self, X: Any, y: Any) -> EDRMForestClassifier:
