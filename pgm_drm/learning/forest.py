@@ -84,7 +84,8 @@ class TreeParams:
     """The hyperparameters of one InfoMax E-DRM tree (Eq. 33, §4.2.1).
 
     Mutable (scikit-learn's ``set_params`` sets these fields on the estimators
-    that subclass it); not validated here but by :func:`fit_infomax_tree`.
+    that subclass it) and compared by identity (``eq=False``: such estimators
+    stay hashable); validated by :func:`fit_infomax_tree`, not here.
 
     Attributes:
         branching: Children per internal node ``B >= 2``.
