@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 def em_curve(d, iters, key):
     """(seconds, test accuracy) after each hard-EM iteration (step time only)."""
-    from pgm_drm.learning import em_init, em_step, params_to_model
+    from pgm_drm.learning import em_init, em_step
+    from pgm_drm.learning.base import finish_model
 
     state = em_init(d.x_train, 10, 10, key=key, labels=d.y_train)
     x, y = jax.numpy.asarray(d.x_train), jax.numpy.asarray(d.y_train)
@@ -32,9 +33,9 @@ def em_curve(d, iters, key):
     for _ in range(iters):
         t0 = time.perf_counter()
         state, _ = em_step(state, x, y, "hard", min_sigma=0.05)
-        jax.block_until_ready(state.params)
+        jax.block_until_ready(state.model)
         elapsed += time.perf_counter() - t0
-        model = params_to_model(state.params)
+        model = finish_model(state.model)
         acc = float(np.mean(np.asarray(model.classify(d.x_test)) == d.y_test))
         curve.append((elapsed, acc))
     return curve

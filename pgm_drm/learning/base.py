@@ -1,11 +1,16 @@
-"""Shared pieces of the RM learners: parameters as a pytree, results, input checks,
-and k-means++ initialisation (paper §2.6.1).
+"""Shared pieces of the RM learners: results, EM modes, input checks, the starting
+model and k-means++ initialisation (paper §2.6.1).
+
+Learners work on the model pytrees themselves (:class:`RenderingModel`,
+:class:`FactorRenderingModel`): a step takes the model as an ordinary ``jit``
+argument and returns new values with :func:`pgm_drm.models.pytree.replace`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,14 +21,18 @@ from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
     "FitResult",
-    "RMParams",
+    "Mode",
     "check_fit_inputs",
     "check_labels",
+    "finish_model",
     "init_params",
-    "params_from_model",
-    "params_to_model",
+    "initial_model",
+    "mode_temperature",
     "real_finite",
 ]
+
+#: An EM mode: "soft" (sum-product E-step, Eq. 14) or "hard" (max-sum, Eq. 16).
+Mode = Literal["soft", "hard"]
 
 #: The parameters an RM learner may hold fixed (``fix=``).
 PARAMETER_NAMES = (
@@ -33,25 +42,6 @@ PARAMETER_NAMES = (
     "switch_prior",
     "templates",
 )
-
-
-class RMParams(NamedTuple):
-    """The RM parameters ``theta = {mu_cg, sigma, pi_c, pi_g, pi_a}`` as a pytree.
-
-    Attributes:
-        templates: ``(C, G, *image_shape)`` rendered templates ``mu_cg``.
-        sigma: ``()`` shared pixel noise standard deviation.
-        class_prior: ``(C,)`` ``pi_c``.
-        nuisance_prior: ``(G,)`` ``pi_g``.
-        switch_prior: ``()`` probability the renderer is ON, or ``None`` for an
-            RM without the switch (a static part of the pytree structure).
-    """
-
-    templates: Array
-    sigma: Array
-    class_prior: Array
-    nuisance_prior: Array
-    switch_prior: Array | None = None
 
 
 class FitResult(NamedTuple):
@@ -81,34 +71,36 @@ class FitResult(NamedTuple):
     converged: bool
 
 
-def params_from_model(model: RenderingModel) -> RMParams:
-    """The :class:`RMParams` of a :class:`RenderingModel`."""
-    return RMParams(
-        templates=jnp.asarray(model.templates),
-        sigma=jnp.asarray(model.sigma),
-        class_prior=jnp.asarray(model.class_prior),
-        nuisance_prior=jnp.asarray(model.nuisance_prior),
-        switch_prior=None
-        if model.switch_prior is None
-        else jnp.asarray(model.switch_prior),
-    )
+def mode_temperature(mode: str) -> float:
+    """The E-step temperature of an EM ``mode``: 1 for "soft" (sum-product
+    responsibilities, Eq. 14), 0 for "hard" (max-sum, Eq. 16).
 
-
-def params_to_model(params: RMParams) -> RenderingModel:
-    """A (validated) :class:`RenderingModel` from :class:`RMParams`.
-
-    Priors are renormalised to absorb float rounding of the M-step sums.
+    Raises:
+        ValueError: Any other mode.
     """
-    pc = np.asarray(params.class_prior, dtype=float)
-    pg = np.asarray(params.nuisance_prior, dtype=float)
+    if mode not in ("soft", "hard"):
+        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+    return 1.0 if mode == "soft" else 0.0
+
+
+def finish_model(model: RenderingModel) -> RenderingModel:
+    """The validated :class:`RenderingModel` a learner returns from the model of
+    its last step (whose leaves are arrays, never checked inside ``jit``).
+
+    Priors are renormalised to absorb float rounding of the M-step sums, the
+    switch prior is clipped to ``[0, 1]``, and ``sigma`` and ``switch_prior``
+    become Python floats as in a model built by hand.
+    """
+    pc = np.asarray(model.class_prior, dtype=float)
+    pg = np.asarray(model.nuisance_prior, dtype=float)
     return RenderingModel(
-        templates=params.templates,
-        sigma=float(params.sigma),
+        templates=model.templates,
+        sigma=float(model.sigma),
         class_prior=pc / pc.sum(),
         nuisance_prior=pg / pg.sum(),
         switch_prior=None
-        if params.switch_prior is None
-        else float(np.clip(float(params.switch_prior), 0.0, 1.0)),
+        if model.switch_prior is None
+        else float(np.clip(float(model.switch_prior), 0.0, 1.0)),
     )
 
 
@@ -273,7 +265,7 @@ def init_params(
     labels: Array | None = None,
     switch_prior: float = 0.9,
     n_seedings: int = 8,
-) -> RMParams:
+) -> RenderingModel:
     """k-means++ initialisation: templates are data images picked with D^2 weights.
 
     The best (lowest total squared distance of the images to their nearest
@@ -296,7 +288,7 @@ def init_params(
         labels: ``(N,)`` with -1 for unlabelled, or ``None``.
 
     Returns:
-        :class:`RMParams` with templates of shape ``(C, G, *image_shape)``.
+        A :class:`RenderingModel` with templates of shape ``(C, G, *image_shape)``.
     """
     x = np.asarray(images, dtype=float).reshape(images.shape[0], -1)
     n, d = x.shape
@@ -316,10 +308,58 @@ def init_params(
     sigma = float(np.sqrt(d2.mean() / d))
     if not sigma > 0:
         sigma = float(x.std()) or 1.0
-    return RMParams(
+    return RenderingModel(
         templates=jnp.asarray(mu.reshape(n_classes, n_nuisances, *images.shape[1:])),
-        sigma=jnp.asarray(sigma),
-        class_prior=jnp.full((n_classes,), 1.0 / n_classes),
-        nuisance_prior=jnp.full((n_nuisances,), 1.0 / n_nuisances),
-        switch_prior=jnp.asarray(float(switch_prior)) if switch else None,
+        sigma=sigma,
+        switch_prior=float(switch_prior) if switch else None,
     )
+
+
+def initial_model(
+    x: Array,
+    n_classes: int,
+    n_nuisances: int,
+    key: PRNGKey | None,
+    switch: bool | None,
+    labels: Array,
+    init: RenderingModel | None,
+) -> RenderingModel:
+    """The RM a fit starts from: ``init`` (checked against the data) or the
+    k-means++ picks of :func:`init_params`, every leaf cast to the images' dtype
+    (so that each step of the fit sees the same shapes and dtypes).
+
+    Args:
+        x: ``(N, *image_shape)`` checked images (:func:`check_fit_inputs`).
+        n_classes, n_nuisances: ``C`` and ``G``.
+        key: PRNG key for the k-means++ picks (default ``PRNGKey(0)``).
+        switch: Fit the ON/OFF switch; default: as ``init``, else ``False``.
+        labels: ``(N,)`` checked labels, -1 for unlabelled (:func:`check_labels`).
+        init: A :class:`RenderingModel` to start from, or ``None``.
+
+    Raises:
+        ValueError: ``init`` is not an RM, or its sizes, image shape or switch
+            do not match.
+    """
+    if init is not None:
+        if not isinstance(init, RenderingModel):
+            raise ValueError(f"init must be a RenderingModel, got {type(init)}")
+        if (init.n_classes, init.n_nuisances) != (n_classes, n_nuisances):
+            raise ValueError(
+                f"init has (C, G) = ({init.n_classes}, {init.n_nuisances}), "
+                f"expected ({n_classes}, {n_nuisances})"
+            )
+        if init.image_shape != tuple(x.shape[1:]):
+            raise ValueError(
+                f"init renders images of shape {init.image_shape}, the data has "
+                f"shape {tuple(x.shape[1:])}"
+            )
+        has = init.switch_prior is not None
+        if switch is not None and bool(switch) != has:
+            raise ValueError(f"switch={switch} but init has switch_prior={has}")
+        model = init
+    else:
+        k = jax.random.PRNGKey(0) if key is None else key
+        model = init_params(
+            x, n_classes, n_nuisances, k, switch=bool(switch), labels=labels
+        )
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), model)

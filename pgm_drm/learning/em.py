@@ -1,7 +1,7 @@
 """Soft and hard EM for the Rendering Model (paper §2.6.1, Eqs. 14-17; §6.3.3).
 
 E-step: the log-joint table ``log p(c, g, a, I_n)`` (shape ``(N, C, G[, 2])``,
-:func:`~pgm_drm.learning.likelihood.table_from_params`) is normalised by
+:func:`~pgm_drm.learning.likelihood.rm_log_joint`) is normalised by
 sum-product into responsibilities ``gamma_ncga = p(c, g, a | I_n)`` (soft EM,
 Eq. 14) or by max-sum into one-hot indicators of the joint MAP (hard EM, Eq. 16).
 Labelled images clamp ``c`` (supervised / semi-supervised EM, §6.3.3).
@@ -29,15 +29,18 @@ class ``c`` and whose own cluster keeps at least one other image; this is the
 usual k-means re-seeding, and it keeps every prior above zero. ``sigma`` is
 floored at ``min_sigma`` (the constrained maximiser, so soft EM stays monotone).
 
-The algorithm is an ``(em_init, em_step)`` pair over an :class:`EMState`;
-:func:`fit_em` loops the jitted step with a progress bar and checkpoints.
+The algorithm is an ``(em_init, em_step)`` pair over an :class:`EMState`, which
+holds the :class:`~pgm_drm.models.RenderingModel` itself (a pytree: the jitted
+step takes it as an ordinary argument, so a new start of the same shapes reuses
+the compiled step); :func:`fit_em` loops the step with a progress bar and
+checkpoints.
 """
 
 from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +51,16 @@ from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import (
     PARAMETER_NAMES,
     FitResult,
-    RMParams,
+    Mode,
     check_fit_inputs,
     check_labels,
-    init_params,
-    params_from_model,
-    params_to_model,
+    finish_model,
+    initial_model,
+    mode_temperature,
 )
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
-from pgm_drm.learning.likelihood import e_step_table, table_from_params
+from pgm_drm.learning.likelihood import e_step_table, rm_log_joint
+from pgm_drm.models.pytree import replace
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
@@ -69,17 +73,16 @@ __all__ = [
     "naive_m_step",
 ]
 
-Mode = Literal["soft", "hard"]
-
 #: Default floor on ``sigma`` (pixel units): keeps the log-likelihood finite when
 #: a hard-EM cluster holds one image and fits it exactly.
 DEFAULT_MIN_SIGMA = 1e-3
 
 
 class EMState(NamedTuple):
-    """EM state: the current parameters and how many steps produced them."""
+    """EM state: the current model (its leaves are arrays of the images' dtype,
+    not validated) and how many steps produced it."""
 
-    params: RMParams
+    model: RenderingModel
     iteration: Array
 
 
@@ -101,12 +104,6 @@ class EMInfo(NamedTuple):
     counts: Array
 
 
-def _check_mode(mode: str) -> float:
-    if mode not in ("soft", "hard"):
-        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
-    return 1.0 if mode == "soft" else 0.0
-
-
 def _check_fix(fix) -> tuple[str, ...]:
     names = (fix,) if isinstance(fix, str) else tuple(fix)
     bad = sorted(set(names) - set(PARAMETER_NAMES))
@@ -116,16 +113,17 @@ def _check_fix(fix) -> tuple[str, ...]:
 
 
 def m_step(
-    params: RMParams,
+    model: RenderingModel,
     images: Array,
     resp: Array,
     fix: tuple[str, ...] = (),
     min_sigma: float = DEFAULT_MIN_SIGMA,
-) -> RMParams:
+) -> RenderingModel:
     """Closed-form M-step (Eqs. 15, 17) from responsibilities.
 
     Args:
-        params: The old parameters (kept for fixed ones and empty components).
+        model: The old model (its parameters are kept for fixed ones and empty
+            components).
         images: ``(N, *image_shape)``.
         resp: ``(N, C, G)`` or ``(N, C, G, 2)`` responsibilities; row ``n``
             sums to the image's weight ``w_n`` (1 in plain EM).
@@ -133,17 +131,17 @@ def m_step(
         min_sigma: Floor on the new ``sigma``.
 
     Returns:
-        The new :class:`RMParams`.
+        The model with the new parameters (not validated: jit-friendly).
     """
     n = images.shape[0]
     x = images.reshape(n, -1)
     d = x.shape[1]
     total = jnp.sum(resp)  # sum_n w_n (= N up to rounding in plain EM)
-    switched = params.switch_prior is not None
+    switched = model.switch_prior is not None
     on = resp[..., 1] if switched else resp  # (N, C, G)
     cg = resp.sum(-1) if switched else resp  # (N, C, G), a marginalised
     counts = on.sum(0)
-    mu_old = params.templates.reshape(*counts.shape, d)
+    mu_old = model.templates.reshape(*counts.shape, d)
     if "templates" in fix:
         mu = mu_old
     else:
@@ -153,13 +151,13 @@ def m_step(
             full[..., None], sums / jnp.where(full, counts, 1.0)[..., None], mu_old
         )
     new = {
-        "templates": mu.reshape(params.templates.shape),
+        "templates": mu.reshape(model.templates.shape),
         "class_prior": cg.sum((0, 2)) / total,
         "nuisance_prior": cg.sum((0, 1)) / total,
         "switch_prior": on.sum() / total if switched else None,
     }
     if "sigma" in fix:
-        new["sigma"] = params.sigma
+        new["sigma"] = model.sigma
     else:
         xx = jnp.sum(x**2, axis=-1)
         d2 = (
@@ -173,17 +171,17 @@ def m_step(
         new["sigma"] = jnp.sqrt(jnp.maximum(sse / (total * d), min_sigma**2))
     for name in fix:
         if name != "sigma" and not (name == "switch_prior" and not switched):
-            new[name] = getattr(params, name)
-    return RMParams(**new)
+            new[name] = getattr(model, name)
+    return replace(model, **new)
 
 
 def naive_m_step(
-    params: RMParams,
+    model: RenderingModel,
     images: ArrayLike,
     resp: ArrayLike,
     fix: tuple[str, ...] = (),
     min_sigma: float = DEFAULT_MIN_SIGMA,
-) -> RMParams:
+) -> RenderingModel:
     """Twin of :func:`m_step`: explicit numpy loops over ``n, c, g, a``."""
     x = np.asarray(images, dtype=float)
     r = np.asarray(resp, dtype=float)
@@ -191,11 +189,11 @@ def naive_m_step(
     total = 0.0
     for i in range(n):  # sum_n w_n: each row of resp sums to its image's weight
         total += float(np.sum(r[i]))
-    switched = params.switch_prior is not None
+    switched = model.switch_prior is not None
     if not switched:
         r = r[..., None]  # a single ON state
     c_, g_, a_ = r.shape[1:]
-    old = np.asarray(params.templates, dtype=float)
+    old = np.asarray(model.templates, dtype=float)
     mu = old.copy()
     pc, pg, pa = np.zeros(c_), np.zeros(g_), 0.0
     for c in range(c_):
@@ -216,15 +214,15 @@ def naive_m_step(
                     on = a == a_ - 1
                     sse += r[i, c, g, a] * np.sum((x[i] - on * mu[c, g]) ** 2)
     sigma = max(np.sqrt(sse / (total * x[0].size)), min_sigma)
-    new = RMParams(
-        templates=mu,
-        sigma=sigma,
-        class_prior=pc,
-        nuisance_prior=pg,
-        switch_prior=pa if switched else None,
-    )
-    keep = {k: getattr(params, k) for k in fix if getattr(new, k) is not None}
-    return new._replace(**keep)
+    new = {
+        "templates": mu,
+        "sigma": sigma,
+        "class_prior": pc,
+        "nuisance_prior": pg,
+        "switch_prior": pa if switched else None,
+    }
+    new.update({k: getattr(model, k) for k in fix if new[k] is not None})
+    return replace(model, **new)
 
 
 def _reseed_empty(resp: Array, score: Array, labels: Array) -> Array:
@@ -268,9 +266,9 @@ def _reseed_empty(resp: Array, score: Array, labels: Array) -> Array:
     return jnp.stack([off_rows, on2], axis=-1)
 
 
-def _e_step(params: RMParams, images: Array, labels: Array, temperature: float):
+def _e_step(model: RenderingModel, images: Array, labels: Array, temperature: float):
     """Responsibilities and per-image (objective, log-likelihood)."""
-    return e_step_table(table_from_params(params, images), labels, temperature)
+    return e_step_table(rm_log_joint(model, images), labels, temperature)
 
 
 def _weights(labels: Array, unlabelled_weight: Array | float) -> Array:
@@ -303,21 +301,21 @@ def em_step(
     Returns:
         The new state and an :class:`EMInfo` at the old parameters.
     """
-    t = _check_mode(mode)
-    resp, obj, ll = _e_step(state.params, images, labels, t)
+    t = mode_temperature(mode)
+    resp, obj, ll = _e_step(state.model, images, labels, t)
     if t == 0.0:
         resp = _reseed_empty(resp, obj, labels)
     w = _weights(labels, unlabelled_weight).astype(resp.dtype)
     resp = resp * w.reshape((-1,) + (1,) * (resp.ndim - 1))
-    new = m_step(state.params, images, resp, fix, min_sigma)
+    new = m_step(state.model, images, resp, fix, min_sigma)
     on = resp[..., 1] if resp.ndim == 4 else resp
     info = EMInfo(jnp.sum(w * obj) / jnp.sum(w), ll.mean(), on.sum(0))
     return EMState(new, state.iteration + 1), info
 
 
 @partial(jax.jit, static_argnames=("mode",))
-def _objectives(params, images, labels, mode, unlabelled_weight=1.0):
-    _, obj, ll = _e_step(params, images, labels, _check_mode(mode))
+def _objectives(model, images, labels, mode, unlabelled_weight=1.0):
+    _, obj, ll = _e_step(model, images, labels, mode_temperature(mode))
     w = _weights(labels, unlabelled_weight).astype(obj.dtype)
     return jnp.sum(w * obj) / jnp.sum(w), ll.mean()
 
@@ -351,31 +349,11 @@ def em_init(
 
 
 def _init_state(x, c_, g_, key, switch, y, init) -> EMState:
-    if init is not None:
-        if not isinstance(init, RenderingModel):
-            raise ValueError(f"init must be a RenderingModel, got {type(init)}")
-        if (init.n_classes, init.n_nuisances) != (c_, g_):
-            raise ValueError(
-                f"init has (C, G) = ({init.n_classes}, {init.n_nuisances}), "
-                f"expected ({c_}, {g_})"
-            )
-        if init.image_shape != tuple(x.shape[1:]):
-            raise ValueError(
-                f"init renders images of shape {init.image_shape}, the data has "
-                f"shape {tuple(x.shape[1:])}"
-            )
-        has = init.switch_prior is not None
-        if switch is not None and bool(switch) != has:
-            raise ValueError(f"switch={switch} but init has switch_prior={has}")
-        params = params_from_model(init)
-    else:
-        k = jax.random.PRNGKey(0) if key is None else key
-        params = init_params(x, c_, g_, k, switch=bool(switch), labels=y)
-        labelled = np.asarray(y) >= 0
-        if labelled.any() and not labelled.all():
-            params = _warm_start(params, x[labelled], y[labelled])
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), params)
-    return EMState(params, jnp.asarray(0, dtype=jnp.int32))
+    model = initial_model(x, c_, g_, key, switch, y, init)
+    labelled = np.asarray(y) >= 0
+    if init is None and labelled.any() and not labelled.all():
+        model = _warm_start(model, x[labelled], y[labelled])
+    return EMState(model, jnp.asarray(0, dtype=jnp.int32))
 
 
 #: Semi-supervised warm start: at most this many supervised soft-EM iterations
@@ -383,7 +361,7 @@ def _init_state(x, c_, g_, key, switch, y, init) -> EMState:
 WARM_START_ITERS = 30
 
 
-def _warm_start(params: RMParams, x: Array, y: Array) -> RMParams:
+def _warm_start(model: RenderingModel, x: Array, y: Array) -> RenderingModel:
     """Semi-supervised initialisation: supervised soft EM on the labelled images.
 
     Templates seeded from the labelled images only (k-means++ per class) can
@@ -392,7 +370,7 @@ def _warm_start(params: RMParams, x: Array, y: Array) -> RMParams:
     that are averages of its own images (on synthetic data this lifted
     semi-supervised accuracy from ~0.55 to ~0.99 on some seeds).
     """
-    state = EMState(params, jnp.asarray(0, dtype=jnp.int32))
+    state = EMState(model, jnp.asarray(0, dtype=jnp.int32))
     last = None
     for _ in range(WARM_START_ITERS):
         state, info = em_step(state, x, y, "soft", (), DEFAULT_MIN_SIGMA)
@@ -400,7 +378,7 @@ def _warm_start(params: RMParams, x: Array, y: Array) -> RMParams:
         if last is not None and abs(obj - last) < 1e-6:
             break
         last = obj
-    return state.params
+    return state.model
 
 
 def fit_em(
@@ -471,7 +449,7 @@ def fit_em(
         >>> fit.model.templates.shape, bool(fit.objective[-1] >= fit.objective[0])
         ((2, 2, 4, 4), True)
     """
-    _check_mode(mode)
+    mode_temperature(mode)
     fix_t = _check_fix(fix)
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
     y = check_labels(labels, x.shape[0], c_)
@@ -482,7 +460,8 @@ def fit_em(
             f"unlabelled_weight must lie in (0, 1], got {unlabelled_weight!r}"
         )
     state = _init_state(x, c_, g_, key, switch, y, init)
-    switched = state.params.switch_prior is not None
+    start = state.model
+    switched = start.switch_prior is not None
     meta = {
         "kind": "em",
         "mode": mode,
@@ -492,29 +471,23 @@ def fit_em(
         "fix": list(fix_t),
         "min_sigma": float(min_sigma),
         "data": fingerprint(x, y),
-        "init": fingerprint(*jax.tree.leaves(state.params)),
+        "init": fingerprint(*jax.tree.leaves(start)),
     }
 
+    names = [k for k in PARAMETER_NAMES if switched or k != "switch_prior"]
+
     def from_arrays(arrays: dict[str, np.ndarray]) -> EMState:
-        return EMState(
-            RMParams(
-                templates=jnp.asarray(arrays["templates"]),
-                sigma=jnp.asarray(arrays["sigma"]),
-                class_prior=jnp.asarray(arrays["class_prior"]),
-                nuisance_prior=jnp.asarray(arrays["nuisance_prior"]),
-                switch_prior=jnp.asarray(arrays["switch_prior"]) if switched else None,
-            ),
-            jnp.asarray(arrays["iteration"]),
-        )
+        model = replace(start, **{k: jnp.asarray(arrays[k]) for k in names})
+        return EMState(model, jnp.asarray(arrays["iteration"]))
 
     def to_arrays(st: EMState) -> dict[str, Any]:
-        p = st.params
+        m = st.model
         return {
-            "templates": p.templates,
-            "sigma": p.sigma,
-            "class_prior": p.class_prior,
-            "nuisance_prior": p.nuisance_prior,
-            "switch_prior": np.nan if p.switch_prior is None else p.switch_prior,
+            "templates": m.templates,
+            "sigma": m.sigma,
+            "class_prior": m.class_prior,
+            "nuisance_prior": m.nuisance_prior,
+            "switch_prior": np.nan if m.switch_prior is None else m.switch_prior,
             "iteration": st.iteration,
             "key": key_data(key),
         }
@@ -538,9 +511,9 @@ def fit_em(
     )
     state, converged = loop.state, loop.converged
     objective, loglik = loop.history["objective"], loop.history["log_likelihood"]
-    obj_end, ll_end = _objectives(state.params, x, y, mode, lam)
+    obj_end, ll_end = _objectives(state.model, x, y, mode, lam)
     return FitResult(
-        model=params_to_model(state.params),
+        model=finish_model(state.model),
         objective=np.asarray(objective + [float(obj_end)]),
         log_likelihood=np.asarray(loglik + [float(ll_end)]),
         n_iter=int(state.iteration),

@@ -33,6 +33,10 @@ label; else the label of its nearest labelled image; with no labels at all,
 scikit-learn k-means), split into ``G`` sub-types by k-means within the class;
 then a probabilistic-PCA M-step (Tipping & Bishop 1999, closed form by
 eigendecomposition) gives ``Lambda`` and an isotropic ``Psi``.
+
+The state (:class:`FAState`) holds the :class:`FactorRenderingModel` itself, a
+pytree that the jitted E- and M-steps take as an ordinary argument; the steps
+work on flat images ``(N, D)``.
 """
 
 from __future__ import annotations
@@ -48,15 +52,21 @@ import numpy as np
 
 from pgm_drm._random import key_data, np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
-from pgm_drm.learning.base import FitResult, check_fit_inputs, check_labels, kmeans
-from pgm_drm.learning.em import Mode, _check_mode
+from pgm_drm.learning.base import (
+    FitResult,
+    Mode,
+    check_fit_inputs,
+    check_labels,
+    kmeans,
+    mode_temperature,
+)
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.learning.likelihood import e_step_table
 from pgm_drm.models.factor import FactorRenderingModel, fa_log_joint, woodbury_terms
+from pgm_drm.models.pytree import replace
 
 __all__ = [
     "FAInfo",
-    "FAParams",
     "FAState",
     "fa_em_init",
     "fa_em_step",
@@ -69,27 +79,15 @@ __all__ = [
 DEFAULT_MIN_SIGMA = 1e-2
 
 
-class FAParams(NamedTuple):
-    """Parameters of the factor-analyser RM as a pytree (images flattened).
-
-    Attributes:
-        templates: ``(C, G, D)`` ``mu_cg``.
-        loadings: ``(C, G, D, q)`` ``Lambda_cg``.
-        noise: ``(C, G, D)`` diagonal ``Psi_cg`` (variances).
-        class_prior: ``(C,)``; nuisance_prior: ``(G,)``.
-    """
-
-    templates: Array
-    loadings: Array
-    noise: Array
-    class_prior: Array
-    nuisance_prior: Array
+#: The parameters of a :class:`FactorRenderingModel`, in field order.
+FIELDS = ("templates", "loadings", "noise", "class_prior", "nuisance_prior")
 
 
 class FAState(NamedTuple):
-    """EM state: the current parameters and how many steps produced them."""
+    """EM state: the current model (its leaves are arrays of the images' dtype,
+    not validated) and how many steps produced it."""
 
-    params: FAParams
+    model: FactorRenderingModel
     iteration: Array
 
 
@@ -108,41 +106,25 @@ class FAInfo(NamedTuple):
     counts: Array
 
 
-def to_model(params: FAParams, image_shape: tuple[int, ...]) -> FactorRenderingModel:
-    """A (validated) :class:`FactorRenderingModel` from :class:`FAParams`; the
-    priors are renormalised to absorb float rounding of the M-step sums."""
-    c, g = params.templates.shape[:2]
-    pc = np.asarray(params.class_prior, dtype=float)
-    pg = np.asarray(params.nuisance_prior, dtype=float)
+def _finish(model: FactorRenderingModel) -> FactorRenderingModel:
+    """The validated :class:`FactorRenderingModel` a fit returns from the model
+    of its last step; the priors are renormalised to absorb float rounding of
+    the M-step sums."""
+    pc = np.asarray(model.class_prior, dtype=float)
+    pg = np.asarray(model.nuisance_prior, dtype=float)
     return FactorRenderingModel(
-        templates=params.templates.reshape((c, g) + tuple(image_shape)),
-        loadings=params.loadings,
-        noise=params.noise.reshape((c, g) + tuple(image_shape)),
+        templates=model.templates,
+        loadings=model.loadings,
+        noise=model.noise,
         class_prior=pc / pc.sum(),
         nuisance_prior=pg / pg.sum(),
     )
 
 
-def from_model(model: FactorRenderingModel) -> FAParams:
-    """The :class:`FAParams` of a :class:`FactorRenderingModel`."""
-    c, g = model.n_classes, model.n_nuisances
-    return FAParams(
-        templates=jnp.asarray(model.templates).reshape(c, g, -1),
-        loadings=jnp.asarray(model.loadings),
-        noise=jnp.asarray(model.noise).reshape(c, g, -1),
-        class_prior=jnp.asarray(model.class_prior),
-        nuisance_prior=jnp.asarray(model.nuisance_prior),
-    )
-
-
-def _table(params: FAParams, x: Array) -> Array:
+def _table(model: FactorRenderingModel, x: Array) -> Array:
+    mu, psi = model.flat_parameters()
     return fa_log_joint(
-        x,
-        params.templates,
-        params.loadings,
-        params.noise,
-        params.class_prior,
-        params.nuisance_prior,
+        x, mu, model.loadings, psi, model.class_prior, model.nuisance_prior
     )
 
 
@@ -158,25 +140,29 @@ def _moments(x: Array, resp: Array) -> tuple[Array, Array, Array]:
 
 
 def fa_m_step(
-    params: FAParams, x: Array, resp: Array, min_sigma: float = DEFAULT_MIN_SIGMA
-) -> FAParams:
+    model: FactorRenderingModel,
+    x: Array,
+    resp: Array,
+    min_sigma: float = DEFAULT_MIN_SIGMA,
+) -> FactorRenderingModel:
     """The M-step for Eq. 34's parameters (steps 2-3 of the module docstring;
     the factor-analyser counterpart of Eqs. 15/17), from responsibilities.
 
     Args:
-        params: Old parameters (the ``z`` posterior uses their ``Lambda, Psi``;
+        model: The old model (the ``z`` posterior uses its ``Lambda, Psi``;
             empty components keep theirs).
         x: ``(N, D)`` flat images.
         resp: ``(N, C, G)`` responsibilities, each row summing to 1.
         min_sigma: Floor on ``sqrt(Psi_d)``.
 
     Returns:
-        The new :class:`FAParams`.
+        The model with the new parameters (not validated: jit-friendly).
     """
     total = jnp.sum(resp)
     counts, mu, scatter = _moments(x, resp)
     full = counts > 0
-    lam, psi = params.loadings, params.noise
+    mu_old, psi = model.flat_parameters()
+    lam = model.loadings
     q = lam.shape[-1]
     lw, m = woodbury_terms(lam, psi)
     beta = jnp.linalg.solve(m, jnp.swapaxes(lw, -1, -2))  # M^-1 Lambda^T Psi^-1
@@ -193,21 +179,23 @@ def fa_m_step(
     psi_new = jnp.maximum(
         diag_s - jnp.einsum("cgdq,cgdq->cgd", lam_new, s_bt), min_sigma**2
     )
-    return FAParams(
-        templates=jnp.where(full[..., None], mu, params.templates),
+    shape = model.templates.shape
+    return replace(
+        model,
+        templates=jnp.where(full[..., None], mu, mu_old).reshape(shape),
         loadings=jnp.where(full[..., None, None], lam_new, lam),
-        noise=jnp.where(full[..., None], psi_new, psi),
+        noise=jnp.where(full[..., None], psi_new, psi).reshape(shape),
         class_prior=resp.sum((0, 2)) / total,
         nuisance_prior=resp.sum((0, 1)) / total,
     )
 
 
 def naive_fa_m_step(
-    params: FAParams,
+    model: FactorRenderingModel,
     x: ArrayLike,
     resp: ArrayLike,
     min_sigma: float = DEFAULT_MIN_SIGMA,
-) -> FAParams:
+) -> FactorRenderingModel:
     """Twin of :func:`fa_m_step` in float64 loops, in the per-image form of
     Ghahramani & Hinton (1996): ``E[z_n] = beta (I_n - mu)``, ``E[z_n z_n^T] =
     I - beta Lambda + E[z_n] E[z_n]^T``, ``Lambda' = (sum_n gamma_n (I_n - mu)
@@ -215,17 +203,20 @@ def naive_fa_m_step(
     ((I_n - mu)(I_n - mu)^T - Lambda' E[z_n] (I_n - mu)^T)) / N_cg``."""
     x = np.asarray(x, np.float64)
     resp = np.asarray(resp, np.float64)
-    p = FAParams(*(np.asarray(a, np.float64) for a in params))
     n, c_, g_ = resp.shape
-    q = p.loadings.shape[-1]
-    mu, lam, psi = p.templates.copy(), p.loadings.copy(), p.noise.copy()
+    shape = model.templates.shape
+    mu = np.array(model.templates, np.float64).reshape(c_, g_, -1)
+    psi = np.array(model.noise, np.float64).reshape(c_, g_, -1)
+    lam = np.array(model.loadings, np.float64)
+    q = lam.shape[-1]
+    old_lam, old_psi = lam.copy(), psi.copy()
     for c in range(c_):
         for g in range(g_):
             w = resp[:, c, g]
             if w.sum() <= 0:
                 continue
             m = (w[:, None] * x).sum(0) / w.sum()
-            l_old, p_old = p.loadings[c, g], p.noise[c, g]
+            l_old, p_old = old_lam[c, g], old_psi[c, g]
             cov = l_old @ l_old.T + np.diag(p_old)
             beta = l_old.T @ np.linalg.inv(cov)
             sxz = np.zeros((x.shape[1], q))
@@ -245,16 +236,25 @@ def naive_fa_m_step(
             lam[c, g] = l_new
             psi[c, g] = np.maximum(diag / w.sum(), min_sigma**2)
     total = resp.sum()
-    return FAParams(mu, lam, psi, resp.sum((0, 2)) / total, resp.sum((0, 1)) / total)
+    return replace(
+        model,
+        templates=mu.reshape(shape),
+        loadings=lam,
+        noise=psi.reshape(shape),
+        class_prior=resp.sum((0, 2)) / total,
+        nuisance_prior=resp.sum((0, 1)) / total,
+    )
 
 
-def _e_step(params: FAParams, x: Array, labels: Array, temperature: float):
-    return e_step_table(_table(params, x), labels, temperature)
+def _e_step(model: FactorRenderingModel, x: Array, labels: Array, temperature: float):
+    return e_step_table(_table(model, x), labels, temperature)
 
 
 @partial(jax.jit, static_argnames=("temperature",))
-def _e_step_jit(params: FAParams, x: Array, labels: Array, temperature: float):
-    resp, obj, ll = _e_step(params, x, labels, temperature)
+def _e_step_jit(
+    model: FactorRenderingModel, x: Array, labels: Array, temperature: float
+):
+    resp, obj, ll = _e_step(model, x, labels, temperature)
     return resp, FAInfo(obj.mean(), ll.mean(), resp.sum(0))
 
 
@@ -286,14 +286,14 @@ def fa_em_step(
     Returns:
         The new state and an :class:`FAInfo` at the old parameters.
     """
-    resp, info = _e_step_jit(state.params, x, labels, _check_mode(mode))
-    new = _m_step_jit(state.params, x, resp, min_sigma=float(min_sigma))
+    resp, info = _e_step_jit(state.model, x, labels, mode_temperature(mode))
+    new = _m_step_jit(state.model, x, resp, min_sigma=float(min_sigma))
     return FAState(new, state.iteration + 1), info
 
 
 @partial(jax.jit, static_argnames=("mode",))
-def _objectives(params, x, labels, mode):
-    _, obj, ll = _e_step(params, x, labels, _check_mode(mode))
+def _objectives(model, x, labels, mode):
+    _, obj, ll = _e_step(model, x, labels, mode_temperature(mode))
     return obj.mean(), ll.mean()
 
 
@@ -316,7 +316,9 @@ def _kmeans_labels(x: np.ndarray, k: int, rng) -> np.ndarray:
     return kmeans(x, k, rng).labels_
 
 
-def _ppca_m_step(x: Array, resp: Array, q: int, min_sigma: float) -> FAParams:
+def _ppca_m_step(
+    x: Array, resp: Array, q: int, min_sigma: float, image_shape: tuple[int, ...]
+) -> FactorRenderingModel:
     """Closed-form probabilistic PCA per component (Tipping & Bishop 1999):
     ``Lambda = U_q (L_q - s^2)^(1/2)``, ``Psi = s^2`` = the mean of the other
     eigenvalues of the weighted scatter (floored); the initial M-step."""
@@ -328,12 +330,13 @@ def _ppca_m_step(x: Array, resp: Array, q: int, min_sigma: float) -> FAParams:
         evecs[..., :q]
         * jnp.sqrt(jnp.maximum(evals[..., :q] - s2[..., None], 0.0))[..., None, :]
     )
-    d = x.shape[1]
+    c, g, d = mu.shape
+    shape = (c, g) + tuple(image_shape)
     total = jnp.sum(resp)
-    return FAParams(
-        templates=mu,
+    return FactorRenderingModel(
+        templates=mu.reshape(shape),
         loadings=lam,
-        noise=jnp.broadcast_to(s2[..., None], mu.shape[:2] + (d,)),
+        noise=jnp.broadcast_to(s2[..., None], (c, g, d)).reshape(shape),
         class_prior=resp.sum((0, 2)) / total,
         nuisance_prior=resp.sum((0, 1)) / total,
     )
@@ -361,7 +364,8 @@ def fa_em_init(
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
     y = check_labels(labels, x.shape[0], c_)
     _check_every_class_labelled(y, c_)
-    return _init_state(x.reshape(x.shape[0], -1), c_, g_, n_factors, y, key, min_sigma)
+    flat = x.reshape(x.shape[0], -1)
+    return _init_state(flat, x.shape[1:], c_, g_, n_factors, y, key, min_sigma)
 
 
 def _check_every_class_labelled(y: Array, n_classes: int) -> None:
@@ -387,7 +391,7 @@ def _check_factors(n_factors: int, d: int) -> int:
     return int(n_factors)
 
 
-def _init_state(x, c_, g_, q, y, key, min_sigma) -> FAState:
+def _init_state(x, image_shape, c_, g_, q, y, key, min_sigma) -> FAState:
     q = _check_factors(q, x.shape[1])
     rng = np_rng(key)
     xn, yn = np.asarray(x, np.float64), np.asarray(y)
@@ -403,8 +407,9 @@ def _init_state(x, c_, g_, q, y, key, min_sigma) -> FAState:
     empty = resp.sum(0) == 0  # start an empty component from all the images
     resp = resp + empty[None] * (1.0 / len(xn)) * 1e-3
     resp = resp / resp.sum((1, 2), keepdims=True)
-    params = _ppca_m_step(x, jnp.asarray(resp, x.dtype), q, min_sigma)
-    return FAState(params, jnp.asarray(0, dtype=jnp.int32))
+    model = _ppca_m_step(x, jnp.asarray(resp, x.dtype), q, min_sigma, image_shape)
+    model = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), model)
+    return FAState(model, jnp.asarray(0, dtype=jnp.int32))
 
 
 def fit_fa_em(
@@ -469,7 +474,7 @@ def fit_fa_em(
         >>> fit.model.loadings.shape, bool(fit.objective[-1] >= fit.objective[0])
         ((2, 1, 16, 2), True)
     """
-    _check_mode(mode)
+    mode_temperature(mode)
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
     image_shape = tuple(x.shape[1:])
     x = x.reshape(x.shape[0], -1)
@@ -477,7 +482,8 @@ def fit_fa_em(
     y = check_labels(labels, x.shape[0], c_)
     check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
     _check_every_class_labelled(y, c_)
-    state = _init_state(x, c_, g_, q, y, key, float(min_sigma))
+    state = _init_state(x, image_shape, c_, g_, q, y, key, float(min_sigma))
+    start = state.model
     meta = {
         "kind": "fa_em",
         "mode": mode,
@@ -486,21 +492,19 @@ def fit_fa_em(
         "n_factors": q,
         "min_sigma": float(min_sigma),
         "data": fingerprint(x, y),
-        "init": fingerprint(*jax.tree.leaves(state.params)),
+        "init": fingerprint(*jax.tree.leaves(start)),
     }
 
     def to_arrays(st: FAState) -> dict[str, Any]:
         return {
-            **st.params._asdict(),
+            **{f: getattr(st.model, f) for f in FIELDS},
             "iteration": st.iteration,
             "key": key_data(key),
         }
 
     def from_arrays(arrays: dict[str, np.ndarray]) -> FAState:
-        return FAState(
-            FAParams(*(jnp.asarray(arrays[f]) for f in FAParams._fields)),
-            jnp.asarray(arrays["iteration"]),
-        )
+        model = replace(start, **{f: jnp.asarray(arrays[f]) for f in FIELDS})
+        return FAState(model, jnp.asarray(arrays["iteration"]))
 
     loop = run_em_loop(
         lambda st: fa_em_step(st, x, y, mode, float(min_sigma)),
@@ -518,16 +522,16 @@ def fit_fa_em(
         from_arrays=from_arrays,
     )
     state = loop.state
-    dead = np.flatnonzero(np.asarray(state.params.class_prior) == 0)
+    dead = np.flatnonzero(np.asarray(state.model.class_prior) == 0)
     if dead.size:
         warnings.warn(
             f"classes {dead.tolist()} ended with prior 0: hard EM assigned them "
             "no image (try mode='soft' or another key)",
             stacklevel=2,
         )
-    obj_end, ll_end = _objectives(state.params, x, y, mode)
+    obj_end, ll_end = _objectives(state.model, x, y, mode)
     return FitResult(
-        model=to_model(state.params, image_shape),
+        model=_finish(state.model),
         objective=np.asarray(loop.history["objective"] + [float(obj_end)]),
         log_likelihood=np.asarray(loop.history["log_likelihood"] + [float(ll_end)]),
         n_iter=int(state.iteration),

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
-from pgm_drm.learning.base import RMParams, params_from_model
 from pgm_drm.models.rendering import RenderingModel
 from pgm_drm.models.validation import check_images
 from pgm_drm.semiring import reduce_t, resolve_temperature
@@ -25,15 +24,11 @@ __all__ = [
     "log_likelihood",
     "naive_log_joint_table",
     "responsibilities",
-    "table_from_params",
+    "rm_log_joint",
 ]
 
 
-def _as_params(model: RenderingModel | RMParams) -> RMParams:
-    return params_from_model(model) if isinstance(model, RenderingModel) else model
-
-
-def table_from_params(params: RMParams, images: Array) -> Array:
+def rm_log_joint(model: RenderingModel, images: Array) -> Array:
     """``log p(c, g, a, I_n)`` from the natural parameters (Eq. 8), jit-friendly.
 
     ``log p(c, g, a=1, I) = <w_cg | I> + b_cg + k(I)`` and
@@ -42,29 +37,30 @@ def table_from_params(params: RMParams, images: Array) -> Array:
     ln pi_g (+ ln pi_a)`` and ``k(I) = -||I||^2 / 2 sigma^2 - D/2 ln(2 pi sigma^2)``.
 
     Args:
-        params: :class:`RMParams` (no validation: used inside jitted EM steps).
+        model: A :class:`RenderingModel`, possibly with traced leaves (no
+            validation: used inside jitted EM steps).
         images: ``(N, *image_shape)``.
 
     Returns:
         Array of shape ``(N, C, G)``, or ``(N, C, G, 2)`` with the switch
         (last axis: ``a = 0`` OFF, ``a = 1`` ON).
     """
-    mu = params.templates
+    mu = model.templates
     c, g = mu.shape[:2]
     n = images.shape[0]
     x = images.reshape(n, -1)
     m = mu.reshape(c, g, -1)
     d = x.shape[1]
-    s2 = params.sigma**2
-    log_pc = jnp.log(params.class_prior)[:, None]
-    log_pg = jnp.log(params.nuisance_prior)[None, :]
+    s2 = model.sigma**2
+    log_pc = jnp.log(model.class_prior)[:, None]
+    log_pg = jnp.log(model.nuisance_prior)[None, :]
     w = m / s2
     b = -jnp.sum(m**2, axis=-1) / (2 * s2) + log_pc + log_pg
     k = -jnp.sum(x**2, axis=-1) / (2 * s2) - 0.5 * d * jnp.log(2 * jnp.pi * s2)
     on = jnp.einsum("nd,cgd->ncg", x, w) + b + k[:, None, None]
-    if params.switch_prior is None:
+    if model.switch_prior is None:
         return on
-    pa = params.switch_prior
+    pa = model.switch_prior
     off = (log_pc + log_pg)[None] + k[:, None, None] + jnp.log1p(-pa)
     return jnp.stack([off, on + jnp.log(pa)], axis=-1)
 
@@ -94,14 +90,16 @@ def naive_log_joint_table(model: RenderingModel, images: ArrayLike) -> Array:
     return jnp.stack([off, on], axis=-1)
 
 
-_table_jit = jax.jit(table_from_params)
+#: :func:`rm_log_joint` compiled once per structure (shapes, dtypes, switch): the
+#: model is a traced argument, so new parameter values reuse the program.
+_table_jit = jax.jit(rm_log_joint)
 
 
-def log_joint_table(model: RenderingModel | RMParams, images: ArrayLike) -> Array:
+def log_joint_table(model: RenderingModel, images: ArrayLike) -> Array:
     """``log p(c, g, a, I_n)`` for a batch of images (jitted; Eqs. 3-4, 8-9).
 
     Args:
-        model: A :class:`RenderingModel` (or its :class:`RMParams`).
+        model: A :class:`RenderingModel`.
         images: ``(N, *image_shape)`` (or one image).
 
     Returns:
@@ -114,9 +112,8 @@ def log_joint_table(model: RenderingModel | RMParams, images: ArrayLike) -> Arra
         >>> log_joint_table(rm, default_templates()[0]).shape
         (4, 3, 4, 2)
     """
-    p = _as_params(model)
-    x, _ = check_images(images, tuple(p.templates.shape[2:]))
-    return _table_jit(p, x)
+    x, _ = check_images(images, model.image_shape)
+    return _table_jit(model, x)
 
 
 def clamp_labels(table: Array, labels: Array) -> Array:
@@ -132,11 +129,11 @@ def clamp_labels(table: Array, labels: Array) -> Array:
     return jnp.where(keep, table, -jnp.inf)
 
 
-def log_likelihood(model: RenderingModel | RMParams, images: ArrayLike) -> Array:
+def log_likelihood(model: RenderingModel, images: ArrayLike) -> Array:
     """Exact per-image ``log p(I_n) = logsumexp_{c,g,a} log p(c, g, a, I_n)``.
 
     Args:
-        model: A :class:`RenderingModel` (or :class:`RMParams`).
+        model: A :class:`RenderingModel`.
         images: ``(N, *image_shape)`` (or one image).
 
     Returns:
@@ -155,7 +152,7 @@ def log_likelihood(model: RenderingModel | RMParams, images: ArrayLike) -> Array
 
 
 def responsibilities(
-    model: RenderingModel | RMParams,
+    model: RenderingModel,
     images: ArrayLike,
     semiring: Semiring = "sum",
     labels: ArrayLike | None = None,

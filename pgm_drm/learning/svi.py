@@ -29,11 +29,10 @@ from pgm_drm._random import key_data
 from pgm_drm._typing import ArrayLike, PRNGKey
 from pgm_drm.learning.base import (
     FitResult,
-    RMParams,
     check_fit_inputs,
-    params_to_model,
+    finish_model,
+    initial_model,
 )
-from pgm_drm.learning.em import _init_state
 from pgm_drm.learning.io import (
     check_checkpoint_meta,
     fingerprint,
@@ -41,19 +40,20 @@ from pgm_drm.learning.io import (
     save_checkpoint,
 )
 from pgm_drm.learning.likelihood import log_likelihood
+from pgm_drm.models.pytree import replace
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = ["fit_svi", "svi_guide", "svi_model"]
 
 
 @config_enumerate
-def svi_model(images: jax.Array, init: RMParams) -> None:
+def svi_model(images: jax.Array, init: RenderingModel) -> None:
     """The RM with ``numpyro.param`` parameters and a data plate (Eqs. 3-4, 9).
 
     Args:
         images: ``(N, *image_shape)``.
-        init: Initial values (their pytree structure fixes whether there is a
-            switch).
+        init: The starting model: its parameters are the initial values, its
+            pytree structure fixes whether there is a switch.
     """
     pos = dist.constraints.positive
     mu = numpyro.param("templates", init.templates)
@@ -80,19 +80,13 @@ def svi_model(images: jax.Array, init: RMParams) -> None:
         numpyro.sample("image", dist.Normal(mean, sigma).to_event(nd), obs=images)
 
 
-def svi_guide(images: jax.Array, init: RMParams) -> None:
+def svi_guide(images: jax.Array, init: RenderingModel) -> None:
     """Empty guide: every latent is discrete and enumerated in the model."""
 
 
-def _params_of(svi: SVI, state: Any, switched: bool) -> RMParams:
-    p = svi.get_params(state)
-    return RMParams(
-        templates=p["templates"],
-        sigma=p["sigma"],
-        class_prior=p["class_prior"],
-        nuisance_prior=p["nuisance_prior"],
-        switch_prior=p["switch_prior"] if switched else None,
-    )
+def _model_of(svi: SVI, state: Any, init: RenderingModel) -> RenderingModel:
+    """``init`` with the current values of the ``numpyro.param`` sites."""
+    return replace(init, **svi.get_params(state))
 
 
 def fit_svi(
@@ -150,7 +144,7 @@ def fit_svi(
     if int(checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     labels = jnp.full((x.shape[0],), -1, dtype=jnp.int32)
-    init_p = _init_state(x, c_, g_, key, switch, labels, init).params
+    init_p = initial_model(x, c_, g_, key, switch, labels, init)
     switched = init_p.switch_prior is not None
     k0 = jax.random.PRNGKey(0) if key is None else key
     svi, run_chunk = _svi_and_runner(float(learning_rate))
@@ -206,11 +200,11 @@ def fit_svi(
                 write()
     finally:
         bar.close()
-    params = _params_of(svi, state, switched)
-    final = float(jnp.mean(log_likelihood(params, x)))
+    model = _model_of(svi, state, init_p)
+    final = float(jnp.mean(log_likelihood(model, x)))
     hist = np.asarray(history + [final])
     return FitResult(
-        model=params_to_model(params),
+        model=finish_model(model),
         objective=hist,
         log_likelihood=hist.copy(),
         n_iter=done,

@@ -30,6 +30,7 @@ from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
+from pgm_drm.models.pytree import pytree_model
 from pgm_drm.models.validation import check_images, check_prior
 from pgm_drm.semiring import reduce_t, resolve_temperature
 
@@ -132,6 +133,7 @@ def naive_fa_log_joint(model: FactorRenderingModel, images: ArrayLike) -> np.nda
     return out
 
 
+@pytree_model()
 @dataclass(frozen=True, eq=False)
 class FactorRenderingModel:
     """Rendering Model whose noisy rendering step is a factor analyser (Eq. 34).
@@ -146,6 +148,12 @@ class FactorRenderingModel:
         noise: Diagonal ``Psi_cg`` (pixel noise *variances*, > 0), shape
             ``(C, G, *image_shape)``.
         class_prior, nuisance_prior: ``(C,)`` and ``(G,)``; uniform when ``None``.
+
+    A JAX pytree (:func:`~pgm_drm.models.pytree.pytree_model`): every field is a
+    parameter leaf, so the model is an ordinary argument of ``jax.jit`` and a new
+    parameter value of the same shapes reuses the compiled program. Validation
+    runs when a model is built (``__post_init__``), never on the tracers of
+    ``jit`` or ``grad``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -215,7 +223,8 @@ class FactorRenderingModel:
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.templates.shape[2:])
 
-    def _flat(self) -> tuple[Array, Array]:
+    def flat_parameters(self) -> tuple[Array, Array]:
+        """``templates`` and ``noise`` with the pixels flattened: ``(C, G, D)`` each."""
         c, g = self.templates.shape[:2]
         return self.templates.reshape(c, g, -1), self.noise.reshape(c, g, -1)
 
@@ -233,7 +242,7 @@ class FactorRenderingModel:
                 f"model() takes one image of shape {self.image_shape}, got "
                 f"{jnp.shape(image)}; score a batch with log_joint()"
             )
-        mu, psi = self._flat()
+        mu, psi = self.flat_parameters()
         c = numpyro.sample("c", dist.Categorical(self.class_prior))
         g = numpyro.sample("g", dist.Categorical(self.nuisance_prior))
         lam = Vindex(self.loadings)[c, g]
@@ -271,7 +280,7 @@ class FactorRenderingModel:
         """Exact ``log p(c, g, I_n)`` (``z`` integrated out), shape ``(N, C, G)``
         (``(C, G)`` for one image)."""
         x, single = check_images(images, self.image_shape)
-        mu, psi = self._flat()
+        mu, psi = self.flat_parameters()
         t = fa_log_joint(
             x.reshape(x.shape[0], -1),
             mu,
@@ -301,7 +310,7 @@ class FactorRenderingModel:
         """``p(z | c, g, I) = N(m, V)``: means ``(N, C, G, q)`` and covariances
         ``(C, G, q, q)``, ``V = M^-1``, ``m = V Lambda^T Psi^-1 (I - mu)``."""
         x, _ = check_images(images, self.image_shape)
-        mu, psi = self._flat()
+        mu, psi = self.flat_parameters()
         lw, m_prec = woodbury_terms(self.loadings, psi)
         v = jnp.linalg.inv(m_prec)
         r = x.reshape(x.shape[0], 1, 1, -1) - mu[None]
@@ -309,7 +318,8 @@ class FactorRenderingModel:
         return m, v
 
     def replace(self, **changes: Any) -> FactorRenderingModel:
-        """A copy with some parameters replaced (validated again)."""
+        """A copy with some parameters replaced (validated again; learning loops
+        use :func:`pgm_drm.models.pytree.replace`, which skips the checks)."""
         fields = {
             "templates": self.templates,
             "loadings": self.loadings,

@@ -13,12 +13,14 @@ from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
+from pgm_drm.models.pytree import pytree_model
 from pgm_drm.models.validation import check_images, check_prior, check_probability
 from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = ["RenderingModel", "default_templates"]
 
 
+@pytree_model()
 @dataclass(frozen=True, eq=False)
 class RenderingModel:
     """Gaussian Rendering Model with an optional ON/OFF switch (Eqs. 3-4, 9).
@@ -34,6 +36,15 @@ class RenderingModel:
         class_prior: ``(C,)`` probabilities; uniform when ``None``.
         nuisance_prior: ``(G,)`` probabilities; uniform when ``None``.
         switch_prior: Probability that the renderer is ON, or ``None`` for no switch.
+
+    A JAX pytree (:func:`~pgm_drm.models.pytree.pytree_model`): every field is a
+    parameter leaf, so the model is an ordinary argument of ``jax.jit`` and a new
+    parameter value of the same shapes reuses the compiled program. The structure
+    is the shapes and whether there is a switch (``switch_prior=None`` is an empty
+    subtree). Validation runs when a model is built (``__post_init__``), never on
+    the tracers of ``jit`` or ``grad``; ``sigma`` and ``switch_prior`` stay Python
+    floats (weakly typed leaves), so every built or fitted model of one shape
+    shares a program.
 
     Example:
         >>> import jax
@@ -176,7 +187,8 @@ class RenderingModel:
         return jnp.argmax(self.class_log_scores(images, semiring), axis=-1)
 
     def replace(self, **changes: Any) -> RenderingModel:
-        """A copy with some parameters replaced (validated again)."""
+        """A copy with some parameters replaced (validated again; learning loops
+        use :func:`pgm_drm.models.pytree.replace`, which skips the checks)."""
         fields = {
             "templates": self.templates,
             "sigma": self.sigma,

@@ -1,5 +1,7 @@
-"""Soft / hard EM for the RM: M-step twin, monotonicity, recovery, labels, errors."""
+"""Soft / hard EM for the RM: M-step twin, monotonicity, recovery, labels, errors,
+and one compiled step per structure (the model is a traced pytree)."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -10,14 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
+import pgm_drm.learning.likelihood as likelihood_module
 from pgm_drm.learning import (
-    RMParams,
     em_init,
     em_step,
     fit_em,
+    log_likelihood,
     m_step,
     naive_m_step,
-    params_from_model,
 )
 from pgm_drm.models import RenderingModel, default_templates
 from pgm_drm.testing import random_rendering_model
@@ -46,11 +48,11 @@ def test_m_step_matches_naive_twin(seed, switch, fix, weighted):
     if weighted:  # EM-lambda: row n sums to the image's weight w_n
         w = rng.uniform(0.05, 1.0, size=5)
         resp *= w.reshape((5,) + (1,) * (len(shape) - 1))
-    p = params_from_model(rm)
-    fast = m_step(p, jnp.asarray(x), jnp.asarray(resp), fix)
-    slow = naive_m_step(p, x, resp, fix)
+    fast = m_step(rm, jnp.asarray(x), jnp.asarray(resp), fix)
+    slow = naive_m_step(rm, x, resp, fix)
+    assert type(fast) is type(slow) is RenderingModel
     # float64 sums of <= 30 terms of size O(1): agreement to ~1e-14; 1e-10 is slack.
-    for name in RMParams._fields:
+    for name in (f.name for f in dataclasses.fields(RenderingModel)):
         a, b = getattr(fast, name), getattr(slow, name)
         assert (a is None) == (b is None), name
         if a is not None:
@@ -228,7 +230,7 @@ def test_hard_em_reseeds_empty_components():
     state, info = em_step(state, x2, labels, "hard")
     # Three components were empty; each took an image and holds its own now.
     assert np.all(np.asarray(info.counts) >= 1), info.counts
-    p = state.params
+    p = state.model
     assert np.all(np.isfinite(p.templates)) and float(p.sigma) >= 1e-3
     assert np.all(p.class_prior > 0) and np.all(p.nuisance_prior > 0)
     fit = fit_em(x2, 2, 2, mode="hard", init=far, progress=False)
@@ -241,8 +243,8 @@ def test_soft_em_keeps_template_of_empty_component():
     state = em_init(x, 2, 2, init=start)
     new, info = em_step(state, x, jnp.full((len(x),), -1), "soft")
     assert float(info.counts[1, 1]) == 0.0  # exp(-huge) underflows to 0
-    np.testing.assert_array_equal(new.params.templates[1, 1], start.templates[1, 1])
-    assert np.all(np.isfinite(new.params.templates))
+    np.testing.assert_array_equal(new.model.templates[1, 1], start.templates[1, 1])
+    assert np.all(np.isfinite(new.model.templates))
 
 
 def test_fix_keeps_parameters():
@@ -287,3 +289,31 @@ def test_bad_input_raises(kwargs, match):
             progress=False,
             **args,
         )
+
+
+def test_new_parameters_of_the_same_structure_do_not_trace_again():
+    """The model is a pytree passed to jit as an ordinary argument: the EM step
+    and the log-likelihood compile once per structure (shapes, dtypes, switch),
+    not once per parameter value (STYLE 13)."""
+    truth, x, _ = _well_separated(switch=True, n=40)
+    fit = fit_em(x, 2, 2, switch=True, n_iter=3, tol=None, progress=False)
+    log_likelihood(fit.model, x)
+    steps, tables = em_step._cache_size(), likelihood_module._table_jit._cache_size()
+    # Fits from other starts, then scoring other parameters of the same
+    # structure (fitted or built by hand): every program is reused.
+    other = RenderingModel(
+        truth.templates + 0.1, sigma=0.3, class_prior=[0.3, 0.7], switch_prior=0.5
+    )
+    fits = [
+        fit_em(x, 2, 2, init=m, n_iter=3, tol=None, progress=False)
+        for m in (truth, other)
+    ]
+    lls = [log_likelihood(m, x) for m in (fits[0].model, fits[1].model, other)]
+    assert em_step._cache_size() == steps
+    assert likelihood_module._table_jit._cache_size() == tables
+    # ... and the programs use the new values (none baked in at trace time).
+    assert len({float(ll.sum()) for ll in lls}) == 3
+    assert not np.allclose(fits[0].objective, fits[1].objective)
+    # A new structure (no switch) is a new program.
+    log_likelihood(RenderingModel(truth.templates, sigma=0.3), x)
+    assert likelihood_module._table_jit._cache_size() == tables + 1

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 import pgm_drm.learning.fa_em as fa_module
 from pgm_drm.learning import (
-    FAParams,
     fa_em_init,
     fa_m_step,
     fit_fa_em,
@@ -20,7 +19,7 @@ from pgm_drm.learning import (
     naive_fa_m_step,
     save_model,
 )
-from pgm_drm.learning.fa_em import from_model
+from pgm_drm.learning.fa_em import FIELDS
 from pgm_drm.models import FactorRenderingModel
 
 
@@ -44,12 +43,13 @@ def test_m_step_matches_naive_twin(seed, q, floor):
     resp = rng.dirichlet(np.ones(4), size=8).reshape(8, 2, 2)
     resp[:, 1, 0] = 0.0  # an empty component keeps its parameters
     resp /= resp.sum((1, 2), keepdims=True)
-    p = from_model(frm)
+    p = frm
     fast = fa_m_step(p, jnp.asarray(x), jnp.asarray(resp), floor)
     slow = naive_fa_m_step(p, x, resp, floor)
+    assert type(fast) is type(slow) is FactorRenderingModel
     # float64, 8 images, 4 pixels, q <= 3: the compact (scatter) form and the
     # per-image form agree to ~1e-13; 1e-9 is slack.
-    for name in FAParams._fields:
+    for name in FIELDS:
         np.testing.assert_allclose(
             getattr(fast, name), getattr(slow, name), atol=1e-9, err_msg=name
         )
@@ -222,8 +222,9 @@ def test_init_gives_every_image_a_class_and_valid_parameters():
     labels = np.full(30, -1)
     labels[:3] = [0, 1, 2]
     st_ = fa_em_init(x, 3, 2, 2, labels=labels, min_sigma=0.1)
-    p = st_.params
+    p = st_.model
     assert p.loadings.shape == (3, 2, 9, 2) and int(st_.iteration) == 0
+    assert p.templates.shape == p.noise.shape == (3, 2, 3, 3)
     assert float(jnp.min(p.noise)) >= 0.01 - 1e-12
     np.testing.assert_allclose(jnp.sum(p.class_prior), 1.0, atol=1e-12)
 

@@ -103,3 +103,26 @@ def test_bad_images_are_named():
         infer(fg, image=jnp.full((6, 6), jnp.inf))
     with pytest.raises(ValueError, match="unknown evidence 'img'"):
         infer(fg, img=jnp.zeros((6, 6)))
+
+
+def test_model_is_a_pytree_of_its_parameters():
+    rm = RenderingModel(default_templates(4), sigma=0.5, switch_prior=0.9)
+    assert len(jax.tree.leaves(rm)) == 5  # mu, sigma, pi_c, pi_g, pi_a
+    # No switch is another structure (an empty subtree), not another value.
+    plain = RenderingModel(default_templates(4), sigma=0.5)
+    assert jax.tree.structure(plain) != jax.tree.structure(rm)
+    # A traced argument of jit: new parameter values reuse the program.
+    natural = jax.jit(lambda m: m.natural_parameters())
+    for m in (rm, rm.replace(sigma=0.25, switch_prior=0.5)):
+        for got, want in zip(natural(m), m.natural_parameters(), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert natural._cache_size() == 1
+    # Unflattening skips validation, so grad can put tracers in the leaves:
+    # d/dsigma sum_cg b_cg = sum_cg ||mu_cg||^2 / sigma^3 and
+    # d/dpi_a sum_cg b_cg = C G / pi_a (Eq. 8).
+    grad = jax.grad(lambda m: jnp.sum(m.natural_parameters()[1]))(rm)
+    assert isinstance(grad, RenderingModel)
+    np.testing.assert_allclose(
+        grad.sigma, float(jnp.sum(rm.templates**2)) / 0.5**3, rtol=1e-12
+    )
+    np.testing.assert_allclose(grad.switch_prior, 12 / 0.9, rtol=1e-12)
