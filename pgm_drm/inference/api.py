@@ -15,6 +15,7 @@ from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
 from pgm_drm.inference.kernel import make_plan, naive_run_plan
 from pgm_drm.semiring import resolve_temperature
+from pgm_drm.sharding import shard_batch, unpad
 
 __all__ = ["Posterior", "infer"]
 
@@ -188,7 +189,10 @@ def infer(
             downward pass is skipped. ``Posterior.log_marginals`` is then empty.
         **evidence: New values for the array keyword arguments the graph was
             compiled with; a leading extra axis is a batch (vmapped; the graph is
-            traced and jitted once per schedule and batching pattern).
+            traced and jitted once per schedule and batching pattern). With
+            several devices the batch is sharded over all of them
+            (:func:`pgm_drm.sharding.shard_batch`; padded when it does not divide
+            the device count, the padding dropped from the results).
 
     Returns:
         A :class:`Posterior`.
@@ -211,16 +215,21 @@ def infer(
     sched = _resolve_schedule(fg, schedule)
     arrays, axes, batch = _check_evidence(fg, evidence)
     lead = () if batch is None else (batch,)
+    if batch is not None:  # spread the batch over every device (identity on one)
+        batched = {k: v for k, v in arrays.items() if axes[k] == 0}
+        arrays = {**arrays, **shard_batch(batched)[0]}
     if isinstance(sched, FlatPlan):
         fn = _compiled_flat(fg, sched, t == 0.0, bool(map), bool(marginals), axes)
-        log_z, flat_margs, flat_map, deltas = fn(
-            arrays, jnp.asarray(t if t > 0 else 1.0)
+        out = fn(arrays, jnp.asarray(t if t > 0 else 1.0))
+        log_z, flat_margs, flat_map, deltas = (
+            out if batch is None else unpad(out, batch)
         )
         _check_log_z(log_z)
         margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead)
         deltas = None if sched.is_exact else deltas
         return Posterior(margs, maps, log_z, t, sched.kind, deltas)
     out = _compiled_naive(fg, sched, t, axes)(arrays)
+    out = out if batch is None else unpad(out, batch)
     _check_log_z(out.log_z)
     margs: dict[str, Array] = {}
     maps: dict[str, Array] = {}
