@@ -65,16 +65,6 @@ def test_plated_tree_is_exact_against_brute_force_and_numpyro(seed, semiring):
     assert_posteriors_close(post, ref, 1e-6, model, kwargs)
 
 
-def test_plated_tree_program_does_not_grow_with_the_plate():
-    small_model, small_kw = random_plated_tree_model(0, size=3)
-    big_model, big_kw = random_plated_tree_model(0, size=300)
-    small = compile_model(small_model, **small_kw).plan("tree")
-    big = compile_model(big_model, **big_kw).plan("tree")
-    # Steps are tree depths, each one batched op per (class, parent slot).
-    assert small.n_steps == big.n_steps
-    assert [len(s) for s in small.steps] == [len(s) for s in big.steps]
-
-
 def test_batched_evidence_equals_one_by_one():
     model, kwargs = random_plated_tree_model(3, size=4)
     fg = compile_model(model, **kwargs)
@@ -226,13 +216,3 @@ def test_flat_loopy_matches_naive_loopy_at_convergence():
             atol=1e-6,
         )
     np.testing.assert_allclose(float(flat.log_z), float(naive.log_z), atol=1e-6)
-
-
-def test_a_tree_plan_on_a_loopy_graph_names_a_cycle():
-    model, kwargs = random_factor_model(1, n_vars=5, kind="loopy")
-    fg = compile_model(model, **kwargs)
-    assert not fg.is_tree()
-    with pytest.raises(ValueError, match="cycle through"):
-        fg.plan("tree")
-    # auto falls back to the exact junction tree.
-    assert infer(fg, "sum").schedule == "exact"
