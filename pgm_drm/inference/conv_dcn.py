@@ -8,7 +8,9 @@ over the class translation ``g``. Each patch is scored as if its unit alone
 rendered it. With ``stride == t`` that is exact max-sum / sum-product; with
 overlap it is the DCN's approximation (pixels in an overlap are counted once per
 covering unit, and overlapping templates' sum is never formed). The top-down
-pass backtracks ``c, g`` and every switch (§2.4 stage ii).
+pass backtracks ``c, g`` and every switch (§2.4 stage ii). The bottom-up pass is
+the one of :mod:`pgm_drm.models.maxsum` (the model's ``level_scores`` and
+``level_switch``), jitted with the model traced.
 
 :func:`naive_conv_dcn_pass` is the loop-by-loop twin.
 """
@@ -24,7 +26,8 @@ import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike, Semiring
 from pgm_drm.models.conv_drm import ConvRenderingModel
-from pgm_drm.semiring import reduce_t, resolve_temperature, switch_reduce
+from pgm_drm.models.maxsum import bottom_up
+from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = ["ConvDCNOutput", "conv_dcn_infer", "naive_conv_dcn_pass"]
 
@@ -48,58 +51,21 @@ class ConvDCNOutput(NamedTuple):
     map: dict[str, Array]
 
 
-def _unit_scores(model: ConvRenderingModel, images: Array) -> Array:
-    """Log-likelihood of each unit's patch under each state: ``(B, n, n, K + 1)``.
-
-    Eq. 7-8 as a strided convolution: ``<mu_k / sigma^2 | I_patch> - ||mu_k||^2 /
-    (2 sigma^2)`` plus the state-independent ``-||I_patch||^2 / (2 sigma^2)`` and
-    normaliser; the OFF state (last) renders zeros.
-    """
-    s2 = model.sigma**2
-    t, s = model.patch, model.stride
-    kernel = jnp.concatenate(
-        [model.pixel_templates, jnp.zeros((1, t, t))]
-    )  # (K+1, t, t)
-    x = images[:, None]  # (B, 1, H, W)
-    conv = partial(
-        jax.lax.conv_general_dilated,
-        window_strides=(s, s),
-        padding="VALID",
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    match = conv(x, kernel[:, None] / s2)  # (B, K+1, n, n)
-    energy = conv(x**2, jnp.ones((1, 1, t, t)))  # (B, 1, n, n)
-    bias = -jnp.sum(kernel**2, axis=(1, 2)) / (2 * s2)
-    const = -energy / (2 * s2) - 0.5 * t * t * jnp.log(2 * jnp.pi * s2)
-    out = match + bias[None, :, None, None] + const
-    return jnp.moveaxis(out, 1, -1)
-
-
-def _switch(model: ConvRenderingModel, scores: Array, t: float) -> Array:
-    """Eq. 9: reduce over the switch (the ReLU at ``t = 0``)."""
-    return switch_reduce(scores, model.switch_prior, t)
-
-
-def _top_scores(model: ConvRenderingModel, msgs: Array) -> Array:
-    """``log pi_g + sum_u msg_u[state(c, g, u)]``: ``(B, C, G)`` (one-hot filter)."""
-    b = msgs.shape[0]
-    flat = jnp.reshape(msgs, (b, -1, msgs.shape[-1]))  # (B, n*n, K+1)
-    table = model.unit_table()  # (C, G, n*n)
-    u = jnp.arange(table.shape[-1])
-    picked = flat[:, u, table]  # (B, C, G, n*n)
-    return jnp.sum(picked, axis=-1) + jnp.log(model.nuisance_prior)
-
-
-@partial(jax.jit, static_argnums=(0, 2))
+@partial(jax.jit, static_argnums=(2,))
 def _conv_dcn(model: ConvRenderingModel, images: Array, t: float) -> ConvDCNOutput:
-    scores = _unit_scores(model, images)
-    msgs = _switch(model, scores, t)
-    top = _top_scores(model, msgs)
-    class_scores = reduce_t(top, (2,), t) + jnp.log(model.class_prior)
+    """The pass of :mod:`pgm_drm.models.maxsum` and the top-down MAP, jitted with
+    the model traced."""
+    pooled, (msgs,), scores = bottom_up(model, images, t)
+    class_scores = model.class_scores(pooled)
     log_z = reduce_t(class_scores, (1,), t)
     # top-down backtracking of the max-sum argmaxes
-    max_top = top if t == 0.0 else _top_scores(model, _switch(model, scores, 0.0))
-    max_class = jnp.max(max_top, axis=2) + jnp.log(model.class_prior)
+    if t == 0.0:
+        max_top, max_pooled = scores[1], pooled
+    else:
+        max_pooled, _, (_, max_top) = bottom_up(model, images, 0.0)
+    max_class = model.class_scores(max_pooled)
+    max_top = max_top[:, 0, 0]  # (B, C, G)
+    unit = scores[0][..., 0]  # (B, n, n, K + 1): each unit's patch score
     c = jnp.argmax(max_class, axis=1)
     b = images.shape[0]
     g = jnp.argmax(max_top[jnp.arange(b), c], axis=1)
@@ -107,9 +73,9 @@ def _conv_dcn(model: ConvRenderingModel, images: Array, t: float) -> ConvDCNOutp
     state = jnp.reshape(model.unit_table()[c, g], (b, n, n))
     on = (
         jnp.log(model.switch_prior)
-        + jnp.take_along_axis(scores, state[..., None], axis=-1)[..., 0]
+        + jnp.take_along_axis(unit, state[..., None], axis=-1)[..., 0]
     )
-    off = jnp.log1p(-model.switch_prior) + scores[..., -1]
+    off = jnp.log1p(-model.switch_prior) + unit[..., -1]
     a = (on > off).astype(jnp.int32)  # a = 0 wins ties
     return ConvDCNOutput(
         class_log_posterior=class_scores - log_z[:, None],

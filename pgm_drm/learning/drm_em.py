@@ -65,8 +65,14 @@ from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import check_labels, kmeans, real_finite
 from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
 from pgm_drm.models import maxsum
-from pgm_drm.models.drm import DeepRenderingModel, placement_offsets
-from pgm_drm.models.maxsum import Latents, bottom_up, latents_to_map, top_down
+from pgm_drm.models.drm import DeepRenderingModel
+from pgm_drm.models.maxsum import (
+    Latents,
+    bottom_up,
+    latents_to_map,
+    placement_offsets,
+    top_down,
+)
 from pgm_drm.models.pytree import replace
 
 __all__ = [

@@ -9,7 +9,9 @@ overlap by ``t - stride`` pixels and a pixel's mean depends on every unit coveri
 it: the factor graph has loops (Eq. 10 with true convolutional rendering).
 
 With ``stride == t`` the windows tile the image and the model is a two-level tree
-DRM; the DCN-form pass (:func:`pgm_drm.inference.conv_dcn_infer`) is then exact.
+DRM; the DCN-form pass (:func:`pgm_drm.inference.conv_dcn_infer`, the one pass
+of :mod:`pgm_drm.models.maxsum` over this model's :meth:`~ConvRenderingModel.
+level_scores` and :meth:`~ConvRenderingModel.level_switch`) is then exact.
 With overlap the DCN pass scores every patch as if its unit alone rendered it --
 what a convolution with stride < kernel size computes -- and the toolkit measures
 how far that is from exact inference (:func:`pgm_drm.experiments.dcn_exactness_study`).
@@ -28,11 +30,15 @@ from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
+from pgm_drm.models.maxsum import placement_offsets, windows
+from pgm_drm.models.pytree import pytree_model
 from pgm_drm.models.validation import check_images, check_prior, check_probability
+from pgm_drm.semiring import switch_reduce
 
 __all__ = ["ConvRenderingModel"]
 
 
+@pytree_model(static=("grid", "stride"))
 @dataclass(frozen=True, eq=False)
 class ConvRenderingModel:
     """A two-level DRM with convolutional (possibly overlapping) rendering.
@@ -49,7 +55,9 @@ class ConvRenderingModel:
         switch_prior: Probability a unit is ON.
         sigma: Pixel noise (> 0).
 
-    Image side ``= (n - 1) * stride + t``.
+    Image side ``= (n - 1) * stride + t``. A JAX pytree: ``grid`` and ``stride``
+    are static, the rest are leaves (stored with fixed types, as in
+    :class:`pgm_drm.models.DeepRenderingModel`).
     """
 
     pixel_templates: ArrayLike
@@ -98,16 +106,20 @@ class ConvRenderingModel:
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
         g = (n - tmpl.shape[1] + 1) ** 2
         object.__setattr__(self, "pixel_templates", pix)
-        object.__setattr__(self, "class_templates", tmpl)
+        object.__setattr__(self, "class_templates", jnp.asarray(tmpl, jnp.int32))
         object.__setattr__(self, "grid", n)
         object.__setattr__(self, "stride", s)
         object.__setattr__(
-            self, "class_prior", check_prior(self.class_prior, "class_prior", len(tmpl))
+            self,
+            "class_prior",
+            jnp.asarray(
+                check_prior(self.class_prior, "class_prior", len(tmpl)), dtype=float
+            ),
         )
         object.__setattr__(
             self,
             "nuisance_prior",
-            check_prior(self.nuisance_prior, "nuisance_prior", g),
+            jnp.asarray(check_prior(self.nuisance_prior, "nuisance_prior", g), float),
         )
         object.__setattr__(
             self, "switch_prior", check_probability(self.switch_prior, "switch_prior")
@@ -126,7 +138,7 @@ class ConvRenderingModel:
 
     @property
     def n_nuisances(self) -> int:
-        return int(np.asarray(self.nuisance_prior).shape[0])
+        return int(self.nuisance_prior.shape[0])
 
     @property
     def patch(self) -> int:
@@ -148,11 +160,55 @@ class ConvRenderingModel:
         int ``(C, G, n*n)``, ``K`` = OFF where the class template does not reach."""
         n, k = self.grid, self.n_states
         c, tc, _ = self.class_templates.shape
-        moves = [(dy, dx) for dy in range(n - tc + 1) for dx in range(n - tc + 1)]
-        out = np.full((c, len(moves), n, n), k)
-        for g, (dy, dx) in enumerate(moves):
-            out[:, g, dy : dy + tc, dx : dx + tc] = self.class_templates
-        return jnp.asarray(out.reshape(c, len(moves), n * n))
+        offs = placement_offsets(n, tc)  # the class template placed in the grid
+        g = np.arange(offs.shape[0])[:, None]
+        src = jnp.reshape(self.class_templates, (c, 1, tc * tc))
+        out = jnp.full((c, offs.shape[0], n * n), k, src.dtype)
+        return out.at[:, g, offs].set(src)
+
+    # ---- the DCN-form pass (pgm_drm.models.maxsum) --------------------------------
+    @property
+    def levels(self) -> int:
+        """Two: the part units, then the class."""
+        return 2
+
+    def level_scores(self, level: int, below: Array) -> Array:
+        """Pre-pooling scores of the pass (:func:`pgm_drm.models.maxsum.bottom_up`).
+
+        Level 1 (Eqs. 7-8, a convolution with stride ``s``): the log-likelihood of
+        each unit's ``t x t`` patch of the images ``below`` under each state
+        (``<mu_k / sigma^2 | I_patch> - ||mu_k||^2 / (2 sigma^2)`` plus the
+        state-independent ``-||I_patch||^2 / (2 sigma^2)`` and normaliser; OFF,
+        last, renders zeros): ``(B, n, n, K + 1, 1)``, each unit alone rendering
+        its patch. Level 2 (Eqs. 12-13, a one-hot filter): ``log pi_g + sum_u
+        m_u[state(c, g, u)]`` of the unit messages ``below``: ``(B, 1, 1, C, G)``.
+        """
+        if level == 1:
+            s2 = self.sigma**2
+            t = self.patch
+            patches = windows(below[..., None], t, self.stride)[..., 0]
+            kernel = jnp.concatenate(
+                [jnp.reshape(self.pixel_templates, (-1, t * t)), jnp.zeros((1, t * t))]
+            )  # (K+1, t*t)
+            match = jnp.einsum("bxyp,kp->bxyk", patches, kernel / s2)
+            bias = -jnp.sum(kernel**2, axis=-1) / (2 * s2)
+            const = -jnp.sum(patches**2, axis=-1) / (2 * s2) - 0.5 * t * t * jnp.log(
+                2 * jnp.pi * s2
+            )
+            return (match + bias + const[..., None])[..., None]
+        table = self.unit_table()  # (C, G, n*n)
+        win = windows(below, self.grid)  # (B, 1, 1, n*n, K+1)
+        u = jnp.arange(table.shape[-1])
+        picked = win[:, :, :, u, table]  # (B, 1, 1, C, G, n*n)
+        return jnp.sum(picked, axis=-1) + jnp.log(self.nuisance_prior)
+
+    def level_switch(self, level: int, pooled: Array, t: float) -> Array:
+        """Eq. 9: the unit messages, reduced over the switch (the ReLU at ``t = 0``)."""
+        return switch_reduce(pooled, self.switch_prior, t)
+
+    def class_scores(self, pooled: Array) -> Array:
+        """``(B, C)``: the pooled top scores plus ``log pi_c``."""
+        return pooled[:, 0, 0] + jnp.log(self.class_prior)
 
     def cover(self) -> list[tuple[tuple[int, ...], np.ndarray]]:
         """Pixels grouped by the set of units whose patch covers them.

@@ -37,7 +37,13 @@ from numpyro.infer import Predictive
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
-from pgm_drm.models.maxsum import DCNOutput, dcn_pass, windows, windows_to_grid
+from pgm_drm.models.maxsum import (
+    DCNOutput,
+    dcn_pass,
+    placement_offsets,
+    windows,
+    windows_to_grid,
+)
 from pgm_drm.models.pytree import pytree_model
 from pgm_drm.models.validation import check_images, check_prior, check_probability
 from pgm_drm.semiring import resolve_temperature, switch_reduce
@@ -85,25 +91,6 @@ def plates_to_grid(x: ArrayLike, windows: tuple[int, ...]) -> Array:
     x = jnp.transpose(x, tuple(range(k)) + tuple(rows) + tuple(cols))
     side = int(np.prod(windows)) if windows else 1
     return jnp.reshape(x, lead + (side, side))
-
-
-def placement_offsets(window: int, size: int) -> np.ndarray:
-    """``(G, t*t)`` window offsets ``o = r * w + c`` of a ``t x t`` template's cells
-    at each of the ``G = (w - t + 1)**2`` translations inside a ``w x w`` window
-    (translations row-major: ``dy``, then ``dx``; cells row-major).
-
-    Example:
-        >>> placement_offsets(3, 2).tolist()
-        [[0, 1, 3, 4], [1, 2, 4, 5], [3, 4, 6, 7], [4, 5, 7, 8]]
-    """
-    w, t = int(window), int(size)
-    moves = [(dy, dx) for dy in range(w - t + 1) for dx in range(w - t + 1)]
-    return np.array(
-        [
-            [(dy + i) * w + dx + j for i in range(t) for j in range(t)]
-            for dy, dx in moves
-        ]
-    ).reshape(len(moves), t * t)
 
 
 @pytree_model(static=("windows",))

@@ -27,7 +27,6 @@ the greedy decision tree ``greedy_path`` of Eq. 31); the greedy-vs-exact study i
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -43,15 +42,15 @@ from numpyro.ops.indexing import Vindex
 
 from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
+from pgm_drm.models.pytree import pytree_model
 from pgm_drm.models.validation import check_prior
 
 __all__ = ["EvolutionaryDRM", "RootRule"]
 
 RootRule = Literal["compare", "choose"]
 
-_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-
+@pytree_model()
 @dataclass(frozen=True, eq=False)
 class EvolutionaryDRM:
     """Gaussian E-DRM: a tree of categories with additive mutations (Eqs. 28-29).
@@ -70,6 +69,11 @@ class EvolutionaryDRM:
         class_prior: ``(C,)`` probabilities; uniform when ``None``.
         child_priors: Tuple of ``(n_d, b_{d+1})`` row-stochastic matrices, one per
             mutation level; uniform when ``None``.
+
+    A JAX pytree whose leaves are all the fields (the tree's shape is in the
+    leaves' shapes); the derived templates and path priors are computed from them
+    on first use, so a model rebuilt by ``jit`` (unflattened, not re-validated)
+    has them too.
 
     Example:
         >>> import jax
@@ -138,19 +142,42 @@ class EvolutionaryDRM:
         object.__setattr__(self, "root", root)
         object.__setattr__(self, "mutations", tuple(muts))
         object.__setattr__(self, "sigma", sigma)
-        object.__setattr__(self, "class_prior", check_prior(pc, "class_prior", c))
+        object.__setattr__(
+            self, "class_prior", jnp.asarray(check_prior(pc, "class_prior", c), float)
+        )
         object.__setattr__(self, "child_priors", tuple(priors))
-        # Derived, not fields (save_model stores only the fields above).
-        templates, log_prior, transitions = [root], [jnp.log(self.class_prior)], []
-        for a, p in zip(muts, priors, strict=True):
+
+    def _derived(self) -> tuple[tuple[Array, ...], ...]:
+        """Templates, log path priors and block transition matrices per depth,
+        computed from the fields once per object (not fields: ``save_model`` and
+        the pytree store only the fields)."""
+        cached = self.__dict__.get("_derived_cache")
+        if cached is not None:
+            return cached
+        shape = self.image_shape
+        templates, log_prior = [self.root], [jnp.log(self.class_prior)]
+        transitions = []
+        for a, p in zip(self.mutations, self.child_priors, strict=True):
             nd, b = p.shape
-            templates.append((templates[-1][:, None] + a).reshape(nd * b, *image_shape))
+            templates.append((templates[-1][:, None] + a).reshape(nd * b, *shape))
             log_prior.append((log_prior[-1][:, None] + jnp.log(p)).reshape(nd * b))
             t = jnp.zeros((nd, nd, b)).at[jnp.arange(nd), jnp.arange(nd)].set(p)
             transitions.append(t.reshape(nd, nd * b))
-        object.__setattr__(self, "_templates", tuple(templates))
-        object.__setattr__(self, "_log_prior", tuple(log_prior))
-        object.__setattr__(self, "_transitions", tuple(transitions))
+        cached = (tuple(templates), tuple(log_prior), tuple(transitions))
+        object.__setattr__(self, "_derived_cache", cached)
+        return cached
+
+    @property
+    def _templates(self) -> tuple[Array, ...]:
+        return self._derived()[0]
+
+    @property
+    def _log_prior(self) -> tuple[Array, ...]:
+        return self._derived()[1]
+
+    @property
+    def _transitions(self) -> tuple[Array, ...]:
+        return self._derived()[2]
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -171,7 +198,10 @@ class EvolutionaryDRM:
     @property
     def n_nodes(self) -> tuple[int, ...]:
         """Nodes per depth ``(n_0 = C, n_1, .., n_L)``."""
-        return tuple(int(t.shape[0]) for t in self._templates)
+        n = [self.n_classes]
+        for b in self.branching:
+            n.append(n[-1] * b)
+        return tuple(n)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -207,7 +237,8 @@ class EvolutionaryDRM:
     def sample(self, key: PRNGKey, n: int) -> tuple[Array, dict[str, Array]]:
         """Draw ``n`` images and their evolutionary paths.
 
-        NumPyro's ``Predictive`` over :meth:`model`, jitted once per model and ``n``.
+        NumPyro's ``Predictive`` over :meth:`model`, jitted once per tree shape and
+        ``n`` (the model is traced).
 
         Returns:
             ``images`` ``(n, *image_shape)`` and ``path``: site -> node ids ``(n,)``
@@ -215,10 +246,7 @@ class EvolutionaryDRM:
         """
         if int(n) < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        cache = _SAMPLERS.setdefault(self, {})
-        if int(n) not in cache:
-            cache[int(n)] = jax.jit(partial(self._sample, int(n)))
-        images, draws = cache[int(n)](key)
+        images, draws = _sample(self, int(n), key)
         return images, {s: draws[s] for s in self.sites}  # jit sorts dict keys
 
     def sample_fast(self, key: PRNGKey, n: int) -> tuple[Array, Array]:
@@ -375,3 +403,9 @@ class EvolutionaryDRM:
             np.broadcast_to(fine, (6, 2, s, s)),
         )
         return cls(root, muts, sigma)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _sample(edrm: EvolutionaryDRM, n: int, key: PRNGKey):
+    """:meth:`EvolutionaryDRM.sample`, compiled once per tree shape and ``n``."""
+    return edrm._sample(n, key)

@@ -9,7 +9,8 @@ Eq. 9). Any temperature ``T`` replaces max by ``T * logsumexp(. / T)`` (§6.2.1)
 
 This module holds that pass once:
 
-* :func:`windows`: the one window extractor (non-overlapping or strided);
+* :func:`windows`: the one window extractor (non-overlapping or strided), and
+  :func:`placement_offsets`, where a template's cells land in a window;
 * :func:`bottom_up`: the loop ``match -> pool over g -> switch`` over the levels
   of any *DCN-form model*, an object with ``levels``, ``level_scores(level,
   below)`` and ``level_switch(level, pooled, t)``. The tree DRM
@@ -43,6 +44,7 @@ __all__ = [
     "bottom_up",
     "dcn_pass",
     "latents_to_map",
+    "placement_offsets",
     "top_down",
     "windows",
     "windows_to_grid",
@@ -75,6 +77,25 @@ def windows(x: Array, w: int, stride: int | None = None) -> Array:
     idx = s * np.arange(n)[:, None] + np.arange(w)[None, :]  # (n, w)
     x = x[:, idx[:, None, :, None], idx[None, :, None, :]]  # (B, n, n, w, w, ...)
     return xp.reshape(x, (b, n, n, w * w) + rest)
+
+
+def placement_offsets(window: int, size: int) -> np.ndarray:
+    """``(G, t*t)`` window offsets ``o = r * w + c`` of a ``t x t`` template's cells
+    at each of the ``G = (w - t + 1)**2`` translations inside a ``w x w`` window
+    (translations row-major: ``dy``, then ``dx``; cells row-major).
+
+    Example:
+        >>> placement_offsets(3, 2).tolist()
+        [[0, 1, 3, 4], [1, 2, 4, 5], [3, 4, 6, 7], [4, 5, 7, 8]]
+    """
+    w, t = int(window), int(size)
+    moves = [(dy, dx) for dy in range(w - t + 1) for dx in range(w - t + 1)]
+    return np.array(
+        [
+            [(dy + i) * w + dx + j for i in range(t) for j in range(t)]
+            for dy, dx in moves
+        ]
+    ).reshape(len(moves), t * t)
 
 
 def windows_to_grid(x: Any, w: int) -> Array:

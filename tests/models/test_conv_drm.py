@@ -104,3 +104,41 @@ def test_unit_table_places_class_template():
             table[c, g, dy : dy + 2, dx : dx + 2], m.class_templates[c]
         )
         assert (table[c, g] == m.n_states).sum() == 5
+
+
+def test_new_parameters_do_not_trace_again(monkeypatch):
+    """The model is a pytree (grid, stride static): the DCN pass compiled for one
+    model serves another of the same structure. Traces are counted by a Python
+    side effect in the pass, which runs only while jit traces."""
+    from pgm_drm.inference import conv_dcn_infer
+
+    traces = []
+    level_scores = ConvRenderingModel.level_scores
+
+    def counted(self, level, below):
+        traces.append(level)
+        return level_scores(self, level, below)
+
+    monkeypatch.setattr(ConvRenderingModel, "level_scores", counted)
+    rng = np.random.default_rng(0)
+
+    def model():  # by hand: ConvRenderingModel.random compiles a Dirichlet draw
+        return ConvRenderingModel(
+            pixel_templates=rng.normal(size=(3, 3, 3)),
+            class_templates=rng.integers(0, 4, size=(2, 2, 2)),
+            grid=2,
+            stride=2,
+            class_prior=rng.dirichlet(np.ones(2)),
+            nuisance_prior=np.ones(1),
+            switch_prior=rng.uniform(0.2, 0.8),
+            sigma=rng.uniform(0.5, 1.0),
+        )
+
+    first, second = model(), model()
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, *first.image_shape))
+    a = conv_dcn_infer(first, x)
+    assert traces
+    before = len(traces)
+    b = conv_dcn_infer(second, x)
+    assert len(traces) == before
+    assert not np.allclose(a.log_z, b.log_z)

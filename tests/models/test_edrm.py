@@ -226,3 +226,23 @@ def test_save_load_roundtrip(tmp_path, monkeypatch):
     for a, b in zip(back.mutations, m.mutations, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(back.templates(2), m.templates(2))
+
+
+def test_is_a_pytree_and_new_parameters_do_not_trace_again():
+    """Leaves are the fields; the derived templates and path priors follow the
+    leaves through jit (unflattening skips __post_init__)."""
+    m = EvolutionaryDRM.random(jax.random.PRNGKey(0), 2, (3, 2), (2, 2))
+    other = EvolutionaryDRM.random(jax.random.PRNGKey(1), 2, (3, 2), (2, 2))
+    traces = []
+
+    @jax.jit
+    def derived(model):
+        traces.append(1)
+        return model.templates(2), model.log_path_prior(2)
+
+    for model in (m, other):
+        templates, log_prior = derived(model)
+        np.testing.assert_array_equal(templates, model.templates(2))
+        np.testing.assert_array_equal(log_prior, model.log_path_prior(2))
+    assert len(traces) == 1
+    assert len(jax.tree.leaves(m)) == 1 + 2 + 1 + 1 + 2  # root, muts, sigma, priors
