@@ -99,3 +99,21 @@ def test_sample_statistics():
     np.testing.assert_allclose(freq, drm.class_prior, atol=0.032)
     on = np.asarray(latents["a1"]).mean()  # 4000 * 16 switches: sd 0.0012
     np.testing.assert_allclose(on, drm.switch_priors[0], atol=0.005)
+
+
+def test_placement_table_places_every_template_at_every_translation():
+    """The traced scatter of placement_table against a loop over translations."""
+    drm = DeepRenderingModel.default()
+    for level in (1, 2, 3):
+        w, t = drm.windows[level - 1], drm.template_sizes[level - 1]
+        k = drm.n_states[level - 1]
+        src = np.asarray(
+            drm.pixel_templates if level == 1 else drm.child_templates[level - 2]
+        )
+        off = 0 if level == 1 else drm.n_states[level - 2]
+        moves = [(dy, dx) for dy in range(w - t + 1) for dx in range(w - t + 1)]
+        want = np.full((k + 1, len(moves), w, w), off, dtype=src.dtype)
+        for g, (dy, dx) in enumerate(moves):
+            want[:k, g, dy : dy + t, dx : dx + t] = src
+        got = np.asarray(drm.placement_table(level))
+        np.testing.assert_array_equal(got, want.reshape(k + 1, len(moves), w * w))
