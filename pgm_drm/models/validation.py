@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,6 +67,8 @@ def check_images(images: ArrayLike, image_shape: tuple[int, ...]) -> tuple[Array
         )
     if jnp.iscomplexobj(x):
         raise ValueError(f"image is complex ({x.dtype}); give real pixel values")
-    if not bool(jnp.all(jnp.isfinite(x))):
+    # Values are checked when they are concrete; under jit (traced images) only the
+    # shape can be, and the caller's concrete inputs were checked on the way in.
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("image contains NaN or inf values")
     return x, single
