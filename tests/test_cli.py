@@ -2,11 +2,12 @@
 command, and every command runs end to end and writes files a user can open."""
 
 import json
+from argparse import _SubParsersAction
 
 import numpy as np
 import pytest
 
-from pgm_drm.cli import build_parser, main
+from pgm_drm.cli import MODELS, build_parser, main
 from pgm_drm.learning import load_model
 
 
@@ -28,6 +29,21 @@ def test_help(command, capsys):
         main([*command, "--help"])
     assert exc.value.code == 0
     assert "usage: pgm-drm" in capsys.readouterr().out
+
+
+def test_names_are_the_recipes_names():
+    """The parser lists the recipes' models without importing them (--help stays
+    fast); the lists must agree."""
+    from pgm_drm.experiments import DIGITS_MODELS
+    from pgm_drm.experiments import MODELS as SAMPLE_MODELS
+
+    def subcommands(parser):
+        (action,) = [a for a in parser._actions if isinstance(a, _SubParsersAction)]
+        return action.choices
+
+    fit = subcommands(subcommands(build_parser())["fit"])
+    assert tuple(fit) == DIGITS_MODELS
+    assert MODELS == SAMPLE_MODELS
 
 
 @pytest.mark.parametrize(
