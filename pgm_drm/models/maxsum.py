@@ -18,12 +18,17 @@ This module holds that pass once:
   priors), the convolutional DRM and the discriminative relaxation
   (:class:`pgm_drm.learning.DCNNet`, free weights, Eq. 25) are such models;
 * :func:`top_down`: the tree DRM's coarse-to-fine backtracking of the max-sum
-  argmaxes (§2.4 stage ii, §6.2.2), with the class optionally clamped;
+  argmaxes (§2.4 stage ii, §6.2.2); a class is clamped by giving the others
+  ``-inf`` (hard EM with labels);
 * :func:`dcn_pass`: both, jitted with the model as an ordinary (traced) argument,
   so a new parameter value of the same structure reuses the compiled program.
 
-The inference API on top of it is :func:`pgm_drm.inference.dcn_infer`; hard EM
-(:mod:`pgm_drm.learning.drm_em`) runs the same pass.
+The inference API on top of it is :func:`pgm_drm.inference.dcn_infer` (and
+:func:`pgm_drm.inference.conv_dcn_infer` for the convolutional DRM); hard EM
+(:mod:`pgm_drm.learning.drm_em`) and the relaxation
+(:mod:`pgm_drm.learning.discriminative`) run the same pass. The loop-by-loop twins
+that test it stay independent of it, in :mod:`pgm_drm.inference.dcn` and
+:mod:`pgm_drm.inference.conv_dcn`.
 """
 
 from __future__ import annotations
