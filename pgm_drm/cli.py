@@ -224,10 +224,13 @@ def main(argv: list[str] | None = None) -> int:
             opts["unlabelled_weight"] = a.unlabelled_weight
         if "no_translations" in a:
             opts["translations"] = not a.no_translations
+        # what argparse cannot see: the label budget against the data, and
+        # --unlabelled-weight or mfa's --no-translations without --labels
         try:
-            report = ex.run_fit_digits(a.model, a.out, seed=a.seed, **opts)
-        except ValueError as e:  # a combination argparse cannot see (--labels)
+            ex.check_options(a.model, **opts)
+        except ValueError as e:
             parser.error(str(e))
+        report = ex.run_fit_digits(a.model, a.out, seed=a.seed, **opts)
         print(
             f"digits, {a.model}: test accuracy {report['test_accuracy']:.4f} "
             f"(fit {report['fit_seconds']:.1f} s); wrote {a.out}/report.json, "

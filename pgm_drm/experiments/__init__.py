@@ -20,6 +20,7 @@ from pgm_drm.experiments.demo import format_demo_report, run_demo, run_drm_demo
 from pgm_drm.experiments.digits import (
     DIGITS_MODELS,
     DigitsPrediction,
+    check_options,
     fit_dcn,
     fit_drm,
     fit_edrm_forest,
@@ -55,6 +56,7 @@ __all__ = [
     "LabelBudgetResult",
     "MODELS",
     "StudyReport",
+    "check_options",
     "dcn_exactness_study",
     "default_model",
     "fit_dcn",

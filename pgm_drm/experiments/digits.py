@@ -44,6 +44,7 @@ from pgm_drm.learning import (
 __all__ = [
     "DIGITS_MODELS",
     "DigitsPrediction",
+    "check_options",
     "fit_dcn",
     "fit_drm",
     "fit_edrm_forest",
@@ -250,14 +251,19 @@ def fit_edrm_forest(d: DigitsSplit, seed: int) -> DigitsPrediction:
     return DigitsPrediction(pred, fig)
 
 
-def _check(
+def check_options(
     model: str,
-    labels: int | None,
-    em: str | None,
-    unlabelled_weight: float,
-    translations: bool,
-    most: int,
+    labels: int | None = None,
+    em: str | None = None,
+    unlabelled_weight: float = 1.0,
+    translations: bool = True,
+    most: int | None = None,
 ) -> None:
+    """Raise ``ValueError`` for options :func:`run_fit_digits` does not take
+    together (``most``: the largest label budget, default :func:`max_labels` of
+    the digits split)."""
+    if most is None:
+        most = max_labels(load_digits_split())
     if model not in DIGITS_MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {DIGITS_MODELS}")
     if model not in ("rm", "mfa") and (em is not None or labels is not None):
@@ -314,7 +320,7 @@ def run_fit_digits(
     ``labels``; other combinations raise ``ValueError``.
     """
     d = load_digits_split()
-    _check(model, labels, em, unlabelled_weight, translations, max_labels(d))
+    check_options(model, labels, em, unlabelled_weight, translations, max_labels(d))
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.PRNGKey(seed)
     report: dict[str, Any] = {"model": model, "n_train": len(d.y_train)}

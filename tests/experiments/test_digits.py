@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 
 from pgm_drm.data import load_digits_split
-from pgm_drm.experiments.digits import label_subset, max_labels, run_fit_digits
+from pgm_drm.experiments.digits import (
+    check_options,
+    label_subset,
+    max_labels,
+    run_fit_digits,
+)
 
 
 def test_label_subset_is_stratified_and_seeded():
@@ -17,6 +22,13 @@ def test_label_subset_is_stratified_and_seeded():
     np.testing.assert_array_equal(np.bincount(sub[kept], minlength=10), 3)
     np.testing.assert_array_equal(label_subset(y, 30, seed=3), sub)
     assert not np.array_equal(label_subset(y, 30, seed=4), sub)
+
+
+def test_good_options_pass():
+    check_options("rm", labels=100, em="soft", unlabelled_weight=0.3)
+    check_options("mfa", labels=100, translations=False)
+    check_options("dcn", translations=False)
+    check_options("edrm-forest")
 
 
 def test_max_labels():
@@ -40,6 +52,8 @@ def test_max_labels():
     ],
 )
 def test_rejects_bad_options_before_fitting(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_options(**kwargs)
     with pytest.raises(ValueError, match=match):
         run_fit_digits(out=tmp_path / "fit", **kwargs)
     assert not (tmp_path / "fit").exists()  # nothing fitted, nothing written
