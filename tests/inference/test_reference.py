@@ -84,6 +84,24 @@ def test_references_equal_the_hand_computed_posterior(reference, t):
     assert np.asarray(post.map["z"]).tolist() == [z0, z1]
 
 
+def test_references_refuse_zero_probability_evidence():
+    """As ``infer`` does: no configuration explains the evidence -> an error,
+    not a posterior of NaNs."""
+
+    def model2(a=None, b=None):
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        numpyro.factor("z_is_a", jnp.where(z == a, 0.0, -jnp.inf))
+        numpyro.factor("z_is_b", jnp.where(z == b, 0.0, -jnp.inf))
+
+    one, zero = jnp.array(1), jnp.array(0)
+    for reference in (brute_force, enumerate_exact):
+        post = reference(model2, semiring="max", a=one, b=one)
+        assert int(post.map["z"]) == 1
+        np.testing.assert_allclose(float(post.log_z), np.log(0.5), atol=ATOL)
+        with pytest.raises(ValueError, match="probability zero"):
+            reference(model2, a=one, b=zero)
+
+
 def test_enumerate_exact_has_only_funsors_two_semirings():
     with pytest.raises(ValueError, match="temperature 0"):
         enumerate_exact(model, temperature=0.5, x=jnp.asarray(X))
