@@ -267,9 +267,9 @@ def check_options(
     if model not in DIGITS_MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {DIGITS_MODELS}")
     if model not in ("rm", "mfa") and (em is not None or labels is not None):
-        raise ValueError("--labels and --em are for --model rm or mfa")
+        raise ValueError("--labels and --em are for the rm and mfa models")
     if model != "rm" and unlabelled_weight != 1.0:
-        raise ValueError("--unlabelled-weight is for --model rm")
+        raise ValueError("--unlabelled-weight is for the rm model")
     if not 0.0 < unlabelled_weight <= 1.0:
         raise ValueError(
             f"unlabelled_weight must be in (0, 1], got {unlabelled_weight}"
@@ -277,14 +277,14 @@ def check_options(
     if unlabelled_weight != 1.0 and labels is None:
         raise ValueError("--unlabelled-weight needs --labels (every image is labelled)")
     if model not in ("dcn", "mfa") and not translations:
-        raise ValueError("--no-translations is for --model dcn or mfa")
+        raise ValueError("--no-translations is for the dcn and mfa models")
     if labels is not None and not (10 <= labels <= most and labels % 10 == 0):
         raise ValueError(
             f"--labels must be a multiple of 10 (as many per class) in 10..{most}, "
             f"got {labels}"
         )
     if model == "mfa" and labels is None and not translations:
-        raise ValueError("--no-translations with --model mfa needs --labels")
+        raise ValueError("--no-translations with the mfa model needs --labels")
 
 
 def run_fit_digits(

@@ -43,11 +43,11 @@ def test_max_labels():
         ({"model": "drm", "em": "soft"}, "--em"),
         ({"model": "rm", "labels": 50, "unlabelled_weight": 0.0}, r"\(0, 1\]"),
         ({"model": "rm", "unlabelled_weight": 0.5}, "needs --labels"),
-        ({"model": "mfa", "labels": 100, "unlabelled_weight": 0.5}, "--model rm"),
+        ({"model": "mfa", "labels": 100, "unlabelled_weight": 0.5}, "the rm model"),
         ({"model": "mfa", "labels": 5}, "multiple of 10"),
         ({"model": "mfa", "labels": 10_000}, "multiple of 10"),
         ({"model": "mfa", "translations": False}, "needs --labels"),
-        ({"model": "rm", "translations": False}, "dcn or mfa"),
+        ({"model": "rm", "translations": False}, "dcn and mfa models"),
         ({"model": "svm"}, "unknown model"),
     ],
 )
