@@ -116,3 +116,72 @@ def test_brute_force_refuses_more_configurations_than_its_cap():
 
     with pytest.raises(ValueError, match="configurations"):
         brute_force(wide)
+
+
+# ---- hardening (issue 15): the references refuse and normalise as infer does ----
+
+
+def test_enumerate_exact_sees_a_changed_global():
+    """The compiled reference is cached on what it computes (jaxpr + constants),
+    not on the model object: a global the model reads, changed, is seen."""
+    import pgm_drm.inference.reference as reference
+
+    state = {"p": 0.1}
+
+    def model():
+        z = numpyro.sample("z", dist.Bernoulli(state["p"]))
+        numpyro.sample("y", dist.Normal(z, 1.0), obs=jnp.array(1.5))
+
+    def exact(p):  # P(z=1 | y=1.5) by Bayes' rule, N(1.5; z, 1) likelihoods
+        on, off = p * np.exp(-0.125), (1 - p) * np.exp(-1.125)
+        return on / (on + off)
+
+    for p in (0.1, 0.9, 0.1):
+        state["p"] = p
+        got = np.exp(np.asarray(enumerate_exact(model).log_marginals["z"]))
+        # float64 Bayes' rule against funsor's enumeration: round-off only.
+        np.testing.assert_allclose(got[1], exact(p), atol=1e-9)
+    assert len(reference._CACHE) <= reference.CACHE_SIZE
+
+
+@pytest.mark.parametrize("reference", [brute_force, enumerate_exact])
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (jnp.full((2, 3), jnp.nan), "NaN or inf"),
+        (jnp.full((2, 3), -jnp.inf), "NaN or inf"),
+        (np.ones((2, 3), np.complex64), "complex"),
+    ],
+)
+def test_references_refuse_what_infer_refuses(reference, value, match):
+    def model(image=None):
+        c = numpyro.sample("c", dist.Categorical(jnp.array([0.3, 0.7])))
+        mean = jnp.where(c == 1, 1.0, -1.0) * jnp.ones((2, 3))
+        numpyro.sample("image", dist.Normal(mean, 1.0).to_event(2), obs=image)
+
+    with pytest.raises(ValueError, match=f"evidence 'image'.*{match}"):
+        reference(model, image=value)
+
+
+@pytest.mark.parametrize("reference", [brute_force, enumerate_exact])
+def test_references_on_a_model_without_latents(reference):
+    def model(x=None):
+        numpyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    got = reference(model, x=jnp.array(0.5))
+    assert got.log_marginals == {} and got.map == {}
+    # float64 log N(0.5; 0, 1) by hand: round-off only.
+    np.testing.assert_allclose(got.log_z, -0.125 - 0.5 * np.log(2 * np.pi), atol=1e-12)
+
+
+@pytest.mark.parametrize("reference", [brute_force, enumerate_exact])
+def test_references_take_a_positional_plate_size(reference):
+    def model(n, x=None):
+        with numpyro.plate("p", n):
+            z = numpyro.sample("z", dist.Bernoulli(0.3))
+            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    got = reference(model, 3, x=jnp.zeros(3))
+    # Independent instances: log Z = 3 log(0.7 N(0; 0, 1) + 0.3 N(0; 1, 1)).
+    one = np.log(0.7 + 0.3 * np.exp(-0.5)) - 0.5 * np.log(2 * np.pi)
+    np.testing.assert_allclose(got.log_z, 3 * one, atol=1e-10)
