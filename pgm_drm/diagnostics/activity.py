@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from pgm_drm.models.drm import DeepRenderingModel
-from pgm_drm.models.maxsum import windows_to_grid
+from pgm_drm.models.maxsum import windows, windows_to_grid
 
 __all__ = [
     "ActivityMaximization",
@@ -140,10 +140,9 @@ def _render_unit(
         w = drm.windows[l - 1]
         table = np.asarray(drm.placement_table(l))
         kids = table[np.arange(table.shape[0]), best[l - 1]]  # (K+1, w*w)
-        blocks = out[kids]  # (K+1, w*w, p, p)
+        blocks = out[kids]  # (K+1, w*w, p, p): the children's pixels
         k, _, p, _ = blocks.shape
-        blocks = blocks.reshape(k, w, w, p, p).transpose(0, 1, 3, 2, 4)
-        out = blocks.reshape(k, w * p, w * p)
+        out = windows_to_grid(blocks.reshape(k, w, w, p * p), p)  # (K+1, wp, wp)
     return out
 
 
@@ -170,7 +169,7 @@ def _on_path(drm: DeepRenderingModel, level: int, l: int) -> np.ndarray:
 def _patches_to_image(patches: np.ndarray) -> np.ndarray:
     """``(C, h, h, p, p)`` -> ``(C, hp, hp)``, patch ``(y, x)`` at block ``(y, x)``."""
     c, h, _, p, _ = patches.shape
-    return patches.transpose(0, 1, 3, 2, 4).reshape(c, h * p, h * p)
+    return windows_to_grid(patches.reshape(c, h, h, p * p), p)
 
 
 def _finish(
@@ -364,7 +363,7 @@ def naive_activity_maximization(
     chosen_patches, states = [], []
     for c in range(classes):
         mu = np.asarray(drm.render(latents | {"c": np.full(n, c)}))  # (N, H, W)
-        blocks = mu.reshape(n, h, p, h, p).transpose(0, 1, 3, 2, 4)  # (N,h,h,p,p)
+        blocks = windows(mu, p).reshape(n, h, h, p, p)
         energy = np.sum(blocks**2, axis=(-2, -1))  # (N, h, h)
         best = np.argmax(energy, axis=0)  # (h, h)
         chosen_patches.append(blocks[best, np.arange(h)[:, None], np.arange(h)])

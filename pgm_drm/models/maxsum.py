@@ -107,13 +107,14 @@ def windows_to_grid(x: Any, w: int) -> Array:
     """Per-unit window contents ``(..., h, h, w*w)`` -> the grid ``(..., h*w, h*w)``.
 
     Offset ``o = r * w + c`` of the unit at ``(y, x)`` lands at ``(y*w + r, x*w + c)``
-    (the inverse of :func:`windows` at stride ``w``).
+    (the inverse of :func:`windows` at stride ``w``). numpy in, numpy out.
     """
-    x = jnp.asarray(x)
+    xp = np if isinstance(x, np.ndarray) else jnp
+    x = xp.asarray(x)
     h = x.shape[-2]
-    x = jnp.reshape(x, x.shape[:-1] + (w, w))
-    x = jnp.swapaxes(x, -3, -2)
-    return jnp.reshape(x, x.shape[:-4] + (h * w, h * w))
+    x = xp.reshape(x, x.shape[:-1] + (w, w))
+    x = xp.swapaxes(x, -3, -2)
+    return xp.reshape(x, x.shape[:-4] + (h * w, h * w))
 
 
 def bottom_up(
