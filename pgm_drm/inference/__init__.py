@@ -1,6 +1,11 @@
 """Schedules executed in JAX under a semiring; exact references from NumPyro."""
 
-from pgm_drm.inference.api import Posterior, infer
+from pgm_drm.inference.api import (
+    Posterior,
+    infer,
+    log_partition,
+    log_partition_tables,
+)
 from pgm_drm.inference.conv_dcn import (
     ConvDCNOutput,
     conv_dcn_infer,
@@ -49,6 +54,8 @@ __all__ = [
     "infer",
     "latent_layout",
     "leaf_log_joint",
+    "log_partition",
+    "log_partition_tables",
     "make_plan",
     "naive_run_plan",
     "naive_conv_dcn_pass",

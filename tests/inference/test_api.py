@@ -1,12 +1,21 @@
-"""infer: batching without recompiling, semiring arguments, bad input."""
+"""infer: batching without recompiling, semiring arguments, bad input;
+log_partition: log Z as a pure, differentiable function of the evidence."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 
 from pgm_drm.graph import compile_model
-from pgm_drm.inference import enumerate_exact, infer
+from pgm_drm.inference import (
+    brute_force,
+    enumerate_exact,
+    infer,
+    log_partition,
+    log_partition_tables,
+)
 from pgm_drm.models import RenderingModel, default_templates
 
 
@@ -106,3 +115,99 @@ def test_float32_marginals_stay_normalised_at_huge_log_joints(fill):
             # float32 rounding of O(1) normalised log-beliefs: the issue's 1e-4.
             np.testing.assert_allclose(p.sum(), 1.0, atol=1e-4)
             np.testing.assert_allclose(p, want, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# log_partition: the gradient of log Z is the expected sufficient statistic.
+# --------------------------------------------------------------------------- #
+
+
+def chain(mu=None, x=None):
+    """A 3-step chain (a tree): means ``mu`` as evidence, observations ``x``."""
+    trans = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    z = numpyro.sample("z0", dist.Categorical(jnp.array([0.5, 0.3, 0.2])))
+    numpyro.sample("x0", dist.Normal(mu[z], 1.0), obs=x[0])
+    for t in (1, 2):
+        z = numpyro.sample(f"z{t}", dist.Categorical(trans[z]))
+        numpyro.sample(f"x{t}", dist.Normal(mu[z], 1.0), obs=x[t])
+
+
+def loop(mu=None, x=None):
+    """Three binary latents in a cycle (needs the junction tree), hard zeros:
+    ``z0 = z1 = 1`` is impossible."""
+    z0 = numpyro.sample("z0", dist.Bernoulli(0.6))
+    z1 = numpyro.sample("z1", dist.Bernoulli(jnp.where(z0 == 1, 0.3, 0.8)))
+    z2 = numpyro.sample("z2", dist.Bernoulli(jnp.where(z1 == 1, 0.9, 0.2)))
+    numpyro.factor("link", jnp.where(z0 == z2, 0.5, -0.5))
+    numpyro.factor("hard", jnp.where((z0 == 1) & (z1 == 1), -jnp.inf, 0.0))
+    for t, z in enumerate((z0, z1, z2)):
+        numpyro.sample(f"x{t}", dist.Normal(mu[z], 1.0), obs=x[t])
+
+
+def hard_tree(mu=None, x=None):
+    """A tree with hard zeros (``-inf`` factors) on some states and transitions."""
+    trans = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    banned = jnp.array([[False, True, False], [True, False, False], [False] * 3])
+    z = numpyro.sample("z0", dist.Categorical(jnp.array([0.5, 0.3, 0.2])))
+    numpyro.factor("no2", jnp.where(z == 2, -jnp.inf, 0.0))
+    numpyro.sample("x0", dist.Normal(mu[z], 1.0), obs=x[0])
+    for t in (1, 2):
+        prev, z = z, numpyro.sample(f"z{t}", dist.Categorical(trans[z]))
+        # 0 * mu: a table that is differentiated and holds -inf entries.
+        numpyro.factor(f"ban{t}", jnp.where(banned[prev, z], -jnp.inf, 0.0 * mu[z]))
+        numpyro.sample(f"x{t}", dist.Normal(mu[z], 1.0), obs=x[t])
+
+
+def _brute_grad_mu(post, mu, x):
+    """``d log p(x) / d mu_k = sum_t P(z_t = k | x) (x_t - mu_k)`` (unit
+    variance), from brute-force marginals."""
+    g = np.zeros(len(mu))
+    for t in range(len(x)):
+        m = np.asarray(post.marginals[f"z{t}"])
+        for k in range(len(m)):
+            g[k] += m[k] * (float(x[t]) - float(mu[k]))
+    return g, float(post.log_z)
+
+
+@pytest.mark.parametrize(
+    "model, k", [(chain, 3), (loop, 2), (hard_tree, 3)], ids=["tree", "loop", "hard"]
+)
+def test_grad_of_log_z_is_the_expected_statistic(model, k):
+    mu = jnp.linspace(-1.0, 1.5, k)
+    x = jnp.array([0.3, -1.2, 1.7])
+    fg = compile_model(model, mu=mu, x=x)
+    f = jax.jit(log_partition(fg))
+    lz, g = jax.jit(jax.value_and_grad(lambda m: f({"mu": m, "x": x})))(mu)
+    post = brute_force(model, mu=mu, x=x)
+    want_g, want_lz = _brute_grad_mu(post, mu, x)
+    np.testing.assert_allclose(float(lz), want_lz, rtol=0, atol=1e-10)
+    assert np.all(np.isfinite(np.asarray(g)))  # -inf entries give no NaN
+    np.testing.assert_allclose(np.asarray(g), want_g, rtol=0, atol=1e-10)
+    # Central finite differences agree too (log Z is smooth in mu).
+    eps = 1e-6
+    fd = [
+        (
+            float(f({"mu": mu.at[i].add(eps), "x": x}))
+            - float(f({"mu": mu.at[i].add(-eps), "x": x}))
+        )
+        / (2 * eps)
+        for i in range(k)
+    ]
+    np.testing.assert_allclose(np.asarray(g), fd, rtol=0, atol=1e-6)
+    # With respect to the tables, the gradient is each factor's marginal.
+    b = jax.jit(jax.grad(log_partition_tables(fg)))(fg.evidence_tables(mu=mu, x=x))
+    for gi, grp in enumerate(fg.factor_groups):
+        if gi not in b:
+            continue
+        marg = np.asarray(b[gi])
+        assert np.all(np.isfinite(marg))
+        np.testing.assert_allclose(marg.reshape(marg.shape[0], -1).sum(1), 1.0)
+        if grp.site.startswith("x"):  # p(x_t | z_t): the marginal of z_t
+            z = "z" + grp.site[1:]
+            np.testing.assert_allclose(marg[0], post.marginals[z], atol=1e-10)
+
+
+def test_log_partition_refuses_loopy_schedules():
+    fg = compile_model(loop, mu=jnp.zeros(2), x=jnp.zeros(3))
+    with pytest.raises(ValueError, match="exact schedule"):
+        log_partition(fg, "loopy")
