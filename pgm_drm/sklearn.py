@@ -52,6 +52,7 @@ from pgm_drm.learning.forest import (
     tree_apply,
     tree_predict_proba,
 )
+from pgm_drm.learning.loop import LoopOptions
 
 __all__ = [
     "DRMClassifier",
@@ -256,7 +257,7 @@ class RenderingModelClassifier(_ImageClassifier):
             n_iter=self.n_iter,
             tol=self.tol,
             key=jax.random.PRNGKey(_seed(self.random_state)),
-            progress=False,
+            loop=LoopOptions(progress=False),
         )
         self.model_ = self.fit_.model
         return self

@@ -40,6 +40,7 @@ from pgm_drm.learning import (
     predict,
     save_model,
 )
+from pgm_drm.learning.loop import LoopOptions
 
 __all__ = [
     "DIGITS_MODELS",
@@ -114,7 +115,7 @@ def fit_rm(
         key=key,
         min_sigma=0.05,
         unlabelled_weight=unlabelled_weight,
-        progress=progress,
+        loop=LoopOptions(progress=progress),
     )
     pred = np.asarray(fit.model.classify(d.x_test, "max"))
     save_model(out / "model.npz", fit.model)
@@ -153,7 +154,7 @@ def fit_mfa(
         n_iter=100,
         key=key,
         min_sigma=0.1,
-        progress=progress,
+        loop=LoopOptions(progress=progress),
     )
     pred = np.asarray(fit.model.classify(d.x_test, "sum"))
     save_model(out / "model.npz", fit.model)
@@ -222,7 +223,7 @@ def fit_dcn(
         lr=2e-3,
         weight_decay=0.3,
         key=jax.random.fold_in(key, 1),
-        progress=progress,
+        loop=LoopOptions(progress=progress),
     )
     pred = np.asarray(predict(fit.net, d.x_test))
     w = np.asarray(fit.net.layers[0].w)  # (K, G, w*w, 1)

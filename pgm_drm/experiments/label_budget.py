@@ -17,6 +17,7 @@ from pgm_drm._random import np_rng
 from pgm_drm._typing import PRNGKey
 from pgm_drm.learning.discriminative import fit_discriminative, predict
 from pgm_drm.learning.em import fit_em
+from pgm_drm.learning.loop import LoopOptions
 
 __all__ = ["LabelBudgetResult", "label_budget_curve", "plot_label_budget"]
 
@@ -113,7 +114,7 @@ def label_budget_curve(
                 n_iter=30,
                 key=k_gen,
                 min_sigma=0.05,
-                progress=False,
+                loop=LoopOptions(progress=False),
             ).model
             gen[i, r] = float(np.mean(np.asarray(rm.classify(x_te)) == y_te))
             bs = min(batch_size, len(idx))
@@ -128,7 +129,7 @@ def label_budget_curve(
                 weight_decay=weight_decay,
                 key=k_fit,
                 calibrate=True,
-                progress=False,
+                loop=LoopOptions(progress=False),
             )
             dis[i, r] = float(np.mean(np.asarray(predict(fit.net, x_te)) == y_te))
             bar.set_postfix(n=n, gen=f"{gen[i, r]:.3f}", dis=f"{dis[i, r]:.3f}")

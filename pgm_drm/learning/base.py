@@ -24,6 +24,7 @@ __all__ = [
     "Mode",
     "check_fit_inputs",
     "check_labels",
+    "check_min_sigma",
     "finish_model",
     "init_params",
     "initial_model",
@@ -144,6 +145,12 @@ def real_finite(x: Array) -> Array:
     if not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("images contain NaN or inf values")
     return x
+
+
+def check_min_sigma(min_sigma: float) -> None:
+    """Raise ValueError unless the noise floor ``min_sigma`` is a finite number > 0."""
+    if not (np.isfinite(min_sigma) and min_sigma > 0):
+        raise ValueError(f"min_sigma must be a finite number > 0, got {min_sigma}")
 
 
 def check_labels(labels: ArrayLike | None, n_images: int, n_classes: int) -> Array:

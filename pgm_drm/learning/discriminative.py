@@ -29,7 +29,9 @@ network ``max_g <w_cg | I> + b_cg`` of the shallow RM (Prop. A.1).
   branches' constants), so the relaxation starts at the generative model.
 * :func:`init_random`: He-style random filters for any structure.
 * :func:`fit_discriminative`: optax Adam(W), minibatches, jitted epochs,
-  optional early stopping on a validation split of the training data.
+  optional early stopping on a validation split of the training data; the
+  epochs are the steps of :func:`~pgm_drm.learning.loop.run_loop` (state:
+  :class:`RelaxationState`), so the fit checkpoints and resumes like EM.
 
 The label-budget curve of §2.7 (generative vs relaxed as labels grow) is an
 experiment: :func:`pgm_drm.experiments.label_budget_curve`.
@@ -40,16 +42,17 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey, Semiring
+from pgm_drm.learning.io import fingerprint
+from pgm_drm.learning.loop import Algorithm, LoopOptions, check_n_iter, run_loop
 from pgm_drm.models.drm import DeepRenderingModel
 from pgm_drm.models.maxsum import bottom_up, windows
 from pgm_drm.models.pytree import pytree_model, replace
@@ -61,6 +64,7 @@ __all__ = [
     "DCNLayer",
     "DCNNet",
     "DiscriminativeFit",
+    "RelaxationState",
     "as_net",
     "calibrate_scale",
     "class_scores",
@@ -428,13 +432,40 @@ class DiscriminativeFit(NamedTuple):
         history: Per epoch ``(epochs_run + 1,)`` arrays (entry 0: before
             training): ``"train_loss"``, ``"train_acc"`` and, with a validation
             split, ``"val_loss"``, ``"val_acc"``; plus ``"seconds"`` (wall time
-            since the start).
+            of the evaluations and epochs so far; a resumed fit counts the
+            epochs before the checkpoint too).
         best_epoch: Epoch whose parameters ``net`` holds.
     """
 
     net: DCNNet
     history: dict[str, np.ndarray]
     best_epoch: int
+
+
+class RelaxationState(NamedTuple):
+    """The loop state of :func:`fit_discriminative` (a pytree: checkpointed whole).
+
+    Attributes:
+        net: The current network.
+        opt_state: Adam(W)'s state.
+        key: PRNG key of the next epoch's shuffle.
+        iteration: Epochs done.
+        best_net: The best network so far (validation; else the last).
+        best_score: ``(2,)`` float64, its score (lexicographic, lower is better).
+        best_epoch: Its epoch.
+        since: Epochs since it (for ``patience``).
+        seconds: Wall time of the epochs and their evaluations.
+    """
+
+    net: DCNNet
+    opt_state: Any
+    key: Array
+    iteration: Array
+    best_net: DCNNet
+    best_score: np.ndarray
+    best_epoch: np.ndarray
+    since: np.ndarray
+    seconds: np.ndarray
 
 
 def _loss(net: DCNNet, x: Array, y: Array) -> Array:
@@ -518,7 +549,7 @@ def fit_discriminative(
     patience: int | None = None,
     monitor: str = "loss",
     calibrate: bool = False,
-    progress: bool = True,
+    loop: LoopOptions | None = None,
 ) -> DiscriminativeFit:
     """Train the relaxation by minibatch Adam(W) on Eq. 25's ``L_dis``.
 
@@ -542,20 +573,25 @@ def fit_discriminative(
             or "acc" (higher accuracy, ties broken by the loss).
         calibrate: First rescale the top layer by :func:`calibrate_scale` on
             the training split (same decisions, unsaturated softmax).
-        progress: tqdm bar with the loss and accuracies.
+        loop: Progress bar (losses and accuracies) and checkpoints
+            (:class:`~pgm_drm.learning.loop.LoopOptions`; every 10 epochs by
+            default); a resumed fit equals an uninterrupted one (but for
+            ``"seconds"``).
 
     Returns:
         :class:`DiscriminativeFit`.
 
     Raises:
-        ValueError: Bad images (shape, NaN/inf), labels or settings.
+        ValueError: Bad images (shape, NaN/inf), labels or settings, or a
+            checkpoint from a different fit or not consistent.
 
     Example:
         >>> from pgm_drm.models import RenderingModel, default_templates
         >>> rm = RenderingModel(default_templates(), sigma=0.5)
         >>> imgs, lat = rm.sample(jax.random.PRNGKey(0), 60)
+        >>> from pgm_drm.learning.loop import LoopOptions
         >>> fit = fit_discriminative(rm, imgs, lat["c"], epochs=3, batch_size=20,
-        ...                          progress=False)
+        ...                          loop=LoopOptions(progress=False))
         >>> fit.history["train_loss"].shape
         (4,)
     """
@@ -563,8 +599,7 @@ def fit_discriminative(
     xs, _ = check_images(x, net.image_shape)
     c = net.n_classes
     ys = _check_labels(y, xs.shape[0], c)
-    if int(epochs) != epochs or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs}")
+    epochs = check_n_iter(epochs, "epochs")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
     if not (np.isfinite(lr) and lr > 0):
@@ -590,52 +625,83 @@ def fit_discriminative(
         xv = yv = None
     if calibrate:
         net = calibrate_scale(net, xs, ys)
-    state = _optimizer(float(lr), float(weight_decay)).init(net)
     bs = int(min(batch_size, xs.shape[0]))
     epoch_fn = _make_epoch(float(lr), float(weight_decay), bs)
-    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "seconds": []}
+    names = ("train_loss", "train_acc", "seconds")
     if xv is not None:
-        hist.update(val_loss=[], val_acc=[])
-    start = time.perf_counter()
+        names += ("val_loss", "val_acc")
 
-    def record(p) -> tuple[float, float]:
-        """Log one epoch; return the (lexicographic) score to minimise."""
+    def evaluate(p: DCNNet) -> dict[str, float]:
         loss, acc = _evaluate(p, xs, ys)
-        hist["train_loss"].append(loss)
-        hist["train_acc"].append(acc)
-        hist["seconds"].append(time.perf_counter() - start)
-        if xv is None:
-            return (loss, 0.0)
-        vloss, vacc = _evaluate(p, xv, yv)
-        hist["val_loss"].append(vloss)
-        hist["val_acc"].append(vacc)
-        return (-vacc, vloss) if monitor == "acc" else (vloss, 0.0)
-
-    best = record(net)
-    best_net, best_epoch, since = net, 0, 0
-    bar = tqdm(range(1, int(epochs) + 1), disable=not progress, desc="relaxation")
-    for ep in bar:
-        key, sub = jax.random.split(key)
-        net, state, _ = epoch_fn(net, state, xs, ys, sub)
-        score = record(net)
-        post = {"loss": f"{hist['train_loss'][-1]:.4f}"}
-        post["acc"] = f"{hist['train_acc'][-1]:.3f}"
+        out = {"train_loss": loss, "train_acc": acc}
         if xv is not None:
-            post["val_acc"] = f"{hist['val_acc'][-1]:.3f}"
-        bar.set_postfix(post)
-        if not np.all(np.isfinite(score)):
-            break
-        if xv is None or score < best:
-            best, best_net, best_epoch, since = score, net, ep, 0
-        else:
-            since += 1
-            if patience is not None and since >= patience:
-                break
-    bar.close()
-    out = best_net
-    return DiscriminativeFit(
-        out, {k: np.asarray(v) for k, v in hist.items()}, best_epoch
+            out["val_loss"], out["val_acc"] = _evaluate(p, xv, yv)
+        return out
+
+    def score(h: dict[str, Any], i: int = -1) -> tuple[float, float]:
+        """The (lexicographic) score to minimise of epoch ``i`` of ``h``."""
+        if xv is None:
+            return (h["train_loss"][i], 0.0)
+        if monitor == "acc":
+            return (-h["val_acc"][i], h["val_loss"][i])
+        return (h["val_loss"][i], 0.0)
+
+    t0 = time.perf_counter()
+    first = evaluate(net)
+    first["seconds"] = time.perf_counter() - t0
+
+    def init(start: DCNNet) -> RelaxationState:
+        opt_state = _optimizer(float(lr), float(weight_decay)).init(start)
+        zero = np.asarray(0, dtype=np.int64)
+        best = np.asarray(score({k: [v] for k, v in first.items()}), np.float64)
+        return RelaxationState(
+            start, opt_state, key, zero, start, best, zero, zero, np.float64(0.0)
+        )
+
+    def step(st: RelaxationState) -> tuple[RelaxationState, dict[str, float]]:
+        t = time.perf_counter()
+        next_key, sub = jax.random.split(st.key)
+        new, opt_state, _ = epoch_fn(st.net, st.opt_state, xs, ys, sub)
+        info = evaluate(new)
+        seconds = st.seconds + (time.perf_counter() - t)
+        info["seconds"] = first["seconds"] + float(seconds)
+        ep = st.iteration + 1
+        sc = score({k: [v] for k, v in info.items()})
+        best = (st.best_net, st.best_score, st.best_epoch, st.since)
+        if np.all(np.isfinite(sc)):  # a non-finite score stops the loop
+            if xv is None or sc < tuple(st.best_score.tolist()):
+                best = (new, np.asarray(sc, np.float64), ep, np.zeros_like(st.since))
+            else:
+                best = best[:3] + (st.since + 1,)
+        return RelaxationState(new, opt_state, next_key, ep, *best, seconds), info
+
+    def stop(st: RelaxationState, h: dict[str, list[float]]) -> bool:
+        if not np.all(np.isfinite(score(h))):
+            return True
+        return patience is not None and int(st.since) >= patience
+
+    meta = {
+        "kind": "relaxation",
+        "batch_size": bs,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "monitor": monitor,
+        "patience": patience,
+        "data": fingerprint(xs, ys, *(() if xv is None else (xv, yv))),
+    }
+    out = run_loop(
+        Algorithm(init=init, step=step),
+        net,
+        epochs,
+        loop,
+        history=names,
+        stop=stop,
+        meta=meta,
+        desc="relaxation",
+        default_every=10,
     )
+    hist = {k: np.asarray([first[k]] + out.history[k]) for k in names}
+    return DiscriminativeFit(out.state.best_net, hist, int(out.state.best_epoch))
 
 
 def stratified_split(

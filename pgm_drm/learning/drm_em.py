@@ -45,14 +45,13 @@ One iteration, on ``N`` training images:
   re-seeding never lowers the objective.
 
 :func:`drm_em_init` / :func:`drm_em_step` are the (init, step) pair;
-:func:`fit_drm_em` loops the jitted step with a tqdm bar and resumable
-checkpoints; :func:`fit_drm_classifier` fits one DRM per class (its "classes"
-are mixture components) for generative classification.
+:func:`fit_drm_em` runs the step in :func:`~pgm_drm.learning.loop.run_loop`
+(tqdm bar, resumable checkpoints); :func:`fit_drm_classifier` fits one DRM per
+class (its "classes" are mixture components) for generative classification.
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import NamedTuple
 
@@ -62,8 +61,15 @@ import numpy as np
 
 from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
-from pgm_drm.learning.base import check_labels, kmeans, real_finite
-from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
+from pgm_drm.learning.base import check_labels, check_min_sigma, kmeans, real_finite
+from pgm_drm.learning.io import fingerprint
+from pgm_drm.learning.loop import (
+    Algorithm,
+    LoopOptions,
+    check_n_iter,
+    run_loop,
+    tolerance,
+)
 from pgm_drm.models import maxsum
 from pgm_drm.models.drm import DeepRenderingModel
 from pgm_drm.models.maxsum import (
@@ -505,6 +511,11 @@ def drm_em_init(
     for level in range(1, L):
         msgs = _messages(drm, x, level)
         drm = _seed_children(drm, level + 1, msgs, y, rng)
+    return _state(drm)
+
+
+def _state(drm: DeepRenderingModel) -> DRMEMState:
+    """The state at iteration 0 (the loop's ``init``)."""
     return DRMEMState(_as_arrays(drm), jnp.asarray(0))
 
 
@@ -528,20 +539,7 @@ def _seed_children(drm, level, msgs, y, rng) -> DeepRenderingModel:
     return replace(drm, child_templates=tuple(kids))
 
 
-# ---- the loop ------------------------------------------------------------------------
-def _state_arrays(state: DRMEMState) -> dict[str, np.ndarray]:
-    """Checkpoint arrays keyed by pytree path (``.model.pixel_templates``, ...)."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(state)
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
-
-
-def _state_from_arrays(like: DRMEMState, arrays) -> DRMEMState:
-    """The inverse of :func:`_state_arrays`, with the structure of ``like``."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    values = [jnp.asarray(arrays[jax.tree_util.keystr(k)]) for k, _ in leaves]
-    return jax.tree.unflatten(treedef, values)
-
-
+# ---- the fit -------------------------------------------------------------------------
 def fit_drm_em(
     images: ArrayLike,
     init: DeepRenderingModel | None = None,
@@ -555,10 +553,7 @@ def fit_drm_em(
     key: PRNGKey | None = None,
     pseudo_count: float = 1.0,
     min_sigma: float = DEFAULT_MIN_SIGMA,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 5,
+    loop: LoopOptions | None = None,
 ) -> DRMFitResult:
     """Fit a tree DRM by hard EM (paper §2.6, Eqs. 18-23; module docstring).
 
@@ -576,30 +571,31 @@ def fit_drm_em(
             (keeps every prior > 0, so no translation/class/switch value becomes
             impossible after one iteration without it).
         min_sigma: Floor on ``sigma``.
-        progress: tqdm bar with the objective in its postfix.
-        checkpoint: ``.npz`` written atomically (temp file + ``os.replace``) every
-            ``checkpoint_every`` iterations and at the end.
-        resume: Continue from ``checkpoint`` if it exists (same data and settings,
-            else ValueError); the result equals an uninterrupted fit.
+        loop: Progress bar and checkpoints
+            (:class:`~pgm_drm.learning.loop.LoopOptions`; every 5 iterations by
+            default); a resumed fit equals an uninterrupted one.
 
     Returns:
         :class:`DRMFitResult`; ``objective`` never decreases.
 
     Raises:
         ValueError: Bad images (shape, NaN/inf), labels, sizes or settings, or a
-            checkpoint written by a different fit.
+            checkpoint written by a different fit or not consistent.
 
     Example:
         >>> import jax
         >>> truth = DeepRenderingModel.random(
         ...     jax.random.PRNGKey(1), image_shape=(4, 4), levels=2, sigma=0.1)
         >>> images, _ = truth.sample(jax.random.PRNGKey(2), 60)
+        >>> from pgm_drm.learning.loop import LoopOptions
         >>> fit = fit_drm_em(images, windows=(2, 2), n_states=(4, 3),
-        ...                  n_iter=5, progress=False)
+        ...                  n_iter=5, loop=LoopOptions(progress=False))
         >>> bool(np.all(np.diff(fit.objective) >= -1e-9)), fit.model.n_states
         (True, (4, 3))
     """
-    check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
+    check_n_iter(n_iter)
+    stop = tolerance(tol, "objective")
+    check_min_sigma(min_sigma)
     if not (np.isfinite(pseudo_count) and pseudo_count >= 0):
         raise ValueError(
             f"pseudo_count must be a finite number >= 0, got {pseudo_count}"
@@ -610,7 +606,7 @@ def fit_drm_em(
     if init is not None:
         x = _check_images(init.image_shape, images)
         y = check_labels(labels, x.shape[0], init.n_classes)
-        state = DRMEMState(_as_arrays(init), jnp.asarray(0))
+        state = _state(init)
     else:
         if windows is None or n_states is None:
             raise ValueError("give either init or both windows and n_states")
@@ -633,29 +629,23 @@ def fit_drm_em(
         "pseudo_count": float(pseudo_count),
         "min_sigma": float(min_sigma),
         "data": fingerprint(x, y),
-        "init": fingerprint(*jax.tree.leaves(drm)),
     }
-
-    def from_arrays(arrays: dict[str, np.ndarray]) -> DRMEMState:
-        return _state_from_arrays(state, arrays)
-
-    loop = run_em_loop(
-        lambda st: drm_em_step(st, x, y, pseudo_count, min_sigma),
-        state,
-        n_iter=n_iter,
-        tol=tol,
-        history=("objective", "max_log_joint"),
-        desc="DRM hard EM",
-        progress=progress,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        meta=meta,
-        to_arrays=_state_arrays,
-        from_arrays=from_arrays,
+    algorithm = Algorithm(
+        init=_state, step=lambda st: drm_em_step(st, x, y, pseudo_count, min_sigma)
     )
-    state, converged = loop.state, loop.converged
-    objective, mlj = loop.history["objective"], loop.history["max_log_joint"]
+    out = run_loop(
+        algorithm,
+        drm,
+        n_iter,
+        loop,
+        history=("objective", "max_log_joint"),
+        stop=stop,
+        meta=meta,
+        desc="DRM hard EM",
+        default_every=5,
+    )
+    state, converged = out.state, out.converged
+    objective, mlj = out.history["objective"], out.history["max_log_joint"]
     # The objective at the final parameters: the E-step part of one more step
     # (its M-step is discarded; reusing the compiled step saves a compilation).
     _, end = drm_em_step(state, x, y, pseudo_count, min_sigma)
@@ -731,6 +721,8 @@ def fit_drm_classifier(
             ``r`` is restart ``r``'s), as an equal-weight mixture: hard EM's
             result moves with its start, the mixture averages that out.
             ``members > 1`` needs ``restarts == 1``.
+        progress: A tqdm bar for each fit (many fits: no checkpoint path, so
+            no :class:`~pgm_drm.learning.loop.LoopOptions`).
 
     Returns:
         A :class:`PerClassDRM`.
@@ -762,7 +754,7 @@ def fit_drm_classifier(
                 key=jax.random.fold_in(jax.random.fold_in(key, c), r),
                 pseudo_count=pseudo_count,
                 min_sigma=min_sigma,
-                progress=progress,
+                loop=LoopOptions(progress=progress),
             )
             for r in range(max(int(members), int(restarts)))
         ]

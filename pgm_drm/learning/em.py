@@ -33,20 +33,18 @@ The algorithm is an ``(em_init, em_step)`` pair over an :class:`EMState`, which
 holds the :class:`~pgm_drm.models.RenderingModel` itself (a pytree: the jitted
 step takes it as an ordinary argument, so a new start of the same shapes reuses
 the compiled step); :func:`fit_em` loops the step with a progress bar and
-checkpoints.
+checkpoints (:func:`~pgm_drm.learning.loop.run_loop`).
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgm_drm._random import key_data
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import (
     PARAMETER_NAMES,
@@ -54,12 +52,20 @@ from pgm_drm.learning.base import (
     Mode,
     check_fit_inputs,
     check_labels,
+    check_min_sigma,
     finish_model,
     initial_model,
     mode_temperature,
 )
-from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
+from pgm_drm.learning.io import fingerprint
 from pgm_drm.learning.likelihood import e_step_table, rm_log_joint
+from pgm_drm.learning.loop import (
+    Algorithm,
+    LoopOptions,
+    check_n_iter,
+    run_loop,
+    tolerance,
+)
 from pgm_drm.models.pytree import replace
 from pgm_drm.models.rendering import RenderingModel
 
@@ -345,15 +351,22 @@ def em_init(
     """
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
     y = check_labels(labels, x.shape[0], c_)
-    return _init_state(x, c_, g_, key, switch, y, init)
+    return _state(_start(x, c_, g_, key, switch, y, init))
 
 
-def _init_state(x, c_, g_, key, switch, y, init) -> EMState:
+def _state(model: RenderingModel) -> EMState:
+    """The state at iteration 0 (the loop's ``init``)."""
+    return EMState(model, jnp.asarray(0, dtype=jnp.int32))
+
+
+def _start(x, c_, g_, key, switch, y, init) -> RenderingModel:
+    """The starting model (:func:`initial_model`, warm-started when some but
+    not all images are labelled)."""
     model = initial_model(x, c_, g_, key, switch, y, init)
     labelled = np.asarray(y) >= 0
     if init is None and labelled.any() and not labelled.all():
         model = _warm_start(model, x[labelled], y[labelled])
-    return EMState(model, jnp.asarray(0, dtype=jnp.int32))
+    return model
 
 
 #: Semi-supervised warm start: at most this many supervised soft-EM iterations
@@ -370,7 +383,7 @@ def _warm_start(model: RenderingModel, x: Array, y: Array) -> RenderingModel:
     that are averages of its own images (on synthetic data this lifted
     semi-supervised accuracy from ~0.55 to ~0.99 on some seeds).
     """
-    state = EMState(model, jnp.asarray(0, dtype=jnp.int32))
+    state = _state(model)
     last = None
     for _ in range(WARM_START_ITERS):
         state, info = em_step(state, x, y, "soft", (), DEFAULT_MIN_SIGMA)
@@ -396,10 +409,7 @@ def fit_em(
     init: RenderingModel | None = None,
     min_sigma: float = DEFAULT_MIN_SIGMA,
     unlabelled_weight: float = 1.0,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 10,
+    loop: LoopOptions | None = None,
 ) -> FitResult:
     """Fit an RM by soft (Eqs. 14-15) or hard (Eqs. 16-17) EM.
 
@@ -425,12 +435,9 @@ def fit_em(
             each unlabelled image by it (EM-lambda, Nigam et al. 2000), so that
             many unlabelled images cannot outvote the labelled ones; the
             objective becomes the weighted mean. 1 (default) is plain EM.
-        progress: Show a tqdm bar with the objective in its postfix.
-        checkpoint: Path of an ``.npz`` written (atomically) every
-            ``checkpoint_every`` iterations and at the end.
-        resume: Continue from ``checkpoint`` if it exists (same data, sizes and
-            settings, else ValueError); the result equals an uninterrupted fit.
-        checkpoint_every: Iterations between checkpoint writes.
+        loop: Progress bar and checkpoints
+            (:class:`~pgm_drm.learning.loop.LoopOptions`; checkpoints every 10
+            iterations by default); a resumed fit equals an uninterrupted one.
 
     Returns:
         A :class:`FitResult`; ``objective[t]`` is at the parameters after ``t``
@@ -438,14 +445,16 @@ def fit_em(
 
     Raises:
         ValueError: Bad images (shape, NaN/inf), sizes, labels, mode, ``fix``,
-            ``unlabelled_weight``, ``init`` or a checkpoint from a different fit.
+            ``unlabelled_weight``, ``init``, or a checkpoint from a different
+            fit or not consistent.
 
     Example:
         >>> import jax
         >>> from pgm_drm.models import RenderingModel, default_templates
         >>> truth = RenderingModel(default_templates(4)[:2, :2], sigma=0.1)
         >>> images, _ = truth.sample(jax.random.PRNGKey(0), 40)
-        >>> fit = fit_em(images, 2, 2, n_iter=20, progress=False)
+        >>> from pgm_drm.learning.loop import LoopOptions
+        >>> fit = fit_em(images, 2, 2, n_iter=20, loop=LoopOptions(progress=False))
         >>> fit.model.templates.shape, bool(fit.objective[-1] >= fit.objective[0])
         ((2, 2, 4, 4), True)
     """
@@ -453,64 +462,43 @@ def fit_em(
     fix_t = _check_fix(fix)
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
     y = check_labels(labels, x.shape[0], c_)
-    check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
+    check_n_iter(n_iter)
+    stop = tolerance(tol, "objective")
+    check_min_sigma(min_sigma)
     lam = float(unlabelled_weight)
     if not (np.isfinite(lam) and 0.0 < lam <= 1.0):
         raise ValueError(
             f"unlabelled_weight must lie in (0, 1], got {unlabelled_weight!r}"
         )
-    state = _init_state(x, c_, g_, key, switch, y, init)
-    start = state.model
-    switched = start.switch_prior is not None
+    start = _start(x, c_, g_, key, switch, y, init)
     meta = {
         "kind": "em",
         "mode": mode,
         "n_classes": c_,
         "n_nuisances": g_,
-        "switch": switched,
+        "switch": start.switch_prior is not None,
         "fix": list(fix_t),
         "min_sigma": float(min_sigma),
+        "unlabelled_weight": lam,
         "data": fingerprint(x, y),
-        "init": fingerprint(*jax.tree.leaves(start)),
     }
-
-    names = [k for k in PARAMETER_NAMES if switched or k != "switch_prior"]
-
-    def from_arrays(arrays: dict[str, np.ndarray]) -> EMState:
-        model = replace(start, **{k: jnp.asarray(arrays[k]) for k in names})
-        return EMState(model, jnp.asarray(arrays["iteration"]))
-
-    def to_arrays(st: EMState) -> dict[str, Any]:
-        m = st.model
-        return {
-            "templates": m.templates,
-            "sigma": m.sigma,
-            "class_prior": m.class_prior,
-            "nuisance_prior": m.nuisance_prior,
-            "switch_prior": np.nan if m.switch_prior is None else m.switch_prior,
-            "iteration": st.iteration,
-            "key": key_data(key),
-        }
-
-    if lam != 1.0:  # only then: checkpoints of plain EM stay resumable as before
-        meta["unlabelled_weight"] = lam
-    loop = run_em_loop(
-        lambda st: em_step(st, x, y, mode, fix_t, float(min_sigma), lam),
-        state,
-        n_iter=n_iter,
-        tol=tol,
-        history=("objective", "log_likelihood"),
-        desc=f"EM ({mode})",
-        progress=progress,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        meta=meta,
-        to_arrays=to_arrays,
-        from_arrays=from_arrays,
+    algorithm = Algorithm(
+        init=_state,
+        step=lambda st: em_step(st, x, y, mode, fix_t, float(min_sigma), lam),
     )
-    state, converged = loop.state, loop.converged
-    objective, loglik = loop.history["objective"], loop.history["log_likelihood"]
+    out = run_loop(
+        algorithm,
+        start,
+        n_iter,
+        loop,
+        history=("objective", "log_likelihood"),
+        stop=stop,
+        meta=meta,
+        desc=f"EM ({mode})",
+        default_every=10,
+    )
+    state, converged = out.state, out.converged
+    objective, loglik = out.history["objective"], out.history["log_likelihood"]
     obj_end, ll_end = _objectives(state.model, x, y, mode, lam)
     return FitResult(
         model=finish_model(state.model),

@@ -41,27 +41,34 @@ work on flat images ``(N, D)``.
 
 from __future__ import annotations
 
-import os
 import warnings
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pgm_drm._random import key_data, np_rng
+from pgm_drm._random import np_rng
 from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import (
     FitResult,
     Mode,
     check_fit_inputs,
     check_labels,
+    check_min_sigma,
     kmeans,
     mode_temperature,
 )
-from pgm_drm.learning.io import check_loop_args, fingerprint, run_em_loop
+from pgm_drm.learning.io import fingerprint
 from pgm_drm.learning.likelihood import e_step_table
+from pgm_drm.learning.loop import (
+    Algorithm,
+    LoopOptions,
+    check_n_iter,
+    run_loop,
+    tolerance,
+)
 from pgm_drm.models.factor import FactorRenderingModel, fa_log_joint, woodbury_terms
 from pgm_drm.models.pytree import replace
 
@@ -408,7 +415,11 @@ def _init_state(x, image_shape, c_, g_, q, y, key, min_sigma) -> FAState:
     resp = resp + empty[None] * (1.0 / len(xn)) * 1e-3
     resp = resp / resp.sum((1, 2), keepdims=True)
     model = _ppca_m_step(x, jnp.asarray(resp, x.dtype), q, min_sigma, image_shape)
-    model = jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), model)
+    return _state(jax.tree.map(lambda a: jnp.asarray(a, dtype=x.dtype), model))
+
+
+def _state(model: FactorRenderingModel) -> FAState:
+    """The state at iteration 0 (the loop's ``init``)."""
     return FAState(model, jnp.asarray(0, dtype=jnp.int32))
 
 
@@ -424,10 +435,7 @@ def fit_fa_em(
     tol: float | None = 1e-6,
     key: PRNGKey | None = None,
     min_sigma: float = DEFAULT_MIN_SIGMA,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 10,
+    loop: LoopOptions | None = None,
 ) -> FitResult:
     """Fit a :class:`FactorRenderingModel` (Eq. 34) by soft or hard EM.
 
@@ -447,8 +455,9 @@ def fit_fa_em(
             ``tol`` nats; ``None`` runs all ``n_iter``.
         key: PRNG key for the k-means starts (default ``PRNGKey(0)``).
         min_sigma: Floor on each pixel's noise standard deviation.
-        progress: tqdm bar with the objective.
-        checkpoint, resume, checkpoint_every: As in :func:`~pgm_drm.learning.fit_em`.
+        loop: Progress bar and checkpoints
+            (:class:`~pgm_drm.learning.loop.LoopOptions`; every 10 iterations
+            by default), as in :func:`~pgm_drm.learning.fit_em`.
 
     Returns:
         A :class:`~pgm_drm.learning.FitResult` whose ``model`` is a
@@ -458,7 +467,8 @@ def fit_fa_em(
     Raises:
         ValueError: Bad images, sizes, ``n_factors``, labels (also: some but
             not all classes labelled, which the nearest-label start cannot
-            seed), mode, loop arguments, or a checkpoint from a different fit.
+            seed), mode, loop arguments, or a checkpoint from a different fit
+            or not consistent.
 
     Warns:
         UserWarning: A class ends with prior 0 (hard EM emptied it).
@@ -470,7 +480,9 @@ def fit_fa_em(
         ...     0.3 * jax.random.normal(jax.random.PRNGKey(1), (2, 1, 16, 2)),
         ...     0.01 * jnp.ones((2, 1, 4, 4)))
         >>> images, _ = truth.sample(jax.random.PRNGKey(0), 60)
-        >>> fit = fit_fa_em(images, 2, 1, 2, n_iter=10, progress=False)
+        >>> from pgm_drm.learning.loop import LoopOptions
+        >>> quiet = LoopOptions(progress=False)
+        >>> fit = fit_fa_em(images, 2, 1, 2, n_iter=10, loop=quiet)
         >>> fit.model.loadings.shape, bool(fit.objective[-1] >= fit.objective[0])
         ((2, 1, 16, 2), True)
     """
@@ -480,10 +492,11 @@ def fit_fa_em(
     x = x.reshape(x.shape[0], -1)
     q = _check_factors(n_factors, x.shape[1])
     y = check_labels(labels, x.shape[0], c_)
-    check_loop_args(n_iter, tol, min_sigma, checkpoint_every)
+    check_n_iter(n_iter)
+    stop = tolerance(tol, "objective")
+    check_min_sigma(min_sigma)
     _check_every_class_labelled(y, c_)
-    state = _init_state(x, image_shape, c_, g_, q, y, key, float(min_sigma))
-    start = state.model
+    start = _init_state(x, image_shape, c_, g_, q, y, key, float(min_sigma)).model
     meta = {
         "kind": "fa_em",
         "mode": mode,
@@ -492,36 +505,22 @@ def fit_fa_em(
         "n_factors": q,
         "min_sigma": float(min_sigma),
         "data": fingerprint(x, y),
-        "init": fingerprint(*jax.tree.leaves(start)),
     }
-
-    def to_arrays(st: FAState) -> dict[str, Any]:
-        return {
-            **{f: getattr(st.model, f) for f in FIELDS},
-            "iteration": st.iteration,
-            "key": key_data(key),
-        }
-
-    def from_arrays(arrays: dict[str, np.ndarray]) -> FAState:
-        model = replace(start, **{f: jnp.asarray(arrays[f]) for f in FIELDS})
-        return FAState(model, jnp.asarray(arrays["iteration"]))
-
-    loop = run_em_loop(
-        lambda st: fa_em_step(st, x, y, mode, float(min_sigma)),
-        state,
-        n_iter=n_iter,
-        tol=tol,
-        history=("objective", "log_likelihood"),
-        desc=f"FA-EM ({mode})",
-        progress=progress,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        meta=meta,
-        to_arrays=to_arrays,
-        from_arrays=from_arrays,
+    algorithm = Algorithm(
+        init=_state, step=lambda st: fa_em_step(st, x, y, mode, float(min_sigma))
     )
-    state = loop.state
+    out = run_loop(
+        algorithm,
+        start,
+        n_iter,
+        loop,
+        history=("objective", "log_likelihood"),
+        stop=stop,
+        meta=meta,
+        desc=f"FA-EM ({mode})",
+        default_every=10,
+    )
+    state = out.state
     dead = np.flatnonzero(np.asarray(state.model.class_prior) == 0)
     if dead.size:
         warnings.warn(
@@ -532,8 +531,8 @@ def fit_fa_em(
     obj_end, ll_end = _objectives(state.model, x, y, mode)
     return FitResult(
         model=_finish(state.model),
-        objective=np.asarray(loop.history["objective"] + [float(obj_end)]),
-        log_likelihood=np.asarray(loop.history["log_likelihood"] + [float(ll_end)]),
+        objective=np.asarray(out.history["objective"] + [float(obj_end)]),
+        log_likelihood=np.asarray(out.history["log_likelihood"] + [float(ll_end)]),
         n_iter=int(state.iteration),
-        converged=loop.converged,
+        converged=out.converged,
     )

@@ -4,8 +4,12 @@ A model file holds every dataclass field of the model as arrays plus a JSON
 header (``__meta__``) naming the class and how to rebuild each field, so any
 frozen dataclass whose fields are arrays, numbers, ``None`` or tuples of those
 round-trips: every model class in :data:`MODEL_CLASSES` is registered.
-No pickles: files load with ``allow_pickle=False``. :func:`run_em_loop` is the
-resumable, checkpointing loop every EM fit runs.
+A checkpoint holds any pytree state keyed by pytree path, restored into the
+structure of a template state and validated (:func:`save_checkpoint`,
+:func:`load_checkpoint`); :func:`pgm_drm.learning.loop.run_loop` writes them.
+No pickles: files load with ``allow_pickle=False``. Files get the mode the
+umask gives a new file, and temporary files orphaned by a kill during a write
+are removed by the next write to the same path.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from pgm_drm.models.conv_drm import ConvRenderingModel
 from pgm_drm.models.drm import DeepRenderingModel
@@ -29,13 +34,10 @@ from pgm_drm.models.factor import FactorRenderingModel
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
-    "EMLoop",
-    "check_loop_args",
-    "fingerprint",
     "MODEL_CLASSES",
+    "fingerprint",
     "load_checkpoint",
     "load_model",
-    "run_em_loop",
     "save_checkpoint",
     "save_model",
 ]
@@ -49,24 +51,45 @@ MODEL_CLASSES: dict[str, type] = {
     "RenderingModel": RenderingModel,
 }
 
+#: Format of model files.
 FORMAT_VERSION = 1
+#: Format of checkpoints (2: pytree paths; 1 held per-fit array names).
+CHECKPOINT_FORMAT = 2
 _META = "__meta__"
+_STATE = "state"
+_EXTRA = "extra/"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _orphans(path: Path) -> list[Path]:
+    """Temporary files of :func:`_atomic_savez` for ``path`` left by a kill."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
 
 def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
     """``np.savez`` to a temporary file in the same folder, then ``os.replace``.
 
     A reader (or a resumed fit) never sees a half-written file: the rename is
-    atomic on POSIX and Windows within one file system.
+    atomic on POSIX and Windows within one file system. The file gets the mode
+    a new file gets under the umask (``mkstemp`` alone gives 0600); temporary
+    files of an earlier write to ``path`` that was killed are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for orphan in _orphans(path):
+        orphan.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -76,14 +99,32 @@ def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Pat
 
 
 def _load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and the JSON header of a file written by :func:`_atomic_savez`.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: Not an ``.npz`` of this package (another file type, no
+            header, a header that is not a JSON object, a corrupt archive).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an .npz archive")
+        with f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a pgm_drm file ({e})") from None
     if _META not in arrays:
         raise ValueError(f"{path} is not a pgm_drm file (no {_META} entry)")
-    meta = json.loads(str(arrays.pop(_META)))
+    try:
+        meta = json.loads(str(arrays.pop(_META)))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a pgm_drm file (bad header: {e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a pgm_drm file (bad header)")
     return arrays, meta
 
 
@@ -159,145 +200,162 @@ def load_model(path: str | os.PathLike) -> Any:
         ValueError: Not a model file, or an unknown class / format version.
     """
     arrays, meta = _load_npz(path)
-    if meta.get("format") != FORMAT_VERSION or "fields" not in meta:
+    if meta.get("checkpoint"):
+        raise ValueError(f"{path} is a checkpoint, not a model file")
+    if meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("fields"), dict):
         raise ValueError(f"{path}: unsupported model file format {meta.get('format')}")
     name = meta.get("class")
     if name not in MODEL_CLASSES:
         raise ValueError(
             f"{path} holds a {name!r}; known model classes: {sorted(MODEL_CLASSES)}"
         )
-    kwargs = {k: _decode(s, arrays) for k, s in meta["fields"].items()}
+    try:
+        kwargs = {k: _decode(s, arrays) for k, s in meta["fields"].items()}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: damaged model file (entry {e} missing)") from None
     return MODEL_CLASSES[name](**kwargs)
 
 
 def save_checkpoint(
-    path: str | os.PathLike, arrays: dict[str, Any], meta: dict[str, Any]
+    path: str | os.PathLike,
+    state: Any,
+    meta: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a fit's state (arrays) and its configuration (JSON-able) atomically."""
-    out = {k: np.asarray(v) for k, v in arrays.items()}
-    out[_META] = np.asarray(json.dumps({"format": FORMAT_VERSION, **meta}))
+    """Write a pytree ``state`` and a fit's configuration ``meta`` atomically.
+
+    Every leaf of ``state`` is stored under its pytree path
+    (``jax.tree_util.keystr``, prefixed by ``state``: ``state.model.templates``,
+    ``state.iteration``; typed PRNG keys as their raw words); ``extra`` arrays
+    (the loop's histories) under ``extra/<name>``; ``meta`` (JSON-able) in the
+    header. :func:`load_checkpoint` restores the state into the same structure.
+
+    Example:
+        >>> import tempfile, os, jax.numpy as jnp
+        >>> state = {"w": jnp.arange(3.0), "step": jnp.asarray(2)}
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.npz")
+        >>> _ = save_checkpoint(path, state, {"lr": 0.1})
+        >>> back, extra = load_checkpoint(path, state, {"lr": 0.1})
+        >>> back["w"].tolist(), int(back["step"]), extra
+        ([0.0, 1.0, 2.0], 2, {})
+    """
+    out = {_STATE + k: _leaf_to_array(v) for k, v in _paths(state)}
+    for k, v in (extra or {}).items():
+        out[_EXTRA + k] = np.asarray(v)
+    header = {"format": CHECKPOINT_FORMAT, "checkpoint": True, "meta": meta}
+    out[_META] = np.asarray(json.dumps(header))
     return _atomic_savez(path, out)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Read a checkpoint written by :func:`save_checkpoint`: ``(arrays, meta)``."""
-    return _load_npz(path)
+def load_checkpoint(
+    path: str | os.PathLike, like: Any, meta: dict[str, Any]
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """Read a checkpoint of :func:`save_checkpoint` into the structure of ``like``.
 
+    Args:
+        path: The ``.npz`` file.
+        like: A state of the same structure (the fit's initial state): the
+            file must hold exactly its pytree paths, each with the same shape
+            and dtype; leaves come back as the same kind (``jax.Array``, numpy
+            array, Python scalar, typed key) as in ``like``.
+        meta: The fit's configuration; the file's must be equal.
 
-def check_checkpoint_meta(path: Any, found: dict, expected: dict) -> None:
-    """Raise a ValueError naming every configuration entry that differs."""
+    Returns:
+        ``(state, extra)``: the restored state and the ``extra`` arrays.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: Not a checkpoint (e.g. a model file, a foreign or corrupt
+            file), another format version, a different configuration (each
+            differing entry named), or a different structure, shape or dtype
+            (each differing leaf named).
+    """
+    arrays, header = _load_npz(path)
+    if "fields" in header:
+        raise ValueError(f"{path} is a model file, not a checkpoint (load_model)")
+    if header.get("format") != CHECKPOINT_FORMAT or not isinstance(
+        header.get("meta"), dict
+    ):
+        raise ValueError(
+            f"{path}: checkpoint format {header.get('format')!r}, this version "
+            f"reads format {CHECKPOINT_FORMAT} (delete it to start over)"
+        )
+    found = header["meta"]
+    meta = json.loads(json.dumps(meta))  # tuples as lists, as the file holds them
     diffs = [
         f"{k}: checkpoint has {found.get(k)!r}, this fit has {v!r}"
-        for k, v in expected.items()
+        for k, v in meta.items()
         if found.get(k) != v
     ]
+    diffs += [f"{k}: only in the checkpoint" for k in found if k not in meta]
     if diffs:
         raise ValueError(
             f"checkpoint {path} was written by a different fit; "
             + "; ".join(diffs)
-            + " (delete it or pass resume=False to start over)"
+            + " (delete it or resume=False to start over)"
         )
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    keys = [_STATE + jax.tree_util.keystr(k) for k, _ in leaves]
+    held = {k for k in arrays if k.startswith(_STATE)}
+    problems = [f"{k}: missing" for k in keys if k not in held]
+    problems += [f"{k}: not in this fit's state" for k in sorted(held - set(keys))]
+    values = []
+    for k, (_, leaf) in zip(keys, leaves, strict=True):
+        if k not in held:
+            continue
+        a, want = arrays[k], _leaf_to_array(leaf)
+        if a.shape != want.shape or a.dtype != want.dtype:
+            problems.append(
+                f"{k}: checkpoint has {a.dtype.name}{list(a.shape)}, this fit "
+                f"has {want.dtype.name}{list(want.shape)}"
+            )
+        values.append(_array_to_leaf(a, leaf))
+    if problems:
+        raise ValueError(
+            f"checkpoint {path} does not hold this fit's state: " + "; ".join(problems)
+        )
+    extra = {k[len(_EXTRA) :]: v for k, v in arrays.items() if k.startswith(_EXTRA)}
+    return jax.tree.unflatten(treedef, values), extra
+
+
+def _paths(tree: Any) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(k), v) for k, v in leaves]
+
+
+def _is_typed_key(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key
+    )
+
+
+def _leaf_to_array(leaf: Any) -> np.ndarray:
+    if _is_typed_key(leaf):
+        return np.asarray(jax.random.key_data(leaf))
+    return np.asarray(leaf)
+
+
+def _array_to_leaf(a: np.ndarray, like: Any) -> Any:
+    """``a`` as the same kind of leaf as ``like``."""
+    if _is_typed_key(like):
+        return jax.random.wrap_key_data(a, impl=jax.random.key_impl(like))
+    if isinstance(like, jax.Array):
+        return jnp.asarray(a)
+    if isinstance(like, np.ndarray):
+        return np.asarray(a)
+    if isinstance(like, np.generic):
+        return a[()]
+    if isinstance(like, bool | int | float | complex):
+        return type(like)(a.item())
+    return a
 
 
 def fingerprint(*arrays: Any) -> str:
     """A short hash of arrays (shapes, dtypes, bytes): checkpoints record the data
-    and starting parameters they belong to."""
+    and starting state they belong to."""
     h = hashlib.sha256()
     for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
+        a = np.ascontiguousarray(_leaf_to_array(a))
         h.update(str((a.shape, a.dtype.str)).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
-
-
-def check_loop_args(
-    n_iter: int, tol: float | None, min_sigma: float, checkpoint_every: int
-) -> None:
-    """Arguments every EM fit passes to :func:`run_em_loop`, checked before any
-    expensive initialisation."""
-    if int(n_iter) != n_iter or n_iter < 0:
-        raise ValueError(f"n_iter must be an integer >= 0, got {n_iter}")
-    if tol is not None and not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0 or None, got {tol}")
-    if not (np.isfinite(min_sigma) and min_sigma > 0):
-        raise ValueError(f"min_sigma must be a finite number > 0, got {min_sigma}")
-    if int(checkpoint_every) < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-
-
-class EMLoop(NamedTuple):
-    """Outcome of :func:`run_em_loop`: the last state, the per-iteration histories
-    (one list per name, values at the parameters *before* each step) and whether
-    the first history changed by less than ``tol``."""
-
-    state: Any
-    history: dict[str, list[float]]
-    converged: bool
-
-
-def run_em_loop(
-    step: Callable[[Any], tuple[Any, Any]],
-    state: Any,
-    *,
-    n_iter: int,
-    tol: float | None,
-    history: tuple[str, ...],
-    desc: str,
-    progress: bool,
-    checkpoint: str | os.PathLike | None,
-    checkpoint_every: int,
-    resume: bool,
-    meta: dict[str, Any],
-    to_arrays: Callable[[Any], dict[str, Any]],
-    from_arrays: Callable[[dict[str, np.ndarray]], Any],
-) -> EMLoop:
-    """The driver every EM fit shares: iterate ``step`` (an (init, step) pair's
-    step, ``state.iteration`` counts steps), record the ``history`` attributes of
-    each step's info, stop at ``n_iter`` or when ``history[0]`` changes by less
-    than ``tol``, show a tqdm bar with the objective, write an atomic checkpoint
-    every ``checkpoint_every`` steps and at the end, and resume from one
-    (``check_checkpoint_meta`` refuses a checkpoint of another fit).
-    """
-    hist: dict[str, list[float]] = {k: [] for k in history}
-    converged = False
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        arrays, found = load_checkpoint(checkpoint)
-        check_checkpoint_meta(checkpoint, found, meta)
-        state = from_arrays(arrays)
-        hist = {k: arrays[k].tolist() for k in history}
-        converged = bool(arrays["converged"])
-
-    def write(st: Any) -> None:
-        arrays = dict(to_arrays(st))
-        arrays.update({k: np.asarray(v, dtype=float) for k, v in hist.items()})
-        arrays["converged"] = converged
-        save_checkpoint(checkpoint, arrays, meta)
-
-    start = int(state.iteration)
-    bar = tqdm(
-        total=int(n_iter),
-        initial=min(start, int(n_iter)),
-        disable=not progress,
-        desc=desc,
-        leave=False,
-    )
-    monitor = hist[history[0]]
-    try:
-        it = start
-        while it < n_iter and not converged:
-            state, info = step(state)
-            it += 1
-            for k in history:
-                hist[k].append(float(getattr(info, k)))
-            monitor = hist[history[0]]
-            if tol is not None and len(monitor) > 1:
-                converged = abs(monitor[-1] - monitor[-2]) < tol
-            bar.update(1)
-            bar.set_postfix({history[0]: f"{monitor[-1]:.4f}"}, refresh=False)
-            if checkpoint is not None and it % checkpoint_every == 0:
-                write(state)
-    finally:
-        bar.close()
-    if checkpoint is not None:
-        write(state)
-    return EMLoop(state, hist, converged)

@@ -5,13 +5,15 @@ latents ``c, g, a`` are enumerated in parallel (``config_enumerate``); the guide
 is empty. With no continuous latents the ELBO *is* the exact observed-data
 log-likelihood ``sum_n log p(I_n)``, so SVI is plain gradient ascent on the
 quantity EM climbs; it should reach the same optimum, more slowly.
+
+:func:`fit_svi` runs the Adam steps in jitted ``lax.scan`` chunks as the steps
+of :func:`~pgm_drm.learning.loop.run_loop` (state: :class:`SVIFitState`).
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,27 +25,33 @@ from numpyro.contrib.funsor import config_enumerate
 from numpyro.infer import SVI, TraceEnum_ELBO
 from numpyro.ops.indexing import Vindex
 from numpyro.optim import optax_to_numpyro
-from tqdm.auto import tqdm
 
-from pgm_drm._random import key_data
-from pgm_drm._typing import ArrayLike, PRNGKey
+from pgm_drm._typing import Array, ArrayLike, PRNGKey
 from pgm_drm.learning.base import (
     FitResult,
     check_fit_inputs,
     finish_model,
     initial_model,
 )
-from pgm_drm.learning.io import (
-    check_checkpoint_meta,
-    fingerprint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from pgm_drm.learning.io import fingerprint
 from pgm_drm.learning.likelihood import log_likelihood
+from pgm_drm.learning.loop import Algorithm, LoopOptions, check_n_iter, run_loop
 from pgm_drm.models.pytree import replace
 from pgm_drm.models.rendering import RenderingModel
 
-__all__ = ["fit_svi", "svi_guide", "svi_model"]
+__all__ = ["SVIFitState", "fit_svi", "svi_guide", "svi_model"]
+
+#: Adam steps per compiled chunk (and between checkpoints) by default.
+DEFAULT_CHUNK = 100
+
+
+class SVIFitState(NamedTuple):
+    """The loop state of :func:`fit_svi`: NumPyro's ``SVIState`` (the
+    unconstrained parameters, the Adam moments and step count, the PRNG key)
+    and the number of Adam steps done."""
+
+    svi: Any
+    iteration: Array
 
 
 @config_enumerate
@@ -99,16 +107,13 @@ def fit_svi(
     learning_rate: float = 0.05,
     key: PRNGKey | None = None,
     init: RenderingModel | None = None,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = False,
-    checkpoint_every: int = 100,
+    loop: LoopOptions | None = None,
 ) -> FitResult:
     """Fit an RM's parameters by SVI with ``TraceEnum_ELBO`` and optax Adam.
 
     Full-batch: each step is one exact gradient of ``sum_n log p(I_n)``. Steps
-    run in jitted ``lax.scan`` chunks of ``checkpoint_every`` steps; the
-    progress bar and checkpoints update between chunks. Unsupervised only.
+    run in jitted ``lax.scan`` chunks of ``loop.every`` steps (default 100);
+    the progress bar and checkpoints update between chunks. Unsupervised only.
 
     Args:
         images: ``(N, *image_shape)``.
@@ -119,9 +124,9 @@ def fit_svi(
         key: PRNG key for the k-means++ initialisation (the same one
             :func:`~pgm_drm.learning.fit_em` uses for the same key) and SVI.
         init: Start from this :class:`RenderingModel` instead.
-        progress: tqdm bar with the log-likelihood per image.
-        checkpoint, resume, checkpoint_every: As in
-            :func:`~pgm_drm.learning.fit_em` (the Adam moments are saved too).
+        loop: Progress bar (the log-likelihood per image), checkpoints and
+            the chunk length (:class:`~pgm_drm.learning.loop.LoopOptions`); the
+            checkpoint holds the Adam moments too.
 
     Returns:
         A :class:`FitResult`; ``objective`` and ``log_likelihood`` (identical
@@ -132,82 +137,60 @@ def fit_svi(
         >>> from pgm_drm.models import RenderingModel, default_templates
         >>> truth = RenderingModel(default_templates(4)[:2, :2], sigma=0.1)
         >>> images, _ = truth.sample(jax.random.PRNGKey(0), 40)
-        >>> fit = fit_svi(images, 2, 2, n_steps=20, progress=False)
+        >>> from pgm_drm.learning.loop import LoopOptions
+        >>> fit = fit_svi(images, 2, 2, n_steps=20, loop=LoopOptions(progress=False))
         >>> fit.model.templates.shape
         (2, 2, 4, 4)
     """
     x, c_, g_ = check_fit_inputs(images, n_classes, n_nuisances)
-    if int(n_steps) != n_steps or n_steps < 0:
-        raise ValueError(f"n_steps must be an integer >= 0, got {n_steps}")
+    n_steps = check_n_iter(n_steps, "n_steps")
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    if int(checkpoint_every) < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    loop = LoopOptions() if loop is None else loop
+    chunk = loop.interval(DEFAULT_CHUNK)
     labels = jnp.full((x.shape[0],), -1, dtype=jnp.int32)
     init_p = initial_model(x, c_, g_, key, switch, labels, init)
-    switched = init_p.switch_prior is not None
     k0 = jax.random.PRNGKey(0) if key is None else key
     svi, run_chunk = _svi_and_runner(float(learning_rate))
-    state = svi.init(jax.random.fold_in(k0, 1), x, init_p)
+    n = x.shape[0]
+
+    def start(model: RenderingModel) -> SVIFitState:
+        svi_state = svi.init(jax.random.fold_in(k0, 1), x, model)
+        return SVIFitState(svi_state, jnp.asarray(0, dtype=jnp.int32))
+
+    def step(st: SVIFitState) -> tuple[SVIFitState, dict[str, float]]:
+        length = min(chunk, n_steps - int(st.iteration))
+        new, losses = run_chunk(st.svi, x, init_p, length)
+        info = {"log_likelihood": -float(losses[0]) / n}
+        return SVIFitState(new, st.iteration + length), info
+
     meta = {
         "kind": "svi",
         "n_classes": c_,
         "n_nuisances": g_,
-        "switch": switched,
+        "switch": init_p.switch_prior is not None,
         "learning_rate": float(learning_rate),
+        "chunk": chunk,
         "data": fingerprint(x),
-        "init": fingerprint(*jax.tree.leaves(init_p)),
     }
-    done, history = 0, []
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        arrays, found = load_checkpoint(checkpoint)
-        check_checkpoint_meta(checkpoint, found, meta)
-        leaves, treedef = jax.tree.flatten(state)
-        state = jax.tree.unflatten(
-            treedef,
-            [jnp.asarray(arrays[f"state_{i}"], l.dtype) for i, l in enumerate(leaves)],
-        )
-        done = int(arrays["step"])
-        history = arrays["log_likelihood"].tolist()
-
-    def write() -> None:
-        leaves = jax.tree.leaves(state)
-        arrays = {f"state_{i}": leaf for i, leaf in enumerate(leaves)}
-        arrays.update(
-            step=done,
-            log_likelihood=np.asarray(history, dtype=float),
-            key=key_data(key),
-        )
-        save_checkpoint(checkpoint, arrays, meta)
-
-    n = x.shape[0]
-    bar = tqdm(
-        total=int(n_steps),
-        initial=min(done, int(n_steps)),
-        disable=not progress,
+    out = run_loop(
+        Algorithm(init=start, step=step),
+        init_p,
+        n_steps,
+        loop,
+        history=("log_likelihood",),
+        meta=meta,
         desc="SVI",
-        leave=False,
+        default_every=DEFAULT_CHUNK,
     )
-    try:
-        while done < n_steps:
-            length = min(int(checkpoint_every), int(n_steps) - done)
-            state, losses = run_chunk(state, x, init_p, length)
-            history.append(-float(losses[0]) / n)
-            done += length
-            bar.update(length)
-            bar.set_postfix(log_lik=f"{history[-1]:.4f}", refresh=False)
-            if checkpoint is not None:
-                write()
-    finally:
-        bar.close()
-    model = _model_of(svi, state, init_p)
+    model = _model_of(svi, out.state.svi, init_p)
     final = float(jnp.mean(log_likelihood(model, x)))
-    hist = np.asarray(history + [final])
+    hist = np.asarray(out.history["log_likelihood"] + [final])
     return FitResult(
         model=finish_model(model),
         objective=hist,
         log_likelihood=hist.copy(),
-        n_iter=done,
+        n_iter=int(out.state.iteration),
         converged=False,
     )
 

@@ -23,6 +23,7 @@ from pgm_drm.diagnostics.arviz import (
 from pgm_drm.graph import compile_model
 from pgm_drm.inference import brute_force, enumerate_exact, infer
 from pgm_drm.learning import fit_svi
+from pgm_drm.learning.loop import LoopOptions
 from pgm_drm.models import RenderingModel, default_templates
 
 with warnings.catch_warnings():
@@ -211,7 +212,7 @@ def test_from_numpyro_fails_on_enumerated_sites_and_infer_discrete_works():
 def test_svi_rm_draws_match_enumeration():
     truth = RenderingModel(default_templates(4)[:2, :2], sigma=0.6)
     images, _ = truth.sample(jax.random.PRNGKey(0), 30)
-    rm = fit_svi(images, 2, 2, n_steps=10, progress=False).model
+    rm = fit_svi(images, 2, 2, n_steps=10, loop=LoopOptions(progress=False)).model
     idata = from_rendering_model(
         rm, images[:2], key=jax.random.PRNGKey(4), n_draws=N_DRAWS
     )

@@ -27,9 +27,11 @@ from pgm_drm.learning.discriminative import (
     predict,
     predict_proba,
 )
+from pgm_drm.learning.loop import LoopOptions
 from pgm_drm.models import DeepRenderingModel, RenderingModel, default_templates
 
 ATOL = 1e-6
+QUIET = LoopOptions(progress=False)
 
 
 def _shifted(scores, semiring):
@@ -120,7 +122,7 @@ def test_training_decreases_loss(start):
         ),
     }[start]
     fit = fit_discriminative(
-        net, images, labels, epochs=5, batch_size=20, lr=1e-2, progress=False
+        net, images, labels, epochs=5, batch_size=20, lr=1e-2, loop=QUIET
     )
     loss = fit.history["train_loss"]
     assert loss.shape == (6,)
@@ -142,12 +144,38 @@ def test_validation_split_and_early_stopping():
         val_fraction=0.25,
         patience=2,
         monitor="acc",
-        progress=False,
+        loop=QUIET,
     )
     h = fit.history
     assert set(h) == {"train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
     assert len(h["val_acc"]) == len(h["train_acc"]) <= 31
     assert h["val_acc"][fit.best_epoch] == h["val_acc"].max()
+
+
+def test_resume_equals_an_uninterrupted_fit(tmp_path):
+    """The epochs are the loop's steps: the net, Adam's moments, the shuffle key
+    and the best epoch so far are checkpointed, so a resumed fit ends where an
+    uninterrupted one ends (bit for bit; only the wall times differ)."""
+    rm, images, labels = _toy_problem()
+    kw = dict(batch_size=16, lr=3e-2, val_fraction=0.25, patience=3)
+    straight = fit_discriminative(rm, images, labels, epochs=6, loop=QUIET, **kw)
+    path = tmp_path / "relax.npz"
+    ckpt = LoopOptions(progress=False, checkpoint=path, every=2, resume=True)
+    fit_discriminative(rm, images, labels, epochs=3, loop=ckpt, **kw)
+    resumed = fit_discriminative(rm, images, labels, epochs=6, loop=ckpt, **kw)
+    assert resumed.best_epoch == straight.best_epoch
+    assert set(resumed.history) == set(straight.history)
+    for k in set(straight.history) - {"seconds"}:
+        np.testing.assert_array_equal(resumed.history[k], straight.history[k])
+    assert np.all(np.diff(resumed.history["seconds"]) > 0)
+    for a, b in zip(
+        jax.tree.leaves(resumed.net), jax.tree.leaves(straight.net), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="different fit"):
+        fit_discriminative(
+            rm, images, labels, epochs=6, loop=ckpt, **(kw | {"lr": 1e-2})
+        )
 
 
 def test_predict_proba_rows_sum_to_one_and_predict_is_argmax():
@@ -175,23 +203,23 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="shape"):
         class_scores(net, jnp.zeros((2, 5, 5)))
     with pytest.raises(ValueError, match="shape"):
-        fit_discriminative(net, images[:, :5], labels, epochs=1, progress=False)
+        fit_discriminative(net, images[:, :5], labels, epochs=1, loop=QUIET)
     with pytest.raises(ValueError, match="NaN"):
         fit_discriminative(
-            net, images.at[0, 0, 0].set(jnp.nan), labels, epochs=1, progress=False
+            net, images.at[0, 0, 0].set(jnp.nan), labels, epochs=1, loop=QUIET
         )
     with pytest.raises(ValueError, match="NaN"):
         predict(net, images.at[0, 0, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="labels must lie"):
-        fit_discriminative(net, images, labels.at[0].set(3), epochs=1, progress=False)
+        fit_discriminative(net, images, labels.at[0].set(3), epochs=1, loop=QUIET)
     with pytest.raises(ValueError, match="labels must lie"):
-        fit_discriminative(net, images, labels.at[0].set(-1), epochs=1, progress=False)
+        fit_discriminative(net, images, labels.at[0].set(-1), epochs=1, loop=QUIET)
     with pytest.raises(ValueError, match="labels must have shape"):
-        fit_discriminative(net, images, labels[:-1], epochs=1, progress=False)
+        fit_discriminative(net, images, labels[:-1], epochs=1, loop=QUIET)
     with pytest.raises(ValueError, match="integers"):
-        fit_discriminative(net, images, labels + 0.5, epochs=1, progress=False)
+        fit_discriminative(net, images, labels + 0.5, epochs=1, loop=QUIET)
     with pytest.raises(TypeError):
-        fit_discriminative("net", images, labels, epochs=1, progress=False)
+        fit_discriminative("net", images, labels, epochs=1, loop=QUIET)
     with pytest.raises(ValueError, match="top level"):
         init_random(jax.random.PRNGKey(0), (8, 8), 3, windows=(2, 2), states=(4,))
     with pytest.raises(ValueError, match="tile"):
@@ -203,9 +231,9 @@ def test_calibrate_scale_keeps_decisions_and_lowers_loss():
     sharp = init_from_rm(rm.replace(sigma=0.05))  # saturated scores ~1/sigma^2
     calibrated = calibrate_scale(sharp, images, labels)
     np.testing.assert_array_equal(predict(calibrated, images), predict(sharp, images))
-    fit0 = fit_discriminative(sharp, images, labels, epochs=0, progress=False)
+    fit0 = fit_discriminative(sharp, images, labels, epochs=0, loop=QUIET)
     fit1 = fit_discriminative(
-        sharp, images, labels, epochs=0, calibrate=True, progress=False
+        sharp, images, labels, epochs=0, calibrate=True, loop=QUIET
     )
     assert fit1.history["train_loss"][0] <= fit0.history["train_loss"][0]
 

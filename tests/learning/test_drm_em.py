@@ -19,7 +19,10 @@ from pgm_drm.learning.drm_em import (
     fit_drm_classifier,
     fit_drm_em,
 )
+from pgm_drm.learning.loop import LoopOptions
 from pgm_drm.models.drm import DeepRenderingModel
+
+QUIET = LoopOptions(progress=False)
 
 N = 600
 STRUCTURE = {"windows": (4, 2), "n_states": (4, 3), "template_sizes": (3, 2)}
@@ -46,7 +49,8 @@ def data(truth):
 
 def _fit(images, **kw):
     kw.setdefault("n_iter", 15)
-    return fit_drm_em(images, progress=False, **STRUCTURE, **kw)
+    kw.setdefault("loop", QUIET)
+    return fit_drm_em(images, **STRUCTURE, **kw)
 
 
 # ---- E-step ------------------------------------------------------------------------
@@ -154,7 +158,7 @@ def test_from_a_perturbed_model_with_labels(truth, data):
         switch_priors=(0.5,),
         sigma=1.0,
     )
-    fit = fit_drm_em(images, init, labels=latents["c"], n_iter=10, progress=False)
+    fit = fit_drm_em(images, init, labels=latents["c"], n_iter=10, loop=QUIET)
     assert np.all(_template_error(truth, fit.model, latents) < 0.06)  # as above
     # Supervised: no relabelling; the class prior is the label frequencies
     # (+ a pseudo-count of 1 on 600 images: error <= 3/600).
@@ -179,7 +183,7 @@ def test_objective_never_decreases(pseudo_count):
         tol=None,
         pseudo_count=pseudo_count,
         key=jax.random.PRNGKey(1),
-        progress=False,
+        loop=QUIET,
     )
     assert fit.objective.shape == (9,)
     # Every M-step update is an exact maximiser, so the objective can only rise;
@@ -195,9 +199,15 @@ def test_resume_equals_an_uninterrupted_fit(data, tmp_path):
     images, _ = data
     path = tmp_path / "ck.npz"
     straight = _fit(images, n_iter=6, tol=None)
-    _fit(images, n_iter=3, tol=None, checkpoint=path, checkpoint_every=2)
+    _fit(
+        images,
+        n_iter=3,
+        tol=None,
+        loop=LoopOptions(progress=False, checkpoint=path, every=2),
+    )
     assert path.exists() and os.listdir(tmp_path) == ["ck.npz"]  # no temp file
-    resumed = _fit(images, n_iter=6, tol=None, checkpoint=path, resume=True)
+    resume = LoopOptions(progress=False, checkpoint=path, resume=True)
+    resumed = _fit(images, n_iter=6, tol=None, loop=resume)
     assert resumed.n_iter == 6
     np.testing.assert_array_equal(resumed.objective, straight.objective)
     np.testing.assert_array_equal(
@@ -208,7 +218,7 @@ def test_resume_equals_an_uninterrupted_fit(data, tmp_path):
     )
     assert resumed.model.sigma == straight.model.sigma
     with pytest.raises(ValueError, match="different fit"):
-        _fit(images, n_iter=6, checkpoint=path, resume=True, pseudo_count=2.0)
+        _fit(images, n_iter=6, loop=resume, pseudo_count=2.0)
 
 
 # ---- errors ------------------------------------------------------------------------
@@ -217,21 +227,21 @@ def test_bad_inputs(truth, data):
     with pytest.raises(ValueError, match="shape"):
         _fit(np.zeros((5, 6, 6)))
     with pytest.raises(ValueError, match="shape"):
-        fit_drm_em(np.zeros((8, 8)), truth, progress=False)  # one image, no batch
+        fit_drm_em(np.zeros((8, 8)), truth, loop=QUIET)  # one image, no batch
     bad = np.array(images[:10])
     bad[3, 2, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         _fit(bad)
     with pytest.raises(ValueError, match="labels"):
-        fit_drm_em(images, truth, labels=np.full(N, 3), progress=False)
+        fit_drm_em(images, truth, labels=np.full(N, 3), loop=QUIET)
     with pytest.raises(ValueError, match="labels"):
-        fit_drm_em(images, truth, labels=np.zeros(5, int), progress=False)
+        fit_drm_em(images, truth, labels=np.zeros(5, int), loop=QUIET)
     with pytest.raises(ValueError, match="windows"):
-        fit_drm_em(images, progress=False)
+        fit_drm_em(images, loop=QUIET)
     with pytest.raises(ValueError, match="either init"):
-        fit_drm_em(images, truth, windows=(4, 2), progress=False)
+        fit_drm_em(images, truth, windows=(4, 2), loop=QUIET)
     with pytest.raises(ValueError, match="pseudo_count"):
-        fit_drm_em(images, truth, pseudo_count=-1.0, progress=False)
+        fit_drm_em(images, truth, pseudo_count=-1.0, loop=QUIET)
     with pytest.raises(ValueError, match="template size"):
         drm_em_init(
             images,

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
+import pgm_drm.learning.em as em_module
 import pgm_drm.learning.likelihood as likelihood_module
 from pgm_drm.learning import (
     em_init,
@@ -21,8 +22,11 @@ from pgm_drm.learning import (
     m_step,
     naive_m_step,
 )
+from pgm_drm.learning.loop import LoopOptions
 from pgm_drm.models import RenderingModel, default_templates
 from pgm_drm.testing import random_rendering_model
+
+QUIET = LoopOptions(progress=False)
 
 
 def _data(rm, n, seed):
@@ -84,7 +88,7 @@ def test_soft_em_objective_never_decreases(seed, switch, semi, lam):
         tol=None,
         key=jax.random.PRNGKey(seed),
         unlabelled_weight=lam,
-        progress=False,
+        loop=QUIET,
     )
     # EM ascends log p(images, known labels) (Eqs. 14-15; semi-supervised §6.3.3),
     # weighted by lambda for the unlabelled images (EM-lambda).
@@ -128,7 +132,7 @@ RECOVERY_ATOL = 0.12
 @pytest.mark.parametrize(("mode", "switch"), [("soft", False), ("hard", True)])
 def test_recovers_templates_up_to_permutation(mode, switch):
     truth, x, _ = _well_separated(switch)
-    fit = fit_em(x, 2, 2, mode=mode, switch=switch, progress=False)
+    fit = fit_em(x, 2, 2, mode=mode, switch=switch, loop=QUIET)
     assert fit.converged
     # Unsupervised, the C*G components are identifiable only up to a joint
     # permutation (even the grouping into classes), so match all four at once.
@@ -143,7 +147,7 @@ def test_recovers_templates_up_to_permutation(mode, switch):
 
 def test_supervised_recovers_classes_exactly_and_g_up_to_permutation():
     truth, x, lat = _well_separated()
-    fit = fit_em(x, 2, 2, labels=lat["c"], progress=False)
+    fit = fit_em(x, 2, 2, labels=lat["c"], loop=QUIET)
     for c in range(2):  # labels fix the class; g is free within each class
         _, err = _match(fit.model.templates[c], truth.templates[c])
         assert err < RECOVERY_ATOL, (c, err)
@@ -168,9 +172,9 @@ def test_semi_supervised_beats_unsupervised_and_matches_supervised():
     idx = rng.choice(150, 24, replace=False)  # 16% labelled
     labels = np.full(150, -1)
     labels[idx] = y[idx]
-    un = fit_em(x, 3, 2, progress=False).model
-    semi = fit_em(x, 3, 2, labels=labels, progress=False).model
-    sup = fit_em(x[idx], 3, 2, labels=y[idx], progress=False).model
+    un = fit_em(x, 3, 2, loop=QUIET).model
+    semi = fit_em(x, 3, 2, labels=labels, loop=QUIET).model
+    sup = fit_em(x[idx], 3, 2, labels=y[idx], loop=QUIET).model
     acc_un = _accuracy(un, xt, yt, best_permutation=True)
     acc_semi, acc_sup = _accuracy(semi, xt, yt), _accuracy(sup, xt, yt)
     print(
@@ -199,7 +203,7 @@ def test_unlabelled_weight_interpolates_to_supervised_em(mode):
         np.asarray(truth.templates) + 0.3 * rng.normal(size=truth.templates.shape),
         sigma=0.5,
     )
-    common = {"init": start, "n_iter": 15, "tol": None, "progress": False, "mode": mode}
+    common = {"init": start, "n_iter": 15, "tol": None, "loop": QUIET, "mode": mode}
     tiny = fit_em(x, 2, 2, labels=labels, unlabelled_weight=1e-9, **common)
     sup = fit_em(x[labelled], 2, 2, labels=labels[labelled], **common)
     # Unlabelled images carry 1e-9 of the weight: 96 of them move any mean by at
@@ -215,7 +219,7 @@ def test_unlabelled_weight_interpolates_to_supervised_em(mode):
 @pytest.mark.parametrize("lam", [0.0, -0.5, 1.5, float("nan")])
 def test_unlabelled_weight_out_of_range_raises(lam):
     with pytest.raises(ValueError, match="unlabelled_weight"):
-        fit_em(np.zeros((3, 2, 2)), 2, 2, unlabelled_weight=lam, progress=False)
+        fit_em(np.zeros((3, 2, 2)), 2, 2, unlabelled_weight=lam, loop=QUIET)
 
 
 def test_hard_em_reseeds_empty_components():
@@ -233,7 +237,7 @@ def test_hard_em_reseeds_empty_components():
     p = state.model
     assert np.all(np.isfinite(p.templates)) and float(p.sigma) >= 1e-3
     assert np.all(p.class_prior > 0) and np.all(p.nuisance_prior > 0)
-    fit = fit_em(x2, 2, 2, mode="hard", init=far, progress=False)
+    fit = fit_em(x2, 2, 2, mode="hard", init=far, loop=QUIET)
     assert np.all(np.isfinite(fit.objective))
 
 
@@ -250,7 +254,7 @@ def test_soft_em_keeps_template_of_empty_component():
 def test_fix_keeps_parameters():
     truth, x, _ = _well_separated()
     fit = fit_em(
-        x, 2, 2, init=truth, fix=("sigma", "class_prior"), n_iter=3, progress=False
+        x, 2, 2, init=truth, fix=("sigma", "class_prior"), n_iter=3, loop=QUIET
     )
     assert fit.model.sigma == truth.sigma
     np.testing.assert_array_equal(fit.model.class_prior, truth.class_prior)
@@ -258,7 +262,7 @@ def test_fix_keeps_parameters():
 
 def test_progress_bar_runs(capsys):
     _, x, _ = _well_separated(n=40)
-    fit_em(x, 2, 2, n_iter=2, progress=True)
+    fit_em(x, 2, 2, n_iter=2, loop=LoopOptions(progress=True))
     assert "EM (soft)" in capsys.readouterr().err
 
 
@@ -286,7 +290,7 @@ def test_bad_input_raises(kwargs, match):
             args.pop("images"),
             args.pop("n_classes"),
             args.pop("n_nuisances"),
-            progress=False,
+            loop=QUIET,
             **args,
         )
 
@@ -296,7 +300,7 @@ def test_new_parameters_of_the_same_structure_do_not_trace_again():
     and the log-likelihood compile once per structure (shapes, dtypes, switch),
     not once per parameter value (STYLE 13)."""
     truth, x, _ = _well_separated(switch=True, n=40)
-    fit = fit_em(x, 2, 2, switch=True, n_iter=3, tol=None, progress=False)
+    fit = fit_em(x, 2, 2, switch=True, n_iter=3, tol=None, loop=QUIET)
     log_likelihood(fit.model, x)
     steps, tables = em_step._cache_size(), likelihood_module._table_jit._cache_size()
     # Fits from other starts, then scoring other parameters of the same
@@ -305,8 +309,7 @@ def test_new_parameters_of_the_same_structure_do_not_trace_again():
         truth.templates + 0.1, sigma=0.3, class_prior=[0.3, 0.7], switch_prior=0.5
     )
     fits = [
-        fit_em(x, 2, 2, init=m, n_iter=3, tol=None, progress=False)
-        for m in (truth, other)
+        fit_em(x, 2, 2, init=m, n_iter=3, tol=None, loop=QUIET) for m in (truth, other)
     ]
     lls = [log_likelihood(m, x) for m in (fits[0].model, fits[1].model, other)]
     assert em_step._cache_size() == steps
@@ -317,3 +320,37 @@ def test_new_parameters_of_the_same_structure_do_not_trace_again():
     # A new structure (no switch) is a new program.
     log_likelihood(RenderingModel(truth.templates, sigma=0.3), x)
     assert likelihood_module._table_jit._cache_size() == tables + 1
+
+
+def test_resume_after_crash_is_bit_for_bit(tmp_path, monkeypatch):
+    truth = RenderingModel(default_templates(4)[:2, :2], sigma=0.3, switch_prior=0.8)
+    x = truth.sample(jax.random.PRNGKey(0), 100)[0][:60]
+    kw = dict(switch=True, n_iter=10, tol=None)
+    straight = fit_em(x, 2, 2, loop=QUIET, **kw)
+    ckpt = tmp_path / "em.npz"
+    resume = LoopOptions(progress=False, checkpoint=ckpt, every=5, resume=True)
+    real_step, calls = em_module.em_step, []
+
+    def crashing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # dies in iteration 7; last checkpoint: iteration 5
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(em_module, "em_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        fit_em(x, 2, 2, loop=resume, **kw)  # no file yet: a fresh start
+    monkeypatch.setattr(em_module, "em_step", real_step)
+    resumed = fit_em(x, 2, 2, loop=resume, **kw)
+    assert resumed.n_iter == straight.n_iter == 10
+    # Same jitted step on the same float64 inputs: identical bits.
+    for name in ("templates", "sigma", "class_prior", "nuisance_prior"):
+        np.testing.assert_array_equal(
+            getattr(straight.model, name), getattr(resumed.model, name)
+        )
+    assert straight.model.switch_prior == resumed.model.switch_prior
+    np.testing.assert_array_equal(straight.objective, resumed.objective)
+    np.testing.assert_array_equal(straight.log_likelihood, resumed.log_likelihood)
+    # A different fit must not silently resume from this checkpoint.
+    with pytest.raises(ValueError, match="different fit"):
+        fit_em(x[:50], 2, 2, loop=resume, **kw)

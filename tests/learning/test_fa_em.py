@@ -20,7 +20,10 @@ from pgm_drm.learning import (
     save_model,
 )
 from pgm_drm.learning.fa_em import FIELDS
+from pgm_drm.learning.loop import LoopOptions
 from pgm_drm.models import FactorRenderingModel
+
+QUIET = LoopOptions(progress=False)
 
 
 def truth_model(seed=0, c=2, g=1, side=3, q=1, noise=0.01, spread=1.5):
@@ -80,7 +83,7 @@ def test_objective_never_decreases(seed, mode, semi, g):
         tol=None,
         key=jax.random.PRNGKey(seed),
         min_sigma=0.05,
-        progress=False,
+        loop=QUIET,
     )
     # Each ECM step raises the expected complete-data log-likelihood, so the
     # (max-)log-likelihood never falls; 1e-9 nats per image absorbs float64
@@ -101,7 +104,7 @@ def _covariances(model):
 def test_recovers_generating_parameters_up_to_permutation(mode):
     truth = truth_model(0, c=3, g=1, side=3, q=2, noise=0.02, spread=1.5)
     x, lat = truth.sample(jax.random.PRNGKey(0), 3000)
-    kw = dict(n_iter=400, tol=1e-6, progress=False, min_sigma=0.01)
+    kw = dict(n_iter=400, tol=1e-6, loop=QUIET, min_sigma=0.01)
     fit = fit_fa_em(x, 3, 1, 2, mode=mode, **kw)
     assert fit.converged
     # The maximum-likelihood fit with the true classes known: what EM without
@@ -147,7 +150,7 @@ def test_labels_clamp_the_class():
     x, lat = truth.sample(jax.random.PRNGKey(1), 200)
     y = np.asarray(lat["c"])
     flipped = 1 - y  # labels contradicting the data are obeyed, not corrected
-    fit = fit_fa_em(x, 2, 1, 1, labels=flipped, n_iter=20, progress=False)
+    fit = fit_fa_em(x, 2, 1, 1, labels=flipped, n_iter=20, loop=QUIET)
     np.testing.assert_allclose(
         fit.model.class_prior, np.bincount(flipped, minlength=2) / 200, atol=1e-12
     )
@@ -163,8 +166,8 @@ def test_semi_supervised_beats_unsupervised_on_overlapping_classes():
     y = np.asarray(lat["c"])
     rng = np.random.default_rng(0)
     few = np.where(rng.random(400) < 0.05, y, -1)
-    semi = fit_fa_em(x, 2, 1, 2, labels=few, n_iter=50, progress=False).model
-    sup = fit_fa_em(x, 2, 1, 2, labels=y, n_iter=50, progress=False).model
+    semi = fit_fa_em(x, 2, 1, 2, labels=few, n_iter=50, loop=QUIET).model
+    sup = fit_fa_em(x, 2, 1, 2, labels=y, n_iter=50, loop=QUIET).model
     acc = {
         k: float(np.mean(np.asarray(m.classify(xt)) == np.asarray(lt["c"])))
         for k, m in (("semi", semi), ("sup", sup))
@@ -179,10 +182,11 @@ def test_semi_supervised_beats_unsupervised_on_overlapping_classes():
 def test_resume_after_crash_is_bit_for_bit(tmp_path, monkeypatch):
     truth = truth_model(0, c=2, g=2, side=3, q=1, noise=0.05)
     x, _ = truth.sample(jax.random.PRNGKey(0), 80)
-    kw = dict(n_iter=10, tol=None, progress=False)
-    straight = fit_fa_em(x, 2, 2, 1, **kw)
+    kw = dict(n_iter=10, tol=None)
+    straight = fit_fa_em(x, 2, 2, 1, loop=QUIET, **kw)
     ckpt = tmp_path / "fa.npz"
     real_step, calls = fa_module.fa_em_step, []
+    resume = LoopOptions(progress=False, checkpoint=ckpt, every=5, resume=True)
 
     def crashing_step(*args, **kwargs):
         calls.append(1)
@@ -192,11 +196,9 @@ def test_resume_after_crash_is_bit_for_bit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fa_module, "fa_em_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
-        fit_fa_em(x, 2, 2, 1, checkpoint=ckpt, checkpoint_every=5, **kw)
+        fit_fa_em(x, 2, 2, 1, loop=resume, **kw)  # no file yet: a fresh start
     monkeypatch.setattr(fa_module, "fa_em_step", real_step)
-    resumed = fit_fa_em(
-        x, 2, 2, 1, checkpoint=ckpt, resume=True, checkpoint_every=5, **kw
-    )
+    resumed = fit_fa_em(x, 2, 2, 1, loop=resume, **kw)
     assert resumed.n_iter == 10
     # Same jitted step on the same float64 inputs: identical bits.
     for name in ("templates", "loadings", "noise", "class_prior"):
@@ -205,7 +207,7 @@ def test_resume_after_crash_is_bit_for_bit(tmp_path, monkeypatch):
         )
     np.testing.assert_array_equal(straight.objective, resumed.objective)
     with pytest.raises(ValueError, match="different fit"):
-        fit_fa_em(x, 2, 2, 2, checkpoint=ckpt, resume=True, **kw)
+        fit_fa_em(x, 2, 2, 2, loop=resume, **kw)
 
 
 def test_model_file_round_trips(tmp_path):
@@ -248,4 +250,4 @@ def test_bad_input_raises(kwargs, match):
     args.update(kwargs)
     images = args.pop("images")
     with pytest.raises(ValueError, match=match):
-        fit_fa_em(images, 2, 1, progress=False, **args)
+        fit_fa_em(images, 2, 1, loop=QUIET, **args)

@@ -1,13 +1,21 @@
-"""Model files and resumable checkpoints (issue 4, part 8)."""
+"""Model files and checkpoints (pgm_drm/learning/io.py): round trips, atomic
+writes, file modes, refusal of foreign, damaged or mismatched files."""
 
 import os
+import stat
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pgm_drm.learning.em as em_module
-from pgm_drm.learning import fit_em, fit_svi, load_model, save_model
+from pgm_drm.learning.io import (
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
 from pgm_drm.models import (
     ConvRenderingModel,
     DeepRenderingModel,
@@ -63,50 +71,93 @@ def test_load_rejects_foreign_files(tmp_path):
         save_model(tmp_path / "y.npz", object())
 
 
-def _data():
-    truth = RenderingModel(default_templates(4)[:2, :2], sigma=0.3, switch_prior=0.8)
-    # The same data as the EM-vs-SVI test: SVI's compiled chunk is reused.
-    return truth.sample(jax.random.PRNGKey(0), 100)[0]
+# ---- checkpoints: any pytree, keyed by pytree path ------------------------------
+class _State(NamedTuple):
+    model: RenderingModel
+    opt: dict
+    key: jax.Array
+    typed_key: jax.Array
+    step: int
+    scale: float
 
 
-def test_em_resume_after_crash_is_bit_for_bit(tmp_path, monkeypatch):
-    x = _data()[:60]
-    kw = dict(switch=True, n_iter=10, tol=None, progress=False)
-    straight = fit_em(x, 2, 2, **kw)
-    ckpt = tmp_path / "em.npz"
-    real_step, calls = em_module.em_step, []
-
-    def crashing_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 7:  # dies in iteration 7; last checkpoint: iteration 5
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(em_module, "em_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        fit_em(x, 2, 2, checkpoint=ckpt, checkpoint_every=5, **kw)
-    monkeypatch.setattr(em_module, "em_step", real_step)
-    resumed = fit_em(x, 2, 2, checkpoint=ckpt, resume=True, checkpoint_every=5, **kw)
-    assert resumed.n_iter == straight.n_iter == 10
-    # Same jitted step on the same float64 inputs: identical bits.
-    _assert_same_model(straight.model, resumed.model)
-    np.testing.assert_array_equal(straight.objective, resumed.objective)
-    # A different fit must not silently resume from this checkpoint.
-    with pytest.raises(ValueError, match="different fit"):
-        fit_em(x[:50], 2, 2, checkpoint=ckpt, resume=True, **kw)
-
-
-def test_svi_resume_is_bit_for_bit(tmp_path):
-    x = _data()
-    kw = dict(switch=True, learning_rate=0.05, progress=False, checkpoint_every=100)
-    straight = fit_svi(x, 2, 2, n_steps=300, **kw)
-    ckpt = tmp_path / "svi.npz"
-    fit_svi(x, 2, 2, n_steps=200, checkpoint=ckpt, **kw)  # "crash" after 200 steps
-    resumed = fit_svi(x, 2, 2, n_steps=300, checkpoint=ckpt, resume=True, **kw)
-    assert resumed.n_iter == 300
-    # Adam moments and step count are restored with the parameters; the scan
-    # chunks are the same, so up to 1e-12 (in practice identical bits).
-    np.testing.assert_allclose(
-        resumed.model.templates, straight.model.templates, rtol=0, atol=1e-12
+def _state():
+    return _State(
+        RenderingModel(default_templates(4)[:2, :2], 0.3, switch_prior=0.8),
+        {"mu": jnp.arange(3.0), "count": np.int32(4), "none": None},
+        jax.random.PRNGKey(1),
+        jax.random.key(2),
+        7,
+        0.5,
     )
-    np.testing.assert_allclose(resumed.objective, straight.objective, atol=1e-12)
+
+
+def test_checkpoint_round_trips_any_pytree(tmp_path):
+    state = _state()
+    path = save_checkpoint(tmp_path / "c.npz", state, {"a": [1, 2]}, {"h": [1.0]})
+    back, extra = load_checkpoint(path, state, {"a": (1, 2)})  # tuples are lists
+    assert extra.keys() == {"h"} and extra["h"].tolist() == [1.0]
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        assert type(a) is type(b)
+    _assert_same_model(back.model, state.model)
+    assert back.opt["count"] == 4
+    np.testing.assert_array_equal(back.key, state.key)
+    np.testing.assert_array_equal(
+        jax.random.key_data(back.typed_key), jax.random.key_data(state.typed_key)
+    )
+    assert (back.step, back.scale) == (7, 0.5)
+    with np.load(path) as f:  # keyed by pytree path
+        assert {"state.model.templates", "state.opt['mu']", "state.step"} <= set(
+            f.files
+        )
+
+
+def test_load_checkpoint_refuses_another_fit_or_structure(tmp_path):
+    state = _state()
+    path = save_checkpoint(tmp_path / "c.npz", state, {"a": 1, "b": "x"})
+    with pytest.raises(ValueError, match="different fit; a: checkpoint has 1"):
+        load_checkpoint(path, state, {"a": 2, "b": "x"})
+    with pytest.raises(ValueError, match="b: only in the checkpoint"):
+        load_checkpoint(path, state, {"a": 1})
+    meta = {"a": 1, "b": "x"}
+    other = state._replace(opt={"mu": jnp.arange(4.0), "count": np.int32(4)})
+    with pytest.raises(ValueError, match=r"state\.opt\['mu'\]: checkpoint has"):
+        load_checkpoint(path, other, meta)
+    other = state._replace(opt={"mu": jnp.arange(3), "count": np.int32(4)})
+    with pytest.raises(ValueError, match=r"float64\[3\], this fit has int"):
+        load_checkpoint(path, other, meta)
+    other = state._replace(opt={"mu": jnp.arange(3.0), "n": np.int32(4)})
+    with pytest.raises(ValueError, match=r"state\.opt\['n'\]: missing.*'count'\]: not"):
+        load_checkpoint(path, other, meta)
+
+
+def test_model_files_and_checkpoints_are_not_confused(tmp_path):
+    rm = RenderingModel(default_templates(4)[:2, :2], 0.3)
+    model_file = save_model(tmp_path / "m.npz", rm)
+    ckpt = save_checkpoint(tmp_path / "c.npz", rm, {})
+    with pytest.raises(ValueError, match="is a checkpoint, not a model file"):
+        load_model(ckpt)
+    with pytest.raises(ValueError, match="is a model file, not a checkpoint"):
+        load_checkpoint(model_file, rm, {})
+    (tmp_path / "t.npz").write_text("not an archive")
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    np.savez(tmp_path / "j.npz", __meta__=np.asarray("{not json"))
+    for bad in ("t.npz", "a.npy", "j.npz"):
+        for load in (load_model, lambda p: load_checkpoint(p, rm, {})):
+            with pytest.raises(ValueError, match="not a pgm_drm file"):
+                load(tmp_path / bad)
+
+
+def test_files_get_the_umask_mode_and_orphans_are_removed(tmp_path):
+    orphan = tmp_path / ".c.npz.abc123.tmp"  # a write killed before its rename
+    orphan.write_bytes(b"half a file")
+    other = tmp_path / ".d.npz.abc123.tmp"  # another file's: kept
+    other.write_bytes(b"")
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "c.npz", {"w": np.zeros(2)}, {})
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == [".d.npz.abc123.tmp", "c.npz"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not mkstemp's 0600
