@@ -9,8 +9,13 @@ relaxation (Eq. 25): the DCN-form pass with free weights, trained with optax
 (:func:`fit_discriminative`). The RM with factor-analyser noise (Eq. 34): soft
 and hard EM, semi-supervised (:func:`fit_fa_em`). E-DRM InfoMax trees (Eq. 33,
 :func:`fit_infomax_tree`) and bagged forests (Eq. 32, :func:`fit_infomax_forest`);
-their scikit-learn estimators are in :mod:`pgm_drm.sklearn`. Resumable
-checkpoints and model files (:func:`save_model` / :func:`load_model`).
+their scikit-learn estimators are in :mod:`pgm_drm.sklearn`. Every iterative
+fit runs one loop (:func:`run_loop` over an ``(init, step)`` :class:`Algorithm`;
+:class:`LoopOptions`: progress bar, resumable checkpoints); model files
+(:func:`save_model` / :func:`load_model`). Any other
+NumPyro model with finite discrete latents and ``numpyro.param`` sites: its
+exact, differentiable log-likelihood (:func:`model_log_likelihood`) and
+:func:`fit` (EM from the compiled marginals, or Adam).
 """
 
 from pgm_drm.learning.base import FitResult
@@ -72,6 +77,7 @@ from pgm_drm.learning.forest import (
     tree_apply_naive,
     tree_predict_proba,
 )
+from pgm_drm.learning.generic import ModelFit, fit, model_log_likelihood
 from pgm_drm.learning.io import load_checkpoint, load_model, save_checkpoint, save_model
 from pgm_drm.learning.likelihood import (
     clamp_labels,
@@ -80,9 +86,11 @@ from pgm_drm.learning.likelihood import (
     naive_log_joint_table,
     responsibilities,
 )
+from pgm_drm.learning.loop import Algorithm, LoopOptions, LoopResult, run_loop
 from pgm_drm.learning.svi import fit_svi
 
 __all__ = [
+    "Algorithm",
     "DCNLayer",
     "DCNNet",
     "DRMFitResult",
@@ -95,6 +103,9 @@ __all__ = [
     "ForestParams",
     "InfoMaxForest",
     "InfoMaxTree",
+    "LoopOptions",
+    "LoopResult",
+    "ModelFit",
     "PerClassDRM",
     "TreeParams",
     "calibrate_scale",
@@ -110,6 +121,7 @@ __all__ = [
     "fa_em_init",
     "fa_em_step",
     "fa_m_step",
+    "fit",
     "fit_discriminative",
     "fit_drm_classifier",
     "fit_drm_em",
@@ -130,12 +142,14 @@ __all__ = [
     "log_joint_table",
     "log_likelihood",
     "m_step",
+    "model_log_likelihood",
     "naive_log_joint_table",
     "naive_fa_m_step",
     "naive_m_step",
     "predict",
     "predict_proba",
     "responsibilities",
+    "run_loop",
     "save_checkpoint",
     "save_model",
     "soft_information_gain",

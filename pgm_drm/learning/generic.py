@@ -1,0 +1,830 @@
+"""Learn any compiled model: the exact log-likelihood as a differentiable function,
+EM from the compiled marginals, and Adam on the exact log-likelihood.
+
+A model is any NumPyro model with finite discrete latents, written for *one*
+example, whose learnable parameters are ``numpyro.param`` sites. The data is a
+dict of the model's observed keyword arguments, each with a leading batch axis.
+
+The parameters become *evidence* of the compiled graph: the model is compiled
+once through a wrapper that substitutes each ``numpyro.param`` site with an
+extra array keyword argument, so the tables that depend on a parameter are
+recomputed from the traced parameter and every other table stays static.
+``log Z`` of that graph (:func:`pgm_drm.inference.log_partition_tables`) is
+then a pure function of (parameters, one example), vmapped over the batch.
+
+EM uses the gradient identity: the factor marginals ``B_f`` are ``d log Z / d
+table_f``, so the E-step is one ``jax.grad``. The M-step maximises the expected
+complete-data log-likelihood ``Q(theta) = sum_n sum_f <B_f, table_f(theta)>``
+(``B`` fixed at the old parameters; ``Q`` is linear in the tables). Closed forms
+are used where ``Q`` has the form of a conjugate exponential-family update, read
+from ``Q`` itself and checked to be a stationary point before they are used:
+
+- simplex parameters entering as ``log theta`` (Categorical probabilities):
+  ``theta ∝ theta * dQ/dtheta``, the normalised expected counts;
+- unit-interval parameters (Bernoulli probabilities): ``p (1 - p) dQ/dp`` is
+  affine in ``p`` (``A - N p``), its root ``A / N`` the expected frequency;
+- real parameters entering quadratically with a diagonal Hessian (Normal
+  means): one Newton step, the weighted mean;
+- positive parameters (Normal scales): ``sigma dQ/dsigma`` is affine in
+  ``sigma^-2`` (``S sigma^-2 - D``), its root the weighted second moment.
+
+Any other parameter (or one whose closed form fails its check) gets a few optax
+Adam steps on ``Q`` in unconstrained space (generalised EM). Every block is
+accepted only if ``Q`` does not decrease, so the log-likelihood never does.
+Constrained parameters live in NumPyro's unconstrained space
+(``biject_to(constraint)``); nothing is clipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+
+from pgm_drm._typing import Array
+from pgm_drm.graph.compile import CompileError, compile_model, model_sites
+from pgm_drm.inference.api import log_partition_tables
+from pgm_drm.learning.io import fingerprint
+from pgm_drm.learning.loop import (
+    Algorithm,
+    LoopOptions,
+    check_n_iter,
+    run_loop,
+    tolerance,
+)
+from pgm_drm.sharding import pad_to_devices, shard_batch
+
+__all__ = ["ModelFit", "fit", "model_log_likelihood", "model_params"]
+
+#: Keyword-argument prefixes of the wrapper model (parameters, clamped values,
+#: clamp masks); a model's own keyword arguments may not start with them.
+PARAM = "param__"
+CLAMP = "clamp__"
+MASK = "clampmask__"
+
+#: Compiled graphs kept for reuse (one per model and data / parameter layout).
+CACHE_SIZE = 16
+_CACHE: OrderedDict = OrderedDict()
+
+
+class ParamSpec(NamedTuple):
+    """A ``numpyro.param`` site: its initial value, constraint and event dim."""
+
+    init: np.ndarray
+    constraint: Any
+    event_dim: int | None
+
+
+class ModelFit(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+        params: ``name -> array``: the fitted ``numpyro.param`` values
+            (constrained: probabilities on the simplex, scales positive).
+        log_likelihood: ``(n_iter + 1,)`` the total ``sum_n log p(data_n)`` (with
+            the clamped latent values where given) at the parameters after
+            ``0, 1, ..., n_iter`` iterations.
+        n_iter: Iterations run in total (EM steps or Adam steps).
+        converged: Whether the total changed by less than ``tol``.
+        method: "em" or "adam".
+        closed_form: EM: the parameters whose last M-step was a closed form
+            (the others got generalised EM steps); empty for Adam.
+    """
+
+    params: dict[str, Array]
+    log_likelihood: np.ndarray
+    n_iter: int
+    converged: bool
+    method: str
+    closed_form: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- #
+# The wrapped model and its compiled graph.
+# --------------------------------------------------------------------------- #
+
+
+def _wrap(model: Callable, names: tuple[str, ...], clamped: tuple[str, ...]):
+    """``model`` with its params read from ``param__<name>`` keyword arguments and
+    a hard-zero factor ``clamp__<site>`` for each clamped latent site."""
+
+    def wrapped(**kwargs):
+        params = {n: kwargs.pop(PARAM + n) for n in names}
+        clamps = {n: (kwargs.pop(CLAMP + n), kwargs.pop(MASK + n)) for n in clamped}
+        with handlers.trace() as tr:
+            out = handlers.substitute(model, data=params)(**kwargs)
+        for site, (value, mask) in clamps.items():
+            z = tr[site]["value"]
+            value = jnp.reshape(value, jnp.shape(z))
+            mask = jnp.reshape(mask, jnp.shape(z))
+            frames = sorted(
+                (f for f in tr[site]["cond_indep_stack"] if f.dim is not None),
+                key=lambda f: f.dim,
+            )
+            with contextlib.ExitStack() as stack:
+                for f in frames:
+                    stack.enter_context(numpyro.plate(f.name, f.size, dim=f.dim))
+                hit = jnp.where(z == value, 0.0, -jnp.inf)
+                numpyro.factor(CLAMP + site, jnp.where(mask, hit, 0.0))
+        return out
+
+    return wrapped
+
+
+def model_params(model: Callable, **example: Any) -> dict[str, ParamSpec]:
+    """The ``numpyro.param`` sites of ``model`` traced on one example.
+
+    Raises:
+        CompileError: A latent site is continuous (not collapsed), or another
+            reason :func:`pgm_drm.graph.model_sites` refuses the model.
+    """
+    tr = model_sites(model, **example)
+    out = {}
+    for name, site in tr.items():
+        if site["type"] != "param":
+            continue
+        kw = site.get("kwargs", {})
+        out[name] = ParamSpec(
+            np.asarray(site["value"]),
+            kw.get("constraint", constraints.real),
+            kw.get("event_dim"),
+        )
+    return out
+
+
+class _Graph(NamedTuple):
+    fg: Any
+    names: tuple[str, ...]
+    clamped: tuple[str, ...]
+    specs: dict[str, ParamSpec]
+    log_z: Callable  # (params, example) -> log Z
+    tables: Callable  # (params, example) -> {group: table}
+    from_tables: Callable  # {group: table} -> log Z
+    param_groups: tuple[int, ...]  # groups whose tables depend on a parameter
+    total: Callable  # jitted (params, batch, weights) -> sum of log Z
+    each: Callable  # jitted (params, batch) -> log Z per example
+    jitted: dict  # the fit's jitted steps, by settings
+
+
+def _placeholder(x: Any) -> np.ndarray:
+    """One example of a batched array (zeros when it is traced)."""
+    try:
+        return np.asarray(x[0])
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return np.zeros(jnp.shape(x)[1:], jnp.result_type(x))
+
+
+def _check_data(data: Mapping[str, Any], clamp: Mapping[str, Any]) -> int:
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError(
+            "data must be a non-empty dict of the model's observed keyword "
+            "arguments, each with a leading batch axis"
+        )
+    sizes = {}
+    for k, v in data.items():
+        if jnp.ndim(v) < 1:
+            raise ValueError(
+                f"data {k!r} is a scalar; every data entry needs a leading batch axis"
+            )
+        if k.startswith((PARAM, CLAMP, MASK)):
+            raise ValueError(f"data name {k!r} uses a reserved prefix")
+        sizes[k] = jnp.shape(v)[0]
+    for site, (value, mask) in clamp.items():
+        sizes[f"clamp[{site!r}] values"] = jnp.shape(value)[0]
+        if jnp.shape(mask) != jnp.shape(value):
+            raise ValueError(
+                f"clamp[{site!r}]: mask shape {jnp.shape(mask)} != values shape "
+                f"{jnp.shape(value)}"
+            )
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"data entries have different batch sizes: {sizes}; every entry's "
+            "leading axis is the example axis"
+        )
+    n = next(iter(sizes.values()))
+    if n < 1:
+        raise ValueError("data is empty (batch size 0)")
+    return int(n)
+
+
+def _graph(
+    model: Callable,
+    data: Mapping[str, Any],
+    clamp: Mapping[str, tuple[Any, Any]],
+    schedule: str,
+) -> _Graph:
+    """Compile (or fetch) the wrapped model for this data / parameter layout."""
+    example = {k: _placeholder(v) for k, v in data.items()}
+    clamp_ex = {
+        s: (_placeholder(v), _placeholder(m).astype(bool))
+        for s, (v, m) in clamp.items()
+    }
+    key = (
+        model,
+        schedule,
+        tuple(sorted((k, v.shape, v.dtype.str) for k, v in example.items())),
+        tuple(sorted((s, v.shape, v.dtype.str) for s, (v, _) in clamp_ex.items())),
+    )
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    try:
+        specs = model_params(model, **example)
+    except TypeError as err:
+        raise ValueError(
+            f"the model does not take the data's keyword arguments "
+            f"{sorted(example)} ({err})"
+        ) from err
+    if not specs:
+        raise ValueError("the model has no numpyro.param sites: nothing to learn")
+    names = tuple(specs)
+    kwargs = dict(example)
+    kwargs.update({PARAM + n: jnp.asarray(s.init) for n, s in specs.items()})
+    for site, (v, m) in clamp_ex.items():
+        kwargs[CLAMP + site] = v
+        kwargs[MASK + site] = m
+    wrapped = _wrap(model, names, tuple(clamp_ex))
+    try:
+        fg = compile_model(wrapped, **kwargs)
+    except CompileError as err:
+        raise CompileError(
+            f"{err} (compiling the model on one example of the data: each data "
+            "entry's leading axis is the batch)"
+        ) from err
+    for site in clamp_ex:
+        if site not in fg.latent_sites:
+            raise ValueError(
+                f"clamp names {site!r}, which is not a latent site of the model; "
+                f"latent sites: {list(fg.latent_sites)}"
+            )
+    used = {e for g in fg.factor_groups for e in g.evidence}
+    unused = [n for n in names if PARAM + n not in used]
+    if unused:
+        raise ValueError(
+            f"parameter(s) {unused} get no gradient: no log-probability of the "
+            "model depends on them (unused numpyro.param sites)"
+        )
+    param_groups = tuple(
+        k
+        for k, g in enumerate(fg.factor_groups)
+        if any(e.startswith(PARAM) for e in g.evidence)
+    )
+    from_tables = log_partition_tables(fg, schedule)
+
+    def evidence(params, ex):
+        ev = dict(ex)
+        ev.update({PARAM + n: v for n, v in params.items()})
+        return ev
+
+    def tables(params, ex):
+        return fg.evidence_tables(**evidence(params, ex))
+
+    def log_z(params, ex):
+        return from_tables(tables(params, ex))
+
+    per = jax.vmap(log_z, in_axes=(None, 0))
+
+    @jax.jit
+    def total(params, ex, w):
+        return jnp.sum(jnp.where(w > 0, per(params, ex), 0.0))
+
+    out = _Graph(
+        fg,
+        names,
+        tuple(clamp_ex),
+        specs,
+        log_z,
+        tables,
+        from_tables,
+        param_groups,
+        total,
+        jax.jit(per),
+        {},
+    )
+    _CACHE[key] = out
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return out
+
+
+def _examples(data: Mapping[str, Any], clamp: Mapping[str, tuple[Any, Any]]) -> dict:
+    """The batched evidence of the wrapped model: data plus clamp values/masks."""
+    ex = {k: jnp.asarray(v) for k, v in data.items()}
+    for site, (v, m) in clamp.items():
+        ex[CLAMP + site] = jnp.asarray(v)
+        ex[MASK + site] = jnp.asarray(m).astype(bool)
+    return ex
+
+
+def _pad(ex: dict, n: int) -> tuple[dict, Array]:
+    """Pad the batch to a multiple of the device count and shard it; the weights
+    are 1 for real examples and 0 for the padding."""
+    size = pad_to_devices(n, len(jax.devices()))
+    w = jnp.concatenate([jnp.ones(n), jnp.zeros(size - n)])
+    if size > n:
+        ex = {
+            k: jnp.concatenate([v, jnp.broadcast_to(v[-1:], (size - n, *v.shape[1:]))])
+            for k, v in ex.items()
+        }
+    (ex, w), _ = shard_batch((ex, w))
+    return ex, w
+
+
+def _full_params(g: _Graph, params: Mapping[str, Any] | None) -> dict[str, Array]:
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(g.names))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {unknown}; the model's numpyro.param sites are "
+            f"{list(g.names)}"
+        )
+    out = {}
+    for n, s in g.specs.items():
+        v = jnp.asarray(params.get(n, s.init))
+        # A strong float dtype: a weakly typed start would trace the steps twice.
+        floating = jnp.issubdtype(v.dtype, jnp.floating)
+        v = jnp.asarray(v, dtype=v.dtype if floating else jnp.result_type(float))
+        if jnp.shape(v) != s.init.shape:
+            raise ValueError(
+                f"parameter {n!r} has shape {jnp.shape(v)}, the model's "
+                f"numpyro.param site has shape {s.init.shape}"
+            )
+        out[n] = v
+    return out
+
+
+def _clamps(clamp: Mapping[str, Any] | None) -> dict[str, tuple[Any, Any]]:
+    out = {}
+    for site, spec in (clamp or {}).items():
+        if not (isinstance(spec, tuple) and len(spec) == 2):
+            raise ValueError(
+                f"clamp[{site!r}] must be a (values, mask) pair, values of shape "
+                "(N, *plate_shape) and a boolean mask of the same shape"
+            )
+        out[site] = spec
+    return out
+
+
+def model_log_likelihood(
+    model: Callable,
+    params: Mapping[str, Any] | None,
+    data: Mapping[str, Any],
+    *,
+    clamp: Mapping[str, tuple[Any, Any]] | None = None,
+    schedule: str = "auto",
+    per_example: bool = False,
+) -> Array:
+    """The exact ``sum_n log p(data_n)`` of a NumPyro model, differentiable in
+    its parameters.
+
+    The model is compiled once per data layout (cached) with its
+    ``numpyro.param`` sites as evidence; ``log Z`` runs through the compiled
+    kernel (:func:`pgm_drm.inference.log_partition_tables`), vmapped over the
+    batch (sharded over every device). ``jax.grad`` of it with respect to
+    ``params`` gives the expected sufficient statistics (``d log Z / d eta =
+    E[T]``).
+
+    Args:
+        model: A NumPyro model for one example, with finite discrete latents and
+            ``numpyro.param`` sites.
+        params: ``name -> value`` (constrained) for some or all of the
+            ``numpyro.param`` sites; the others keep their initial values.
+        data: ``name -> (N, ...)``: the model's observed keyword arguments, each
+            with a leading batch axis.
+        clamp: ``site -> (values, mask)``: latent sites observed for the examples
+            (and plate instances) where ``mask`` is true (semi-supervised).
+        schedule: "auto", "tree" or "exact" (see :func:`pgm_drm.inference.infer`).
+        per_example: Return ``(N,)`` per-example log-likelihoods instead of
+            their sum (e.g. to classify with one fitted model per class).
+
+    Returns:
+        A scalar: the total log-likelihood over the batch (``-inf`` where an
+        example has probability zero); ``(N,)`` with ``per_example``.
+
+    Raises:
+        CompileError: A continuous latent site, a data shape the model does not
+            accept.
+        ValueError: Unknown or unused parameters, wrong shapes, batch sizes that
+            differ.
+
+    Example:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> def mixture(x=None):
+        ...     w = numpyro.param("w", jnp.array([0.5, 0.5]),
+        ...                       constraint=dist.constraints.simplex)
+        ...     z = numpyro.sample("z", dist.Categorical(w))
+        ...     numpyro.sample("x", dist.Normal(jnp.array([-1.0, 1.0])[z]), obs=x)
+        >>> x = jnp.array([-1.0, 1.2, 0.9])
+        >>> ll = model_log_likelihood(mixture, {"w": jnp.array([0.3, 0.7])}, {"x": x})
+        >>> round(float(ll), 4)
+        -4.3181
+    """
+    clamps = _clamps(clamp)
+    n = _check_data(data, clamps)
+    g = _graph(model, data, clamps, schedule)
+    full = _full_params(g, params)
+    ex, w = _pad(_examples(data, clamps), n)
+    if per_example:
+        return g.each(full, ex)[:n]
+    return g.total(full, ex, w)
+
+
+# --------------------------------------------------------------------------- #
+# fit
+# --------------------------------------------------------------------------- #
+
+
+class _State(NamedTuple):
+    """The loop state: parameters (constrained) and, for Adam, the unconstrained
+    parameters and the optimiser state."""
+
+    iteration: Array
+    params: dict[str, Array]
+    opt_state: Any
+
+
+class _Info(NamedTuple):
+    log_likelihood: float
+
+
+def _to_unconstrained(specs, params):
+    return {n: biject_to(specs[n].constraint).inv(v) for n, v in params.items()}
+
+
+def _to_constrained(specs, u):
+    return {n: biject_to(specs[n].constraint)(v) for n, v in u.items()}
+
+
+def _check_constraints(specs, params, when: str) -> None:
+    for n, v in params.items():
+        c = specs[n].constraint
+        ok = np.asarray(c.check(v))
+        arr = np.asarray(v)
+        if not (ok.all() and np.all(np.isfinite(arr))):
+            raise ValueError(
+                f"parameter {n!r} violates its constraint {c} {when} (values "
+                f"{arr.ravel()[:6]}...); a closed-form or gradient step left the "
+                "support (a learning rate too large, or a probability underflowed)"
+            )
+
+
+def _closed_kind(c) -> str | None:
+    if c is constraints.simplex:
+        return "simplex"
+    if c is constraints.unit_interval:
+        return "unit"
+    if c is constraints.real:
+        return "real"
+    if c is constraints.positive:
+        return "positive"
+    return None
+
+
+def _closed_form(kind: str, theta: Array, grad_at: Callable) -> tuple[Array, Array]:
+    """Candidate maximiser of Q in one parameter, read from the form of Q, and
+    whether Q has that form (the candidate is a stationary point). Entries with
+    no information (zero expected counts, zero curvature) keep their value."""
+    dtype = theta.dtype
+    tol = float(np.sqrt(np.finfo(dtype).eps)) * 10
+    g1 = grad_at(theta)
+    if kind == "simplex":  # Q = sum C log theta: theta = C / sum C
+        c = theta * g1
+        tot = jnp.sum(c, axis=-1, keepdims=True)
+        rows = tot > 0
+        new = jnp.where(rows, c / jnp.where(rows, tot, 1.0), theta)
+        err = jnp.where(rows, jnp.abs(new * grad_at(new) - c), 0.0)
+        return new, jnp.all(err <= tol * (jnp.abs(c) + jnp.abs(tot)))
+    if kind == "real":  # Q quadratic, diagonal Hessian: one Newton step
+        slope = grad_at(theta + 1.0) - g1
+        move = slope < 0
+        new = jnp.where(move, theta - g1 / jnp.where(move, slope, -1.0), theta)
+        err = jnp.abs(jnp.where(move, grad_at(new), 0.0))
+        scale = jnp.abs(g1) + jnp.abs(slope) * (jnp.abs(theta) + jnp.abs(new) + 1)
+        return new, jnp.all(err <= tol * scale)
+    if kind == "positive":  # sigma dQ/dsigma = S sigma^-2 - D: sigma^2 = S / D
+        s2 = 2.0 * theta
+        h1, h2 = theta * g1, s2 * grad_at(s2)
+        w1, w2 = theta**-2, s2**-2
+        a = (h1 - h2) / (w1 - w2)
+        d = a * w1 - h1
+        move = (a > 0) & (d > 0)
+        new = jnp.where(move, jnp.sqrt(jnp.where(move, a / d, 1.0)), theta)
+        err = jnp.abs(jnp.where(move, new * grad_at(new), 0.0))
+        return new, jnp.all(err <= tol * (jnp.abs(a * w1) + jnp.abs(d) + jnp.abs(h1)))
+    # "unit": p (1 - p) dQ/dp = A - N p: p = A / N
+    p2 = jnp.where(jnp.abs(theta - 0.5) > 0.1, 0.5, 0.25).astype(dtype)
+    h1 = theta * (1 - theta) * g1
+    h2 = p2 * (1 - p2) * grad_at(p2)
+    n = -(h2 - h1) / (p2 - theta)
+    a = h1 + n * theta
+    move = n > 0
+    new = jnp.where(move, a / jnp.where(move, n, 1.0), theta)
+    inside = (new > 0) & (new < 1)
+    new = jnp.where(move & inside, new, theta)
+    err = jnp.abs(jnp.where(move & inside, new * (1 - new) * grad_at(new), 0.0))
+    ok = jnp.all(err <= tol * (jnp.abs(a) + jnp.abs(n) + jnp.abs(h1)))
+    return new, ok & jnp.all(inside | ~move)
+
+
+#: Closed-form M-steps, in the order they run (means before scales, as in the
+#: textbook M-step of a Gaussian mixture).
+_ORDER = ("simplex", "unit", "real", "positive")
+
+
+class _EMSteps(NamedTuple):
+    e_step: Callable  # (params, batch, weights) -> (total, log Z per example, B)
+    m_step: Callable  # (params, B, batch, closed, free) -> (params, closed ok)
+
+
+def _em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
+    """The jitted E- and M-steps of a compiled graph (cached with it)."""
+    key = ("em", inner_steps, inner_lr)
+    if key not in g.jitted:
+        g.jitted[key] = _make_em_steps(g, inner_steps, inner_lr)
+    return g.jitted[key]
+
+
+def _make_em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
+    groups, specs = g.param_groups, g.specs
+
+    def per_example(params, e):
+        lz, b = jax.value_and_grad(g.from_tables)(g.tables(params, e))
+        return lz, {k: b[k] for k in groups}
+
+    @jax.jit
+    def e_step(params, ex, w):
+        lz, b = jax.vmap(per_example, in_axes=(None, 0))(params, ex)
+        b = jax.tree.map(lambda x: x * jnp.reshape(w, (-1,) + (1,) * (x.ndim - 1)), b)
+        return jnp.sum(jnp.where(w > 0, lz, 0.0)), lz, b
+
+    def q_fn(params, b, ex):
+        def one(e, bn):
+            tables = g.tables(params, e)
+            return sum(
+                jnp.sum(jnp.where(bn[k] > 0, bn[k] * tables[k], 0.0)) for k in groups
+            )
+
+        return jnp.sum(jax.vmap(one)(ex, b))
+
+    opt = optax.adam(inner_lr)
+
+    def gem(params, b, ex, free):
+        """Adam steps on -Q over the ``free`` parameters (unconstrained),
+        keeping the best parameters seen."""
+        fixed = {n: v for n, v in params.items() if n not in free}
+        u0 = _to_unconstrained(specs, {n: params[n] for n in free})
+
+        def neg_q(u):
+            return -q_fn({**fixed, **_to_constrained(specs, u)}, b, ex)
+
+        def body(carry, _):
+            u, s, best_u, best = carry
+            val, grad = jax.value_and_grad(neg_q)(u)
+            better = val < best
+            best_u = jax.tree.map(lambda a, c: jnp.where(better, a, c), u, best_u)
+            best = jnp.where(better, val, best)
+            upd, s = opt.update(grad, s, u)
+            return (optax.apply_updates(u, upd), s, best_u, best), None
+
+        init = (u0, opt.init(u0), u0, neg_q(u0))
+        (u, _, best_u, best), _ = jax.lax.scan(body, init, None, inner_steps)
+        best_u = jax.tree.map(lambda a, c: jnp.where(neg_q(u) < best, a, c), u, best_u)
+        return {**fixed, **_to_constrained(specs, best_u)}
+
+    def m_step(params, b, ex, closed, free):
+        """Closed forms for ``closed`` (in order), then generalised EM on
+        ``free``; each block kept only if Q does not decrease."""
+        q_cur = q_fn(params, b, ex)
+        oks = {}
+        for n in closed:
+            kind = _closed_kind(specs[n].constraint)
+
+            def grad_at(v, n=n, params=params):
+                return jax.grad(q_fn)({**params, n: v}, b, ex)[n]
+
+            new, ok = _closed_form(kind, params[n], grad_at)
+            cand = {**params, n: new}
+            q_new = q_fn(cand, b, ex)
+            keep = ok & (q_new >= q_cur)
+            params = {k: jnp.where(keep, cand[k], v) for k, v in params.items()}
+            q_cur = jnp.where(keep, q_new, q_cur)
+            oks[n] = ok
+        if free and inner_steps > 0:
+            cand = gem(params, b, ex, free)
+            keep = q_fn(cand, b, ex) >= q_cur
+            params = {k: jnp.where(keep, cand[k], v) for k, v in params.items()}
+        return params, oks
+
+    return _EMSteps(e_step, jax.jit(m_step, static_argnums=(3, 4)))
+
+
+class _EM:
+    """One EM fit: which parameters still use their closed form."""
+
+    def __init__(self, g: _Graph, ex, w, inner_steps: int, inner_lr: float):
+        self.g, self.ex, self.w = g, ex, w
+        self.steps = _em_steps(g, inner_steps, inner_lr)
+        specs = g.specs
+        # Parameters whose Q may have a closed form; the rest get Adam steps.
+        known = [n for n in g.names if _closed_kind(specs[n].constraint)]
+        self.closed = tuple(
+            sorted(known, key=lambda n: _ORDER.index(_closed_kind(specs[n].constraint)))
+        )
+
+    def step(self, params):
+        """One EM iteration: (new params, total log-likelihood at ``params``,
+        the parameters updated in closed form).
+
+        A function of ``params`` alone (a resumed fit continues bit for bit):
+        every closed form is tried, and the parameters whose ``Q`` lacks its
+        form get the generalised EM steps instead, from the same E-step."""
+        total, lz, b = self.steps.e_step(params, self.ex, self.w)
+        _check_finite(lz, self.w)
+        closed = self.closed
+        while True:
+            free = tuple(n for n in self.g.names if n not in closed)
+            new, oks = self.steps.m_step(params, b, self.ex, closed, free)
+            failed = [n for n, ok in oks.items() if not bool(ok)]
+            if not failed:
+                return new, float(total), closed
+            closed = tuple(n for n in closed if n not in failed)
+
+
+def _adam_step(g: _Graph, learning_rate: float):
+    """The optimiser and its jitted step on the exact log-likelihood (cached)."""
+    key = ("adam", learning_rate)
+    if key not in g.jitted:
+        opt = optax.adam(learning_rate)
+
+        def loss(u, ex, w):
+            return -g.total(_to_constrained(g.specs, u), ex, w)
+
+        @jax.jit
+        def step(u, s, ex, w):
+            val, grad = jax.value_and_grad(loss)(u, ex, w)
+            upd, s = opt.update(grad, s, u)
+            return optax.apply_updates(u, upd), s, -val
+
+        g.jitted[key] = (opt, step)
+    return g.jitted[key]
+
+
+def _check_finite(lz: Array, w: Array) -> None:
+    lz = np.asarray(lz)[np.asarray(w) > 0]
+    bad = ~np.isfinite(lz)
+    if bad.any():
+        idx = np.flatnonzero(bad)[:5].tolist()
+        raise ValueError(
+            f"example(s) {idx} have probability zero (or NaN log Z) under the "
+            "model at the current parameters (a clamped value outside the support, "
+            "or a hard zero the data hits)"
+        )
+
+
+def fit(
+    model: Callable,
+    data: Mapping[str, Any],
+    method: str = "em",
+    *,
+    init: Mapping[str, Any] | None = None,
+    clamp: Mapping[str, tuple[Any, Any]] | None = None,
+    n_iter: int = 100,
+    tol: float | None = None,
+    learning_rate: float = 0.05,
+    inner_steps: int = 20,
+    schedule: str = "auto",
+    loop: LoopOptions | None = None,
+) -> ModelFit:
+    """Fit the ``numpyro.param`` sites of any NumPyro model with finite discrete
+    latents by maximum likelihood, exactly (no variational gap).
+
+    Args:
+        model: A NumPyro model for one example (see :func:`model_log_likelihood`).
+        data: ``name -> (N, ...)``: its observed keyword arguments, batched.
+        method: "em" (E-step from the compiled marginals, closed-form M-steps
+            where ``Q`` has the form of a conjugate update, else ``inner_steps``
+            Adam steps on ``Q``: the module docstring) or "adam" (one Adam step
+            on the exact log-likelihood per iteration).
+        init: Starting values of some parameters (else the model's own).
+        clamp: ``site -> (values, mask)``: latent values observed where ``mask``
+            is true (semi-supervised; see :func:`model_log_likelihood`).
+        n_iter: Iterations (EM steps or Adam steps).
+        tol: Stop when the total log-likelihood changes by less than ``tol``.
+        learning_rate: Adam's step size (method "adam", and the generalised EM
+            steps).
+        inner_steps: Adam steps on ``Q`` per EM iteration for parameters without
+            a closed form.
+        schedule: "auto", "tree" or "exact".
+        loop: Progress bar and checkpoints
+            (:class:`~pgm_drm.learning.loop.LoopOptions`; checkpoints every 10
+            iterations by default); a resumed fit ends where an uninterrupted
+            one ends.
+
+    Returns:
+        A :class:`ModelFit`.
+
+    Raises:
+        CompileError: A continuous latent site that is not collapsed, data the
+            model does not accept.
+        ValueError: An unused parameter, a parameter that leaves its constraint,
+            data whose batch sizes differ, an example of probability zero, a
+            checkpoint of another fit, bad settings.
+
+    Example:
+        >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
+        >>> from pgm_drm.learning.loop import LoopOptions
+        >>> def mixture(x=None):
+        ...     w = numpyro.param("w", jnp.array([0.5, 0.5]),
+        ...                       constraint=dist.constraints.simplex)
+        ...     z = numpyro.sample("z", dist.Categorical(w))
+        ...     numpyro.sample("x", dist.Normal(jnp.array([-2.0, 2.0])[z]), obs=x)
+        >>> x = jnp.array([-2.0, 2.1, 1.9, 2.2])
+        >>> res = fit(mixture, {"x": x}, n_iter=30, loop=LoopOptions(progress=False))
+        >>> [round(float(p), 2) for p in res.params["w"]]
+        [0.25, 0.75]
+    """
+    if method not in ("em", "adam"):
+        raise ValueError(f"method must be 'em' or 'adam', got {method!r}")
+    n_iter = check_n_iter(n_iter)
+    stop = tolerance(tol, "log_likelihood")
+    if int(inner_steps) != inner_steps or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps}")
+    if not (np.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    clamps = _clamps(clamp)
+    n = _check_data(data, clamps)
+    g = _graph(model, data, clamps, schedule)
+    params = _full_params(g, init)
+    _check_constraints(g.specs, params, "at the start")
+    ex, w = _pad(_examples(data, clamps), n)
+    specs = g.specs
+
+    if method == "em":
+        em = _EM(g, ex, w, int(inner_steps), float(learning_rate))
+        last_closed: list[tuple[str, ...]] = [()]
+
+        def init_state(p):
+            return _State(jnp.asarray(0), p, None)
+
+        def step(st: _State):
+            new, total, last_closed[0] = em.step(st.params)
+            it = int(st.iteration) + 1
+            _check_constraints(specs, new, f"after EM step {it}")
+            return _State(jnp.asarray(it), new, None), _Info(total)
+
+    else:
+        last_closed = [()]
+        opt, adam_step = _adam_step(g, float(learning_rate))
+
+        def init_state(p):
+            u = _to_unconstrained(specs, p)
+            return _State(jnp.asarray(0), p, (u, opt.init(u)))
+
+        def step(st: _State):
+            u, s = st.opt_state
+            u, s, total = adam_step(u, s, ex, w)
+            new = _to_constrained(specs, u)
+            it = int(st.iteration) + 1
+            _check_constraints(specs, new, f"after Adam step {it}")
+            return _State(jnp.asarray(it), new, (u, s)), _Info(float(total))
+
+    meta = {
+        "kind": "fit",
+        "method": method,
+        "params": list(g.names),
+        "data": fingerprint(*[np.asarray(v) for _, v in sorted(ex.items())]),
+        "learning_rate": float(learning_rate),
+        "inner_steps": int(inner_steps),
+        "schedule": schedule,
+    }
+    out = run_loop(
+        Algorithm(init=init_state, step=step),
+        params,
+        n_iter,
+        loop,
+        history=("log_likelihood",),
+        stop=stop,
+        meta=meta,
+        desc=f"fit ({method})",
+        default_every=10,
+    )
+    final = out.state.params
+    ll_end = float(g.total(final, ex, w))
+    return ModelFit(
+        params={k: jnp.asarray(final[k]) for k in g.names},
+        log_likelihood=np.asarray(out.history["log_likelihood"] + [ll_end]),
+        n_iter=int(out.state.iteration),
+        converged=out.converged,
+        method=method,
+        closed_form=last_closed[0] if method == "em" else (),
+    )

@@ -1,0 +1,417 @@
+"""Learning any compiled model: the differentiable exact log-likelihood, generic
+EM and Adam (issue 16), checked against finite differences, brute force, NumPyro
+SVI with TraceEnum_ELBO and the hand-written RM EM."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numpyro.contrib.funsor import config_enumerate
+from numpyro.infer import SVI, TraceEnum_ELBO
+
+from pgm_drm.graph import CompileError, compile_model
+from pgm_drm.inference import infer
+from pgm_drm.learning import fit, fit_em, model_log_likelihood
+from pgm_drm.learning.loop import LoopOptions
+from pgm_drm.models import RenderingModel
+
+QUIET = LoopOptions(progress=False)
+simplex = dist.constraints.simplex
+positive = dist.constraints.positive
+
+
+# --------------------------------------------------------------------------- #
+# Small models
+# --------------------------------------------------------------------------- #
+
+
+def mixture(x=None):
+    """Per example: a 2-component Gaussian mixture with every kind of parameter."""
+    w = numpyro.param("w", jnp.array([0.5, 0.5]), constraint=simplex)
+    mu = numpyro.param("mu", jnp.array([-0.5, 0.5]))
+    s = numpyro.param("s", jnp.array(2.0), constraint=positive)
+    z = numpyro.sample("z", dist.Categorical(w))
+    numpyro.sample("x", dist.Normal(mu[z], s), obs=x)
+
+
+def switched(x=None):
+    """A Bernoulli switch (unit-interval parameter) and a mean used through
+    ``tanh`` (no closed form: generalised EM)."""
+    p = numpyro.param("p", jnp.array(0.5), constraint=dist.constraints.unit_interval)
+    a = numpyro.param("a", jnp.array(0.3))
+    on = numpyro.sample("on", dist.Bernoulli(p))
+    numpyro.sample("x", dist.Normal(2.0 * jnp.tanh(a) * on, 1.0), obs=x)
+
+
+def hmm(x=None):
+    """An HMM over the entries of ``x`` (one sequence per example)."""
+    pi = numpyro.param("pi", jnp.array([0.6, 0.4]), constraint=simplex)
+    trans = numpyro.param(
+        "trans", jnp.array([[0.7, 0.3], [0.4, 0.6]]), constraint=simplex
+    )
+    mu = numpyro.param("mu", jnp.array([-0.5, 0.5]))
+    z = numpyro.sample("z0", dist.Categorical(pi))
+    numpyro.sample("x0", dist.Normal(mu[z], 1.0), obs=x[0])
+    for t in range(1, x.shape[0]):
+        z = numpyro.sample(f"z{t}", dist.Categorical(trans[z]))
+        numpyro.sample(f"x{t}", dist.Normal(mu[z], 1.0), obs=x[t])
+
+
+def _mixture_data(n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    z = rng.random(n) < 0.3
+    return jnp.asarray(np.where(z, -1.5, 1.0) + 0.6 * rng.standard_normal(n))
+
+
+# --------------------------------------------------------------------------- #
+# 1. log Z as a differentiable function
+# --------------------------------------------------------------------------- #
+
+
+def test_model_log_likelihood_is_the_sum_of_infer_log_z():
+    x = _mixture_data(6)
+    params = {"w": jnp.array([0.2, 0.8]), "mu": jnp.array([-1.0, 2.0]), "s": 0.7}
+    ll = model_log_likelihood(mixture, params, {"x": x})
+
+    def fixed(x=None):
+        z = numpyro.sample("z", dist.Categorical(params["w"]))
+        numpyro.sample("x", dist.Normal(params["mu"][z], params["s"]), obs=x)
+
+    fg = compile_model(fixed, x=x[0])
+    want = np.sum(np.asarray(infer(fg, x=x).log_z))
+    np.testing.assert_allclose(float(ll), want, rtol=1e-12)
+    each = model_log_likelihood(mixture, params, {"x": x}, per_example=True)
+    np.testing.assert_allclose(np.asarray(each), np.asarray(infer(fg, x=x).log_z))
+    # Its gradient: d/dw_k = sum_n P(z_n = k | x_n) / w_k.
+    g = jax.grad(lambda w: model_log_likelihood(mixture, {**params, "w": w}, {"x": x}))(
+        params["w"]
+    )
+    marg = np.asarray(infer(fg, x=x).marginals["z"])
+    np.testing.assert_allclose(np.asarray(g), marg.sum(0) / params["w"], rtol=1e-10)
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
+    from pgm_drm.learning import fit, model_log_likelihood
+    from pgm_drm.learning.loop import LoopOptions
+
+    assert jax.device_count() == 4
+    def mixture(x=None):
+        w = numpyro.param("w", jnp.array([0.4, 0.6]),
+                          constraint=dist.constraints.simplex)
+        mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=10))
+    # 10 and 1 examples are padded to 12 and 4: the padding must not count.
+    ll = model_log_likelihood(mixture, None, {"x": x})
+    one = [model_log_likelihood(mixture, None, {"x": x[i:i + 1]}) for i in range(10)]
+    np.testing.assert_allclose(float(ll), float(sum(one)), rtol=1e-12)
+    res = fit(mixture, {"x": x}, n_iter=3, loop=LoopOptions(progress=False))
+    end = model_log_likelihood(mixture, res.params, {"x": x[:5]}) + (
+        model_log_likelihood(mixture, res.params, {"x": x[5:]}))
+    np.testing.assert_allclose(res.log_likelihood[-1], float(end), rtol=1e-12)
+    print("SHARDED-OK")
+    """
+)
+
+
+def test_the_batch_is_sharded_over_devices_and_padding_does_not_count():
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "SHARDED-OK" in out.stdout
+
+
+# --------------------------------------------------------------------------- #
+# 2. fit: EM and Adam
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("model", [mixture, switched], ids=["closed", "gem"])
+@given(seed=st.integers(0, 2**16))
+def test_em_never_decreases_the_log_likelihood(model, seed):
+    x = _mixture_data(seed=seed)
+    rng = np.random.default_rng(seed)
+    if model is mixture:
+        init = {
+            "w": jnp.asarray(rng.dirichlet([1.0, 1.0])),
+            "mu": jnp.asarray(rng.normal(size=2)),
+            "s": jnp.asarray(rng.uniform(0.3, 3.0)),
+        }
+    else:
+        init = {"p": jnp.asarray(rng.uniform(0.05, 0.95)), "a": rng.normal()}
+    res = fit(model, {"x": x}, init=init, n_iter=12, loop=QUIET)
+    ll = res.log_likelihood
+    assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[:-1])), np.diff(ll)
+    assert ll[-1] > ll[0]
+
+
+def test_em_uses_closed_forms_where_q_has_their_form():
+    # The mixture's M-step is closed-form in every parameter (normalised counts,
+    # weighted mean, weighted second moment) and EM reaches a stationary point
+    # of the exact log-likelihood.
+    x = _mixture_data()
+    start = {"mu": jnp.array([-1.0, 0.5]), "s": jnp.array(1.0)}
+    em = fit(mixture, {"x": x}, init=start, n_iter=200, tol=1e-12, loop=QUIET)
+    assert em.converged and set(em.closed_form) == {"w", "mu", "s"}
+    grad = jax.grad(lambda p: model_log_likelihood(mixture, p, {"x": x}))(em.params)
+    np.testing.assert_allclose(grad["mu"], 0.0, atol=1e-6)
+    np.testing.assert_allclose(grad["s"], 0.0, atol=1e-6)
+    gw = np.asarray(grad["w"])  # on the simplex: the gradient is normal to it
+    np.testing.assert_allclose(gw - gw.mean(), 0.0, atol=1e-6)
+    assert abs(float(em.params["w"].sum()) - 1.0) < 1e-12
+    # The switch's unit-interval closed form: p = the posterior mean of `on`;
+    # `a` enters through tanh (no closed form) and gets no steps when
+    # inner_steps=0.
+    res = fit(switched, {"x": x}, n_iter=1, inner_steps=0, loop=QUIET)
+    assert res.closed_form == ("p",)
+    p0 = {"p": jnp.array(0.5), "a": jnp.array(0.3)}
+
+    def fixed(x=None):
+        on = numpyro.sample("on", dist.Bernoulli(p0["p"]))
+        numpyro.sample("x", dist.Normal(2.0 * jnp.tanh(p0["a"]) * on, 1.0), obs=x)
+
+    post = infer(compile_model(fixed, x=x[0]), x=x)
+    want = float(np.mean(np.asarray(post.marginals["on"])[:, 1]))
+    np.testing.assert_allclose(float(res.params["p"]), want, rtol=1e-10)
+    np.testing.assert_allclose(float(res.params["a"]), 0.3)
+    # With inner steps, `a` moves by generalised EM and the likelihood rises.
+    res = fit(switched, {"x": x}, n_iter=1, loop=QUIET)
+    assert float(res.params["a"]) != 0.3
+    assert res.log_likelihood[1] > res.log_likelihood[0]
+
+
+def rows(x=None):
+    """A mixture per row of ``x``: the latent ``z`` lives in a plate."""
+    w = numpyro.param("w", jnp.array([0.3, 0.7]), constraint=simplex)
+    mu = numpyro.param("mu", jnp.array([-1.0, 1.0]))
+    with numpyro.plate("rows", 3):
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z], 1.0), obs=x)
+
+
+def test_semi_supervised_clamp():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 3))
+    z = rng.integers(0, 2, (5, 3))
+    mask = rng.random((5, 3)) < 0.5
+    clamp = {"z": (jnp.asarray(z), jnp.asarray(mask))}
+    ll = model_log_likelihood(rows, None, {"x": jnp.asarray(x)}, clamp=clamp)
+    # By hand: a clamped row scores log w_z + log N(x | mu_z), the others
+    # log sum_k w_k N(x | mu_k).
+    w, mu = np.array([0.3, 0.7]), np.array([-1.0, 1.0])
+    joint = np.log(w) - 0.5 * (x[..., None] - mu) ** 2 - 0.5 * np.log(2 * np.pi)
+    want = np.where(
+        mask,
+        np.take_along_axis(joint, z[..., None], -1)[..., 0],
+        np.log(np.exp(joint).sum(-1)),
+    ).sum()
+    np.testing.assert_allclose(float(ll), want, rtol=1e-12)
+    res = fit(rows, {"x": jnp.asarray(x)}, clamp=clamp, n_iter=4, loop=QUIET)
+    assert np.all(np.diff(res.log_likelihood) >= -1e-9)
+    assert res.log_likelihood[-1] > res.log_likelihood[0]
+    # A clamped value outside the support has probability zero: refused.
+    bad = {"z": (jnp.full((5, 3), 2), jnp.ones((5, 3), bool))}
+    with pytest.raises(ValueError, match="probability zero"):
+        fit(rows, {"x": jnp.asarray(x)}, clamp=bad, n_iter=1, loop=QUIET)
+
+
+def _svi_batch_model(init):
+    @config_enumerate
+    def model(x):
+        w = numpyro.param("w", init["w"], constraint=simplex)
+        mu = numpyro.param("mu", init["mu"])
+        s = numpyro.param("s", init["s"], constraint=positive)
+        with numpyro.plate("data", x.shape[0]):
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Normal(mu[z], s), obs=x)
+
+    return model
+
+
+def test_against_numpyro_svi_with_trace_enum_elbo():
+    x = _mixture_data(20)
+    init = {"w": jnp.array([0.5, 0.5]), "mu": jnp.array([-1.0, 0.5]), "s": 1.0}
+    model = _svi_batch_model(init)
+
+    def guide(x):
+        pass
+
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    # The ELBO at our parameters is our log-likelihood (empty guide: no gap).
+    em = fit(mixture, {"x": x}, init=init, n_iter=300, tol=1e-12, loop=QUIET)
+    for params in (init, em.params):
+        ours = float(model_log_likelihood(mixture, params, {"x": x}))
+        theirs = -float(elbo.loss(jax.random.PRNGKey(0), params, model, guide, x))
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    # From the same start, SVI (Adam on the same exact objective) reaches the
+    # same log-likelihood as our EM and our Adam, within 1e-3 per example.
+    svi = SVI(model, guide, optax.adam(0.05), elbo)
+    run = svi.run(jax.random.PRNGKey(0), 500, x, progress_bar=False)
+    ll_svi = float(model_log_likelihood(mixture, run.params, {"x": x}))
+    adam = fit(mixture, {"x": x}, "adam", init=init, n_iter=500, loop=QUIET)
+    n = x.shape[0]
+    assert abs(ll_svi - em.log_likelihood[-1]) / n < 1e-3
+    assert abs(adam.log_likelihood[-1] - em.log_likelihood[-1]) / n < 1e-3
+    assert em.log_likelihood[-1] > em.log_likelihood[0] + 1.0
+
+
+def rm_model(image=None):
+    """The RM for one image, its parameters as numpyro.param sites."""
+    mu = numpyro.param("templates", jnp.zeros((2, 2, 4)))
+    sigma = numpyro.param("sigma", jnp.array(1.0), constraint=positive)
+    pc = numpyro.param("class_prior", jnp.ones(2) / 2, constraint=simplex)
+    pg = numpyro.param("nuisance_prior", jnp.ones(2) / 2, constraint=simplex)
+    c = numpyro.sample("c", dist.Categorical(pc))
+    g = numpyro.sample("g", dist.Categorical(pg))
+    numpyro.sample("image", dist.Normal(mu[c, g], sigma).to_event(1), obs=image)
+
+
+def test_generic_em_reaches_the_hand_written_rm_em_fixed_point():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(2, 2, 4)) * 2.0
+    c, g = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+    x = truth[c, g] + 0.5 * rng.standard_normal((40, 4))
+    start = RenderingModel(
+        jnp.asarray(x[:4].reshape(2, 2, 4)),
+        sigma=1.0,
+        class_prior=np.array([0.5, 0.5]),
+        nuisance_prior=np.array([0.5, 0.5]),
+    )
+    ref = fit_em(x, 2, 2, init=start, n_iter=500, tol=1e-12, loop=QUIET)
+    init = {
+        "templates": start.templates,
+        "sigma": jnp.asarray(1.0),
+        "class_prior": jnp.asarray(start.class_prior),
+        "nuisance_prior": jnp.asarray(start.nuisance_prior),
+    }
+    ours = fit(
+        rm_model,
+        {"image": jnp.asarray(x)},
+        init=init,
+        n_iter=500,
+        tol=1e-10,
+        inner_steps=0,
+        loop=QUIET,
+    )
+    np.testing.assert_allclose(
+        ours.log_likelihood[-1] / 40, ref.log_likelihood[-1], rtol=0, atol=1e-6
+    )
+    # Same templates up to a permutation of the (c, g) components.
+    a = np.asarray(ours.params["templates"]).reshape(4, 4)
+    b = np.asarray(ref.model.templates).reshape(4, 4)
+    d = np.abs(a[:, None] - b[None]).max(-1)
+    assert np.all(d.min(1) < 1e-4) and len(set(d.argmin(1))) == 4
+    np.testing.assert_allclose(float(ours.params["sigma"]), ref.model.sigma, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# Bad input
+# --------------------------------------------------------------------------- #
+
+
+def test_a_continuous_latent_is_refused():
+    def model(x=None):
+        m = numpyro.param("m", jnp.array(0.0))
+        z = numpyro.sample("z", dist.Normal(m, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(CompileError, match="no finite support"):
+        fit(model, {"x": jnp.zeros(3)}, loop=QUIET)
+
+
+def test_an_unused_parameter_is_refused():
+    def model(x=None):
+        numpyro.param("unused", jnp.array(1.0))
+        w = numpyro.param("w", jnp.array([0.5, 0.5]), constraint=simplex)
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match=r"\['unused'\] get no gradient"):
+        model_log_likelihood(model, None, {"x": jnp.zeros(3)})
+
+
+def test_a_parameter_leaving_its_constraint_is_refused():
+    def model(x=None):
+        s = numpyro.param("s", jnp.array(1.0), constraint=positive)
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        numpyro.sample("x", dist.Normal(z, s), obs=x)
+
+    x = jnp.array([0.1, 0.9, 1.1])
+    with pytest.raises(ValueError, match="'s' violates its constraint"):
+        fit(model, {"x": x}, init={"s": jnp.array(-1.0)}, loop=QUIET)
+    # A step so large that exp(u) overflows leaves (0, inf): refused, not clipped.
+    with pytest.raises(
+        ValueError, match="'s' violates its constraint .* after Adam step"
+    ):
+        fit(model, {"x": x}, "adam", learning_rate=1e3, n_iter=5, loop=QUIET)
+
+
+def test_data_that_does_not_fit_the_model_is_refused():
+    x = jnp.zeros((5, 4))
+    with pytest.raises(CompileError, match="shape"):
+        fit(mixture, {"x": x}, loop=QUIET)  # one x per example is a scalar
+    with pytest.raises(ValueError, match="different batch sizes"):
+        fit(
+            hmm,
+            {"x": x},
+            clamp={"z0": (jnp.zeros(3, int), jnp.ones(3, bool))},
+            loop=QUIET,
+        )
+    with pytest.raises(ValueError, match="leading batch axis"):
+        fit(mixture, {"x": jnp.array(1.0)}, loop=QUIET)
+    with pytest.raises(ValueError, match="keyword arguments"):
+        fit(mixture, {"y": jnp.zeros(3)}, loop=QUIET)
+    with pytest.raises(ValueError, match="not a latent site"):
+        model_log_likelihood(
+            mixture,
+            None,
+            {"x": jnp.zeros(3)},
+            clamp={"x": (jnp.zeros(3), jnp.ones(3, bool))},
+        )
+    with pytest.raises(ValueError, match="shape"):
+        model_log_likelihood(mixture, {"mu": jnp.zeros(3)}, {"x": jnp.zeros(3)})
+    with pytest.raises(ValueError, match="unknown parameter"):
+        model_log_likelihood(mixture, {"nu": jnp.zeros(2)}, {"x": jnp.zeros(3)})
+
+
+@pytest.mark.parametrize("method", ["em", "adam"])
+def test_a_killed_fit_resumes_where_an_uninterrupted_fit_ends(tmp_path, method):
+    x = {"x": _mixture_data()}
+    whole = fit(mixture, x, method, n_iter=6, loop=QUIET)
+    path = tmp_path / "fit.npz"
+    fit(mixture, x, method, n_iter=3, loop=LoopOptions(False, path))
+    resumed = fit(
+        mixture, x, method, n_iter=6, loop=LoopOptions(False, path, resume=True)
+    )
+    np.testing.assert_array_equal(resumed.log_likelihood, whole.log_likelihood)
+    for k in whole.params:
+        np.testing.assert_array_equal(resumed.params[k], whole.params[k])
+    with pytest.raises(ValueError, match="different fit"):
+        fit(
+            mixture,
+            {"x": x["x"] + 1.0},
+            method,
+            n_iter=6,
+            loop=LoopOptions(False, path, resume=True),
+        )
