@@ -20,9 +20,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --doctest-modules pgm_drm tests
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --nbmake notebooks
 
+# Every benchmark side by side, then bench/RESULTS.md (QUICK=1: small sizes, < 3 min).
 bench: $(STAMP)
-	$(BIN)/python bench/bench_rm.py
-	$(BIN)/python bench/bench_compiler.py $(if $(QUICK),--quick,)
+	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

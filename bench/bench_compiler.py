@@ -49,11 +49,12 @@ OUT_DIR = BENCH_DIR / "out"
 # --------------------------------------------------------------------------- #
 
 QUICK = {
-    "rm_images": 2000,
-    "chain_n": (300, 1000),
-    "ising_n": (10, 30),
+    "rm_images": 500,
+    "enum_images": 2,
+    "chain_n": (100,),
+    "ising_n": (10,),
     "drm_sizes": (8,),
-    "repeats": 5,
+    "repeats": 3,
     "timeouts": {
         "info": 60,
         "rm": 120,
@@ -65,6 +66,7 @@ QUICK = {
 }
 FULL = {
     "rm_images": 10_000,
+    "enum_images": 50,
     "chain_n": (1000, 10_000),
     "ising_n": (10, 30, 100),
     "drm_sizes": (8, 16, 32),
@@ -232,6 +234,104 @@ def case_rm(p: dict, rec: Recorder) -> None:
     us["numpy_matmul"] = 1e6 / n * _steady(lambda: x @ w, max(reps, 5))
     rec.update(
         us_per_image=us, max_abs_log_z_diff=float(np.max(np.abs(log_z - log_z_np)))
+    )
+
+    # MAP: ours (max-sum, MAP only) vs NumPyro's infer_discrete(temperature=0),
+    # jitted and vmapped over the same images.
+    from numpyro import handlers
+    from numpyro.contrib.funsor import infer_discrete
+
+    ours_map = infer(fg, "max", marginals=False, image=images).map
+    sites = sorted(ours_map)
+    us["ours_max_map_only"] = (
+        1e6
+        / n
+        * _steady(
+            lambda: jax.block_until_ready(
+                infer(fg, "max", marginals=False, image=images).map
+            ),
+            reps,
+        )
+    )
+    rec["us_per_image"] = us
+    discrete = infer_discrete(
+        config_enumerate(rm.model),
+        first_available_dim=-1,
+        temperature=0,
+        rng_key=jax.random.PRNGKey(0),
+    )
+
+    def map_one(img):
+        tr = handlers.trace(discrete).get_trace(image=img)
+        return {s: tr[s]["value"] for s in sites}
+
+    g = jax.jit(jax.vmap(map_one))
+    t0 = time.perf_counter()
+    np_map = jax.device_get(g(images))
+    rec["numpyro_map_first_result_s"] = time.perf_counter() - t0
+    us["numpyro_infer_discrete"] = (
+        1e6 / n * _steady(lambda: jax.block_until_ready(g(images)), reps)
+    )
+    same = np.ones(n, bool)
+    for s in sites:
+        same &= np.all(
+            np.asarray(ours_map[s]).reshape(n, -1)
+            == np.asarray(np_map[s]).reshape(n, -1),
+            axis=1,
+        )
+    rec.update(us_per_image=us, map_agreement_numpyro=float(same.mean()))
+
+    # Second column: enumerate_exact image by image (a few images: it is slow).
+    from pgm_drm.inference import enumerate_exact
+
+    m = min(n, p.get("enum_images", 20))
+    for sem in ("sum", "max"):
+        enumerate_exact(rm.model, image=images[0], semiring=sem)  # compile
+        t0 = time.perf_counter()
+        ez = [
+            float(enumerate_exact(rm.model, image=im, semiring=sem).log_z)
+            for im in images[:m]
+        ]
+        us[f"enumerate_exact_{sem}"] = 1e6 * (time.perf_counter() - t0) / m
+        ref = (
+            log_z
+            if sem == "sum"
+            else np.asarray(infer(fg, "max", marginals=False, image=images[:m]).log_z)
+        )
+        rec[f"enumerate_exact_{sem}_max_abs_log_z_diff"] = float(
+            np.max(np.abs(np.asarray(ez) - ref[:m]))
+        )
+        rec["us_per_image"] = us
+
+    # float32 vs float64 (x64 stays on: the float32 run is the dtype given).
+    rm32 = RenderingModel(templates.astype(np.float32), sigma=0.5, switch_prior=0.9)
+    im32 = np.asarray(images, np.float32)
+    fg32 = compile_model(rm32.model, image=im32[0])
+    post32 = infer(fg32, "sum", map=False, image=im32)
+    post32_max = infer(fg32, "max", marginals=False, image=im32)
+    us["ours_sum_nomap_f32"] = (
+        1e6
+        / n
+        * _steady(
+            lambda: jax.block_until_ready(infer(fg32, "sum", map=False, image=im32)),
+            reps,
+        )
+    )
+    same = np.ones(n, bool)
+    for s in sites:
+        same &= np.all(
+            np.asarray(post32_max.map[s]).reshape(n, -1)
+            == np.asarray(ours_map[s]).reshape(n, -1),
+            axis=1,
+        )
+    rec.update(
+        us_per_image=us,
+        f32_result_dtype=str(np.asarray(post32.log_z).dtype),
+        f32_max_abs_log_z_diff=float(np.max(np.abs(np.asarray(post32.log_z) - log_z))),
+        f32_max_rel_log_z_diff=float(
+            np.max(np.abs(np.asarray(post32.log_z) - log_z) / np.abs(log_z))
+        ),
+        f32_map_agreement=float(same.mean()),
     )
 
 
@@ -670,7 +770,11 @@ def _family_rm(ctx: dict, cases: dict) -> None:
     )
     d = run_case(
         "rm",
-        {"images": cfg["rm_images"], "repeats": reps},
+        {
+            "images": cfg["rm_images"],
+            "enum_images": cfg["enum_images"],
+            "repeats": reps,
+        },
         timeouts["rm"],
         work,
         "rm",
@@ -688,6 +792,15 @@ def _family_rm(ctx: dict, cases: dict) -> None:
     if "max_abs_log_z_diff" in d:
         err = d["max_abs_log_z_diff"]
         say(f"   max |log Z(ours) - log Z(NumPyro)| = {err:.2e}")
+    if "map_agreement_numpyro" in d:
+        say(f"   MAP equal to infer_discrete's: {d['map_agreement_numpyro']:.4f}")
+    if "f32_max_abs_log_z_diff" in d:
+        say(
+            f"   float32 run (result {d['f32_result_dtype']}): max |log Z f32 - f64| "
+            f"{d['f32_max_abs_log_z_diff']:.2e} (relative "
+            f"{d['f32_max_rel_log_z_diff']:.1e}), MAP equal "
+            f"{d['f32_map_agreement']:.4f}"
+        )
 
 
 def _family_chain(ctx: dict, cases: dict) -> None:
@@ -724,8 +837,16 @@ def _family_ising(ctx: dict, cases: dict) -> None:
     t0 = time.perf_counter()
     try:
         sys.path.insert(0, str(BENCH_DIR))
-        from pgmax_env import ensure_pgmax_venv
+        from pgmax_env import DEFAULT_VENV, ensure_pgmax_venv
 
+        if os.environ.get("BENCH_SKIP_PGMAX") == "1":
+            raise RuntimeError("skipped (BENCH_SKIP_PGMAX=1)")
+        built = (DEFAULT_VENV / ".pgmax-stamp.json").exists()
+        if not built and os.environ.get("BENCH_BUILD_VENVS") == "0":
+            raise RuntimeError(
+                "venv not built and BENCH_BUILD_VENVS=0 (a quick run): run "
+                "`make bench` or `python bench/pgmax_env.py` once"
+            )
         ensure_pgmax_venv()
         say(f"   PGMax venv ready in {time.perf_counter() - t0:.1f} s")
     except Exception as exc:  # report and skip PGMax
@@ -993,6 +1114,28 @@ def _ratios(cases: dict, cfg: dict) -> list[tuple[str, float | None, str]]:
         (
             "RM: NumPyro log_density / ours(log Z only, same work)",
             _ratio(rm.get("numpyro_log_density"), rm.get("ours_sum_logz_only")),
+            "",
+        )
+    )
+    out.append(
+        (
+            "RM: NumPyro infer_discrete (vmapped) / ours(max, MAP only)",
+            _ratio(rm.get("numpyro_infer_discrete"), rm.get("ours_max_map_only")),
+            "",
+        )
+    )
+    for sem in ("sum", "max"):
+        out.append(
+            (
+                f"RM: enumerate_exact per image / ours({sem})",
+                _ratio(rm.get(f"enumerate_exact_{sem}"), rm.get(f"ours_{sem}")),
+                "",
+            )
+        )
+    out.append(
+        (
+            "RM: ours(sum, map=False) float64 / float32",
+            _ratio(ours, rm.get("ours_sum_nomap_f32")),
             "",
         )
     )

@@ -1,38 +1,84 @@
-"""DCN-form DRM inference: cost vs a plain DCN, vs NumPyro enumeration, throughput.
+"""DCN-form DRM inference: cost vs a plain DCN, vs NumPyro enumeration, growth, dtypes.
 
 One run, side by side, prints ratios:
- (a) max-sum DCN-form pass (bottom-up only, and with the top-down MAP) vs a plain
-     ``lax.conv`` + ReLU + max-pool forward with the same shapes (goal <= 1.5x);
+ (a) the max-sum DCN-form pass (bottom-up only, and with the top-down MAP) vs a
+     plain ``lax.conv`` + ReLU + max-pool forward with the same shapes, float32
+     (issue 14 goal with the MAP: <= 1.5x);
  (b) vs ``enumerate_exact`` on an 8x8, 3-level DRM (the size NumPyro enumerates
-     in seconds; goal >= 100x);
- (c) images/s on 32x32 images, 3 levels, batch 1000, with the number of joint
-     latent configurations each image's pass marginalises.
+     in seconds; 2 levels in the quick run);
+ (c) images/s on 32x32 images, 3 levels, with the number of joint latent
+     configurations each image's pass marginalises;
+ (d) cost growth: time per image against pixels (3 levels) and against levels
+     (32x32), beside ``enumerate_exact``'s growth on the sizes it can enumerate;
+ (e) float32 vs float64: the same model and images in both dtypes, the time of
+     each and the largest difference of log Z and the class posterior.
 
-    python bench/bench_drm.py [--batch 1000] [--x64]
+x64 is enabled so that both dtypes run in one process; the float32 model is the
+float64 one cast leaf by leaf (the model is a pytree) and gets float32 images.
+
+    python bench/bench_drm.py [--quick] [--json PATH] [--batch 1000]
 """
 
-import argparse
+from __future__ import annotations
+
 import math
-import os
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", "cpu"))
+from common import (
+    OUT_DIR,
+    Report,
+    fmt_e,
+    fmt_s,
+    fmt_x,
+    parser,
+    platforms_default,
+    ratio,
+    steady,
+)
+
+platforms_default()
 
 import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+SIZES = {
+    True: {
+        "batch": 64,
+        "enum_images": 2,
+        "sides": (8, 32),
+        "levels": (3,),
+        "enum": ((8, 1),),
+        "b_levels": 2,
+        "repeats": 3,
+    },
+    False: {
+        "batch": 1000,
+        "enum_images": 10,
+        "sides": (8, 16, 32, 64, 128),
+        "levels": (1, 2, 3, 4, 5),
+        "enum": ((8, 1), (8, 2), (8, 3)),
+        "b_levels": 3,
+        "repeats": 5,
+    },
+}
 
-def timed(fn, *args, repeat=5):
-    jax.block_until_ready(fn(*args))
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+
+def cast(drm, dtype):
+    """The model with every floating array leaf cast to ``dtype`` (a pytree map;
+    Python scalars stay weakly typed)."""
+
+    def leaf(a):
+        if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating):
+            return a.astype(dtype)
+        return a
+
+    return jax.tree.map(leaf, drm)
 
 
-def plain_dcn(drm, key):
+def plain_dcn(drm, key, dtype=jnp.float32):
     """A plain DCN with the DRM's layer shapes: conv(k=w, stride=w) -> ReLU -> max
     over the G translation channels of each state; random weights."""
     params = []
@@ -41,7 +87,7 @@ def plain_dcn(drm, key):
         k, g = drm.n_states[level - 1] + 1, drm.n_nuisances[level - 1]
         w = drm.windows[level - 1]
         key, sub = jax.random.split(key)
-        params.append(jax.random.normal(sub, (w, w, c_in, k * g)) * 0.1)
+        params.append((jax.random.normal(sub, (w, w, c_in, k * g)) * 0.1).astype(dtype))
         c_in = k
 
     @jax.jit
@@ -60,70 +106,323 @@ def plain_dcn(drm, key):
     return forward
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--x64", action="store_true")
-    parser.add_argument("--enum-images", type=int, default=10)
-    args = parser.parse_args()
-    if args.x64:
-        jax.config.update("jax_enable_x64", True)
-    from pgm_drm.graph import compile_model  # noqa: F401
-    from pgm_drm.inference import enumerate_exact
-    from pgm_drm.inference.dcn import dcn_infer
-    from pgm_drm.models import DeepRenderingModel
-    from pgm_drm.models.maxsum import bottom_up as drm_bottom_up
-
-    dev = jax.devices()[0]
-    print(
-        f"device: {dev.platform} {dev.device_kind}; float{'64' if args.x64 else '32'}"
-    )
-
-    drm = DeepRenderingModel.random(
-        jax.random.PRNGKey(0), image_shape=(32, 32), levels=3
-    )
-    images, _ = drm.sample(jax.random.PRNGKey(1), args.batch)
-    bottom_up = jax.jit(lambda x: drm.class_scores(drm_bottom_up(drm, x, 0.0)[0]))
-    t_up = timed(bottom_up, images)
-    t_full = timed(lambda x: dcn_infer(drm, x, "max"), images)
-    t_plain = timed(plain_dcn(drm, jax.random.PRNGKey(2)), images)
-    print(
-        f"(a) 32x32, L=3, batch {args.batch}: plain DCN {t_plain * 1e3:.2f} ms, "
-        f"DCN-form bottom-up {t_up * 1e3:.2f} ms ({t_up / t_plain:.2f}x), "
-        f"+ top-down MAP {t_full * 1e3:.2f} ms ({t_full / t_plain:.2f}x)"
-    )
-
-    small = DeepRenderingModel.random(
-        jax.random.PRNGKey(3), image_shape=(8, 8), levels=3, states=(3, 2, 2)
-    )
-    imgs, _ = small.sample(jax.random.PRNGKey(4), args.enum_images)
-    enumerate_exact(small.model, image=imgs[0], semiring="max")  # compile
-    t0 = time.perf_counter()
-    for im in imgs:
-        enumerate_exact(small.model, image=im, semiring="max")
-    t_enum = (time.perf_counter() - t0) / len(imgs)
-    t_dcn = timed(lambda x: dcn_infer(small, x, "max"), imgs) / len(imgs)
-    print(
-        f"(b) 8x8, L=3: enumerate_exact {t_enum * 1e3:.1f} ms/image, DCN-form "
-        f"{t_dcn * 1e6:.1f} us/image, ratio {t_enum / t_dcn:.0f}x"
-    )
-
+def log10_configurations(drm) -> float:
+    """log10 of the joint latent configurations one image's pass marginalises:
+    class and top translation, and per unit below the top a translation and a
+    switch."""
     units = [int(np.prod(drm.grid_shape(level))) for level in range(1, drm.levels)]
-    log10_configs = (
+    return (
         math.log10(drm.n_classes)
         + math.log10(drm.n_nuisances[-1])
         + sum(
             n * math.log10(2 * drm.n_nuisances[level]) for level, n in enumerate(units)
         )
     )
+
+
+def random_drm(side, levels, seed=0, **kw):
+    from pgm_drm.models import DeepRenderingModel
+
+    return DeepRenderingModel.random(
+        jax.random.PRNGKey(seed), image_shape=(side, side), levels=levels, **kw
+    )
+
+
+def main(argv=None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--batch", type=int, default=None)
+    args = ap.parse_args(argv)
+    cfg = SIZES[args.quick]
+    batch = args.batch or cfg["batch"]
+    reps = cfg["repeats"]
+    rep = Report("drm", args)
+    from pgm_drm.inference import enumerate_exact
+    from pgm_drm.models.maxsum import bottom_up
+
+    raw = rep.data["raw"]
+
+    # (a) vs a plain DCN, float32.
+    drm64 = random_drm(32, 3)
+    images64, _ = drm64.sample(jax.random.PRNGKey(1), batch)
+    images64 = jnp.asarray(images64, jnp.float64)
+    drm = cast(drm64, jnp.float32)
+    images = images64.astype(jnp.float32)
+    up = jax.jit(lambda m, x: m.class_scores(bottom_up(m, x, 0.0)[0]))
+    t_up = steady(lambda: jax.block_until_ready(up(drm, images)), reps)
+    t_full = steady(lambda: jax.block_until_ready(drm.infer(images, "max")), reps)
+    plain = plain_dcn(drm, jax.random.PRNGKey(2))
+    t_plain = steady(lambda: jax.block_until_ready(plain(images)), reps)
+    raw["a"] = {"plain_s": t_plain, "bottom_up_s": t_up, "with_map_s": t_full}
+    rep.table(
+        f"(a) DRM DCN-form pass vs a plain conv/ReLU/max-pool forward: 32x32, 3 "
+        f"levels, batch {batch}, float32",
+        ["pass", "time per batch", "/ plain forward"],
+        [
+            ["plain DCN forward (lax.conv + ReLU + max-pool)", fmt_s(t_plain), "1x"],
+            ["DCN-form max-sum, bottom-up only", fmt_s(t_up), fmt_x(t_up / t_plain)],
+            [
+                "DCN-form max-sum + top-down MAP (`drm.infer`)",
+                fmt_s(t_full),
+                fmt_x(t_full / t_plain),
+            ],
+        ],
+        "issue 14 goal with the MAP: <= 1.5x",
+    )
+    rep.headline(
+        "drm_up_vs_plain",
+        t_up / t_plain,
+        f"DRM bottom-up max-sum pass {fmt_x(t_up / t_plain)} a plain conv/ReLU/"
+        f"max-pool forward (32x32, 3 levels, batch {batch}, float32)",
+    )
+    rep.headline(
+        "drm_map_vs_plain",
+        t_full / t_plain,
+        f"with the top-down MAP {fmt_x(t_full / t_plain)} the plain forward",
+    )
+
+    # (b) vs enumerate_exact, 8x8, 3 levels (quick: 2 levels).
+    lb = cfg["b_levels"]
+    small = random_drm(8, lb, seed=3, states=(3, 2, 2)[:lb])
+    imgs, _ = small.sample(jax.random.PRNGKey(4), cfg["enum_images"])
+    enumerate_exact(small.model, image=imgs[0], semiring="max")  # compile
+    t0 = time.perf_counter()
+    ez = [
+        float(enumerate_exact(small.model, image=im, semiring="max").log_z)
+        for im in imgs
+    ]
+    t_enum = (time.perf_counter() - t0) / len(imgs)
+    t_dcn = steady(lambda: jax.block_until_ready(small.infer(imgs, "max")), reps) / len(
+        imgs
+    )
+    err = float(np.max(np.abs(np.asarray(small.infer(imgs, "max").log_z) - ez)))
+    raw["b"] = {"enum_s": t_enum, "dcn_s": t_dcn, "max_abs_log_z_diff": err}
+    rep.table(
+        f"(b) DRM 8x8, {lb} levels, states {(3, 2, 2)[:lb]}: DCN-form pass vs "
+        "enumerate_exact (NumPyro/funsor), max-sum, per image",
+        ["enumerate_exact", "DCN-form", "ratio", "max |log Z diff|"],
+        [[fmt_s(t_enum), fmt_s(t_dcn), fmt_x(t_enum / t_dcn), fmt_e(err)]],
+        f"{len(imgs)} images; enumerate_exact jitted once, called per image; the DCN "
+        "pass on the batch",
+    )
+    rep.headline(
+        "drm_vs_enum",
+        t_enum / t_dcn,
+        f"DRM 8x8, {lb} levels: DCN-form pass {fmt_x(t_enum / t_dcn)} faster than "
+        "enumerate_exact",
+    )
+
+    # (c) throughput.
+    rows = []
     for semiring in ("max", "sum"):
-        t = timed(lambda x, s=semiring: dcn_infer(drm, x, s), images)
-        name = "max-sum" if semiring == "max" else "sum-product"
-        print(
-            f"(c) {name} 32x32 L=3: {args.batch / t:,.0f} images/s "
-            f"(each marginalises 10^{log10_configs:.0f} joint configurations)"
+        t = steady(lambda s=semiring: jax.block_until_ready(drm.infer(images, s)), reps)
+        rows.append(
+            [
+                "max-sum" if semiring == "max" else "sum-product",
+                f"{batch / t:,.0f}",
+                f"10^{log10_configurations(drm):.0f}",
+            ]
         )
+    raw["c"] = rows
+    rep.table(
+        f"(c) DRM throughput, 32x32, 3 levels, batch {batch}, float32 (with the MAP)",
+        ["semiring", "images/s", "joint configurations per image"],
+        rows,
+    )
+
+    # (e) float32 vs float64.
+    rows = []
+    for name, m64, x64 in (("32x32, 3 levels", drm64, images64),):
+        m32, x32 = cast(m64, jnp.float32), x64.astype(jnp.float32)
+        o64, o32 = m64.infer(x64, "max"), m32.infer(x32, "max")
+        t64 = steady(
+            lambda m=m64, x=x64: jax.block_until_ready(m.infer(x, "max")), reps
+        )
+        t32 = steady(
+            lambda m=m32, x=x32: jax.block_until_ready(m.infer(x, "max")), reps
+        )
+        d_logz = float(jnp.max(jnp.abs(o64.log_z - o32.log_z.astype(jnp.float64))))
+        rel = d_logz / float(jnp.max(jnp.abs(o64.log_z)))
+        d_post = float(
+            jnp.max(
+                jnp.abs(
+                    jnp.exp(o64.class_log_posterior)
+                    - jnp.exp(o32.class_log_posterior.astype(jnp.float64))
+                )
+            )
+        )
+        same_c = float(jnp.mean(o64.map["c"] == o32.map["c"]))
+        raw["e"] = {
+            "f64_s": t64,
+            "f32_s": t32,
+            "max_abs_log_z_diff": d_logz,
+            "max_rel_log_z_diff": rel,
+            "max_class_posterior_diff": d_post,
+            "map_class_agreement": same_c,
+            "f32_result_dtype": str(o32.log_z.dtype),
+        }
+        rows.append(
+            [
+                f"DRM pass (max-sum + MAP), {name}, batch {batch}",
+                fmt_s(t32),
+                fmt_s(t64),
+                fmt_x(t64 / t32),
+                str(o32.log_z.dtype),
+                f"{fmt_e(d_logz)} (rel {fmt_e(rel)})",
+                f"posterior {fmt_e(d_post)}, MAP class equal {same_c:.3f}",
+            ]
+        )
+    rep.table(
+        "(e) float32 vs float64: DRM pass",
+        [
+            "workload",
+            "float32",
+            "float64",
+            "f64 / f32",
+            "float32 run's result dtype",
+            "max |log Z f32 - f64|",
+            "other differences",
+        ],
+        rows,
+    )
+    rep.headline(
+        "drm_f32_speedup",
+        ratio(raw["e"]["f64_s"], raw["e"]["f32_s"]),
+        "DRM pass float64 / float32 time "
+        f"{fmt_x(ratio(raw['e']['f64_s'], raw['e']['f32_s']))}, "
+        f"max |log Z| difference {fmt_e(raw['e']['max_abs_log_z_diff'])}",
+    )
+    # (d) growth.
+    growth = []
+    enum_sizes = {tuple(e) for e in cfg["enum"]}
+    shapes = [(s, 3) for s in cfg["sides"]] + [
+        (32, lv) for lv in cfg["levels"] if lv != 3
+    ]
+    for side, levels in sorted(set(shapes) | enum_sizes):
+        try:
+            m = random_drm(
+                side,
+                levels,
+                seed=5,
+                **(
+                    {"states": (3,) + (2,) * (levels - 1)}
+                    if (side, levels) in enum_sizes
+                    else {}
+                ),
+            )
+        except ValueError as exc:
+            growth.append({"side": side, "levels": levels, "error": str(exc)})
+            continue
+        x, _ = m.sample(jax.random.PRNGKey(6), batch)
+        x = jnp.asarray(x, jnp.float32)
+        m32 = cast(m, jnp.float32)
+        t = steady(
+            lambda m32=m32, x=x: jax.block_until_ready(m32.infer(x, "max")), reps
+        )
+        row = {
+            "side": side,
+            "levels": levels,
+            "pixels": side * side,
+            "log10_configs": log10_configurations(m),
+            "dcn_s_per_image": t / batch,
+        }
+        if (side, levels) in enum_sizes:
+            m64 = cast(m, jnp.float64)
+            xe = jnp.asarray(x[: cfg["enum_images"]], jnp.float64)
+            enumerate_exact(m64.model, image=xe[0], semiring="max")
+            t0 = time.perf_counter()
+            for im in xe:
+                enumerate_exact(m64.model, image=im, semiring="max")
+            row["enum_s_per_image"] = (time.perf_counter() - t0) / len(xe)
+        growth.append(row)
+        raw["d"] = growth
+        rep.write()
+    rows = [
+        [
+            f"{g['side']}x{g['side']}",
+            g["levels"],
+            f"10^{g['log10_configs']:.1f}",
+            fmt_s(g["dcn_s_per_image"]),
+            fmt_s(g.get("enum_s_per_image")),
+        ]
+        for g in growth
+        if "error" not in g
+    ]
+    rep.table(
+        "(d) Cost growth: DCN-form max-sum + MAP, float32, per image (batch "
+        f"{batch}); enumerate_exact (float64, per image) where it can enumerate",
+        ["image", "levels", "joint configurations", "DCN-form", "enumerate_exact"],
+        rows,
+        "enumerate_exact runs only on the small models (states (3, 2, ...)); its "
+        "time follows the joint configurations, the pass's the pixels",
+    )
+    fig = _plot_growth(growth, OUT_DIR / "drm_growth.png")
+    if fig:
+        rep.figure(fig)
+
+    return 0
+
+
+def _plot_growth(growth, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [g for g in growth if "error" not in g]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    by_pix = sorted((g for g in ok if g["levels"] == 3), key=lambda g: g["pixels"])
+    ax = axes[0]
+    ax.plot(
+        [g["pixels"] for g in by_pix],
+        [g["dcn_s_per_image"] for g in by_pix],
+        "o-",
+        label="DCN-form pass (3 levels)",
+    )
+    enum = [g for g in ok if "enum_s_per_image" in g]
+    ax.plot(
+        [g["pixels"] for g in enum],
+        [g["enum_s_per_image"] for g in enum],
+        "s--",
+        label="enumerate_exact (small models)",
+    )
+    ax.set_xlabel("pixels")
+    ax.set_title("time per image vs pixels")
+    by_lv = sorted((g for g in ok if g["side"] == 32), key=lambda g: g["levels"])
+    ax = axes[1]
+    ax.plot(
+        [g["log10_configs"] for g in ok],
+        [g["dcn_s_per_image"] for g in ok],
+        "o",
+        label="DCN-form pass (all sizes)",
+    )
+    ax.plot(
+        [g["log10_configs"] for g in enum],
+        [g["enum_s_per_image"] for g in enum],
+        "s--",
+        label="enumerate_exact",
+    )
+    for g in by_lv:
+        ax.annotate(
+            f"32x32 L={g['levels']}",
+            (g["log10_configs"], g["dcn_s_per_image"]),
+            fontsize=7,
+        )
+    ax.set_xlabel("log10 joint latent configurations per image")
+    ax.set_title("time per image vs configurations")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds per image")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_xscale("log")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

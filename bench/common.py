@@ -1,0 +1,139 @@
+"""Shared helpers of the bench scripts: timing, the JSON they write, tables.
+
+Every script run by ``bench/run_all.py`` takes ``--quick`` (small sizes) and
+``--json PATH`` and writes one JSON object (``Report``)::
+
+    {"bench": name, "quick": bool, "device": "...", "dtype_note": "...",
+     "tables": [{"title", "columns", "rows", "note"}],   # rows of strings
+     "headlines": [{"name", "value", "text"}],            # quoted on the page
+     "figures": [png paths], "raw": {...}}
+
+``run_all.py`` renders the tables, in order, into ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+OUT_DIR = BENCH_DIR / "out"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--json", type=Path, default=None, help="write the report here")
+    return ap
+
+
+def steady(fn, repeats: int = 5) -> float:
+    """Min wall time (s) of ``repeats`` calls after one warm-up; ``fn`` must block."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def first(fn) -> tuple[object, float]:
+    """``(result, seconds)`` of one call (with tracing and compilation)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if x >= 100:
+        return f"{x:.0f} s"
+    if x >= 1:
+        return f"{x:.2f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.2f} ms"
+    return f"{x * 1e6:.1f} µs"
+
+
+def fmt_x(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3g}x"
+
+
+def fmt_e(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+class Report:
+    """Collects tables and headlines; ``write()`` (also called on every table, so
+    a script killed by its timeout leaves what it finished)."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        import jax
+
+        dev = jax.devices()[0]
+        self.path = args.json
+        self.data: dict = {
+            "bench": name,
+            "quick": bool(args.quick),
+            "device": f"{dev.platform} {dev.device_kind} x{len(jax.devices())}",
+            "tables": [],
+            "headlines": [],
+            "figures": [],
+            "raw": {},
+        }
+        print(
+            f"== {name} ({'quick' if args.quick else 'full'}) on {self.data['device']}"
+        )
+
+    def table(self, title: str, columns: list[str], rows: list[list], note: str = ""):
+        rows = [[str(c) for c in r] for r in rows]
+        self.data["tables"].append(
+            {"title": title, "columns": columns, "rows": rows, "note": note}
+        )
+        widths = [
+            max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)
+        ]
+        print(f"\n-- {title}")
+        print(
+            "  " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+        )
+        for r in rows:
+            print("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+        if note:
+            print(f"  ({note})")
+        self.write()
+
+    def headline(self, name: str, value: float | None, text: str) -> None:
+        self.data["headlines"].append({"name": name, "value": value, "text": text})
+        self.write()
+
+    def figure(self, path: Path) -> None:
+        self.data["figures"].append(str(path))
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=float))
+        tmp.replace(self.path)
+
+
+def platforms_default() -> None:
+    """CPU unless the caller chose a platform (``JAX_PLATFORMS``)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
