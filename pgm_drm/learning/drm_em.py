@@ -75,6 +75,7 @@ from pgm_drm.models.drm import DeepRenderingModel
 from pgm_drm.models.maxsum import (
     Latents,
     bottom_up,
+    bottom_up_argmax,
     latents_to_map,
     placement_offsets,
     top_down,
@@ -177,9 +178,9 @@ def _clamp(class_scores: Array, labels: Array) -> Array:
 
 def _e_step(drm: DeepRenderingModel, images: Array, labels: Array):
     """Eq. 18: the MAP latents (class clamped where labelled) and their log joint."""
-    pooled, _, scores = bottom_up(drm, images, 0.0)
-    class_scores = _clamp(drm.class_scores(pooled), labels)
-    z = top_down(drm, scores, class_scores)
+    up = bottom_up_argmax(drm, images)
+    class_scores = _clamp(drm.class_scores(up.pooled[-1]), labels)
+    z = top_down(drm, up, class_scores)
     return z, jnp.max(class_scores, axis=-1)
 
 

@@ -17,9 +17,12 @@ This module holds that pass once:
   (:class:`pgm_drm.models.DeepRenderingModel`, tied weights: its templates and
   priors), the convolutional DRM and the discriminative relaxation
   (:class:`pgm_drm.learning.DCNNet`, free weights, Eq. 25) are such models;
-* :func:`top_down`: the tree DRM's coarse-to-fine backtracking of the max-sum
-  argmaxes (§2.4 stage ii, §6.2.2); a class is clamped by giving the others
-  ``-inf`` (hard EM with labels);
+* :func:`bottom_up_argmax` keeps the argmax of every pooling (one variadic
+  reduction: :func:`max_and_argmax`), and :func:`top_down`, the tree DRM's
+  coarse-to-fine MAP (§2.4 stage ii, §6.2.2), only follows them (gathers, the
+  max-unpooling of deconvnets); :func:`naive_top_down` re-reduces the scores and
+  is its twin. A class is clamped by giving the others ``-inf`` (hard EM with
+  labels);
 * :func:`dcn_pass`: both, jitted with the model as an ordinary (traced) argument,
   so a new parameter value of the same structure reuses the compiled program.
 
@@ -46,9 +49,13 @@ from pgm_drm.semiring import reduce_t
 __all__ = [
     "DCNOutput",
     "Latents",
+    "MaxSumPass",
     "bottom_up",
+    "bottom_up_argmax",
     "dcn_pass",
     "latents_to_map",
+    "max_and_argmax",
+    "naive_top_down",
     "placement_offsets",
     "top_down",
     "windows",
@@ -137,17 +144,66 @@ def bottom_up(
         ``(B, n, n, K)`` (at the top ``n = 1``); the messages of the levels below
         it; the scores of every level run.
     """
+    out = _levels(model, x, t, upto, lambda u: (reduce_t(u, (u.ndim - 1,), t), None))
+    return out.pooled[-1], out.messages, out.scores
+
+
+class MaxSumPass(NamedTuple):
+    """Every level's max-sum quantities, with the argmax of each pooling kept.
+
+    Attributes:
+        pooled: Per level, the scores pooled over ``g`` ``(B, n, n, K+1)``.
+        g_best: Per level, the argmax over ``g`` of the same reduction ``(B, n,
+            n, K+1)`` (int32): the max-unpooling "switches" of a deconvnet.
+        messages: Per level below the top, the unit messages (after the switch).
+        scores: Per level, the pre-pooling scores ``(B, n, n, K+1, G)``.
+    """
+
+    pooled: tuple[Array, ...]
+    g_best: tuple[Array, ...]
+    messages: tuple[Array, ...]
+    scores: tuple[Array, ...]
+
+
+def _levels(model: Any, x: Array, t: float, upto: int | None, pool) -> MaxSumPass:
+    """The one level loop ``match -> pool over g -> switch``; ``pool(u)`` returns
+    the pooled scores and (or ``None``) the pooling's argmax."""
     top = model.levels if upto is None else int(upto)
-    scores, messages = [], []
+    pooled, best, scores, messages = [], [], [], []
     below = x
     for level in range(1, top + 1):
         u = model.level_scores(level, below)
         scores.append(u)
-        pooled = reduce_t(u, (u.ndim - 1,), t)  # pooling over translations g
+        value, index = pool(u)  # pooling over translations g (Eq. 12)
+        pooled.append(value)
+        best.append(index)
         if level < top:
-            below = model.level_switch(level, pooled, t)
+            below = model.level_switch(level, value, t)
             messages.append(below)
-    return pooled, tuple(messages), tuple(scores)
+    return MaxSumPass(tuple(pooled), tuple(best), tuple(messages), tuple(scores))
+
+
+def max_and_argmax(x: Array, axis: int = -1) -> tuple[Array, Array]:
+    """``max`` and first ``argmax`` over ``axis`` in ONE reduction (a variadic
+    ``lax.reduce`` over (value, index) pairs, as ``jnp.argmax`` itself lowers)."""
+    axis = axis % x.ndim
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+
+    def pick(a, b):
+        (av, ai), (bv, bi) = a, b
+        take_a = (av > bv) | ((av == bv) & (ai < bi))
+        return jnp.where(take_a, av, bv), jnp.where(take_a, ai, bi)
+
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(x.shape[axis], jnp.int32))
+    value, arg = jax.lax.reduce((x, index), init, pick, (axis,))
+    # A row of -inf keeps the init index: point it at 0, as jnp.argmax does.
+    return value, jnp.where(arg == x.shape[axis], 0, arg)
+
+
+def bottom_up_argmax(model: Any, x: Array, upto: int | None = None) -> MaxSumPass:
+    """The max-sum (``T = 0``) bottom-up pass keeping the argmax of every pooling,
+    so that the top-down MAP only follows them (:func:`top_down`)."""
+    return _levels(model, x, 0.0, upto, lambda u: max_and_argmax(u, -1))
 
 
 class Latents(NamedTuple):
@@ -165,8 +221,46 @@ class Latents(NamedTuple):
     a: tuple[Array, ...]
 
 
-def top_down(drm: Any, scores: tuple[Array, ...], class_scores: Array) -> Latents:
-    """Coarse-to-fine backtracking of the max-sum argmaxes (§2.4 stage ii).
+def top_down(drm: Any, up: MaxSumPass, class_scores: Array) -> Latents:
+    """Coarse-to-fine MAP of a tree DRM following the bottom-up argmaxes (§2.4
+    stage ii, §6.2.2): every pooling's argmax was kept by
+    :func:`bottom_up_argmax`, so each level costs gathers only (no reduction over
+    the translations is run twice). :func:`naive_top_down`, which re-reduces the
+    scores, is its twin.
+
+    Args:
+        drm: A :class:`pgm_drm.models.DeepRenderingModel`.
+        up: :func:`bottom_up_argmax` of the images.
+        class_scores: ``(B, K_L)`` max-sum class scores; give the other classes
+            ``-inf`` to clamp the class.
+    """
+    L = drm.levels
+    c = jnp.argmax(class_scores, axis=-1)
+    g = jnp.take_along_axis(up.g_best[L - 1][:, 0, 0], c[:, None], axis=-1)[:, 0]
+    states, gs, as_ = [c[:, None, None]], [g[:, None, None]], []
+    eff, g_grid = states[0], gs[0]
+    for level in range(L, 1, -1):
+        table = drm.placement_table(level)
+        children = windows_to_grid(table[eff, g_grid], drm.windows[level - 1])
+        best = up.pooled[level - 2]  # (B, H, W, K+1): max over g of the child
+        p = drm.switch_priors[level - 2]
+        s_best = jnp.take_along_axis(best, children[..., None], axis=-1)[..., 0]
+        # Eq. 9's switch; a = 0 (OFF) wins ties, as in naive_top_down.
+        a = (jnp.log(p) + s_best > jnp.log1p(-p) + best[..., -1]).astype(jnp.int32)
+        eff = jnp.where(a == 1, children, drm.n_states[level - 2])
+        g_grid = jnp.take_along_axis(up.g_best[level - 2], eff[..., None], axis=-1)[
+            ..., 0
+        ]
+        states.insert(0, eff)
+        gs.insert(0, g_grid)
+        as_.insert(0, a)
+    return Latents(tuple(states), tuple(gs), tuple(as_))
+
+
+def naive_top_down(drm: Any, scores: tuple[Array, ...], class_scores: Array) -> Latents:
+    """Coarse-to-fine backtracking of the max-sum argmaxes (§2.4 stage ii), the
+    naive twin of :func:`top_down`: it reduces every level's scores over the
+    translations again.
 
     Args:
         drm: A :class:`pgm_drm.models.DeepRenderingModel`.
@@ -246,18 +340,18 @@ def dcn_pass(drm: Any, images: Array, t: float) -> DCNOutput:
     of checked images ``(B, *image_shape)`` (no input checks: see
     :func:`pgm_drm.inference.dcn_infer`). The model is traced: one compilation
     per structure, image batch shape and ``t``."""
-    pooled, messages, scores = bottom_up(drm, images, t)
-    class_scores = drm.class_scores(pooled)
-    log_z = reduce_t(class_scores, (1,), t)
+    up = bottom_up_argmax(drm, images)
+    max_class = drm.class_scores(up.pooled[-1])
     if t == 0.0:
-        max_scores, max_class = scores, class_scores
+        class_scores, messages, scores = max_class, up.messages, up.scores
     else:
-        max_pooled, _, max_scores = bottom_up(drm, images, 0.0)
-        max_class = drm.class_scores(max_pooled)
+        pooled, messages, scores = bottom_up(drm, images, t)
+        class_scores = drm.class_scores(pooled)
+    log_z = reduce_t(class_scores, (1,), t)
     return DCNOutput(
         class_log_posterior=class_scores - log_z[:, None],
         log_z=log_z,
         messages=messages,
         scores=scores,
-        map=latents_to_map(top_down(drm, max_scores, max_class)),
+        map=latents_to_map(top_down(drm, up, max_class)),
     )
