@@ -466,12 +466,21 @@ def _to_constrained(specs, u):
     return {n: biject_to(specs[n].constraint)(v) for n, v in u.items()}
 
 
-def _check_constraints(specs, params, when: str) -> None:
+def _inside(specs, params) -> dict[str, Array]:
+    """Per parameter: whether every entry is finite and satisfies its constraint
+    (traceable: a jitted step returns it with the new parameters)."""
+    return {
+        n: jnp.all(specs[n].constraint.check(v)) & jnp.all(jnp.isfinite(v))
+        for n, v in params.items()
+    }
+
+
+def _check_constraints(specs, params, when: str, inside=None) -> None:
+    inside = _inside(specs, params) if inside is None else inside
     for n, v in params.items():
         c = specs[n].constraint
-        ok = np.asarray(c.check(v))
-        arr = np.asarray(v)
-        if not (ok.all() and np.all(np.isfinite(arr))):
+        if not bool(inside[n]):
+            arr = np.asarray(v)
             raise ValueError(
                 f"parameter {n!r} violates its constraint {c} {when} (values "
                 f"{arr.ravel()[:6]}...); a closed-form or gradient step left the "
@@ -548,7 +557,7 @@ _ORDER = ("simplex", "unit", "real", "positive")
 
 class _EMSteps(NamedTuple):
     e_step: Callable  # (params, batch, weights) -> (total, log Z per example, B)
-    m_step: Callable  # (params, B, batch, closed, free) -> (params, closed ok)
+    m_step: Callable  # (params, B, batch, closed, free) -> (params, ok, inside)
 
 
 def _em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
@@ -633,7 +642,7 @@ def _make_em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
             cand = gem(params, b, ex, free)
             keep = q_fn(cand, b, ex) >= q_cur
             params = {k: jnp.where(keep, cand[k], v) for k, v in params.items()}
-        return params, oks
+        return params, oks, _inside(specs, params)
 
     return _EMSteps(e_step, jax.jit(m_step, static_argnums=(3, 4)))
 
@@ -653,7 +662,8 @@ class _EM:
 
     def step(self, params):
         """One EM iteration: (new params, total log-likelihood at ``params``,
-        the parameters updated in closed form).
+        the parameters updated in closed form, whether each new parameter
+        satisfies its constraint).
 
         A function of ``params`` alone (a resumed fit continues bit for bit):
         every closed form is tried, and the parameters whose ``Q`` lacks its
@@ -663,10 +673,10 @@ class _EM:
         closed = self.closed
         while True:
             free = tuple(n for n in self.g.names if n not in closed)
-            new, oks = self.steps.m_step(params, b, self.ex, closed, free)
+            new, oks, inside = self.steps.m_step(params, b, self.ex, closed, free)
             failed = [n for n, ok in oks.items() if not bool(ok)]
             if not failed:
-                return new, float(total), closed
+                return new, float(total), closed, inside
             closed = tuple(n for n in closed if n not in failed)
 
 
@@ -683,7 +693,9 @@ def _adam_step(g: _Graph, learning_rate: float):
         def step(u, s, ex, w):
             val, grad = jax.value_and_grad(loss)(u, ex, w)
             upd, s = opt.update(grad, s, u)
-            return optax.apply_updates(u, upd), s, -val
+            u = optax.apply_updates(u, upd)
+            new = _to_constrained(g.specs, u)
+            return u, s, -val, new, _inside(g.specs, new)
 
         g.jitted[key] = (opt, step)
     return g.jitted[key]
@@ -787,9 +799,9 @@ def fit(
             return _State(jnp.asarray(0), p, None)
 
         def step(st: _State):
-            new, total, last_closed[0] = em.step(st.params)
+            new, total, last_closed[0], inside = em.step(st.params)
             it = int(st.iteration) + 1
-            _check_constraints(specs, new, f"after EM step {it}")
+            _check_constraints(specs, new, f"after EM step {it}", inside)
             return _State(jnp.asarray(it), new, None), _Info(total)
 
     else:
@@ -802,10 +814,9 @@ def fit(
 
         def step(st: _State):
             u, s = st.opt_state
-            u, s, total = adam_step(u, s, ex, w)
-            new = _to_constrained(specs, u)
+            u, s, total, new, inside = adam_step(u, s, ex, w)
             it = int(st.iteration) + 1
-            _check_constraints(specs, new, f"after Adam step {it}")
+            _check_constraints(specs, new, f"after Adam step {it}", inside)
             return _State(jnp.asarray(it), new, (u, s)), _Info(float(total))
 
     meta = {
@@ -829,7 +840,11 @@ def fit(
         default_every=10,
     )
     final = out.state.params
-    ll_end = float(g.total(final, ex, w))
+    # The log-likelihood at the end from the programs the fit already compiled.
+    if method == "em":
+        ll_end = float(em.steps.e_step(final, ex, w)[0])
+    else:
+        ll_end = float(adam_step(*out.state.opt_state, ex, w)[2])
     return ModelFit(
         params={k: jnp.asarray(final[k]) for k in g.names},
         log_likelihood=np.asarray(out.history["log_likelihood"] + [ll_end]),
