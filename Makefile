@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # Every benchmark side by side, then bench/RESULTS.md (QUICK=1: small sizes, < 3 min).
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
+	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from common import Report, fmt_s, fmt_x, parser, platforms_default
+from common import Report, faster, fmt_s, fmt_x, parser, platforms_default
 
 platforms_default()
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     rep.headline(
         "svi_vs_em",
         rows[1][1] / rows[0][1],
-        f"EM fits an RM {fmt_x(rows[1][1] / rows[0][1])} faster than SVI "
+        f"EM fits an RM {faster(rows[1][1] / rows[0][1])} than SVI "
         f"(held-out log-lik {rows[0][4]:.3f} vs {rows[1][4]:.3f})",
     )
     return 0

@@ -15,7 +15,7 @@ ratio. (The related paper reports EM 2-3x faster than backprop for DRMs.)
 import math
 import time
 
-from common import Report, fmt_s, fmt_x, parser, platforms_default, ratio
+from common import Report, faster, fmt_s, fmt_x, parser, platforms_default, ratio
 
 platforms_default()
 
@@ -126,7 +126,8 @@ def main(argv=None) -> int:
             rep.headline(
                 "em_vs_adam",
                 r,
-                f"EM reaches test accuracy {target:.2f} on digits {fmt_x(r)} sooner "
+                f"EM reaches test accuracy {target:.2f} on digits "
+                f"{faster(r, 'sooner', 'later')} "
                 f"than Adam ({fmt_s(t_em)} vs {fmt_s(t_sgd)})",
             )
     rep.table(

@@ -67,6 +67,13 @@ def fmt_x(x: float | None) -> str:
     return f"{x:.3g}x"
 
 
+def faster(r: float | None, word: str = "faster", other: str = "slower") -> str:
+    """``"2.9x faster"`` for a time ratio peer/ours ``r``; ``"1.2x slower"`` below 1."""
+    if r is None or (isinstance(r, float) and math.isnan(r)):
+        return "- (not measured)"
+    return f"{fmt_x(r)} {word}" if r >= 1 else f"{fmt_x(1 / r)} {other}"
+
+
 def fmt_e(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
 
