@@ -69,10 +69,10 @@ JOBS = {
 #: ``--gpu`` (``bench/gpu.sh``): the device-bound jobs at full size, no peers that
 #: need their own venv (no network there), within about 5 minutes.
 GPU_JOBS = {
-    "compiler": (["--only", "rm"], 100),
-    "drm": ([], 120),
-    "learning": ([], 40),
-    "em_svi": ([], 40),
+    "compiler": (["--only", "rm"], 80),
+    "drm": ([], 140),
+    "learning": ([], 35),
+    "em_svi": ([], 25),
 }
 
 
