@@ -95,15 +95,35 @@ def _check_evidence(fg: FactorGraph, evidence: dict[str, Any]):
     return arrays, axes, batch
 
 
-def _compiled_naive(fg: FactorGraph, schedule: Schedule, temperature: float, axes):
-    key = ("naive", schedule, temperature, tuple(sorted(axes.items())))
+def _evidence_dtype(arrays: Mapping[str, Any]):
+    """The floating dtype the evidence comes in (``None``: no floating evidence):
+    the kernel computes in it, so float32 images give float32 results even where
+    the model's own constants are float64."""
+    floats = [a.dtype for a in arrays.values() if jnp.issubdtype(a.dtype, jnp.floating)]
+    return jnp.result_type(*floats) if floats else None
+
+
+def _cast(tree: Any, dtype) -> Any:
+    """Floating leaves of ``tree`` in ``dtype`` (index arrays untouched)."""
+    if dtype is None:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree,
+    )
+
+
+def _compiled_naive(
+    fg: FactorGraph, schedule: Schedule, temperature: float, axes, dtype=None
+):
+    key = ("naive", schedule, temperature, tuple(sorted(axes.items())), dtype)
     if key in fg._cache:
         return fg._cache[key]
     plan = make_plan(fg, schedule)
 
     def single(ev):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
-        return naive_run_plan(plan, fg, fg.tables(**ev), temperature)
+        return naive_run_plan(plan, fg, _cast(fg.tables(**ev), dtype), temperature)
 
     fn = single
     if any(a == 0 for a in axes.values()):
@@ -113,9 +133,23 @@ def _compiled_naive(fg: FactorGraph, schedule: Schedule, temperature: float, axe
 
 
 def _compiled_flat(
-    fg: FactorGraph, plan: FlatPlan, hard: bool, want_map: bool, want_margs: bool, axes
+    fg: FactorGraph,
+    plan: FlatPlan,
+    hard: bool,
+    want_map: bool,
+    want_margs: bool,
+    axes,
+    dtype=None,
 ):
-    key = ("flat", id(plan), hard, want_map, want_margs, tuple(sorted(axes.items())))
+    key = (
+        "flat",
+        id(plan),
+        hard,
+        want_map,
+        want_margs,
+        tuple(sorted(axes.items())),
+        dtype,
+    )
     if key in fg._cache:
         return fg._cache[key][1]
 
@@ -128,7 +162,10 @@ def _compiled_flat(
 
     def single(ev, t, static):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
-        inputs = add_dynamic(plan, static, fg.evidence_tables(**ev), groups)
+        inputs = add_dynamic(
+            plan, _cast(static, dtype), _cast(fg.evidence_tables(**ev), dtype), groups
+        )
+        t = t if dtype is None else t.astype(dtype)
         out = run_flat_plan(plan, inputs, None if hard else t, want_map)
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
@@ -309,12 +346,15 @@ def infer(
     t = resolve_temperature(semiring, temperature)
     sched = _resolve_schedule(fg, schedule)
     arrays, axes, batch = _check_evidence(fg, evidence)
+    dtype = _evidence_dtype(arrays)
     lead = () if batch is None else (batch,)
     if batch is not None:  # spread the batch over every device (identity on one)
         batched = {k: v for k, v in arrays.items() if axes[k] == 0}
         arrays = {**arrays, **shard_batch(batched)[0]}
     if isinstance(sched, FlatPlan):
-        fn = _compiled_flat(fg, sched, t == 0.0, bool(map), bool(marginals), axes)
+        fn = _compiled_flat(
+            fg, sched, t == 0.0, bool(map), bool(marginals), axes, dtype
+        )
         out = fn(arrays, jnp.asarray(t if t > 0 else 1.0))
         log_z, flat_margs, flat_map, deltas = (
             out if batch is None else unpad(out, batch)
@@ -323,7 +363,7 @@ def infer(
         margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead)
         deltas = None if sched.is_exact else deltas
         return Posterior(margs, maps, log_z, t, sched.kind, deltas)
-    out = _compiled_naive(fg, sched, t, axes)(arrays)
+    out = _compiled_naive(fg, sched, t, axes, dtype)(arrays)
     out = out if batch is None else unpad(out, batch)
     _check_log_z(out.log_z)
     margs: dict[str, Array] = {}

@@ -211,3 +211,20 @@ def test_log_partition_refuses_loopy_schedules():
     fg = compile_model(loop, mu=jnp.zeros(2), x=jnp.zeros(3))
     with pytest.raises(ValueError, match="exact schedule"):
         log_partition(fg, "loopy")
+
+
+@pytest.mark.parametrize("schedule", ["tree", "exact"])
+def test_infer_keeps_the_dtype_of_its_evidence(rm_and_images, schedule):
+    """float32 images give float32 results (the model's float64 priors do not
+    promote them), float64 images float64; the two agree to float32 rounding."""
+    rm, images, _ = rm_and_images
+    fg = compile_model(rm.model, image=images[0])
+    lo = infer(fg, "sum", schedule=schedule, image=images[:8].astype(jnp.float32))
+    hi = infer(fg, "sum", schedule=schedule, image=images[:8].astype(jnp.float64))
+    assert lo.log_z.dtype == jnp.float32 and hi.log_z.dtype == jnp.float64
+    assert lo.log_marginals["c"].dtype == jnp.float32
+    # |log Z| ~ 30: float32 keeps ~7 digits of it.
+    np.testing.assert_allclose(lo.log_z, hi.log_z, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.exp(lo.log_marginals["c"]), np.exp(hi.log_marginals["c"]), atol=1e-4
+    )
