@@ -2,11 +2,10 @@
 
 - :class:`RenderingModelClassifier`: one RM with a mixture of ``n_nuisances``
   templates per class, fitted by supervised soft or hard EM (Eqs. 14-17, labels
-  clamp ``c``); ``predict`` is the MS-RMC (Eq. 6) or SP-RMC (Eq. 5) argmax,
-  ``predict_proba`` the exact SP-RMC posterior ``p(c | I)`` (softmax of the
-  sum-product class scores, Eq. 5).
+  clamp ``c``); its decision rule is the MS-RMC (``semiring="max"``, the
+  default, Eq. 6) or the SP-RMC (``semiring="sum"``, Eq. 5).
 - :class:`DRMClassifier`: one tree DRM per class, fitted by hard EM (Eqs.
-  18-23, :func:`~pgm_drm.learning.fit_drm_classifier`); ``predict`` is the
+  18-23, :func:`~pgm_drm.learning.fit_drm_classifier`); its decision rule is the
   max-sum class (Eq. 12).
 - :class:`EDRMTreeClassifier`, :class:`EDRMForestClassifier`: InfoMax E-DRM trees
   and bagged forests (§4, Eqs. 32-33) of :mod:`pgm_drm.learning.forest`; their
@@ -19,9 +18,17 @@ input path, :func:`_flat`). The RM and DRM classifiers reshape rows to
 is a perfect square, else keep them as 1-d images ``(D,)``; the trees work on
 the flat rows. Labels may be any values (``classes_``, encoded as ``0..C-1``).
 
-:data:`EXPECTED_FAILED_CHECKS` lists the ``sklearn.utils.estimator_checks`` that
-cannot pass, with reasons; :func:`expected_failed_checks` is the callable for
-``parametrize_with_checks(..., expected_failed_checks=...)``.
+One decision rule per estimator, so its three outputs agree: the RM and DRM
+classifiers compute class scores ``s_c(I)`` in one semiring (the rule's), and
+``decision_function`` is ``log q(c | I) = s_c - logsumexp_c' s_c'``,
+``predict_proba`` is ``q(c | I)`` (the softmax of the same scores) and
+``predict`` the argmax of ``decision_function``; with the sum semiring ``q`` is
+the exact posterior ``p(c | I)``, with the max semiring the max-sum approximation
+of it (the mode's score per class, normalised over classes). The E-DRM trees and
+forests have no ``decision_function``: ``predict`` is the argmax of their
+``predict_proba``. So ``argmax(predict_proba) == predict`` always (barring two
+probabilities equal in float64), and every estimator passes scikit-learn's
+``check_estimator`` with its default parameters, none expected to fail.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import logsumexp
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
@@ -58,34 +66,8 @@ __all__ = [
     "DRMClassifier",
     "EDRMForestClassifier",
     "EDRMTreeClassifier",
-    "EXPECTED_FAILED_CHECKS",
-    "MAX_SEMIRING_FAILED_CHECKS",
     "RenderingModelClassifier",
-    "expected_failed_checks",
 ]
-
-#: ``class name -> {check name: reason}`` for checks that are known to fail.
-EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {
-    "RenderingModelClassifier": {},
-    "DRMClassifier": {},
-}
-
-#: Extra known failures of ``RenderingModelClassifier(semiring="max")``.
-MAX_SEMIRING_FAILED_CHECKS: dict[str, str] = {
-    "check_decision_proba_consistency": (
-        "with semiring='max', decision_function is the MS-RMC score (Eq. 6, a max "
-        "over nuisances) while predict_proba is the exact SP-RMC posterior (Eq. 5, "
-        "a sum): different functions, so their rankings may differ"
-    ),
-}
-
-
-def expected_failed_checks(estimator: BaseEstimator) -> dict[str, str]:
-    """The known-failing estimator checks of ``estimator`` (check -> reason)."""
-    out = dict(EXPECTED_FAILED_CHECKS.get(type(estimator).__name__, {}))
-    if getattr(estimator, "semiring", None) == "max":
-        out.update(MAX_SEMIRING_FAILED_CHECKS)
-    return out
 
 
 def _flat(X: Any) -> tuple[Any, tuple[int, ...] | None]:
@@ -139,8 +121,16 @@ def image_shape_for(
     return (side, side) if side * side == n_features else (n_features,)
 
 
+#: Images per score evaluation of the RM and DRM classifiers (see
+#: ``_ImageClassifier._log_posterior``).
+SCORE_BATCH = 64
+
+
 class _ImageClassifier(ClassifierMixin, BaseEstimator):
-    """Shared input handling: validation, label encoding, image reshaping."""
+    """Shared input handling (validation, label encoding, image reshaping) and the
+    one decision rule: ``predict``, ``decision_function`` and ``predict_proba``
+    all come from :meth:`_log_posterior`, the subclass's class scores
+    (:meth:`_scores`) normalised over classes."""
 
     def _fit_inputs(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         X2, shape = _flat(X)
@@ -163,20 +153,44 @@ class _ImageClassifier(ClassifierMixin, BaseEstimator):
         X2 = validate_data(self, X2, reset=False, dtype=np.float64)
         return X2.reshape((-1, *self.image_shape_))
 
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        """Class scores ``(b, C)`` of images ``x`` ``(b, *image_shape_)`` under the
+        decision rule, up to a per-image constant."""
+        raise NotImplementedError
+
+    def _log_posterior(self, X: Any) -> np.ndarray:
+        """``log q(c | I)`` ``(n, C)``, float64: the scores minus their logsumexp.
+
+        The images are scored ``SCORE_BATCH`` at a time (the last batch padded
+        with zero images), so an image's scores do not depend on which images
+        came with it: float32 matrix products round differently at different
+        batch sizes, and scikit-learn checks that a subset's outputs are the
+        full batch's.
+        """
+        x = self._images(X)  # checks fitted
+        n, b = len(x), SCORE_BATCH
+        x = np.concatenate([x, np.zeros((-n % b, *x.shape[1:]), x.dtype)])
+        s = np.concatenate([self._scores(x[i : i + b]) for i in range(0, len(x), b)])
+        s = s[:n].astype(np.float64)
+        return s - logsumexp(s, axis=1, keepdims=True)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``log q(c | I)``, ``(n, C)`` (columns in ``classes_`` order); binary
+        problems: the log-odds ``log q(classes_[1] | I) - log q(classes_[0] | I)``,
+        ``(n,)``."""
+        d = self._log_posterior(X)
+        return d[:, 1] - d[:, 0] if d.shape[1] == 2 else d
+
     def predict(self, X: Any) -> np.ndarray:
-        """Class labels, ``(n,)``."""
-        scores = self._scores(X, predict=True)  # checks fitted before classes_
-        return self.classes_[np.argmax(scores, axis=1)]
+        """Class labels ``(n,)``: the argmax of :meth:`decision_function`."""
+        d = self._log_posterior(X)  # checks fitted before classes_
+        return self.classes_[np.argmax(d, axis=1)]
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities ``(n, C)`` (columns in ``classes_`` order)."""
-        s = np.asarray(self._scores(X, predict=False), dtype=np.float64)
-        s = s - s.max(axis=1, keepdims=True)
-        p = np.exp(s)
+        """``q(c | I)``, ``(n, C)``: the softmax of the class scores (columns in
+        ``classes_`` order, rows sum to 1)."""
+        p = np.exp(self._log_posterior(X))
         return p / p.sum(axis=1, keepdims=True)
-
-    def _scores(self, X: Any, predict: bool) -> np.ndarray:
-        raise NotImplementedError
 
 
 class RenderingModelClassifier(_ImageClassifier):
@@ -187,16 +201,21 @@ class RenderingModelClassifier(_ImageClassifier):
     :func:`~pgm_drm.learning.fit_em` with every label given (``c`` clamped;
     soft EM, Eqs. 14-15, or hard EM, Eqs. 16-17).
 
-    ``predict`` is the argmax of ``class_log_scores(X, semiring)``: MS-RMC
-    (``"max"``, Eq. 6) or SP-RMC (``"sum"``, Eq. 5). ``predict_proba`` is always
-    the exact posterior ``p(c | I)``, the softmax of the sum-product scores; so
-    ``argmax predict_proba == predict`` holds for ``semiring="sum"`` and, with
-    ``"max"``, except where the MS- and SP-RMC disagree.
+    One semiring decides everything. The class scores are
+    ``s_c = class_log_scores(X, semiring)``: ``max_{g,a} log p(c, g, a, I)`` for
+    ``"max"`` (the MS-RMC, Eq. 6; the default) or ``log p(c, I)`` for ``"sum"``
+    (the SP-RMC, Eq. 5), each up to a per-image constant. Then
+    ``decision_function`` is ``s_c - logsumexp_c' s_c'``, ``predict`` its
+    argmax (the MS- or SP-RMC decision) and ``predict_proba`` its exponential:
+    with ``"sum"`` the exact posterior ``p(c | I)``; with ``"max"`` the max-sum
+    approximation ``max_{g,a} p(c, g, a | I)`` normalised over ``c`` (sharper
+    than ``p(c | I)``; use ``"sum"`` for calibrated probabilities).
 
     Args:
         n_nuisances: ``G``, templates (nuisance values) per class.
         mode: "soft" or "hard" EM.
-        semiring: "max" (MS-RMC) or "sum" (SP-RMC) decisions.
+        semiring: "max" (MS-RMC, Eq. 6) or "sum" (SP-RMC, Eq. 5): the rule of
+            ``predict``, ``decision_function`` and ``predict_proba``.
         n_iter: EM iterations at most (stops earlier when the objective
             changes by less than ``tol``).
         tol: EM stopping tolerance (nats per image), or ``None``.
@@ -211,11 +230,6 @@ class RenderingModelClassifier(_ImageClassifier):
         fit_: The :class:`~pgm_drm.learning.FitResult`.
         image_shape_: The image shape used.
         n_features_in_: ``D``.
-
-    Expected-failed estimator checks (:func:`expected_failed_checks`): with
-    ``semiring="max"`` only ``check_decision_proba_consistency`` (the MS-RMC
-    ``decision_function`` and the SP-RMC ``predict_proba`` are different
-    functions, so their rankings may differ); none with ``"sum"``.
 
     Example:
         >>> from pgm_drm.data import load_digits_split
@@ -262,25 +276,18 @@ class RenderingModelClassifier(_ImageClassifier):
         self.model_ = self.fit_.model
         return self
 
-    def _scores(self, X: Any, predict: bool) -> np.ndarray:
-        x = self._images(X)  # checks fitted before model_
-        semiring = self.semiring if predict else "sum"
-        return np.asarray(self.model_.class_log_scores(jnp.asarray(x), semiring))
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        """Class scores ``(n, C)`` under ``semiring`` (Eqs. 5-6, up to a per-image
-        constant); binary problems: score of ``classes_[1]`` minus ``classes_[0]``.
-        """
-        s = self._scores(X, predict=True)
-        return s[:, 1] - s[:, 0] if s.shape[1] == 2 else s
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model_.class_log_scores(jnp.asarray(x), self.semiring))
 
 
 class DRMClassifier(_ImageClassifier):
     """Generative tree-DRM classifier: one DRM per class, hard EM (Eqs. 18-23).
 
-    Wraps :func:`~pgm_drm.learning.fit_drm_classifier`; ``predict`` is
-    ``argmax_y log pi_y + max_tau log p(tau, I | y)`` (max-sum, Eq. 12) and
-    ``predict_proba`` its softmax (a max-sum approximation of ``p(y | I)``).
+    Wraps :func:`~pgm_drm.learning.fit_drm_classifier`. The class scores are
+    ``s_y = log pi_y + max_tau log p(tau, I | y)`` (max-sum, Eq. 12);
+    ``decision_function`` is ``s_y - logsumexp_y' s_y'``, ``predict`` its argmax
+    and ``predict_proba`` its exponential (the max-sum approximation of
+    ``p(y | I)``), as for :class:`RenderingModelClassifier` with ``"max"``.
 
     The DRM renders square images of side ``s = prod(windows)``. Images must
     be 2-d ``(H, W)`` and no larger than ``(s, s)``: smaller ones are
@@ -301,8 +308,6 @@ class DRMClassifier(_ImageClassifier):
         classes_, image_shape_, n_features_in_: As
             :class:`RenderingModelClassifier`.
         drm_: The fitted :class:`~pgm_drm.learning.PerClassDRM`.
-
-    Expected-failed estimator checks: none (see :data:`EXPECTED_FAILED_CHECKS`).
 
     Example:
         >>> import numpy as np
@@ -373,9 +378,8 @@ class DRMClassifier(_ImageClassifier):
         )
         return self
 
-    def _scores(self, X: Any, predict: bool) -> np.ndarray:
-        x = self._pad(self._images(X))  # checks fitted before drm_
-        return np.asarray(self.drm_.scores(jnp.asarray(x)))
+    def _scores(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.drm_.scores(jnp.asarray(self._pad(x))))
 
 
 @dataclass(kw_only=True, eq=False, repr=False)
