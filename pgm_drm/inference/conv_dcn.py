@@ -28,6 +28,7 @@ from pgm_drm._typing import Array, ArrayLike, Semiring
 from pgm_drm.models.conv_drm import ConvRenderingModel
 from pgm_drm.models.maxsum import bottom_up
 from pgm_drm.semiring import reduce_t, resolve_temperature
+from pgm_drm.sharding import shard_batch, unpad
 
 __all__ = ["ConvDCNOutput", "conv_dcn_infer", "naive_conv_dcn_pass"]
 
@@ -116,7 +117,10 @@ def conv_dcn_infer(
     """
     t = resolve_temperature(semiring, temperature)
     x, _ = model.check_images(images)
-    return _conv_dcn(model, x, t)
+    # Several devices: the batch is sharded over all of them (identity on one).
+    xs, n = shard_batch(x)
+    out = _conv_dcn(model, xs, t)
+    return out if xs is x else unpad(out, n)
 
 
 def naive_conv_dcn_pass(

@@ -47,6 +47,7 @@ from pgm_drm.models.maxsum import (
 from pgm_drm.models.pytree import pytree_model
 from pgm_drm.models.validation import check_images, check_prior, check_probability
 from pgm_drm.semiring import resolve_temperature, switch_reduce
+from pgm_drm.sharding import shard_batch, unpad
 
 __all__ = [
     "DeepRenderingModel",
@@ -401,7 +402,10 @@ class DeepRenderingModel:
         """
         t = resolve_temperature(semiring, temperature)
         x, _ = self.check_images(images)
-        return dcn_pass(self, x, t)
+        # Several devices: the batch is sharded over all of them (identity on one).
+        xs, n = shard_batch(x)
+        out = dcn_pass(self, xs, t)
+        return out if xs is x else unpad(out, n)
 
     def render(self, latents: dict[str, ArrayLike]) -> Array:
         """The noise-free image ``mu(c, g, a)`` of Eq. 10 for latents on grids.
