@@ -507,18 +507,22 @@ def _closed_form(kind: str, theta: Array, grad_at: Callable) -> tuple[Array, Arr
     (zero expected counts, zero curvature) keep their value."""
     g1 = grad_at(theta)
 
-    def dlog(c, new, old):  # sum c (log new - log old), 0 where c = 0
-        pos = c > 0
-        safe = jnp.where(pos, 1.0, 0.0)
-        return jnp.sum(
-            jnp.where(pos, c * (jnp.log(new + 1 - safe) - jnp.log(old + 1 - safe)), 0)
-        )
+    def dlog(c, new, old):
+        """``sum c (log new - log old)`` over entries with c, new, old > 0 (an
+        entry that underflowed to 0 carries no weight)."""
+        on = (c > 0) & (new > 0) & (old > 0)
+        diff = jnp.log(jnp.where(on, new, 1.0)) - jnp.log(jnp.where(on, old, 1.0))
+        return jnp.sum(jnp.where(on, c * diff, 0.0))
 
     if kind == "simplex":  # Q = sum C log theta: theta = C / sum C
         c = jnp.maximum(theta * g1, 0.0)
         tot = jnp.sum(c, axis=-1, keepdims=True)
         rows = tot > 0
         new = jnp.where(rows, c / jnp.where(rows, tot, 1.0), theta)
+        # A positive probability stays positive: an expected count that
+        # underflows must not become a hard zero (log 0 = -inf in Q).
+        tiny = jnp.finfo(theta.dtype).tiny
+        new = jnp.where((theta > 0) & rows, jnp.maximum(new, tiny), new)
         return new, dlog(c, new, theta)
     if kind == "real":  # Q quadratic with a diagonal Hessian: one Newton step
         slope = grad_at(theta + 1.0) - g1

@@ -415,3 +415,16 @@ def test_a_killed_fit_resumes_where_an_uninterrupted_fit_ends(tmp_path, method):
             n_iter=6,
             loop=LoopOptions(False, path, resume=True),
         )
+
+
+def test_a_closed_form_keeps_positive_probabilities_positive():
+    # float32: an expected count theta * dQ/dtheta that underflows to 0 must not
+    # turn a positive probability into a hard zero (Q would be -inf).
+    from pgm_drm.learning.generic import _closed_form
+
+    theta = jnp.array([[1.0, 1e-30], [0.5, 0.5]], dtype=jnp.float32)
+    new, predicted = _closed_form(
+        "simplex", theta, lambda v: jnp.array([[2.0, 1e-12], [1.0, 3.0]], jnp.float32)
+    )
+    assert np.all(np.asarray(new) > 0) and np.isfinite(float(predicted))
+    np.testing.assert_allclose(np.asarray(new)[1], [0.25, 0.75])
