@@ -149,7 +149,10 @@ def model_params(model: Callable, **example: Any) -> dict[str, ParamSpec]:
         CompileError: A latent site is continuous (not collapsed), or another
             reason :func:`pgm_drm.graph.model_sites` refuses the model.
     """
-    tr = model_sites(model, **example)
+    return _param_specs(model_sites(model, **example))
+
+
+def _param_specs(tr: Mapping[str, dict]) -> dict[str, ParamSpec]:
     out = {}
     for name, site in tr.items():
         if site["type"] != "param":
@@ -240,12 +243,22 @@ def _graph(
         _CACHE.move_to_end(key)
         return _CACHE[key]
     try:
-        specs = model_params(model, **example)
+        tr = model_sites(model, **example)
     except TypeError as err:
         raise ValueError(
             f"the model does not take the data's keyword arguments "
             f"{sorted(example)} ({err})"
         ) from err
+    specs = _param_specs(tr)
+    latent = [
+        n for n, v in tr.items() if v["type"] == "sample" and not v["is_observed"]
+    ]
+    for site in clamp_ex:
+        if site not in latent:
+            raise ValueError(
+                f"clamp names {site!r}, which is not a latent site of the model; "
+                f"latent sites: {latent}"
+            )
     if not specs:
         raise ValueError("the model has no numpyro.param sites: nothing to learn")
     names = tuple(specs)
@@ -262,12 +275,6 @@ def _graph(
             f"{err} (compiling the model on one example of the data: each data "
             "entry's leading axis is the batch)"
         ) from err
-    for site in clamp_ex:
-        if site not in fg.latent_sites:
-            raise ValueError(
-                f"clamp names {site!r}, which is not a latent site of the model; "
-                f"latent sites: {list(fg.latent_sites)}"
-            )
     used = {e for g in fg.factor_groups for e in g.evidence}
     unused = [n for n in names if PARAM + n not in used]
     if unused:
