@@ -15,12 +15,6 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/pgm-drm demo --out out/demo
 
-# Tests are dominated by XLA compiling small random models: LLVM's optimisation
-# passes cost more than they save there (about 15% of the suite). IEEE semantics
-# are the same at every level (XLA CPU does not use fast-math).
-TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0
-
-test: export XLA_FLAGS = $(TEST_XLA_FLAGS)
 test: $(STAMP)
 	$(BIN)/ruff check pgm_drm tests bench notebooks
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --doctest-modules pgm_drm tests
