@@ -418,3 +418,22 @@ def random_plated_tree_model(seed: int, size: int = 3) -> Model:
             numpyro.sample("y", dist.Normal(jnp.asarray(m)[idx], 1.0), obs=y)
 
     return model, {"y": jnp.asarray(y)}
+
+
+def run_on_devices(script: str, n_devices: int = 4, marker: str = "SHARDED-OK") -> None:
+    """Run ``script`` in a fresh Python with ``n_devices`` forced CPU devices
+    (``XLA_FLAGS`` must be set before JAX starts) and assert it printed ``marker``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert marker in out.stdout

@@ -5,9 +5,6 @@ Four CPU devices are forced in a subprocess (``XLA_FLAGS`` must be set before JA
 starts); the batched, sharded results must equal the unbatched single-device runs.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +13,7 @@ import numpy as np
 import pytest
 
 from pgm_drm.sharding import batch_mesh, pad_to_devices, shard_batch, unpad
+from pgm_drm.testing import run_on_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -80,16 +78,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_batched_passes_on_four_devices_equal_single_device():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "SHARDED-OK" in out.stdout
+    run_on_devices(SCRIPT, 4)
 
 
 @pytest.mark.parametrize(("n", "d", "want"), [(8, 4, 8), (10, 4, 12), (1, 4, 4)])

@@ -2,9 +2,6 @@
 EM and Adam (issue 16), checked against finite differences, brute force, NumPyro
 SVI with TraceEnum_ELBO and the hand-written RM EM."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -24,6 +21,7 @@ from pgm_drm.inference import infer
 from pgm_drm.learning import fit, fit_em, fit_fa_em, model_log_likelihood
 from pgm_drm.learning.loop import LoopOptions
 from pgm_drm.models import RenderingModel
+from pgm_drm.testing import run_on_devices
 
 QUIET = LoopOptions(progress=False)
 simplex = dist.constraints.simplex
@@ -130,16 +128,7 @@ SHARDED = textwrap.dedent(
 
 
 def test_the_batch_is_sharded_over_devices_and_padding_does_not_count():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    out = subprocess.run(
-        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "SHARDED-OK" in out.stdout
+    run_on_devices(SHARDED, 4)
 
 
 # --------------------------------------------------------------------------- #
