@@ -7,6 +7,13 @@ round-trips: every model class in :data:`MODEL_CLASSES` is registered.
 A checkpoint holds any pytree state keyed by pytree path, restored into the
 structure of a template state and validated (:func:`save_checkpoint`,
 :func:`load_checkpoint`); :func:`pgm_drm.learning.loop.run_loop` writes them.
+
+Every array keeps its dtype bit for bit: bool, (unsigned) integers, floats and
+complex numbers as ``.npy`` stores them, and JAX's extension types from
+``ml_dtypes`` (``bfloat16``, the ``float8``/``float4`` types, ``int4``, ...),
+which ``.npy`` cannot describe, as their raw bits in an unsigned integer array
+of the same item size, with the dtype's name in the header to view them back.
+Any other dtype (object, string, structured) is refused when saving.
 No pickles: files load with ``allow_pickle=False``. Files get the mode the
 umask gives a new file, and temporary files orphaned by a kill during a write
 are removed by the next write to the same path.
@@ -51,10 +58,14 @@ MODEL_CLASSES: dict[str, type] = {
     "RenderingModel": RenderingModel,
 }
 
-#: Format of model files.
-FORMAT_VERSION = 1
-#: Format of checkpoints (2: pytree paths; 1 held per-fit array names).
-CHECKPOINT_FORMAT = 2
+#: Format of model files (2: every array's dtype in the header; 1 could not
+#: store ``ml_dtypes`` types such as ``bfloat16``). Both are read.
+FORMAT_VERSION = 2
+_MODEL_FORMATS = (1, 2)
+#: Format of checkpoints (3: every array's dtype in the header; 2: pytree paths
+#: only; 1 held per-fit array names). Formats 2 and 3 are read.
+CHECKPOINT_FORMAT = 3
+_CHECKPOINT_FORMATS = (2, 3)
 _META = "__meta__"
 _STATE = "state"
 _EXTRA = "extra/"
@@ -98,6 +109,82 @@ def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Pat
     return path
 
 
+def _npy_native(dt: np.dtype) -> bool:
+    """Whether ``.npy`` stores ``dt`` as itself: bool, integer, float, complex."""
+    if dt.kind not in "biufc" or dt.names is not None:
+        return False
+    try:
+        return np.dtype(dt.str) == dt  # float8_e5m2's "<f1" is not understood
+    except TypeError:
+        return False
+
+
+def _is_extension(dt: np.dtype) -> bool:
+    """Whether ``dt`` is one of JAX's ``ml_dtypes`` types (``bfloat16``, ...)."""
+    if _npy_native(dt) or dt.names is not None:
+        return False
+    try:
+        return jnp.issubdtype(dt, jnp.number) and jnp.dtype(dt.name) == dt
+    except TypeError:
+        return False
+
+
+def _stored_dtype(dt: np.dtype, key: str) -> np.dtype:
+    """The dtype an array of dtype ``dt`` is written as (raw bits for extensions).
+
+    Raises:
+        ValueError: ``dt`` is neither stored natively nor a JAX extension type.
+    """
+    if _npy_native(dt):
+        return dt
+    if _is_extension(dt):
+        return np.dtype(f"u{dt.itemsize}")
+    raise ValueError(
+        f"cannot save {key}: dtype {dt} is not a bool, integer, float or "
+        "complex dtype, nor one of JAX's ml_dtypes types (bfloat16, float8_*, ...)"
+    )
+
+
+def _to_stored(key: str, value: Any) -> tuple[np.ndarray, str]:
+    """``value`` as the array written under ``key`` and its dtype's name."""
+    a = np.asarray(value)
+    stored = _stored_dtype(a.dtype, key)
+    return (a if stored == a.dtype else a.view(stored)), a.dtype.name
+
+
+def _from_stored(a: np.ndarray, name: Any, key: str, path: Any) -> np.ndarray:
+    """The array written by :func:`_to_stored` back in its dtype ``name``.
+
+    ``name`` is ``None`` for files of the formats that recorded no dtype: their
+    arrays are taken as stored, which only ``.npy``'s own dtypes can be.
+
+    Raises:
+        ValueError: An unknown dtype name, or an array whose stored dtype does
+            not match it (a damaged or tampered file).
+    """
+    if name is None:
+        if not _npy_native(a.dtype):
+            raise ValueError(
+                f"{path}: entry {key} holds {a.dtype.str} data of an unrecorded "
+                "dtype (files of older formats could not store bfloat16 and other "
+                "ml_dtypes types; save it again)"
+            )
+        return a
+    try:
+        dt = jnp.dtype(str(name))
+        stored = _stored_dtype(dt, key)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path}: damaged file (entry {key} has an unsupported dtype {name!r})"
+        ) from None
+    if a.dtype.name != stored.name:
+        raise ValueError(
+            f"{path}: damaged file (entry {key} holds {a.dtype.name}, the header "
+            f"says {stored.name} for {dt.name})"
+        )
+    return a if stored == dt else a.view(dt)
+
+
 def _load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """The arrays and the JSON header of a file written by :func:`_atomic_savez`.
 
@@ -139,19 +226,20 @@ def _encode(name: str, value: Any, arrays: dict[str, np.ndarray]) -> Any:
         }
     if isinstance(value, bool | int | float):
         return {"kind": type(value).__name__, "value": value}
-    arrays[name] = np.asarray(value)
-    return {"kind": "array", "key": name}
+    arrays[name], dtype = _to_stored(name, value)
+    return {"kind": "array", "key": name, "dtype": dtype}
 
 
-def _decode(spec: Any, arrays: dict[str, np.ndarray]) -> Any:
+def _decode(spec: Any, arrays: dict[str, np.ndarray], path: Any) -> Any:
     kind = spec["kind"]
     if kind == "none":
         return None
     if kind == "tuple":
-        return tuple(_decode(s, arrays) for s in spec["items"])
+        return tuple(_decode(s, arrays, path) for s in spec["items"])
     if kind in ("bool", "int", "float"):
         return {"bool": bool, "int": int, "float": float}[kind](spec["value"])
-    return arrays[spec["key"]]
+    key = spec["key"]
+    return _from_stored(arrays[key], spec.get("dtype"), key, path)
 
 
 def save_model(path: str | os.PathLike, model: Any) -> Path:
@@ -164,6 +252,10 @@ def save_model(path: str | os.PathLike, model: Any) -> Path:
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: Not a registered model class, or a field holds an array of
+            a dtype that cannot be saved (object, string, structured), named.
 
     Example:
         >>> import tempfile, os, numpy as np
@@ -195,14 +287,19 @@ def save_model(path: str | os.PathLike, model: Any) -> Path:
 def load_model(path: str | os.PathLike) -> Any:
     """Load a model written by :func:`save_model` (validated by its constructor).
 
+    Every array comes back with the dtype and bits it was saved with.
+
     Raises:
         FileNotFoundError: No file at ``path``.
-        ValueError: Not a model file, or an unknown class / format version.
+        ValueError: Not a model file, an unknown class / format version, or a
+            damaged file (a missing array, one whose dtype the header contradicts).
     """
     arrays, meta = _load_npz(path)
     if meta.get("checkpoint"):
         raise ValueError(f"{path} is a checkpoint, not a model file")
-    if meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("fields"), dict):
+    if meta.get("format") not in _MODEL_FORMATS or not isinstance(
+        meta.get("fields"), dict
+    ):
         raise ValueError(f"{path}: unsupported model file format {meta.get('format')}")
     name = meta.get("class")
     if name not in MODEL_CLASSES:
@@ -210,7 +307,7 @@ def load_model(path: str | os.PathLike) -> Any:
             f"{path} holds a {name!r}; known model classes: {sorted(MODEL_CLASSES)}"
         )
     try:
-        kwargs = {k: _decode(s, arrays) for k, s in meta["fields"].items()}
+        kwargs = {k: _decode(s, arrays, path) for k, s in meta["fields"].items()}
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: damaged model file (entry {e} missing)") from None
     return MODEL_CLASSES[name](**kwargs)
@@ -228,7 +325,12 @@ def save_checkpoint(
     (``jax.tree_util.keystr``, prefixed by ``state``: ``state.model.templates``,
     ``state.iteration``; typed PRNG keys as their raw words); ``extra`` arrays
     (the loop's histories) under ``extra/<name>``; ``meta`` (JSON-able) in the
-    header. :func:`load_checkpoint` restores the state into the same structure.
+    header with every array's dtype. :func:`load_checkpoint` restores the state
+    into the same structure.
+
+    Raises:
+        ValueError: A leaf or ``extra`` array of a dtype that cannot be saved
+            (object, string, structured), named by its key.
 
     Example:
         >>> import tempfile, os, jax.numpy as jnp
@@ -239,10 +341,18 @@ def save_checkpoint(
         >>> back["w"].tolist(), int(back["step"]), extra
         ([0.0, 1.0, 2.0], 2, {})
     """
-    out = {_STATE + k: _leaf_to_array(v) for k, v in _paths(state)}
-    for k, v in (extra or {}).items():
-        out[_EXTRA + k] = np.asarray(v)
-    header = {"format": CHECKPOINT_FORMAT, "checkpoint": True, "meta": meta}
+    out: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    named = [(_STATE + k, _leaf_to_array(v)) for k, v in _paths(state)]
+    named += [(_EXTRA + k, v) for k, v in (extra or {}).items()]
+    for k, v in named:
+        out[k], dtypes[k] = _to_stored(k, v)
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "checkpoint": True,
+        "meta": meta,
+        "dtypes": dtypes,
+    }
     out[_META] = np.asarray(json.dumps(header))
     return _atomic_savez(path, out)
 
@@ -256,8 +366,9 @@ def load_checkpoint(
         path: The ``.npz`` file.
         like: A state of the same structure (the fit's initial state): the
             file must hold exactly its pytree paths, each with the same shape
-            and dtype; leaves come back as the same kind (``jax.Array``, numpy
-            array, Python scalar, typed key) as in ``like``.
+            and dtype (``bfloat16`` and the other ``ml_dtypes`` types too);
+            leaves come back as the same kind (``jax.Array``, numpy array,
+            Python scalar, typed key) as in ``like``.
         meta: The fit's configuration; the file's must be equal.
 
     Returns:
@@ -267,19 +378,23 @@ def load_checkpoint(
         FileNotFoundError: No file at ``path``.
         ValueError: Not a checkpoint (e.g. a model file, a foreign or corrupt
             file), another format version, a different configuration (each
-            differing entry named), or a different structure, shape or dtype
-            (each differing leaf named).
+            differing entry named), a different structure, shape or dtype
+            (each differing leaf named), or a damaged file (an array whose dtype
+            the header does not record or contradicts).
     """
     arrays, header = _load_npz(path)
     if "fields" in header:
         raise ValueError(f"{path} is a model file, not a checkpoint (load_model)")
-    if header.get("format") != CHECKPOINT_FORMAT or not isinstance(
+    if header.get("format") not in _CHECKPOINT_FORMATS or not isinstance(
         header.get("meta"), dict
     ):
         raise ValueError(
             f"{path}: checkpoint format {header.get('format')!r}, this version "
-            f"reads format {CHECKPOINT_FORMAT} (delete it to start over)"
+            f"reads formats {list(_CHECKPOINT_FORMATS)} (delete it to start over)"
         )
+    dtypes = header.get("dtypes", {} if header["format"] == 2 else None)
+    if not isinstance(dtypes, dict):
+        raise ValueError(f"{path}: damaged checkpoint (no dtype records)")
     found = header["meta"]
     meta = json.loads(json.dumps(meta))  # tuples as lists, as the file holds them
     diffs = [
@@ -294,6 +409,9 @@ def load_checkpoint(
             + "; ".join(diffs)
             + " (delete it or resume=False to start over)"
         )
+    # An array without a record (format 2, or one added to the file) is taken as
+    # stored; the structure checks below name it if it does not belong.
+    arrays = {k: _from_stored(v, dtypes.get(k), k, path) for k, v in arrays.items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     keys = [_STATE + jax.tree_util.keystr(k) for k, _ in leaves]
     held = {k for k in arrays if k.startswith(_STATE)}
@@ -356,6 +474,9 @@ def fingerprint(*arrays: Any) -> str:
     h = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(_leaf_to_array(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
+        described = (a.shape, a.dtype.str)
+        if not _npy_native(a.dtype):  # bfloat16's str is "<V2", as float8's "<V1"...
+            described += (a.dtype.name,)
+        h.update(str(described).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]

@@ -3,6 +3,7 @@ histories, stopping, checkpoints written every ``every`` iterations and at the
 end, resume bit for bit, and refusal of checkpoints of another fit or tampered
 ones. The fits' own resume tests live with each fit (test_em.py, ...)."""
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -112,6 +113,18 @@ def test_resume_after_a_crash_is_bit_for_bit(tmp_path, monkeypatch):
     # A finished fit resumes to itself (no step), and a longer one continues.
     _same(_run(10, options), straight)
     _same(_run(12, options), _run(12))
+
+
+def test_a_bfloat16_state_resumes_bit_for_bit(tmp_path):
+    """Checkpoints keep ml_dtypes' types (written as raw bits, their dtype in the
+    header): a bfloat16 fit resumes where a straight run goes."""
+    half = Algorithm(lambda w: _init(w)._replace(w=jnp.asarray(w, jnp.bfloat16)), _step)
+    straight = _run(4, algorithm=half)
+    options = LoopOptions(progress=False, checkpoint=tmp_path / "bf16.npz")
+    _run(2, options, half)
+    resumed = _run(4, dataclasses.replace(options, resume=True), half)
+    assert resumed.state.w.dtype == jnp.bfloat16
+    _same(resumed, straight)
 
 
 def _meta(history=("loss",)):
