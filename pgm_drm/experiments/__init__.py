@@ -10,6 +10,9 @@ under the command line).
   under overlap, and when the greedy E-DRM path (Eq. 31) is the MAP (Eq. 30).
 * :mod:`~pgm_drm.experiments.label_budget`: generative vs discriminative as the
   labels grow (§2.7).
+* :mod:`~pgm_drm.experiments.evaluation`: every digits model and the baselines
+  over many stratified splits and seeds, hyperparameters chosen by
+  cross-validation inside the training split.
 
 Each recipe is a plain function with typed arguments that returns its results
 (NamedTuples or dicts) and writes figures and reports where it is given a folder.
@@ -19,16 +22,28 @@ Each recipe is a plain function with typed arguments that returns its results
 from pgm_drm.experiments.demo import format_demo_report, run_demo, run_drm_demo
 from pgm_drm.experiments.digits import (
     DIGITS_MODELS,
+    MODEL_SETTINGS,
     DigitsPrediction,
     check_options,
     fit_dcn,
     fit_drm,
     fit_edrm_forest,
     fit_mfa,
+    fit_model,
     fit_rm,
     label_subset,
     max_labels,
     run_fit_digits,
+)
+from pgm_drm.experiments.evaluation import (
+    BASELINE_SETTINGS,
+    BASELINES,
+    SELECT_GRIDS,
+    EvaluationResult,
+    digits_splits,
+    evaluate_digits,
+    plot_evaluation,
+    save_evaluation,
 )
 from pgm_drm.experiments.label_budget import (
     LabelBudgetResult,
@@ -49,20 +64,28 @@ from pgm_drm.experiments.studies import (
 )
 
 __all__ = [
+    "BASELINES",
+    "BASELINE_SETTINGS",
     "DCNExactnessStudy",
     "DIGITS_MODELS",
     "DigitsPrediction",
+    "EvaluationResult",
     "GreedyStudyRow",
     "LabelBudgetResult",
     "MODELS",
+    "MODEL_SETTINGS",
+    "SELECT_GRIDS",
     "StudyReport",
     "check_options",
     "dcn_exactness_study",
     "default_model",
+    "digits_splits",
+    "evaluate_digits",
     "fit_dcn",
     "fit_drm",
     "fit_edrm_forest",
     "fit_mfa",
+    "fit_model",
     "fit_rm",
     "format_demo_report",
     "greedy_table",
@@ -71,6 +94,7 @@ __all__ = [
     "label_subset",
     "max_labels",
     "plot_dcn_exactness",
+    "plot_evaluation",
     "plot_greedy_vs_exact",
     "plot_label_budget",
     "run_demo",
@@ -79,4 +103,5 @@ __all__ = [
     "run_infer",
     "run_sample",
     "run_study",
+    "save_evaluation",
 ]

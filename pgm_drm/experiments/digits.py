@@ -5,7 +5,10 @@ for semi-supervised EM), fits one model with its hyperparameters below, measures
 the test accuracy and writes ``report.json``, ``templates.png`` (the learned
 templates or filters) and the model file where there is one. The per-model steps
 are :func:`fit_rm`, :func:`fit_mfa`, :func:`fit_drm`, :func:`fit_dcn` and
-:func:`fit_edrm_forest`; each returns the test predictions and a figure.
+:func:`fit_edrm_forest`; each returns the test predictions and a figure, and takes
+its hyperparameters as keyword arguments whose defaults are the recipe's.
+:func:`fit_model` picks the step by name, as :func:`run_fit_digits` and
+:mod:`pgm_drm.experiments.evaluation` do.
 """
 
 from __future__ import annotations
@@ -45,11 +48,13 @@ from pgm_drm.learning.loop import LoopOptions
 __all__ = [
     "DIGITS_MODELS",
     "DigitsPrediction",
+    "MODEL_SETTINGS",
     "check_options",
     "fit_dcn",
     "fit_drm",
     "fit_edrm_forest",
     "fit_mfa",
+    "fit_model",
     "fit_rm",
     "label_subset",
     "max_labels",
@@ -59,6 +64,16 @@ __all__ = [
 DigitsModel = Literal["rm", "mfa", "drm", "dcn", "edrm-forest"]
 #: The models :func:`run_fit_digits` fits.
 DIGITS_MODELS: tuple[str, ...] = ("rm", "mfa", "drm", "dcn", "edrm-forest")
+#: The hyperparameters each per-model step takes as keyword arguments, with the
+#: recipe's values (``None`` for ``dcn``'s ``epochs``: 20 with the translations,
+#: 100 without).
+MODEL_SETTINGS: dict[str, dict[str, Any]] = {
+    "rm": {"n_templates": 10, "n_iter": 50, "min_sigma": 0.05},
+    "mfa": {"n_factors": 15, "n_iter": 100, "min_sigma": 0.1},
+    "drm": {"members": 4, "n_iter": 30},
+    "dcn": {"epochs": None, "weight_decay": 0.3},
+    "edrm-forest": {"n_estimators": 100, "max_depth": None},
+}
 
 
 class DigitsPrediction(NamedTuple):
@@ -66,7 +81,8 @@ class DigitsPrediction(NamedTuple):
 
     Attributes:
         pred: ``(450,)`` predicted test classes.
-        figure: The learned templates / filters (``templates.png``).
+        figure: The learned templates / filters (``templates.png``); ``None``
+            when the step was asked for no figure.
     """
 
     pred: np.ndarray
@@ -94,33 +110,42 @@ def fit_rm(
     d: DigitsSplit,
     y: np.ndarray,
     key: PRNGKey,
-    out: Path,
+    out: Path | None,
     report: dict[str, Any],
     em: Literal["hard", "soft"] = "hard",
     unlabelled_weight: float = 1.0,
     progress: bool = True,
+    *,
+    n_templates: int = 10,
+    n_iter: int = 50,
+    min_sigma: float = 0.05,
+    figure: bool = True,
 ) -> DigitsPrediction:
-    """A per-class RM with 10 templates per class: hard EM (Eqs. 16-17) or soft EM,
-    semi-supervised (§6.3.3) where ``y`` is ``-1``, each unlabelled image weighted
-    by ``unlabelled_weight``; MS-RMC (Eq. 6) on the test set. Writes
-    ``model.npz``."""
+    """A per-class RM with ``n_templates`` (10) templates per class: ``n_iter`` (50)
+    iterations of hard EM (Eqs. 16-17) or soft EM, semi-supervised (§6.3.3) where
+    ``y`` is ``-1``, each unlabelled image weighted by ``unlabelled_weight``, the
+    noise floored at ``min_sigma``; MS-RMC (Eq. 6) on the test set. Writes
+    ``model.npz`` unless ``out`` is ``None``."""
     report["em"] = em
     fit = fit_em(
         d.x_train,
         10,
-        10,
+        n_templates,
         mode=em,
         labels=y,
-        n_iter=50,
+        n_iter=n_iter,
         key=key,
-        min_sigma=0.05,
+        min_sigma=min_sigma,
         unlabelled_weight=unlabelled_weight,
         loop=LoopOptions(progress=progress),
     )
     pred = np.asarray(fit.model.classify(d.x_test, "max"))
-    save_model(out / "model.npz", fit.model)
+    if out is not None:
+        save_model(out / "model.npz", fit.model)
+    if not figure:
+        return DigitsPrediction(pred, None)
     templates = np.asarray(fit.model.templates).reshape(-1, 8, 8)
-    fig = plot_samples(templates, ncols=10, max_images=len(templates))
+    fig = plot_samples(templates, ncols=n_templates, max_images=len(templates))
     return DigitsPrediction(pred, fig)
 
 
@@ -128,17 +153,23 @@ def fit_mfa(
     d: DigitsSplit,
     y: np.ndarray,
     key: PRNGKey,
-    out: Path,
+    out: Path | None,
     report: dict[str, Any],
     em: Literal["hard", "soft"] = "soft",
     translated_labels: bool = False,
     progress: bool = True,
+    *,
+    n_factors: int = 15,
+    n_iter: int = 100,
+    min_sigma: float = 0.1,
+    figure: bool = True,
 ) -> DigitsPrediction:
-    """The RM with factor-analyser noise (Eq. 34): one factor analyser with 15
-    factors per class, soft EM by default; semi-supervised where ``y`` is ``-1``;
-    with ``translated_labels`` the labelled images are also re-rendered under the
-    four one-pixel translations (Lemma A.2); SP-RMC on the test set. Writes
-    ``model.npz``."""
+    """The RM with factor-analyser noise (Eq. 34): one factor analyser with
+    ``n_factors`` (15) factors per class and noise floor ``min_sigma`` (0.1),
+    ``n_iter`` (100) iterations of soft EM by default; semi-supervised where ``y``
+    is ``-1``; with ``translated_labels`` the labelled images are also re-rendered
+    under the four one-pixel translations (Lemma A.2); SP-RMC on the test set.
+    Writes ``model.npz`` unless ``out`` is ``None``."""
     report["em"] = em
     x_fit, y_fit = d.x_train, y
     if translated_labels:
@@ -148,41 +179,55 @@ def fit_mfa(
         x_fit,
         10,
         1,
-        15,
+        n_factors,
         mode=em,
         labels=y_fit,
-        n_iter=100,
+        n_iter=n_iter,
         key=key,
-        min_sigma=0.1,
+        min_sigma=min_sigma,
         loop=LoopOptions(progress=progress),
     )
     pred = np.asarray(fit.model.classify(d.x_test, "sum"))
-    save_model(out / "model.npz", fit.model)
-    return DigitsPrediction(pred, plot_factor_directions(fit.model))
+    if out is not None:
+        save_model(out / "model.npz", fit.model)
+    fig = plot_factor_directions(fit.model) if figure else None
+    return DigitsPrediction(pred, fig)
 
 
 def fit_drm(
-    d: DigitsSplit, key: PRNGKey, out: Path, report: dict[str, Any], progress=True
+    d: DigitsSplit,
+    key: PRNGKey,
+    out: Path | None,
+    report: dict[str, Any],
+    progress: bool = True,
+    *,
+    members: int = 4,
+    n_iter: int = 30,
+    figure: bool = True,
 ) -> DigitsPrediction:
-    """Per class, a mixture of 4 generative DRMs (windows (4, 2), 16 and 20
-    states), each fitted by hard EM from its own start. Writes one model file per
-    class and member."""
+    """Per class, a mixture of ``members`` (4) generative DRMs (windows (4, 2), 16
+    and 20 states), each fitted by ``n_iter`` (30) iterations of hard EM from its
+    own start. Writes one model file per class and member unless ``out`` is
+    ``None``."""
     clf = fit_drm_classifier(
         d.x_train,
         d.y_train,
         windows=(4, 2),
         n_states=(16, 20),
         template_sizes=(4, 2),
-        n_iter=30,
-        members=4,
+        n_iter=n_iter,
+        members=members,
         key=key,
         progress=progress,
     )
     report["members"] = clf.n_members
     pred = clf.predict(d.x_test)
-    for k, m in enumerate(clf.models):
-        c, r = divmod(k, clf.n_members)
-        save_model(out / f"drm_class{c}_member{r}.npz", m)
+    if out is not None:
+        for k, m in enumerate(clf.models):
+            c, r = divmod(k, clf.n_members)
+            save_model(out / f"drm_class{c}_member{r}.npz", m)
+    if not figure:
+        return DigitsPrediction(pred, None)
     firsts = clf.models[:: clf.n_members]
     pix = np.concatenate([np.asarray(m.pixel_templates) for m in firsts])
     fig = plot_samples(pix, ncols=16, max_images=len(pix))
@@ -196,11 +241,17 @@ def fit_dcn(
     report: dict[str, Any],
     translations: bool = True,
     progress: bool = True,
+    *,
+    epochs: int | None = None,
+    weight_decay: float = 0.3,
+    figure: bool = True,
 ) -> DigitsPrediction:
     """The discriminative relaxation (Eq. 25): a random two-level DCN-form net
-    (4x4 windows at stride 2, 64 states; then 3x3) trained with optax on the
-    training images and, with ``translations``, their one-pixel translations (the
-    rendering model's translational nuisance, Lemma A.2)."""
+    (4x4 windows at stride 2, 64 states; then 3x3) trained with optax (AdamW,
+    ``weight_decay`` 0.3, ``epochs`` epochs: by default 20 with ``translations``,
+    100 without) on the training images and, with ``translations``, their
+    one-pixel translations (the rendering model's translational nuisance, Lemma
+    A.2)."""
     net = init_random(
         key,
         (8, 8),
@@ -218,14 +269,16 @@ def fit_dcn(
         net,
         x_fit,
         y_fit,
-        epochs=20 if translations else 100,
+        epochs=epochs if epochs is not None else (20 if translations else 100),
         batch_size=32,
         lr=2e-3,
-        weight_decay=0.3,
+        weight_decay=weight_decay,
         key=jax.random.fold_in(key, 1),
         loop=LoopOptions(progress=progress),
     )
     pred = np.asarray(predict(fit.net, d.x_test))
+    if not figure:
+        return DigitsPrediction(pred, None)
     w = np.asarray(fit.net.layers[0].w)  # (K, G, w*w, 1)
     filters = w[:, 0, :, 0].reshape(-1, 4, 4)
     fig = plot_samples(filters, ncols=16, max_images=len(filters))
@@ -233,23 +286,92 @@ def fit_dcn(
     return DigitsPrediction(pred, fig)
 
 
-def fit_edrm_forest(d: DigitsSplit, seed: int) -> DigitsPrediction:
-    """Bagged InfoMax E-DRM trees (Eq. 32): 100 trees, no relaxation (what
+def fit_edrm_forest(
+    d: DigitsSplit,
+    seed: int,
+    *,
+    n_estimators: int = 100,
+    max_depth: int | None = None,
+    figure: bool = True,
+) -> DigitsPrediction:
+    """Bagged InfoMax E-DRM trees (Eq. 32): ``n_estimators`` (100) trees grown to
+    ``max_depth`` (``None``: until pure), no relaxation (what
     ``pgm_drm.sklearn.EDRMForestClassifier(n_estimators=100, relax_steps=0,
     random_state=seed)`` fits)."""
     forest = fit_infomax_forest(
         d.x_train.reshape(len(d.x_train), -1),
         d.y_train,
         10,
-        ForestParams(n_estimators=100, relax_steps=0),
+        ForestParams(n_estimators=n_estimators, max_depth=max_depth, relax_steps=0),
         rng=np.random.default_rng(seed),
     )
     proba = forest_predict_proba(forest, d.x_test.reshape(len(d.x_test), -1))
     pred = np.argmax(proba, axis=1)
+    if not figure:
+        return DigitsPrediction(pred, None)
     fig = plot_samples(
         d.x_test[:20], ncols=10, titles=[f"pred {int(p)}" for p in pred[:20]]
     )
     return DigitsPrediction(pred, fig)
+
+
+def fit_model(
+    model: str,
+    d: DigitsSplit,
+    y: np.ndarray,
+    seed: int,
+    *,
+    semi_supervised: bool = False,
+    out: Path | None = None,
+    report: dict[str, Any] | None = None,
+    em: Literal["hard", "soft"] | None = None,
+    unlabelled_weight: float = 1.0,
+    translations: bool = True,
+    progress: bool = False,
+    figure: bool = True,
+    **settings: Any,
+) -> DigitsPrediction:
+    """Fit ``model`` by its step above on ``d`` and predict ``d.x_test``.
+
+    Args:
+        model: One of :data:`DIGITS_MODELS`.
+        d: The images (only ``x_train``, ``x_test`` and, for the supervised
+            ``drm``, ``dcn`` and ``edrm-forest``, ``y_train`` are read).
+        y: Training labels for ``rm`` and ``mfa`` (``-1``: unlabelled).
+        seed: The PRNG key is ``jax.random.PRNGKey(seed)``; ``edrm-forest``
+            seeds numpy with it.
+        semi_supervised: The labels are a subset (``mfa`` then re-renders the
+            labelled images under one-pixel translations when ``translations``).
+        out: Folder for model files (``None``: none written).
+        report: Filled with what the step reports (``em``, ``members``, ...).
+        em, unlabelled_weight, translations: As :func:`run_fit_digits`.
+        progress: The steps' own progress bars.
+        figure: Draw the step's figure (``None`` in the result otherwise).
+        **settings: Hyperparameters of the step, named in
+            :data:`MODEL_SETTINGS` (defaults: the recipe's).
+    """
+    if model not in DIGITS_MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {DIGITS_MODELS}")
+    unknown = sorted(set(settings) - set(MODEL_SETTINGS[model]))
+    if unknown:
+        raise ValueError(
+            f"unknown settings {unknown} for {model!r}; it takes "
+            f"{sorted(MODEL_SETTINGS[model])}"
+        )
+    report = {} if report is None else report
+    key = jax.random.PRNGKey(seed)
+    kw = {"figure": figure, **settings}
+    if model == "rm":
+        rm_em = em or "hard"
+        return fit_rm(d, y, key, out, report, rm_em, unlabelled_weight, progress, **kw)
+    if model == "mfa":
+        shifted = semi_supervised and translations
+        return fit_mfa(d, y, key, out, report, em or "soft", shifted, progress, **kw)
+    if model == "drm":
+        return fit_drm(d, key, out, report, progress, **kw)
+    if model == "dcn":
+        return fit_dcn(d, key, report, translations, progress, **kw)
+    return fit_edrm_forest(d, seed, **kw)
 
 
 def check_options(
@@ -323,7 +445,6 @@ def run_fit_digits(
     d = load_digits_split()
     check_options(model, labels, em, unlabelled_weight, translations, max_labels(d))
     out.mkdir(parents=True, exist_ok=True)
-    key = jax.random.PRNGKey(seed)
     report: dict[str, Any] = {"model": model, "n_train": len(d.y_train)}
     y = np.asarray(d.y_train)
     if labels is not None:
@@ -331,19 +452,20 @@ def run_fit_digits(
         report["labels"] = int(np.sum(y >= 0))
         if model == "rm":
             report["unlabelled_weight"] = float(unlabelled_weight)
-    progress = not quiet
     t0 = time.perf_counter()
-    if model == "rm":
-        res = fit_rm(d, y, key, out, report, em or "hard", unlabelled_weight, progress)
-    elif model == "mfa":
-        shifted = labels is not None and translations
-        res = fit_mfa(d, y, key, out, report, em or "soft", shifted, progress)
-    elif model == "drm":
-        res = fit_drm(d, key, out, report, progress)
-    elif model == "dcn":
-        res = fit_dcn(d, key, report, translations, progress)
-    else:
-        res = fit_edrm_forest(d, seed)
+    res = fit_model(
+        model,
+        d,
+        y,
+        seed,
+        semi_supervised=labels is not None,
+        out=out,
+        report=report,
+        em=em,
+        unlabelled_weight=unlabelled_weight,
+        translations=translations,
+        progress=not quiet,
+    )
     report["fit_seconds"] = time.perf_counter() - t0
     report["test_accuracy"] = float(np.mean(res.pred == np.asarray(d.y_test)))
     res.figure.savefig(out / "templates.png", dpi=110)
