@@ -131,6 +131,7 @@ def test_accuracies_table_and_json_report_what_was_measured(tmp_path):
     assert res.accuracy["rm"][0, 0] == np.mean(pred.pred == splits[0].y_test)
 
     assert res.names == ("rm", "svc") and res.split_ids == (0, 1)
+    assert not res.select and np.all(res.select_seconds["rm"] == 0)
     assert res.settings["rm"][0][0] == {
         "n_templates": 10,
         "n_iter": 2,
