@@ -4,6 +4,13 @@
 Every command has its own subparser and every model or study of ``fit`` and
 ``compare`` its own sub-subparser, so a flag that does not belong to it is an
 argparse error (``pgm-drm fit digits dcn --labels 50``: unrecognized arguments).
+
+Errors exit 2: usage errors through argparse; a command failing on its input or
+at run time (``experiments.checks.USER_ERRORS``: a missing or damaged file, images
+of the wrong shape, fit options that do not go together, an unwritable ``--out``)
+prints one line, ``pgm-drm <command>: error: <message>``, on stderr. Others
+(``AssertionError``, ``RuntimeError`` from JAX, ``AttributeError``) are bugs and
+keep their traceback, as does every error under ``PGM_DRM_TRACEBACK=1``.
 """
 
 from __future__ import annotations
@@ -11,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["BENCHES", "build_parser", "main", "run_bench"]
 
 BENCHES = ("rm", "drm", "em_svi", "edrm_forest", "learning")
-#: ``sample`` / ``infer`` model names (``pgm_drm.experiments.MODELS``, not imported
-#: here so that ``--help`` does not load JAX).
+#: ``sample`` / ``infer`` models (``experiments.MODELS``; not imported: --help is fast)
 MODELS = ("rm", "drm", "conv-drm", "edrm")
 
 
@@ -35,7 +43,6 @@ def run_bench(name: str, extra: list[str]) -> int:
     """Run ``bench/bench_<name>.py`` of a source checkout (benchmarks are scripts
     that print ratios measured side by side; they are not installed)."""
     import runpy
-    import sys
 
     root = Path(__file__).resolve().parents[1] / "bench"
     script = root / f"bench_{name}.py"
@@ -48,20 +55,22 @@ def run_bench(name: str, extra: list[str]) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _int_in(lo: int, hi: int | None = None, step: int = 1) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``lo..hi``, a multiple of ``step``."""
 
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < lo or n % step:
+            multiple = f"a multiple of {step} " if step > 1 else ""
+            raise argparse.ArgumentTypeError(f"must be {multiple}>= {lo}, got {n}")
+        if hi is not None and n > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {n}")
+        return n
 
-def _labels(text: str) -> int:
-    n = int(text)
-    if n < 10 or n % 10:
-        raise argparse.ArgumentTypeError(
-            f"must be a multiple of 10 (as many per class) >= 10, got {n}"
-        )
-    return n
+    return parse
 
 
 def _weight(text: str) -> float:
@@ -79,19 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0)
-
-    def out(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("--out", type=Path, default=Path(default))
+    seed.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
 
     def images(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--images", type=_positive, default=200)
-        p.add_argument(
-            "--reference",
-            type=_positive,
-            default=25,
-            help="images also solved by NumPyro enumeration",
-        )
+        p.add_argument("--images", type=_int_in(1), default=200)
+        ref = "images also solved by NumPyro enumeration"
+        p.add_argument("--reference", type=_int_in(1), default=25, help=ref)
 
     demo = sub.add_parser(
         "demo",
@@ -100,27 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
         "compare with NumPyro enumeration; DRM sampling, DCN pass, activity "
         "maximization and layer probes; write a report and figures",
     )
-    out(demo, "out/demo")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
     images(demo)
     demo.add_argument("--no-drm", action="store_true", help="skip the DRM section")
 
     sample = sub.add_parser(
         "sample", parents=[seed], help="sample images and latents from a model"
     )
-    sample.add_argument("--model", choices=MODELS, default="rm")
+    model = "default: rm, or the model in --model-file"
+    sample.add_argument("--model", choices=MODELS, help=model)
     sample.add_argument("--model-file", type=Path, help="a model saved by fit")
-    sample.add_argument("-n", "--n", type=_positive, default=32)
-    out(sample, "out/sample")
+    sample.add_argument("-n", "--n", type=_int_in(1, 100_000), default=32)
+    sample.add_argument("--out", type=Path, default=Path("out/sample"))
 
     inf = sub.add_parser(
         "infer", help="max-sum / sum-product inference on images from an npz file"
     )
     inf.add_argument("images", type=Path, help="npz with an 'images' array")
-    inf.add_argument("--model", choices=MODELS, default="rm")
+    inf.add_argument("--model", choices=MODELS, help=model)
     inf.add_argument("--model-file", type=Path)
     inf.add_argument("--semiring", choices=("max", "sum"), default="max")
     inf.add_argument("--temperature", type=float, default=None)
-    out(inf, "out/infer")
+    inf.add_argument("--out", type=Path, default=Path("out/infer"))
 
     cmp_ = sub.add_parser(
         "compare",
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = studies.add_parser(name, parents=[seed], help=text)
         p.add_argument("--quick", action="store_true", help="a small, fast version")
-        out(p, "out/compare")
+        p.add_argument("--out", type=Path, default=Path("out/compare"))
         if name == "enumeration":
             images(p)
 
@@ -151,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("edrm-forest", "bagged InfoMax E-DRM trees (Eq. 32)"),
     ):
         p = models.add_parser(name, parents=[seed], help=text)
-        out(p, "out/fit")
+        p.add_argument("--out", type=Path, default=Path("out/fit"))
         if name in ("rm", "mfa"):
             p.add_argument(
                 "--labels",
-                type=_labels,
-                help="semi-supervised EM with this many labels (10 per class for "
-                "100, drawn by --seed)",
+                type=_int_in(10, step=10),
+                help="semi-supervised EM with this many labels, as many per class "
+                "(10 per class for 100), drawn by --seed",
             )
             p.add_argument(
                 "--em",
@@ -190,15 +193,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``pgm-drm`` entry point: ``demo``, ``sample``, ``infer``, ``compare``,
-    ``fit`` and ``bench`` (each with ``--help``). Returns the exit status."""
+    """The ``pgm-drm`` entry point (``demo``, ``sample``, ``infer``, ``compare``,
+    ``fit``, ``bench``): the exit status, 2 after a one-line error (see above)."""
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command == "bench":
         return run_bench(a.name, a.extra)
     _setup()
-    from pgm_drm import experiments as ex
+    from pgm_drm.experiments import checks
 
+    try:
+        _run(a)
+    except checks.USER_ERRORS as e:
+        if os.environ.get("PGM_DRM_TRACEBACK") == "1":
+            raise
+        print(checks.error_line(f"pgm-drm {a.command}", e), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(a: argparse.Namespace) -> None:
+    """Run the command ``a`` names; first what argparse cannot see (fit options
+    together and against the data, the output folder)."""
+    from pgm_drm import experiments as ex
+    from pgm_drm.experiments import checks
+
+    opts = checks.fit_options(vars(a)) if a.command == "fit" else {}
+    checks.check_out(a.out)
     if a.command == "demo":
         report = ex.run_demo(a.out, a.images, a.reference, a.seed, drm=not a.no_drm)
         print(ex.format_demo_report(report, a.out))
@@ -213,30 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         info = ex.run_sample(a.model, a.n, a.out, a.seed, a.model_file)
         print(f"{info}: wrote {a.out}/samples.npz, samples.png")
     elif a.command == "infer":
-        summary = ex.run_infer(
-            a.model, a.images, a.out, a.semiring, a.temperature, a.model_file
-        )
-        print(json.dumps(summary))
+        args = (a.images, a.out, a.semiring, a.temperature, a.model_file)
+        print(json.dumps(ex.run_infer(a.model, *args)))
         print(f"wrote {a.out}/posterior.npz, summary.json")
     elif a.command == "fit":
-        opts = {k: v for k, v in vars(a).items() if k in ("labels", "em")}
-        if "unlabelled_weight" in a:
-            opts["unlabelled_weight"] = a.unlabelled_weight
-        if "no_translations" in a:
-            opts["translations"] = not a.no_translations
-        # what argparse cannot see: the label budget against the data, and
-        # --unlabelled-weight or mfa's --no-translations without --labels
-        try:
-            ex.check_options(a.model, **opts)
-        except ValueError as e:
-            parser.error(str(e))
         report = ex.run_fit_digits(a.model, a.out, seed=a.seed, **opts)
         print(
             f"digits, {a.model}: test accuracy {report['test_accuracy']:.4f} "
             f"(fit {report['fit_seconds']:.1f} s); wrote {a.out}/report.json, "
             "templates.png"
         )
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

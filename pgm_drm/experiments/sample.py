@@ -1,14 +1,19 @@
 """Sampling and inference recipes: the ``pgm-drm sample`` and ``infer`` commands.
 
-:func:`default_model` names the default models (or loads a saved one);
-:func:`run_sample` samples images and latents; :func:`run_infer` runs max-sum /
-sum-product on images from an npz file (the DRM's DCN-form pass, the compiled
-exact schedule for the others).
+:func:`default_model` names the default models (or loads a saved one, checking
+that it is of the class its name stands for); :func:`load_images` reads and
+validates the images of an npz file; :func:`run_sample` samples images and
+latents; :func:`run_infer` runs max-sum / sum-product on images from an npz file
+(the DRM's DCN-form pass, the compiled exact schedule for the others). Bad input
+(a model file of another kind, an empty batch, a file that is not an npz with
+real ``images`` of the model's shape) raises ``ValueError`` or ``OSError`` with a
+message that names it.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,36 +34,117 @@ from pgm_drm.models import (
     default_templates,
 )
 
-__all__ = ["MODELS", "default_model", "run_infer", "run_sample"]
+__all__ = [
+    "CLASSES",
+    "MODELS",
+    "default_model",
+    "load_images",
+    "model_kind",
+    "run_infer",
+    "run_sample",
+]
 
 #: The default models ``sample`` and ``infer`` know by name.
 MODELS = ("rm", "drm", "conv-drm", "edrm")
+#: The class each name of :data:`MODELS` stands for.
+CLASSES: dict[str, type] = {
+    "rm": RenderingModel,
+    "drm": DeepRenderingModel,
+    "conv-drm": ConvRenderingModel,
+    "edrm": EvolutionaryDRM,
+}
 
 
-def default_model(name: str, path: Path | None = None) -> Any:
+def _a(cls: type) -> str:
+    """``"a RenderingModel"``, ``"an EvolutionaryDRM"``."""
+    return ("an " if cls.__name__[0] in "AEIOU" else "a ") + cls.__name__
+
+
+def model_kind(model: Any) -> str:
+    """The name in :data:`MODELS` of ``model``'s class; the class name for the
+    classes without one (``FactorRenderingModel``)."""
+    names = {cls: name for name, cls in CLASSES.items()}
+    return names.get(type(model), type(model).__name__)
+
+
+def default_model(name: str | None = "rm", path: Path | None = None) -> Any:
     """The model a command works on: the one saved at ``path`` (by ``fit``), or
-    the default model ``name`` (one of :data:`MODELS`)."""
+    the default model ``name`` (one of :data:`MODELS`; ``None``: ``"rm"``).
+
+    With both, the file must hold the class ``name`` stands for (``ValueError``
+    otherwise); with ``name=None`` any model file is taken as it is.
+    """
+    if name is not None and name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     if path is not None:
-        return load_model(path)
-    if name == "rm":
+        model = load_model(path)
+        want = CLASSES[name] if name is not None else type(model)
+        if type(model) is not want:
+            raise ValueError(
+                f"the model file {path} holds {_a(type(model))}; --model {name} "
+                f"needs {_a(want)} (give --model {model_kind(model)} or leave "
+                "--model out)"
+            )
+        return model
+    if name in ("rm", None):
         return RenderingModel(default_templates(8), sigma=0.35, switch_prior=0.9)
     if name == "drm":
         return DeepRenderingModel.default()
     if name == "conv-drm":
         return ConvRenderingModel.random(jax.random.PRNGKey(0), stride=2, sigma=0.5)
-    if name == "edrm":
-        return EvolutionaryDRM.default()
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    return EvolutionaryDRM.default()
+
+
+def load_images(path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The ``images`` array of the npz file ``path`` as a batch
+    ``(N, *image_shape)`` with ``N >= 1``: real (integer or float), finite
+    pixels; one image of ``image_shape`` is a batch of one.
+
+    Raises:
+        OSError: ``path`` cannot be read (no such file, a folder).
+        ValueError: Not an npz file, no ``images`` array in it, or images of
+            another dtype or shape, non-finite, or none at all.
+    """
+    try:
+        f = np.load(path, allow_pickle=False)
+    except OSError as e:
+        raise OSError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        raise ValueError(f"{path} is not an .npz archive numpy can read") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is an .npy array; give an .npz with 'images'")
+    with f:
+        if "images" not in f.files:
+            raise ValueError(f"{path} has no array named 'images' (it has {f.files})")
+        try:
+            images = f["images"]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"cannot read 'images' from {path} ({e})") from None
+    if not (
+        np.issubdtype(images.dtype, np.integer)
+        or np.issubdtype(images.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"'images' in {path} has dtype {images.dtype}; give real pixel values"
+        )
+    x, _ = check_images(images, tuple(image_shape))
+    if x.shape[0] == 0:
+        raise ValueError(f"{path} holds no images (an empty batch {images.shape})")
+    return np.asarray(x)
 
 
 def run_sample(
-    model_name: str,
+    model_name: str | None,
     n: int,
     out: Path,
     seed: int = 0,
     model_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Sample ``n`` images and their latents; write ``samples.npz`` and a PNG grid."""
+    """Sample ``n`` images and their latents; write ``samples.npz`` and a PNG grid.
+
+    ``model_name`` and ``model_file`` as in :func:`default_model`; the returned
+    ``"model"`` names the model sampled (:func:`model_kind`).
+    """
     model = default_model(model_name, model_file)
     images, latents = model.sample(jax.random.PRNGKey(seed), n)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,11 +154,12 @@ def run_sample(
     fig = plot_samples(images, top)
     fig.savefig(out / "samples.png", dpi=110)
     plt.close(fig)
-    return {"model": model_name, "n": n, "image_shape": list(images.shape[1:])}
+    kind = model_kind(model)
+    return {"model": kind, "n": n, "image_shape": list(images.shape[1:])}
 
 
 def run_infer(
-    model_name: str,
+    model_name: str | None,
     images_path: Path,
     out: Path,
     semiring: str = "max",
@@ -80,26 +167,30 @@ def run_infer(
     model_file: Path | None = None,
 ) -> dict[str, Any]:
     """Max-sum / sum-product on every image of ``images_path`` (npz with
-    ``images``): the DRM's DCN-form pass, the compiled exact schedule otherwise.
+    ``images``, read by :func:`load_images`): the DRM's DCN-form pass, the
+    compiled exact schedule for the other models of :data:`CLASSES`
+    (``model_name`` and ``model_file`` as in :func:`default_model`; a model file
+    of another class, such as ``FactorRenderingModel``, raises ``ValueError``).
     Writes ``posterior.npz`` (log-marginals, MAP, log Z) and ``summary.json``."""
     model = default_model(model_name, model_file)
-    with np.load(images_path) as f:
-        if "images" not in f:
-            raise ValueError(f"{images_path} has no array named 'images'")
-        images = f["images"]
-    if images.ndim == len(model.image_shape):
-        images = images[None]
+    name = model_kind(model)
+    if name not in CLASSES:
+        *kinds, last = (c.__name__ for c in CLASSES.values())
+        raise ValueError(
+            f"the model file {model_file} holds {_a(type(model))}; infer runs on "
+            f"a {', '.join(kinds)} or {last}"
+        )
+    images = load_images(images_path, model.image_shape)
     arrays: dict[str, Any] = {}
-    if model_name == "drm":
+    if name == "drm":
         res = model.infer(images, semiring, temperature)
         arrays["log_marginal_c"] = np.asarray(res.class_log_posterior)
         arrays["log_z"] = np.asarray(res.log_z)
         arrays.update({f"map_{k}": np.asarray(v) for k, v in res.map.items()})
         kind = "dcn"
     else:
-        check_images(images, model.image_shape)
-        fg = compile_model(model.model, image=np.asarray(images[0]))
-        post = infer(fg, semiring, temperature=temperature, image=np.asarray(images))
+        fg = compile_model(model.model, image=images[0])
+        post = infer(fg, semiring, temperature=temperature, image=images)
         arrays["log_z"] = np.asarray(post.log_z)
         arrays.update(
             {f"log_marginal_{k}": np.asarray(v) for k, v in post.log_marginals.items()}
@@ -109,7 +200,7 @@ def run_infer(
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "posterior.npz", **arrays)
     summary = {
-        "model": model_name,
+        "model": name,
         "n_images": int(images.shape[0]),
         "semiring": semiring,
         "temperature": temperature,
