@@ -63,6 +63,7 @@ JOBS = {
     "pgmpy": ("bench_pgmpy.py", ["--quick"], [], 35, 300),
     "learning": ("bench_learning.py", ["--quick"], [], 25, 200),
     "em_svi": ("bench_em_svi.py", ["--quick", "--n", "200"], [], 30, 200),
+    "generic": ("bench_generic.py", ["--quick"], [], 45, 480),
 }
 
 
@@ -448,6 +449,7 @@ SECTIONS = [
     ("pgmpy", "Exact inference vs pgmpy (`bench/bench_pgmpy.py`)"),
     ("learning", "EM vs Adam (`bench/bench_learning.py`)"),
     ("em_svi", "EM vs SVI (`bench/bench_em_svi.py`)"),
+    ("generic", "Generic fit: EM vs Adam vs NumPyro SVI (`bench/bench_generic.py`)"),
 ]
 
 
