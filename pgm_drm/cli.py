@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
             images(p)
 
     fit = sub.add_parser("fit", help="fit a classifier on a dataset")
+    evaluate = argparse.ArgumentParser(add_help=False)
+    many = "mean ± sd over K stratified splits (10 without K), baselines beside"
+    evaluate.add_argument("--splits", type=_int_in(1), nargs="?", const=10, help=many)
+    evaluate.add_argument("--seeds", type=_int_in(1), help="... and over S seeds")
+    sel = "choose hyperparameters by 3-fold CV inside each training split"
+    evaluate.add_argument("--select", action="store_true", help=sel)
+    evaluate.add_argument("--no-baselines", action="store_true")
     fit.add_argument("dataset", choices=("digits",))
     models = fit.add_subparsers(dest="model", required=True)
     for name, text in (
@@ -152,37 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
         ("drm", "per class, a mixture of 4 generative DRMs (hard EM)"),
         ("dcn", "the discriminative relaxation (Eq. 25), optax"),
         ("edrm-forest", "bagged InfoMax E-DRM trees (Eq. 32)"),
+        ("all", "every model above (with --splits/--seeds/--select)"),
     ):
-        p = models.add_parser(name, parents=[seed], help=text)
+        p = models.add_parser(name, parents=[seed, evaluate], help=text)
         p.add_argument("--out", type=Path, default=Path("out/fit"))
         if name in ("rm", "mfa"):
-            p.add_argument(
-                "--labels",
-                type=_int_in(10, step=10),
-                help="semi-supervised EM with this many labels, as many per class "
-                "(10 per class for 100), drawn by --seed",
-            )
-            p.add_argument(
-                "--em",
-                choices=("hard", "soft"),
-                default="hard" if name == "rm" else "soft",
-                help="EM kind (default: %(default)s)",
-            )
+            labels = "semi-supervised EM with N labels, N/10 per class, drawn by --seed"
+            p.add_argument("--labels", type=_int_in(10, step=10), help=labels)
+            em = "hard" if name == "rm" else "soft"
+            p.add_argument("--em", choices=("hard", "soft"), default=em)
         if name == "rm":
+            weight = "with --labels: each unlabelled image's weight (EM-lambda)"
             p.add_argument(
-                "--unlabelled-weight",
-                type=_weight,
-                default=1.0,
-                help="with --labels: weight of each unlabelled image, in (0, 1] "
-                "(EM-lambda; 1 = plain EM)",
+                "--unlabelled-weight", type=_weight, default=1.0, help=weight
             )
         if name in ("dcn", "mfa"):
-            p.add_argument(
-                "--no-translations",
-                action="store_true",
-                help="do not add the one-pixel translations of the labelled "
-                "training images" + (" (with --labels)" if name == "mfa" else ""),
-            )
+            shifts = "no one-pixel translations of the labelled training images"
+            p.add_argument("--no-translations", action="store_true", help=shifts)
 
     bench = sub.add_parser("bench", help="run a benchmark script from bench/")
     bench.add_argument("name", choices=BENCHES)
@@ -237,6 +230,9 @@ def _run(a: argparse.Namespace) -> None:
         args = (a.images, a.out, a.semiring, a.temperature, a.model_file)
         print(json.dumps(ex.run_infer(a.model, *args)))
         print(f"wrote {a.out}/posterior.npz, summary.json")
+    elif a.command == "fit" and (a.splits or a.seeds or a.select or a.model == "all"):
+        ev = (a.splits, a.seeds, a.select, not a.no_baselines)
+        print(ex.run_evaluation(a.model, a.out, *ev, seed=a.seed, **opts))
     elif a.command == "fit":
         report = ex.run_fit_digits(a.model, a.out, seed=a.seed, **opts)
         print(

@@ -57,7 +57,7 @@ def test_names_are_the_recipes_names():
         return action.choices
 
     fit = subcommands(subcommands(build_parser())["fit"])
-    assert tuple(fit) == DIGITS_MODELS
+    assert tuple(fit) == (*DIGITS_MODELS, "all")
     assert MODELS == SAMPLE_MODELS
 
 
@@ -267,6 +267,52 @@ def test_compare_greedy_quick(tmp_path, capsys):
     assert (tmp_path / "greedy_study.png").exists()
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 2
     assert "| sigma | path_agreement |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["rm", "--splits"], ("rm", 10, None, False, True, {"em": "hard"})),
+        (["mfa", "--splits", "3", "--select"], ("mfa", 3, None, True, True, {})),
+        (["dcn", "--seeds", "4", "--no-baselines"], ("dcn", None, 4, False, False, {})),
+        (["all"], ("all", None, None, False, True, {})),
+    ],
+)
+def test_fit_splits_seeds_select_run_the_evaluation(
+    argv, want, monkeypatch, tmp_path, capsys
+):
+    """``--splits/--seeds/--select`` (and the model ``all``) run
+    ``run_evaluation`` (tested with real fits in tests/experiments) instead of
+    the single fit, and print its table."""
+    calls = []
+
+    def fake(model, out, splits, seeds, select, baselines, seed, **opts):
+        calls.append((model, splits, seeds, select, baselines, opts))
+        return "TABLE"
+
+    monkeypatch.setattr(experiments, "run_evaluation", fake)
+    code, out, _ = run(["fit", "digits", *argv, "--out", str(tmp_path)], capsys)
+    assert code == 0 and out.strip() == "TABLE"
+    (got,) = calls
+    assert got[:5] == want[:5]
+    assert want[5].items() <= got[5].items()
+
+
+def test_run_evaluation_defaults_to_ten_splits_for_all(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(models, **kw):
+        seen.update(kw, models=models)
+        raise ValueError("stop")
+
+    monkeypatch.setattr(experiments.evaluation, "evaluate_digits", fake)
+    with pytest.raises(ValueError, match="stop"):
+        experiments.run_evaluation("all", tmp_path)
+    assert seen["models"] == experiments.DIGITS_MODELS and seen["splits"] == 10
+    with pytest.raises(ValueError, match="stop"):
+        experiments.run_evaluation("rm", tmp_path, seeds=3, seed=5, em="soft")
+    assert seen["models"] == ("rm",) and seen["splits"] == 1 and seen["seeds"] == 3
+    assert seen["split_seed"] == 5 and seen["settings"] == {"rm": {"em": "soft"}}
 
 
 def test_fit_rm_digits(tmp_path):

@@ -43,6 +43,7 @@ from pgm_drm.experiments.evaluation import (
     digits_splits,
     evaluate_digits,
     plot_evaluation,
+    run_evaluation,
     save_evaluation,
 )
 from pgm_drm.experiments.label_budget import (
@@ -98,6 +99,7 @@ __all__ = [
     "plot_greedy_vs_exact",
     "plot_label_budget",
     "run_demo",
+    "run_evaluation",
     "run_drm_demo",
     "run_fit_digits",
     "run_infer",

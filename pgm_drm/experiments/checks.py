@@ -51,7 +51,8 @@ def fit_options(args: dict[str, Any]) -> dict[str, Any]:
     opts = {k: args[k] for k in keys if k in args}
     if "no_translations" in args:
         opts["translations"] = not args["no_translations"]
-    check_options(args["model"], **opts)
+    if args["model"] != "all":  # "all": every recipe as it is (run_evaluation)
+        check_options(args["model"], **opts)
     return opts
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "digits_splits",
     "evaluate_digits",
     "plot_evaluation",
+    "run_evaluation",
     "save_evaluation",
 ]
 
@@ -795,3 +796,46 @@ def evaluate_digits(
     if out is not None:
         save_evaluation(result, out)
     return result
+
+
+def run_evaluation(
+    model: str,
+    out: Path,
+    splits: int | None = None,
+    seeds: int | None = None,
+    select: bool = False,
+    baselines: bool = True,
+    seed: int = 0,
+    labels: int | None = None,
+    **options: Any,
+) -> str:
+    """``pgm-drm fit digits <model|all> --splits K --seeds S [--select]``: run
+    :func:`evaluate_digits`, write :func:`save_evaluation`'s files into ``out``
+    and return the table to print.
+
+    ``model`` "all" is every model of the recipes (10 splits unless ``splits``
+    or ``seeds`` say otherwise); ``seed`` is the first split's ``random_state``
+    (split i uses ``seed + i``), the fits' seeds are ``0..S-1``; ``options``
+    (``em``, ``unlabelled_weight``, ``translations``) are the model's recipe
+    options, as for :func:`~pgm_drm.experiments.run_fit_digits`.
+    """
+    models = _digits.DIGITS_MODELS if model == "all" else (model,)
+    if model == "all" and splits is None and seeds is None:
+        splits = 10
+    settings = {model: options} if options and model != "all" else None
+    result = evaluate_digits(
+        models,
+        splits=splits or 1,
+        seeds=seeds or 1,
+        labels=labels,
+        select=select,
+        baselines=baselines,
+        split_seed=seed,
+        settings=settings,
+        out=out,
+    )
+    save_evaluation(result, out)
+    text = result.table()
+    if result.select:
+        text += "\n\n" + result.selection_table()
+    return f"{text}\nwrote {out}/evaluation.json, table.md, evaluation.png"
