@@ -6,7 +6,9 @@ Neither uses the factor-graph compiler or the message-passing kernel:
   ``numpyro.contrib.funsor`` (``log_density``'s variable elimination, with the
   ``max`` semiring for max-sum), exact marginals by *clamping* each value of each
   latent variable (an additive 0/-inf offset on that site's log-prob) and
-  re-computing ``log Z``, the joint MAP from ``infer_discrete(temperature=0)``.
+  re-computing ``log Z``; the joint MAP from the same clamped contractions in
+  the max semiring (the argmax of every max-marginal; one variable at a time by
+  clamping where a max-marginal has a tie).
 - :func:`brute_force` lists every joint configuration with ``itertools.product``
   and scores each with ``numpyro.infer.util.log_density`` (the model's own
   log-joint). Exponential: for tiny models only.
@@ -22,11 +24,11 @@ from typing import Any
 
 import funsor
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from numpyro import handlers
-from numpyro.contrib.funsor import config_enumerate, infer_discrete
+from numpyro.contrib.funsor import config_enumerate
 from numpyro.contrib.funsor.infer_util import _enum_log_density
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
@@ -114,11 +116,10 @@ _CACHE: OrderedDict = OrderedDict()
 CACHE_SIZE = 16
 
 
-def _fingerprint(fn: Callable, *example: Any) -> tuple:
+def _fingerprint(closed: jax.extend.core.ClosedJaxpr) -> tuple:
     """What a traced function computes: its jaxpr and the bytes of every constant
     it closed over. A global the model reads, changed between calls, changes the
     fingerprint (a cache keyed on the model object would return the old answer)."""
-    closed = jax.make_jaxpr(fn)(*example)
     consts = tuple(
         (
             np.asarray(c).dtype.str,
@@ -130,7 +131,10 @@ def _fingerprint(fn: Callable, *example: Any) -> tuple:
     return str(closed.jaxpr), consts
 
 
-def _enum_functions(model, args, kwargs, layout, temperature):
+def _enum_log_z(model, args, kwargs, layout, temperature):
+    """NumPyro's enumerated ``log Z`` with per-value log-offsets on the latent
+    sites, jitted and vmapped over a leading axis of the offsets, and cached on
+    what it computes (:func:`_fingerprint`). Returns ``(fn, evidence arrays)``."""
     arrays, static = split_evidence(kwargs)
     nesting = max_plate_nesting(model_sites(model, *args, **kwargs))
     supports = {s: jnp.asarray(sup) for s, (_, sup) in layout.items()}
@@ -148,26 +152,23 @@ def _enum_functions(model, args, kwargs, layout, temperature):
         )
         return res.data
 
-    def map_values(arrays):
-        m = infer_discrete(
-            config_enumerate(model),
-            first_available_dim=-(nesting + 1),
-            temperature=0,
-            rng_key=jax.random.PRNGKey(0),
-        )
-        tr = handlers.trace(m).get_trace(*args, **{**static, **arrays})
-        return {s: tr[s]["value"] for s in layout}
-
     zero = {s: jnp.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
-    key = (_fingerprint(log_z, zero, arrays), temperature)
+    # One funsor trace: its jaxpr is both the cache key and the function run.
+    closed = jax.make_jaxpr(log_z)(zero, arrays)
+    key = (_fingerprint(closed), temperature)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key], arrays
-    fns = (jax.jit(jax.vmap(log_z, in_axes=(0, None))), jax.jit(map_values))
-    _CACHE[key] = fns
+    run = jax.extend.core.jaxpr_as_fun(closed)
+
+    def traced(offsets, arrays):
+        return run(*jax.tree_util.tree_leaves((offsets, arrays)))[0]
+
+    fn = jax.jit(jax.vmap(traced, in_axes=(0, None)))
+    _CACHE[key] = fn
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return fns, arrays
+    return fn, arrays
 
 
 def _clamps(layout) -> tuple[dict, list]:
@@ -188,22 +189,51 @@ def _clamps(layout) -> tuple[dict, list]:
     return offsets, entries
 
 
-def _map_by_clamping(layout, max_log_z_fn, arrays) -> dict:
-    """Joint MAP by fixing one variable at a time to its best max-marginal state."""
+def _map_by_clamping(layout, max_log_z_fn, arrays, size: int) -> dict:
+    """Joint MAP by fixing one variable at a time to its best max-marginal state
+    (the decoding that stays consistent under ties). Every call is padded to
+    ``size`` rows, the shape ``max_log_z_fn`` was compiled for."""
     fixed = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
     values = {s: np.zeros(shape, dtype=sup.dtype) for s, (shape, sup) in layout.items()}
     for site, (shape, sup) in layout.items():
         for idx in itertools.product(*(range(n) for n in shape)):
             k_all = len(sup)
-            batch = {s: np.repeat(o[None], k_all, axis=0) for s, o in fixed.items()}
+            batch = {s: np.repeat(o[None], size, axis=0) for s, o in fixed.items()}
             for k in range(k_all):
                 row = np.full(k_all, -np.inf)
                 row[k] = 0.0
                 batch[site][(k,) + idx] = row
             scores = max_log_z_fn({s: jnp.asarray(b) for s, b in batch.items()}, arrays)
-            best = int(jnp.argmax(scores))
+            best = int(jnp.argmax(scores[:k_all]))
             fixed[site][idx] = batch[site][(best,) + idx]
             values[site][idx] = sup[best]
+    return values
+
+
+#: Two states of one max-marginal closer than this (relative to its size) count
+#: as a tie: the clamped maxima are separate float64 contractions of the same
+#: terms (~1e-15 relative apart when the states are truly tied).
+TIE_RTOL = 1e-9
+
+
+def _map_from_max_marginals(layout, entries, max_marginals) -> dict | None:
+    """The joint MAP as the argmax of every max-marginal, or ``None`` when some
+    max-marginal has a tie. Without ties the joint maximiser is unique, and each
+    of its coordinates is the unique argmax of that variable's max-marginal."""
+    scores = {
+        s: np.full(shape + (len(sup),), -np.inf) for s, (shape, sup) in layout.items()
+    }
+    for value, (site, idx, k) in zip(max_marginals, entries, strict=True):
+        scores[site][idx + (k,)] = value
+    values = {}
+    for site, m in scores.items():
+        top2 = np.sort(m, axis=-1)[..., -2:]
+        if m.shape[-1] > 1 and np.any(
+            top2[..., 0]
+            >= top2[..., 1] - TIE_RTOL * np.maximum(1.0, np.abs(top2[..., 1]))
+        ):
+            return None
+        values[site] = layout[site][1][np.argmax(m, axis=-1)]
     return values
 
 
@@ -243,7 +273,10 @@ def enumerate_exact(
 
     ``log_z`` is NumPyro's enumerated ``log_density`` (logsumexp, or ``max`` for
     max-sum); ``log_marginals[site][..., k]`` is ``log Z(site clamped to k) -
-    log Z``; ``map`` is ``infer_discrete(temperature=0)``.
+    log Z``; ``map`` is the joint MAP decoded from NumPyro's max-semiring
+    contractions with each value clamped (the argmax of every max-marginal when
+    none has a tie; otherwise fixed one variable at a time, as in Viterbi
+    backtracking).
 
     Args:
         model: A NumPyro model with finite discrete latent sites.
@@ -262,9 +295,10 @@ def enumerate_exact(
     layout = latent_layout(model, *args, **kwargs)
     if not layout:
         return _no_latents(model, args, kwargs, t, "enumeration")
-    (log_z_fn, map_fn), arrays = _enum_functions(model, args, kwargs, layout, t)
+    log_z_fn, arrays = _enum_log_z(model, args, kwargs, layout, t)
     offsets, entries = _clamps(layout)
-    z = log_z_fn({s: jnp.asarray(o) for s, o in offsets.items()}, arrays)
+    offsets = {s: jnp.asarray(o) for s, o in offsets.items()}
+    z = log_z_fn(offsets, arrays)
     log_z = z[0]
     _check_log_z(np.asarray(z))
     margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
@@ -280,15 +314,13 @@ def enumerate_exact(
         margs[site] = (
             rel - np.asarray(reduce_t(jnp.asarray(rel), (rel.ndim - 1,), t))[..., None]
         )
-    if all(
-        len(sup) > 1 and np.array_equal(sup, np.arange(len(sup)))
-        for _, sup in layout.values()
-    ):
-        maps = map_fn(arrays)
-    else:  # infer_discrete enumerates arange(K) and fails on one-state sites
-        # ("Could not extract point"): decode by max-clamping instead
-        (max_log_z_fn, _), _ = _enum_functions(model, args, kwargs, layout, 0.0)
-        maps = _map_by_clamping(layout, max_log_z_fn, arrays)
+    # The MAP from the same clamped contractions in the max semiring (one more
+    # compile for sum-product), one variable at a time where there are ties.
+    max_fn = log_z_fn if t == 0.0 else _enum_log_z(model, args, kwargs, layout, 0.0)[0]
+    zmax = zc if t == 0.0 else np.asarray(max_fn(offsets, arrays)[1:])
+    maps = _map_from_max_marginals(layout, entries, zmax)
+    if maps is None:
+        maps = _map_by_clamping(layout, max_fn, arrays, len(entries) + 1)
     return Posterior(
         {s: jnp.asarray(m) for s, m in margs.items()},
         {s: jnp.reshape(jnp.asarray(v), layout[s][0]) for s, v in maps.items()},
