@@ -341,7 +341,8 @@ def _cnn_init(key: PRNGKey, channels=(16, 32), hidden: int = 64) -> dict:
     k = jax.random.split(key, 4)
 
     def he(k, shape, fan_in):
-        return jax.random.normal(k, shape, jnp.float32) * np.sqrt(2.0 / fan_in)
+        # a Python float: a numpy float64 scale would promote under x64
+        return jax.random.normal(k, shape, jnp.float32) * float(np.sqrt(2.0 / fan_in))
 
     c1, c2 = channels
     return {

@@ -4,6 +4,8 @@ measured. Accuracies are recomputed, never compared with a threshold."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -191,3 +193,16 @@ def test_bad_arguments_are_refused_before_fitting(monkeypatch, kwargs, match):
     args = {"models": ["rm"], "splits": 2, "baselines": False, "progress": False}
     with pytest.raises(ValueError, match=match):
         evaluate_digits(**{**args, **kwargs})
+
+
+def test_small_cnn_baseline_trains_in_float32_under_x64():
+    """The test suite (and the CLI) run with jax_enable_x64: the CNN's float32
+    weights must not be promoted (conv_general_dilated refuses mixed dtypes)."""
+    from pgm_drm.experiments.evaluation import _cnn_init, _fit_small_cnn
+
+    assert all(
+        v.dtype == jnp.float32 for v in _cnn_init(jax.random.PRNGKey(0)).values()
+    )
+    d = load_digits_split()
+    pred = _fit_small_cnn(d, d.y_train, 0, epochs=1)
+    assert pred.shape == d.y_test.shape and set(pred.tolist()) <= set(range(10))
