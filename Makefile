@@ -15,14 +15,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/pgm-drm demo --out out/demo
 
+# JAX's persistent compilation cache (keyed on the XLA program, the compiler and its
+# flags): the tests and notebooks compile many identical programs in separate
+# processes, and each is compiled once per run (from a fresh clone too).
+JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \
+	JAX_COMPILATION_CACHE_MAX_SIZE=1000000000
+
 test: $(STAMP)
 	$(BIN)/ruff check pgm_drm tests bench notebooks
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --doctest-modules pgm_drm tests
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --nbmake notebooks
+	$(JAX_CACHE) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --doctest-modules pgm_drm tests
+	$(JAX_CACHE) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --nbmake notebooks
 
 # Every benchmark side by side, then bench/RESULTS.md (QUICK=1: small sizes, < 3 min).
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,) $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .jax_cache

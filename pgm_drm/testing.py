@@ -7,6 +7,7 @@ seed, so hypothesis can shrink them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from pgm_drm.models.rendering import RenderingModel
 __all__ = [
     "assert_posteriors_close",
     "chain_loop_model",
+    "examples",
     "ising_grid",
     "ising_loop_model",
     "log_joint",
@@ -35,6 +37,15 @@ __all__ = [
 ]
 
 Model = tuple[Callable[..., None], dict[str, Any]]
+
+
+def examples(ci: int) -> int:
+    """Hypothesis ``max_examples`` for a property: ``ci`` in ``make test``, or
+    ``PGM_DRM_EXAMPLES`` when it is set (``PGM_DRM_EXAMPLES=200 make test`` is
+    the fuzzing run). For properties whose every example compiles its own JAX
+    programs, which take fewer examples than the suite's default."""
+    env = os.environ.get("PGM_DRM_EXAMPLES")
+    return int(env) if env else ci
 
 
 def _edges(kind: str, n: int, rng: np.random.Generator) -> tuple[list, list]:

@@ -15,6 +15,7 @@ from pgm_drm.inference import (
     naive_conv_dcn_pass,
 )
 from pgm_drm.models import ConvRenderingModel
+from pgm_drm.testing import examples
 
 # float64 sums of ~100 log-terms of size <= ~1e3: rounding ~1e-12; 1e-6 is the
 # project's exactness bar.
@@ -26,8 +27,8 @@ def _switch_grid(post, n):
     return a.reshape(a.shape[:-1] + (n, n))
 
 
-# each example compiles a graph and a NumPyro enumeration (~8 s): 4 examples
-@settings(max_examples=4)
+# each example compiles a graph and a NumPyro enumeration (~8 s): 3 examples
+@settings(max_examples=examples(3))
 @given(seed=st.integers(0, 2**16), patch=st.integers(2, 3))
 def test_no_overlap_is_exact(seed, patch):
     """stride == patch: the DCN pass is exact max-sum and sum-product."""

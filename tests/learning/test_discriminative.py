@@ -29,6 +29,7 @@ from pgm_drm.learning.discriminative import (
 )
 from pgm_drm.learning.loop import LoopOptions
 from pgm_drm.models import DeepRenderingModel, RenderingModel, default_templates
+from pgm_drm.testing import examples
 
 ATOL = 1e-6
 QUIET = LoopOptions(progress=False)
@@ -41,7 +42,7 @@ def _shifted(scores, semiring):
     return jax.nn.log_softmax(scores, axis=-1)
 
 
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 @given(
     seed=st.integers(0, 2**16),
     shape_levels=st.sampled_from(

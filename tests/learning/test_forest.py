@@ -25,6 +25,7 @@ from pgm_drm.learning.forest import (
     tree_predict_proba,
 )
 from pgm_drm.models.edrm import EvolutionaryDRM
+from pgm_drm.testing import examples
 
 # Relaxation kept short in tests: the jitted scan compiles once per frontier size.
 FAST = dict(relax_steps=10, max_depth=4)
@@ -47,7 +48,7 @@ def test_entropy_and_gain_by_hand():
     assert information_gain([[2, 2], [0, 0]]) == 0.0
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(st.integers(0, 2**16))
 def test_soft_gain_equals_hard_gain_for_hard_routing(seed):
     rng = np.random.default_rng(seed)
