@@ -17,7 +17,9 @@ demo: $(STAMP)
 
 # JAX's persistent compilation cache (keyed on the XLA program, the compiler and its
 # flags): the tests and notebooks compile many identical programs in separate
-# processes, and each is compiled once per run (from a fresh clone too).
+# processes, and each is compiled once per run (from a fresh clone too). A size
+# limit turns on its file locks (filelock), so parallel workers never read an entry
+# half written; `make clean` removes it.
 JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache \
 	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 \

@@ -432,8 +432,8 @@ class DiscriminativeFit(NamedTuple):
         history: Per epoch ``(epochs_run + 1,)`` arrays (entry 0: before
             training): ``"train_loss"``, ``"train_acc"`` and, with a validation
             split, ``"val_loss"``, ``"val_acc"``; plus ``"seconds"`` (wall time
-            of the evaluations and epochs so far; a resumed fit counts the
-            epochs before the checkpoint too).
+            of the epochs and their evaluations so far, 0 at entry 0; a
+            resumed fit counts the epochs before the checkpoint too).
         best_epoch: Epoch whose parameters ``net`` holds.
     """
 
@@ -646,9 +646,11 @@ def fit_discriminative(
             return (-h["val_acc"][i], h["val_loss"][i])
         return (h["val_loss"][i], 0.0)
 
-    t0 = time.perf_counter()
     first = evaluate(net)
-    first["seconds"] = time.perf_counter() - t0
+    # Entry 0 is before training: the clock counts the epochs (and their
+    # evaluations) only, and is checkpointed with them, so a resumed fit's
+    # clock goes on from the checkpoint's.
+    first["seconds"] = 0.0
 
     def init(start: DCNNet) -> RelaxationState:
         opt_state = _optimizer(float(lr), float(weight_decay)).init(start)
@@ -664,7 +666,7 @@ def fit_discriminative(
         new, opt_state, _ = epoch_fn(st.net, st.opt_state, xs, ys, sub)
         info = evaluate(new)
         seconds = st.seconds + (time.perf_counter() - t)
-        info["seconds"] = first["seconds"] + float(seconds)
+        info["seconds"] = float(seconds)
         ep = st.iteration + 1
         sc = score({k: [v] for k, v in info.items()})
         best = (st.best_net, st.best_score, st.best_epoch, st.since)
