@@ -26,8 +26,8 @@ JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache \
 
 test: $(STAMP)
 	$(BIN)/ruff check pgm_drm tests bench notebooks
-	$(JAX_CACHE) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --doctest-modules pgm_drm tests
-	$(JAX_CACHE) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --nbmake notebooks
+	$(JAX_CACHE) $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal \
+		--doctest-modules --nbmake --durations=15 pgm_drm tests notebooks
 
 # Every benchmark side by side, then bench/RESULTS.md (QUICK=1: small sizes, < 3 min).
 bench: $(STAMP)

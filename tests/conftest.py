@@ -15,11 +15,12 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # of ~20 log-terms of size ~30 is ~1e-5, so every test runs in float64.
 jax.config.update("jax_enable_x64", True)
 
-# Every random model compiles its own JAX programs (~1-4 s each), so CI draws 4
-# examples per property; PGM_DRM_EXAMPLES=50 runs a thorough local sweep.
+# Every random model compiles its own JAX programs (~1-4 s each), so make test
+# draws 3 (derandomized: the same 3 every run) examples per property;
+# PGM_DRM_EXAMPLES=200 is the fuzzing run.
 settings.register_profile(
     "ci",
-    max_examples=int(os.environ.get("PGM_DRM_EXAMPLES", "4")),
+    max_examples=int(os.environ.get("PGM_DRM_EXAMPLES", "3")),
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
