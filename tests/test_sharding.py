@@ -29,24 +29,25 @@ SCRIPT = textwrap.dedent(
     rm = RenderingModel(default_templates(), sigma=0.6, switch_prior=0.9)
     images, _ = rm.sample(jax.random.PRNGKey(1), 10)
     fg = compile_model(rm.model, image=images[0])
-    for schedule in ("tree", "exact"):
-        for n in (8, 10):  # 10 does not divide 4: padded, padding dropped
-            batch = infer(fg, "sum", schedule=schedule, image=images[:n])
-            assert batch.log_z.shape == (n,)
-            if n == 8:  # no padding: the result stays spread over the devices
-                assert batch.log_z.sharding.spec == PartitionSpec("batch")
-                assert len(batch.log_z.sharding.device_set) == 4
-            for i in range(n):  # unbatched: one device, no sharding
-                one = infer(fg, "sum", schedule=schedule, image=images[i])
-                # float64, the same program per image: round-off only (1e-6 is
-                # the issue's bound).
-                np.testing.assert_allclose(batch.log_z[i], one.log_z, atol=1e-6)
-                for site in one.map:
-                    assert int(batch.map[site][i]) == int(one.map[site])
-                    np.testing.assert_allclose(
-                        batch.log_marginals[site][i], one.log_marginals[site],
-                        atol=1e-6,
-                    )
+    # Each pass once spread evenly (8) and once padded (10 does not divide 4:
+    # padded, padding dropped); each (pass, size) compiles its own program.
+    for schedule, n in (("tree", 8), ("tree", 10), ("exact", 10)):
+        batch = infer(fg, "sum", schedule=schedule, image=images[:n])
+        assert batch.log_z.shape == (n,)
+        if n == 8:  # no padding: the result stays spread over the devices
+            assert batch.log_z.sharding.spec == PartitionSpec("batch")
+            assert len(batch.log_z.sharding.device_set) == 4
+        for i in range(n):  # unbatched: one device, no sharding
+            one = infer(fg, "sum", schedule=schedule, image=images[i])
+            # float64, the same program per image: round-off only (1e-6 is
+            # the issue's bound).
+            np.testing.assert_allclose(batch.log_z[i], one.log_z, atol=1e-6)
+            for site in one.map:
+                assert int(batch.map[site][i]) == int(one.map[site])
+                np.testing.assert_allclose(
+                    batch.log_marginals[site][i], one.log_marginals[site],
+                    atol=1e-6,
+                )
     from pgm_drm.inference import conv_dcn_infer
     from pgm_drm.models import ConvRenderingModel, DeepRenderingModel
 
@@ -56,22 +57,21 @@ SCRIPT = textwrap.dedent(
     )
     conv = ConvRenderingModel.random(jax.random.PRNGKey(2))
     cases = [
-        (drm, drm.sample(jax.random.PRNGKey(3), 10)[0], lambda x: drm.infer(x)),
-        (conv, conv.sample(jax.random.PRNGKey(4), 10)[0],
+        (8, drm.sample(jax.random.PRNGKey(3), 10)[0], lambda x: drm.infer(x)),
+        (10, conv.sample(jax.random.PRNGKey(4), 10)[0],
          lambda x: conv_dcn_infer(conv, x)),
     ]
-    for model, images, run in cases:
-        for n in (8, 10):
-            batch = run(images[:n])
-            assert batch.log_z.shape == (n,)
-            if n == 8:
-                assert len(batch.log_z.sharding.device_set) == 4
-            for i in range(n):
-                one = run(images[i])
-                # float64 max-sum, the same program per image: round-off only.
-                np.testing.assert_allclose(batch.log_z[i], one.log_z[0], atol=1e-6)
-                for site in one.map:
-                    np.testing.assert_array_equal(batch.map[site][i], one.map[site][0])
+    for n, images, run in cases:
+        batch = run(images[:n])
+        assert batch.log_z.shape == (n,)
+        if n == 8:
+            assert len(batch.log_z.sharding.device_set) == 4
+        for i in range(n):
+            one = run(images[i])
+            # float64 max-sum, the same program per image: round-off only.
+            np.testing.assert_allclose(batch.log_z[i], one.log_z[0], atol=1e-6)
+            for site in one.map:
+                np.testing.assert_array_equal(batch.map[site][i], one.map[site][0])
     print("SHARDED-OK")
     """
 )

@@ -103,6 +103,29 @@ def _evidence_dtype(arrays: Mapping[str, Any]):
     return jnp.result_type(*floats) if floats else None
 
 
+def _to_compiled_dtypes(fg: FactorGraph, arrays: Mapping[str, Any]) -> dict:
+    """Floating evidence in the dtype the graph was compiled with: its tables are
+    a jaxpr specialised to that dtype (the kernel still computes in the
+    evidence's own dtype, :func:`_evidence_dtype`). Evidence the compile-time
+    dtype cannot hold exactly (wider, or bfloat16 vs float16) is refused."""
+    out = {}
+    for name, x in arrays.items():
+        ref = jnp.asarray(fg.kwargs[name]).dtype
+        floats = jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(
+            ref, jnp.floating
+        )
+        if floats and x.dtype != ref:
+            if jnp.promote_types(x.dtype, ref) != ref:
+                raise ValueError(
+                    f"evidence {name!r} is {x.dtype}, but the graph was compiled "
+                    f"with {ref} evidence, which would round it: compile the model "
+                    f"with {x.dtype} evidence"
+                )
+            x = x.astype(ref)
+        out[name] = x
+    return out
+
+
 def _cast(tree: Any, dtype) -> Any:
     """Floating leaves of ``tree`` in ``dtype`` (index arrays untouched)."""
     if dtype is None:
@@ -347,6 +370,7 @@ def infer(
     sched = _resolve_schedule(fg, schedule)
     arrays, axes, batch = _check_evidence(fg, evidence)
     dtype = _evidence_dtype(arrays)
+    arrays = _to_compiled_dtypes(fg, arrays)
     lead = () if batch is None else (batch,)
     if batch is not None:  # spread the batch over every device (identity on one)
         batched = {k: v for k, v in arrays.items() if axes[k] == 0}
