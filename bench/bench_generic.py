@@ -115,31 +115,26 @@ def row_models(init: dict, chain: bool):
         "sigma": jnp.array(0.3),
     }
 
-    def one(image=None):
-        p = params(default)
+    def rows(p, n_rows, row):
+        """The hidden state and the observed row ``row(t)`` of each step."""
         h = None
-        for t in range(image.shape[0]):
+        for t in range(n_rows):
             probs = p["pi"] if (h is None or not chain) else p["trans"][h]
             h = numpyro.sample(f"h{t}", dist.Categorical(probs))
             numpyro.sample(
                 f"row{t}",
                 dist.Normal(p["templates"][h], p["sigma"]).to_event(1),
-                obs=image[t],
+                obs=row(t),
             )
+
+    def one(image=None):
+        rows(params(default), image.shape[0], lambda t: image[t])
 
     @config_enumerate
     def batched(images):
         p = params(init)
         with numpyro.plate("images", images.shape[0]):
-            h = None
-            for t in range(images.shape[1]):
-                probs = p["pi"] if (h is None or not chain) else p["trans"][h]
-                h = numpyro.sample(f"h{t}", dist.Categorical(probs))
-                numpyro.sample(
-                    f"row{t}",
-                    dist.Normal(p["templates"][h], p["sigma"]).to_event(1),
-                    obs=images[:, t],
-                )
+            rows(p, images.shape[1], lambda t: images[:, t])
 
     return one, batched
 
