@@ -216,17 +216,21 @@ def _map_by_clamping(layout, max_log_z_fn, arrays, size: int) -> dict:
 TIE_RTOL = 1e-9
 
 
+def _per_site(layout, entries, values) -> dict[str, np.ndarray]:
+    """``site -> (*plate_shape, K)``: the clamped ``log Z`` of every
+    ``(site, instance, k)`` of :func:`_clamps`, in its place."""
+    out = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    for value, (site, idx, k) in zip(values, entries, strict=True):
+        out[site][idx + (k,)] = value
+    return out
+
+
 def _map_from_max_marginals(layout, entries, max_marginals) -> dict | None:
     """The joint MAP as the argmax of every max-marginal, or ``None`` when some
     max-marginal has a tie. Without ties the joint maximiser is unique, and each
     of its coordinates is the unique argmax of that variable's max-marginal."""
-    scores = {
-        s: np.full(shape + (len(sup),), -np.inf) for s, (shape, sup) in layout.items()
-    }
-    for value, (site, idx, k) in zip(max_marginals, entries, strict=True):
-        scores[site][idx + (k,)] = value
     values = {}
-    for site, m in scores.items():
+    for site, m in _per_site(layout, entries, max_marginals).items():
         top2 = np.sort(m, axis=-1)[..., -2:]
         if m.shape[-1] > 1 and np.any(
             top2[..., 0]
@@ -301,10 +305,8 @@ def enumerate_exact(
     z = log_z_fn(offsets, arrays)
     log_z = z[0]
     _check_log_z(np.asarray(z))
-    margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
     zc = np.asarray(z[1:])
-    for value, (site, idx, k) in zip(zc, entries, strict=True):
-        margs[site][idx + (k,)] = value
+    margs = _per_site(layout, entries, zc)
     for site, m in margs.items():
         # log Z(clamped to k), normalised over k by its own reduction (exactly log
         # Z in either semiring), shifted by the max first: at |log Z| ~ 1e5 the
