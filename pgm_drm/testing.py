@@ -21,6 +21,7 @@ from numpyro.infer.util import log_density
 from numpyro.ops.indexing import Vindex
 
 from pgm_drm.inference.api import Posterior
+from pgm_drm.inference.reference import latent_layout
 from pgm_drm.models.rendering import RenderingModel
 
 __all__ = [
@@ -213,8 +214,21 @@ def random_rendering_model(
 
 
 def log_joint(model: Callable, assignment: Mapping[str, Any], **kwargs: Any) -> float:
-    """The model's own log-joint at a latent assignment (no enumeration)."""
-    return float(log_density(model, (), kwargs, dict(assignment))[0])
+    """The model's own log-joint at a latent assignment (no enumeration).
+
+    ``assignment`` is laid out as a :class:`Posterior`'s ``map`` (a value of
+    shape ``plate_shape``, the site's plate sizes leftmost dim first, is reshaped
+    to the site's batch shape, with 1s at the dims its plates leave out) or in
+    the sites' batch shapes.
+    """
+    layout = latent_layout(model, **kwargs)
+    values = {}
+    for site, value in assignment.items():
+        lay = layout.get(site)
+        if lay is not None and np.shape(value) == lay.plate_shape:
+            value = jnp.reshape(jnp.asarray(value), lay.batch_shape)
+        values[site] = value
+    return float(log_density(model, (), kwargs, values)[0])
 
 
 def assert_posteriors_close(

@@ -20,7 +20,7 @@ import hashlib
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import funsor
 import jax
@@ -35,6 +35,7 @@ from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Semiring
 from pgm_drm.graph.compile import (
+    CompileError,
     check_evidence_values,
     enum_support,
     max_plate_nesting,
@@ -45,7 +46,14 @@ from pgm_drm.graph.compile import (
 from pgm_drm.inference.api import Posterior
 from pgm_drm.semiring import reduce_t, resolve_temperature
 
-__all__ = ["MAX_BRUTE_FORCE_CONFIGS", "brute_force", "enumerate_exact", "latent_layout"]
+__all__ = [
+    "MAX_BRUTE_FORCE_CONFIGS",
+    "LatentLayout",
+    "as_batch_shape",
+    "brute_force",
+    "enumerate_exact",
+    "latent_layout",
+]
 
 #: Largest number of joint configurations :func:`brute_force` will list.
 MAX_BRUTE_FORCE_CONFIGS = 2**20
@@ -53,8 +61,28 @@ MAX_BRUTE_FORCE_CONFIGS = 2**20
 funsor.set_backend("jax")
 
 
-def latent_layout(model: Callable, *args: Any, **kwargs: Any) -> dict[str, tuple]:
-    """``site -> (plate_shape, support values)`` for every latent site."""
+class LatentLayout(NamedTuple):
+    """Where a latent site's values live.
+
+    Attributes:
+        plate_shape: The plates' sizes, leftmost dim first: the layout of the
+            site's arrays in a :class:`Posterior` (as ``infer`` returns them).
+        support: The support values, in ``enumerate_support`` order.
+        batch_shape: The site's batch shape in the model: the plates' sizes at
+            their dims, 1 at dims no plate of the site declares (a plate at
+            ``dim=-2`` gives ``(n, 1)``). Values substituted into the model have
+            this shape; it holds the same entries as ``plate_shape``.
+    """
+
+    plate_shape: tuple[int, ...]
+    support: np.ndarray
+    batch_shape: tuple[int, ...]
+
+
+def latent_layout(
+    model: Callable, *args: Any, **kwargs: Any
+) -> dict[str, LatentLayout]:
+    """``site -> LatentLayout`` for every latent site, from one plain trace."""
     tr = model_sites(model, *args, **kwargs)
     out = {}
     for name, site in tr.items():
@@ -63,10 +91,31 @@ def latent_layout(model: Callable, *args: Any, **kwargs: Any) -> dict[str, tuple
                 (f for f in site["cond_indep_stack"] if f.dim is not None),
                 key=lambda f: f.dim,
             )
-            out[name] = (
-                tuple(f.size for f in frames),
-                support_values(site["fn"], name),
+            plate_shape = tuple(f.size for f in frames)
+            batch_shape = tuple(site["fn"].batch_shape)
+            if int(np.prod(batch_shape)) != int(np.prod(plate_shape)):
+                raise CompileError(
+                    f"latent site '{name}' has batch shape {batch_shape}, which does "
+                    f"not hold its plates' sizes {plate_shape}"
+                )
+            out[name] = LatentLayout(
+                plate_shape, support_values(site["fn"], name), batch_shape
             )
+    return out
+
+
+def as_batch_shape(
+    layout: dict[str, LatentLayout], values: dict[str, Any], lead: int = 0
+) -> dict[str, Any]:
+    """``values`` (``site -> (*lead, *plate_shape, *trail)``) with the plate axes
+    laid out as the site's batch shape, ``lead`` leading and any trailing axes
+    kept: the same entries in the same (C) order, with 1s at the dims no plate
+    of the site declares."""
+    out = {}
+    for s, v in values.items():
+        shape = np.shape(v)
+        trail = shape[lead + len(layout[s].plate_shape) :]
+        out[s] = v.reshape(shape[:lead] + layout[s].batch_shape + trail)
     return out
 
 
@@ -97,7 +146,7 @@ class _OffsetDist(dist.Distribution):
 
 
 class _offsets(Messenger):
-    """Add per-value log-offsets (shape ``(*plate_shape, K)``) to latent sites."""
+    """Add per-value log-offsets (shape ``(*batch_shape, K)``) to latent sites."""
 
     def __init__(self, fn, offsets, supports):
         self.offsets, self.supports = offsets, supports
@@ -133,11 +182,12 @@ def _fingerprint(closed: jax.extend.core.ClosedJaxpr) -> tuple:
 
 def _enum_log_z(model, args, kwargs, layout, temperature):
     """NumPyro's enumerated ``log Z`` with per-value log-offsets on the latent
-    sites, jitted and vmapped over a leading axis of the offsets, and cached on
-    what it computes (:func:`_fingerprint`). Returns ``(fn, evidence arrays)``."""
+    sites (``site -> (n, *batch_shape, K)``, :func:`as_batch_shape`), jitted and
+    vmapped over the leading axis of the offsets, and cached on what it computes
+    (:func:`_fingerprint`). Returns ``(fn, evidence arrays)``."""
     arrays, static = split_evidence(kwargs)
     nesting = max_plate_nesting(model_sites(model, *args, **kwargs))
-    supports = {s: jnp.asarray(sup) for s, (_, sup) in layout.items()}
+    supports = {s: jnp.asarray(sup) for s, (_, sup, _) in layout.items()}
     sum_op = funsor.ops.max if temperature == 0.0 else funsor.ops.logaddexp
 
     # Positional arguments are structure (plate sizes, shapes): closed over, never
@@ -152,7 +202,7 @@ def _enum_log_z(model, args, kwargs, layout, temperature):
         )
         return res.data
 
-    zero = {s: jnp.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    zero = {s: jnp.zeros(batch + (len(sup),)) for s, (_, sup, batch) in layout.items()}
     # One funsor trace: its jaxpr is both the cache key and the function run.
     closed = jax.make_jaxpr(log_z)(zero, arrays)
     key = (_fingerprint(closed), temperature)
@@ -174,13 +224,13 @@ def _enum_log_z(model, args, kwargs, layout, temperature):
 def _clamps(layout) -> tuple[dict, list]:
     """Offsets that clamp one variable to one value, for every (site, instance, k)."""
     entries = []
-    for site, (shape, sup) in layout.items():
+    for site, (shape, sup, _) in layout.items():
         for idx in itertools.product(*(range(s) for s in shape)):
             for k in range(len(sup)):
                 entries.append((site, idx, k))
     offsets = {
         s: np.zeros((len(entries) + 1,) + shape + (len(sup),))
-        for s, (shape, sup) in layout.items()
+        for s, (shape, sup, _) in layout.items()
     }
     for m, (site, idx, k) in enumerate(entries, start=1):
         row = np.full(len(layout[site][1]), -np.inf)
@@ -193,9 +243,11 @@ def _map_by_clamping(layout, max_log_z_fn, arrays, size: int) -> dict:
     """Joint MAP by fixing one variable at a time to its best max-marginal state
     (the decoding that stays consistent under ties). Every call is padded to
     ``size`` rows, the shape ``max_log_z_fn`` was compiled for."""
-    fixed = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
-    values = {s: np.zeros(shape, dtype=sup.dtype) for s, (shape, sup) in layout.items()}
-    for site, (shape, sup) in layout.items():
+    fixed = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup, _) in layout.items()}
+    values = {
+        s: np.zeros(shape, dtype=sup.dtype) for s, (shape, sup, _) in layout.items()
+    }
+    for site, (shape, sup, _) in layout.items():
         for idx in itertools.product(*(range(n) for n in shape)):
             k_all = len(sup)
             batch = {s: np.repeat(o[None], size, axis=0) for s, o in fixed.items()}
@@ -203,7 +255,7 @@ def _map_by_clamping(layout, max_log_z_fn, arrays, size: int) -> dict:
                 row = np.full(k_all, -np.inf)
                 row[k] = 0.0
                 batch[site][(k,) + idx] = row
-            scores = max_log_z_fn({s: jnp.asarray(b) for s, b in batch.items()}, arrays)
+            scores = max_log_z_fn(as_batch_shape(layout, batch, lead=1), arrays)
             best = int(jnp.argmax(scores[:k_all]))
             fixed[site][idx] = batch[site][(best,) + idx]
             values[site][idx] = sup[best]
@@ -219,7 +271,7 @@ TIE_RTOL = 1e-9
 def _per_site(layout, entries, values) -> dict[str, np.ndarray]:
     """``site -> (*plate_shape, K)``: the clamped ``log Z`` of every
     ``(site, instance, k)`` of :func:`_clamps`, in its place."""
-    out = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    out = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup, _) in layout.items()}
     for value, (site, idx, k) in zip(values, entries, strict=True):
         out[site][idx + (k,)] = value
     return out
@@ -301,7 +353,7 @@ def enumerate_exact(
         return _no_latents(model, args, kwargs, t, "enumeration")
     log_z_fn, arrays = _enum_log_z(model, args, kwargs, layout, t)
     offsets, entries = _clamps(layout)
-    offsets = {s: jnp.asarray(o) for s, o in offsets.items()}
+    offsets = as_batch_shape(layout, offsets, lead=1)
     z = log_z_fn(offsets, arrays)
     log_z = z[0]
     _check_log_z(np.asarray(z))
@@ -355,7 +407,7 @@ def brute_force(
         return _no_latents(model, args, kwargs, t, "brute-force")
     slots = [
         (site, idx)
-        for site, (shape, _) in layout.items()
+        for site, (shape, _, _) in layout.items()
         for idx in itertools.product(*(range(s) for s in shape))
     ]
     sizes = [len(layout[s][1]) for s, _ in slots]
@@ -367,7 +419,8 @@ def brute_force(
     states = np.array(list(itertools.product(*(range(k) for k in sizes))), dtype=int)
     states = states.reshape(n, len(slots))
     params = {
-        s: np.zeros((n,) + shape, dtype=sup.dtype) for s, (shape, sup) in layout.items()
+        s: np.zeros((n,) + shape, dtype=sup.dtype)
+        for s, (shape, sup, _) in layout.items()
     }
     for col, (site, idx) in enumerate(slots):
         params[site][(slice(None),) + idx] = layout[site][1][states[:, col]]
@@ -377,7 +430,7 @@ def brute_force(
         return log_density(model, args, {**static, **arrays}, p)[0]
 
     logp = jax.jit(jax.vmap(joint, in_axes=(0, None)))(
-        {s: jnp.asarray(v) for s, v in params.items()}, arrays
+        as_batch_shape(layout, params, lead=1), arrays
     )
     _check_log_z(logp)
     best = int(jnp.argmax(logp))
@@ -387,7 +440,7 @@ def brute_force(
     rel = logp - top
     rel_z = reduce_t(rel, (0,), t)
     log_z = top + rel_z
-    margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup) in layout.items()}
+    margs = {s: np.zeros(shape + (len(sup),)) for s, (shape, sup, _) in layout.items()}
     for col, (site, idx) in enumerate(slots):
         for k in range(sizes[col]):
             sel = rel[states[:, col] == k]

@@ -56,6 +56,22 @@ def test_latent_layout_lists_plates_and_support_values():
     assert list(layout) == ["c", "z"]
     assert layout["c"][0] == () and np.array_equal(layout["c"][1], [2, 3, 4])
     assert layout["z"][0] == (2,) and np.array_equal(layout["z"][1], [0, 1])
+    assert layout["c"].batch_shape == () and layout["z"].batch_shape == (2,)
+
+
+def test_latent_layout_gives_the_batch_shape_of_plates_off_the_rightmost_dims():
+    """Plates at dims -1 and -3 (an unused dim between them): the Posterior's
+    layout is the plate sizes, the model's values have the batch shape."""
+
+    def gap():
+        with numpyro.plate("a", 3, dim=-1):
+            numpyro.sample("x", dist.Bernoulli(0.5))
+            with numpyro.plate("b", 2, dim=-3):
+                numpyro.sample("y", dist.Bernoulli(0.5))
+
+    layout = latent_layout(gap)
+    assert (layout["x"].plate_shape, layout["x"].batch_shape) == ((3,), (3,))
+    assert (layout["y"].plate_shape, layout["y"].batch_shape) == ((2, 3), (2, 1, 3))
 
 
 @pytest.mark.parametrize(
