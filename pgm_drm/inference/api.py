@@ -383,13 +383,13 @@ def infer(
         log_z, flat_margs, flat_map, deltas = (
             out if batch is None else unpad(out, batch)
         )
-        _check_log_z(log_z)
+        _check_log_z(log_z, fg, arrays, axes)
         margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead)
         deltas = None if sched.is_exact else deltas
         return Posterior(margs, maps, log_z, t, sched.kind, deltas)
     out = _compiled_naive(fg, sched, t, axes, dtype)(arrays)
     out = out if batch is None else unpad(out, batch)
-    _check_log_z(out.log_z)
+    _check_log_z(out.log_z, fg, arrays, axes)
     margs: dict[str, Array] = {}
     maps: dict[str, Array] = {}
     for site in fg.latent_sites:
@@ -415,12 +415,42 @@ def _where(bad: np.ndarray) -> str:
     return f" at batch index {shown}{more}"
 
 
-def _check_log_z(log_z: Array) -> None:
+def _offending_sites(
+    fg: FactorGraph, arrays: Mapping[str, Array], axes: Mapping, bad: np.ndarray, test
+) -> str:
+    """``": site 'f' holds NaN"``-style text naming the sites whose evidence-
+    dependent table holds a non-finite value ``test`` flags, read at the first
+    flagged batch index (only on the error path: the tables are recomputed on the
+    host for that one instance). Evidence-free tables were checked at compile time.
+    """
+    first = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+    ev = {k: (v[first] if axes.get(k) == 0 and first else v) for k, v in arrays.items()}
+    tables = fg.evidence_tables(**ev)
+    sites = [
+        fg.factor_groups[k].site for k, t in tables.items() if test(np.asarray(t)).any()
+    ]
+    return f" (site(s) {sites})" if sites else ""
+
+
+def _check_log_z(
+    log_z: Array,
+    fg: FactorGraph | None = None,
+    arrays: Mapping[str, Array] | None = None,
+    axes: Mapping | None = None,
+) -> None:
     log_z = np.asarray(log_z)
+
+    def culprits(bad, test) -> str:
+        if fg is None or arrays is None:
+            return ""
+        return _offending_sites(fg, arrays, axes or {}, bad, test)
+
     if np.any(np.isnan(log_z)):
+        bad = np.isnan(log_z)
         raise ValueError(
-            f"log Z is NaN{_where(np.isnan(log_z))}: a factor table holds NaN (only "
-            "-inf, a hard zero, is a legal non-finite log-potential)"
+            f"log Z is NaN{_where(bad)}: a factor table holds NaN"
+            f"{culprits(bad, np.isnan)} (only -inf, a hard zero, is a legal "
+            "non-finite log-potential)"
         )
     if np.any(np.isneginf(log_z)):
         raise ValueError(
@@ -428,8 +458,10 @@ def _check_log_z(log_z: Array) -> None:
             f"{_where(np.isneginf(log_z))}"
         )
     if np.any(np.isposinf(log_z)):
+        bad = np.isposinf(log_z)
         raise ValueError(
-            f"log Z is +inf{_where(np.isposinf(log_z))}: a factor table holds +inf"
+            f"log Z is +inf{_where(bad)}: a factor table holds +inf"
+            f"{culprits(bad, np.isposinf)}"
         )
 
 

@@ -228,3 +228,28 @@ def test_infer_keeps_the_dtype_of_its_evidence(rm_and_images, schedule):
     np.testing.assert_allclose(
         np.exp(lo.log_marginals["c"]), np.exp(hi.log_marginals["c"]), atol=1e-4
     )
+
+
+def _gated_factor(gate=None, kind=None):
+    """``f`` is finite at gate 0 (compile time) and NaN (kind 0) or +inf (kind 1)
+    at gate 1: ``log(gate - 1)`` is -inf there, ``0 * -inf`` is NaN."""
+    z = numpyro.sample("z", dist.Bernoulli(0.4))
+    numpyro.factor("fine", jnp.where(z == 1, 0.5, 0.0))
+    bad = jnp.where(kind > 0, -jnp.log1p(-gate), jnp.log1p(-gate) * 0.0)
+    numpyro.factor("f", jnp.where(z == 1, jnp.where(gate > 0, bad, 0.0), 0.0))
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"), [(0.0, r"log Z is NaN"), (1.0, r"log Z is \+inf")]
+)
+@pytest.mark.parametrize("schedule", ["tree", "exact"])
+def test_non_finite_tables_at_infer_time_name_the_site(bad, message, schedule):
+    fg = compile_model(_gated_factor, gate=jnp.asarray(0.0), kind=jnp.asarray(bad))
+    # Batched: the message names the first bad batch index and the site there.
+    gates = jnp.asarray([0.0, 1.0, 0.0])
+    with pytest.raises(
+        ValueError, match=message + r" at batch index \(1,\).*\(site\(s\) \['f'\]\)"
+    ):
+        infer(fg, schedule=schedule, gate=gates, kind=jnp.asarray(bad))
+    with pytest.raises(ValueError, match=message + r".*\(site\(s\) \['f'\]\)"):
+        infer(fg, schedule=schedule, gate=jnp.asarray(1.0), kind=jnp.asarray(bad))
