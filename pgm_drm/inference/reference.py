@@ -4,7 +4,9 @@ Neither uses the factor-graph compiler or the message-passing kernel:
 
 - :func:`enumerate_exact` asks NumPyro/funsor: ``log Z`` from
   ``numpyro.contrib.funsor`` (``log_density``'s variable elimination, with the
-  ``max`` semiring for max-sum), exact marginals by *clamping* each value of each
+  ``max`` semiring for max-sum; funsor's optimizer orders the contractions and
+  each pair is contracted in log space, a sum then a logsumexp, where funsor's
+  default log einsum underflows), exact marginals by *clamping* each value of each
   latent variable (an additive 0/-inf offset on that site's log-prob) and
   re-computing ``log Z``; the joint MAP from the same clamped contractions in
   the max semiring (the argmax of every max-marginal; one variable at a time by
@@ -28,6 +30,15 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+from funsor.cnf import Contraction
+from funsor.interpretations import (
+    DispatchedInterpretation,
+    PrioritizedInterpretation,
+    eager_base,
+    normalize_base,
+    reflect,
+)
+from funsor.tensor import Tensor
 from numpyro.contrib.funsor import config_enumerate
 from numpyro.contrib.funsor.infer_util import _enum_log_density
 from numpyro.infer.util import log_density
@@ -119,6 +130,40 @@ def as_batch_shape(
     return out
 
 
+_log_space_base = DispatchedInterpretation("log_space")
+
+
+@_log_space_base.register(
+    Contraction, funsor.ops.LogaddexpOp, funsor.ops.AddOp, frozenset, Tensor, Tensor
+)
+def _log_space_contraction(red_op, bin_op, reduced_vars, lhs, rhs):
+    """A (logaddexp, add) contraction of two tensors as their sum, then a
+    logsumexp over ``reduced_vars`` (shifted by the max of the summed terms)."""
+    return (lhs + rhs).reduce(red_op, reduced_vars)
+
+
+#: funsor's eager interpretation with one rule first: eager funsor contracts
+#: (logaddexp, add) pairs with a log einsum that exponentiates each operand
+#: shifted by its own max, which underflows to ``-inf`` where the terms of a
+#: sum differ by more than ~745 (``log p(z=1|y) = -800`` comes out ``-inf``).
+_LOG_SPACE = PrioritizedInterpretation(
+    _log_space_base, eager_base, normalize_base, reflect
+)
+
+
+def _contract_in_log_space(lazy: funsor.Funsor):
+    """Evaluate NumPyro's lazy ``log Z`` (``_enum_log_density`` with
+    ``apply_optimizer=False``): funsor's optimizer picks the pairwise
+    contraction order, every pair is contracted in log space."""
+    with _LOG_SPACE:
+        res = funsor.optimizer.apply_optimizer(lazy)
+    if res.inputs:
+        raise ValueError(
+            f"NumPyro's enumerated log Z has free inputs {list(res.inputs)}"
+        )
+    return res.data
+
+
 class _OffsetDist(dist.Distribution):
     """A discrete distribution whose log-prob gets ``offset[..., value index]``."""
 
@@ -197,10 +242,16 @@ def _enum_log_z(model, args, kwargs, layout, temperature):
             config_enumerate(_offsets(model, offsets, supports)),
             first_available_dim=-(nesting + 1),
         )
-        res, _, _ = _enum_log_density(
-            m, args, {**static, **arrays}, {}, sum_op, funsor.ops.add
+        lazy, _, _ = _enum_log_density(
+            m,
+            args,
+            {**static, **arrays},
+            {},
+            sum_op,
+            funsor.ops.add,
+            apply_optimizer=False,
         )
-        return res.data
+        return _contract_in_log_space(lazy)
 
     zero = {s: jnp.zeros(batch + (len(sup),)) for s, (_, sup, batch) in layout.items()}
     # One funsor trace: its jaxpr is both the cache key and the function run.
