@@ -45,6 +45,11 @@ from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor import trace as packed_trace
+from numpyro.distributions import (
+    ExpandedDistribution,
+    Independent,
+    MaskedDistribution,
+)
 from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Array, ScheduleKind
@@ -234,6 +239,15 @@ def _frames(site: Mapping) -> list:
     )
 
 
+def _family_name(fn: Any) -> str:
+    """The distribution family's name: ``fn`` unwrapped from the wrappers that
+    plates, ``.to_event`` and ``.mask`` put around it (``Normal``, not
+    ``ExpandedDistribution``)."""
+    while isinstance(fn, (ExpandedDistribution, Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
 def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
     """Trace ``model`` once (no enumeration, nothing sampled) and check its sites.
 
@@ -263,7 +277,7 @@ def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
         if not site["is_observed"]:
             if not getattr(fn, "has_enumerate_support", False):
                 raise CompileError(
-                    f"latent site '{name}' has distribution {type(fn).__name__}, "
+                    f"latent site '{name}' has distribution {_family_name(fn)}, "
                     "which has no finite support; every latent site must be discrete "
                     "and enumerable (Categorical, Bernoulli, DiscreteUniform, ...). "
                     "Observe it or integrate it out."
