@@ -19,9 +19,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["batch_mesh", "pad_to_devices", "shard_batch", "unpad"]
+__all__ = [
+    "batch_mesh",
+    "pad_to_devices",
+    "replicate",
+    "shard_batch",
+    "shard_with_mask",
+    "unpad",
+    "valid_mean",
+    "where_valid",
+]
 
 AXIS = "batch"
 
@@ -76,3 +86,57 @@ def unpad(tree: Any, n: int) -> Any:
     return jax.tree_util.tree_map(
         lambda x: x if x is None or jnp.shape(x)[0] == n else x[:n], tree
     )
+
+
+def shard_with_mask(tree: Any, mesh: Mesh | None = None) -> tuple[Any, Any]:
+    """:func:`shard_batch` for code that reduces over the batch itself (the EMs'
+    sufficient statistics): also says which rows are real.
+
+    Returns:
+        The sharded (and maybe padded) tree and ``valid``: ``None`` when nothing
+        was padded (one device, or a batch the device count divides), else a
+        ``(padded size,)`` boolean array, sharded like the batch, true for the
+        real examples. Reduce with :func:`where_valid` / :func:`valid_mean`.
+    """
+    out, n = shard_batch(tree, mesh)
+    leaves = jax.tree_util.tree_leaves(out)
+    size = int(jnp.shape(leaves[0])[0]) if leaves else n
+    if size == n:
+        return out, None
+    mesh = batch_mesh() if mesh is None else mesh
+    valid = jax.device_put(
+        np.arange(size) < n, NamedSharding(mesh, PartitionSpec(AXIS))
+    )
+    return out, valid
+
+
+def where_valid(x: Any, valid: Any, fill: Any = 0) -> Any:
+    """``x`` with the padding rows (leading axis) set to ``fill``; ``x`` itself
+    when ``valid`` is ``None``. A ``where``, not a product: a padded row that is
+    ``-inf`` or NaN does not leak into sums."""
+    if valid is None:
+        return x
+    mask = jnp.reshape(valid, (-1,) + (1,) * (jnp.ndim(x) - 1))
+    return jnp.where(mask, x, jnp.asarray(fill, dtype=jnp.result_type(x)))
+
+
+def valid_mean(x: Any, valid: Any) -> Any:
+    """The mean of ``x`` over its real rows (all its entries when ``valid`` is
+    ``None``: exactly ``jnp.mean(x)``); the sum is left to XLA."""
+    if valid is None:
+        return jnp.mean(x)
+    per_row = jnp.size(x) // jnp.shape(x)[0]
+    n = jnp.sum(valid).astype(jnp.result_type(x))
+    return jnp.sum(where_valid(x, valid)) / (n * per_row)
+
+
+def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
+    """Every leaf of ``tree`` copied whole to every device of the mesh (the
+    parameters a sharded step reads); the tree as it is on one device.
+
+    A step's replicated outputs come back with this sharding, so a loop that
+    starts from replicated parameters compiles its step once, not twice."""
+    mesh = batch_mesh() if mesh is None else mesh
+    if mesh.devices.size == 1:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))

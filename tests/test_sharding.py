@@ -1,5 +1,5 @@
-"""Batches spread over devices with jax.sharding (issue 14, item 2): infer and
-the DRM passes.
+"""Batches spread over devices with jax.sharding (issue 14, item 2): infer, the
+DRM passes and the E-steps of the hand-written EMs.
 
 Four CPU devices are forced in a subprocess (``XLA_FLAGS`` must be set before JAX
 starts); the batched, sharded results must equal the unbatched single-device runs.
@@ -12,7 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pgm_drm.sharding import batch_mesh, pad_to_devices, shard_batch, unpad
+from pgm_drm.sharding import (
+    batch_mesh,
+    pad_to_devices,
+    shard_batch,
+    shard_with_mask,
+    unpad,
+    valid_mean,
+    where_valid,
+)
 from pgm_drm.testing import run_on_devices
 
 SCRIPT = textwrap.dedent(
@@ -72,6 +80,63 @@ SCRIPT = textwrap.dedent(
             np.testing.assert_allclose(batch.log_z[i], one.log_z[0], atol=1e-6)
             for site in one.map:
                 np.testing.assert_array_equal(batch.map[site][i], one.map[site][0])
+
+    # The hand-written EMs on 10 images (padded to 12): every E-step gets the
+    # images spread over the 4 devices, and every fit equals the plain one
+    # (shard_with_mask replaced by the identity: unsharded, on one device).
+    from pgm_drm.learning import drm_em, em, fa_em
+    from pgm_drm.learning.loop import LoopOptions
+
+    seen = []  # the sharding of the image batch each E-step got
+
+    def spy(module, name):
+        inner = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            seen.append((args[1].sharding, args[1].shape[0]))
+            return inner(*args, **kwargs)
+
+        setattr(module, name, wrapped)
+
+    for module, step in ((em, "em_step"), (fa_em, "_e_step_jit"), (drm_em, "_step")):
+        spy(module, step)
+    x = images[:, 1:5, 1:5]  # 4x4: the smallest two-level tree DRM
+    y = np.array([0, 1, 0, 1] + [-1] * 6)  # semi-supervised
+    start = RenderingModel(default_templates(4)[:2, :3], sigma=0.5, switch_prior=0.5)
+    tree = DeepRenderingModel(  # pixel and child templates 1x1
+        windows=(2, 2),
+        pixel_templates=np.array([1.0, 0.0, -1.0]).reshape(3, 1, 1),
+        child_templates=(np.array([0, 1], np.int32).reshape(2, 1, 1),),
+        class_prior=np.full(2, 0.5),
+        nuisance_priors=(np.full(4, 0.25), np.full(4, 0.25)),
+        switch_priors=(0.8,),
+        sigma=0.5,
+    )
+    quiet = dict(n_iter=3, tol=None, loop=LoopOptions(progress=False))
+    fits = {  # labels, EM-lambda weights, hard-EM re-seeding: padding in every sum
+        em: lambda: em.fit_em(
+            x, 2, 3, mode="hard", labels=y, unlabelled_weight=0.5, init=start,
+            **quiet,
+        ),
+        fa_em: lambda: fa_em.fit_fa_em(x, 2, 1, 2, labels=y, **quiet),
+        drm_em: lambda: drm_em.fit_drm_em(x, tree, labels=y, **quiet),
+    }
+    for module, fit in fits.items():
+        seen.clear()
+        sharded = fit()
+        assert seen, module.__name__
+        for s, n in seen:
+            assert s.spec[0] == "batch" and len(s.device_set) == 4, s
+            assert n == 12, n  # padded, not dropped
+        module.shard_with_mask = lambda tree: (tree, None)
+        plain = fit()
+        # Traces, n_iter, converged and every parameter; float64, the same sums
+        # split over 4 devices: round-off only (1e-6 is the issue's bound).
+        for a, b in zip(sharded[1:], plain[1:], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+        pairs = zip(jax.tree.leaves(sharded[0]), jax.tree.leaves(plain[0]), strict=True)
+        for a, b in pairs:
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     print("SHARDED-OK")
     """
 )
@@ -97,3 +162,19 @@ def test_one_device_is_the_identity():
 def test_uneven_batch_sizes_are_refused():
     with pytest.raises(ValueError, match="same leading size"):
         shard_batch({"a": jnp.ones(3), "b": jnp.ones(4)})
+
+
+def test_one_device_needs_no_mask():
+    x = jnp.arange(6.0).reshape(3, 2)
+    y, valid = shard_with_mask(x, batch_mesh(jax.devices()[:1]))
+    assert y is x and valid is None
+    assert where_valid(x, None) is x
+    np.testing.assert_array_equal(valid_mean(x, None), jnp.mean(x))
+
+
+def test_padding_rows_are_out_of_every_reduction():
+    x = jnp.array([[1.0, 2.0], [3.0, 6.0], [-jnp.inf, jnp.nan]])
+    valid = jnp.array([True, True, False])
+    np.testing.assert_array_equal(where_valid(x, valid)[2], [0.0, 0.0])
+    # (1 + 2 + 3 + 6) / 4 is exact in binary floating point.
+    assert float(valid_mean(x, valid)) == 3.0

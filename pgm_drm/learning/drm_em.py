@@ -46,7 +46,10 @@ One iteration, on ``N`` training images:
 
 :func:`drm_em_init` / :func:`drm_em_step` are the (init, step) pair;
 :func:`fit_drm_em` runs the step in :func:`~pgm_drm.learning.loop.run_loop`
-(tqdm bar, resumable checkpoints); :func:`fit_drm_classifier` fits one DRM per
+(tqdm bar, resumable checkpoints), with the images spread over every device
+(:func:`pgm_drm.sharding.shard_with_mask`: the padding of a batch the device
+count does not divide is in no count, sum, mean or re-seed, so the fit equals the
+single-device one); :func:`fit_drm_classifier` fits one DRM per
 class (its "classes" are mixture components) for generative classification.
 """
 
@@ -81,6 +84,7 @@ from pgm_drm.models.maxsum import (
     top_down,
 )
 from pgm_drm.models.pytree import replace
+from pgm_drm.sharding import replicate, shard_with_mask, valid_mean, where_valid
 
 __all__ = [
     "DRMEMInfo",
@@ -275,19 +279,29 @@ def _prior(counts: Array, alpha: Array) -> Array:
     return (counts + alpha) / (jnp.sum(counts) + alpha * counts.shape[0])
 
 
-def _onehot_counts(x: Array, k: int) -> Array:
-    return jnp.sum(jax.nn.one_hot(jnp.ravel(x), k, dtype=float), axis=0)
+def _size(x: Array, valid: Array | None):
+    """How many entries of ``x`` (leading axis: the batch) are not padding."""
+    if valid is None:
+        return x.size
+    return jnp.sum(valid) * (x.size // x.shape[0])
 
 
-def _seed_index(empty: Array, gain: Array) -> Array:
+def _onehot_counts(x: Array, k: int, valid: Array | None = None) -> Array:
+    """``(k,)`` how often each value occurs in ``x`` outside the padding."""
+    hot = where_valid(jax.nn.one_hot(x, k, dtype=float), valid)
+    return jnp.sum(hot, axis=tuple(range(x.ndim)))
+
+
+def _seed_index(empty: Array, gain: Array, valid: Array | None = None) -> Array:
     """For each state, the flat unit index it is re-seeded from if empty: the
-    ``r``-th empty state takes the unit with the ``r``-th largest ``gain``."""
-    order = jnp.argsort(-jnp.ravel(gain))
-    rank = jnp.clip(jnp.cumsum(empty) - 1, 0, order.shape[0] - 1)
+    ``r``-th empty state takes the unit with the ``r``-th largest ``gain``
+    (padding units come last and are never taken)."""
+    order = jnp.argsort(-jnp.ravel(where_valid(gain, valid, -jnp.inf)))
+    rank = jnp.clip(jnp.cumsum(empty) - 1, 0, _size(gain, valid) - 1)
     return order[rank]
 
 
-def _pixel_update(drm: DeepRenderingModel, images, z: Latents, sigma_floor):
+def _pixel_update(drm: DeepRenderingModel, images, z: Latents, sigma_floor, valid=None):
     """Steps 2-3: level-1 templates (patch means) and sigma (RMS residual)."""
     w, t = drm.windows[0], drm.template_sizes[0]
     k = drm.n_states[0]
@@ -296,7 +310,8 @@ def _pixel_update(drm: DeepRenderingModel, images, z: Latents, sigma_floor):
     subs = patches[..., offs]  # (B,h,h,G,t*t)
     s1, g1 = z.states[0], z.g[0]
     mine = jnp.take_along_axis(subs, g1[..., None, None], axis=-2)[..., 0, :]
-    onehot = jax.nn.one_hot(s1, k, dtype=float)  # OFF (= k) -> all zeros
+    # OFF (= k) and padding -> all zeros
+    onehot = where_valid(jax.nn.one_hot(s1, k, dtype=float), valid)
     sums = jnp.einsum("bxyk,bxyp->kp", onehot, mine)
     counts = jnp.sum(onehot, axis=(0, 1, 2))
     mean = sums / jnp.maximum(counts, 1.0)[:, None]
@@ -305,16 +320,19 @@ def _pixel_update(drm: DeepRenderingModel, images, z: Latents, sigma_floor):
     rendered = new.placement_table(1)[s1, g1]  # (B,h,h,w*w)
     resid = jnp.sum((patches - rendered) ** 2, axis=-1)
     empty = counts == 0
-    unit = _seed_index(empty, resid)
+    unit = _seed_index(empty, resid, valid)
     flat = jnp.reshape(subs, (-1,) + subs.shape[-2:])[unit]  # (K, G, t*t)
     best_g = jnp.argmax(jnp.sum(flat**2, axis=-1), axis=-1)
     seeded = jnp.take_along_axis(flat, best_g[:, None, None], axis=1)[:, 0]
     mean = jnp.where(empty[:, None], seeded, mean)
-    sigma = jnp.maximum(jnp.sqrt(jnp.mean(resid) / (w * w)), sigma_floor)
+    sigma = jnp.sqrt(valid_mean(resid, valid) / (w * w))
+    sigma = jnp.maximum(sigma, sigma_floor)
     return replace(drm, pixel_templates=mean.reshape(k, t, t), sigma=sigma)
 
 
-def _child_update(drm: DeepRenderingModel, level: int, msgs: Array, z: Latents):
+def _child_update(
+    drm: DeepRenderingModel, level: int, msgs: Array, z: Latents, valid=None
+):
     """Step 4 at ``level``: ``argmax_v`` of the summed child messages per cell."""
     w, t = drm.windows[level - 1], drm.template_sizes[level - 1]
     k = drm.n_states[level - 1]
@@ -322,7 +340,7 @@ def _child_update(drm: DeepRenderingModel, level: int, msgs: Array, z: Latents):
     win = maxsum.windows(msgs, w)[..., offs, :]  # (B,h,h,G,t*t,V)
     s, g = z.states[level - 1], z.g[level - 1]
     sel = jnp.take_along_axis(win, g[..., None, None, None], axis=3)[..., 0, :, :]
-    onehot = jax.nn.one_hot(s, k, dtype=sel.dtype)
+    onehot = where_valid(jax.nn.one_hot(s, k, dtype=sel.dtype), valid)
     # OFF-state units (s = k) have no template; a unit in state k' contributes
     # its child messages to every cell of T_k'.
     total = jnp.einsum("bxyk,bxycv->kcv", onehot, sel)
@@ -335,7 +353,7 @@ def _child_update(drm: DeepRenderingModel, level: int, msgs: Array, z: Latents):
     rendered = jnp.take_along_axis(sel, cur[..., None], axis=-1)[..., 0]
     gap = jnp.sum(jnp.max(sel, axis=-1) - rendered, axis=-1)
     empty = counts == 0
-    unit = _seed_index(empty, gap)
+    unit = _seed_index(empty, gap, valid)
     flat = jnp.reshape(win, (-1,) + win.shape[-3:])[unit]  # (K, G, t*t, V)
     best_g = jnp.argmax(jnp.sum(jnp.max(flat, axis=-1), axis=-1), axis=-1)
     seeded = jnp.argmax(
@@ -344,23 +362,27 @@ def _child_update(drm: DeepRenderingModel, level: int, msgs: Array, z: Latents):
     return jnp.where(empty[:, None], seeded, updated).reshape(k, t, t)
 
 
-def _m_step(drm: DeepRenderingModel, images, z: Latents, alpha, sigma_floor):
+def _m_step(
+    drm: DeepRenderingModel, images, z: Latents, alpha, sigma_floor, valid=None
+):
     L = drm.levels
     # 1. priors from counts (+ alpha per outcome).
-    class_prior = _prior(_onehot_counts(z.states[L - 1], drm.n_classes), alpha)
+    class_prior = _prior(_onehot_counts(z.states[L - 1], drm.n_classes, valid), alpha)
     nuis = tuple(
-        _prior(_onehot_counts(z.g[l - 1], drm.n_nuisances[l - 1]), alpha)
+        _prior(_onehot_counts(z.g[l - 1], drm.n_nuisances[l - 1], valid), alpha)
         for l in range(1, L + 1)
     )
     switch = tuple(
-        ((jnp.sum(a) + alpha) / (a.size + 2 * alpha)).astype(jnp.asarray(p).dtype)
+        (
+            (jnp.sum(where_valid(a, valid)) + alpha) / (_size(a, valid) + 2 * alpha)
+        ).astype(jnp.asarray(p).dtype)
         for a, p in zip(z.a, drm.switch_priors, strict=True)  # levels 1..L-1
     )
     drm = replace(
         drm, class_prior=class_prior, nuisance_priors=nuis, switch_priors=switch
     )
     # 2-3. pixel templates and sigma.
-    drm = _pixel_update(drm, images, z, sigma_floor)
+    drm = _pixel_update(drm, images, z, sigma_floor, valid)
     # 4. child templates, bottom-up, each with messages of the updated levels below:
     # the pass of pgm_drm.models.maxsum, one level at a time.
     below = images
@@ -368,7 +390,7 @@ def _m_step(drm: DeepRenderingModel, images, z: Latents, alpha, sigma_floor):
         pooled = jnp.max(drm.level_scores(level, below), axis=-1)
         below = drm.level_switch(level, pooled, 0.0)
         kids = list(drm.child_templates)
-        kids[level - 1] = _child_update(drm, level + 1, below, z)
+        kids[level - 1] = _child_update(drm, level + 1, below, z, valid)
         drm = replace(drm, child_templates=tuple(kids))
     return drm
 
@@ -387,11 +409,11 @@ def _log_dirichlet(drm: DeepRenderingModel, alpha: Array) -> Array:
 
 
 @jax.jit
-def _step(drm, images, labels, alpha, sigma_floor):
+def _step(drm, images, labels, alpha, sigma_floor, valid=None):
     z, value = _e_step(drm, images, labels)
-    mlj = jnp.mean(value)
-    obj = mlj + _log_dirichlet(drm, alpha) / images.shape[0]
-    new = _m_step(drm, images, z, alpha, sigma_floor)
+    mlj = valid_mean(value, valid)
+    obj = mlj + _log_dirichlet(drm, alpha) / _size(value, valid)
+    new = _m_step(drm, images, z, alpha, sigma_floor, valid)
     return new, obj, mlj
 
 
@@ -401,6 +423,7 @@ def drm_em_step(
     labels: Array,
     pseudo_count: float = 1.0,
     min_sigma: float = DEFAULT_MIN_SIGMA,
+    valid: Array | None = None,
 ) -> tuple[DRMEMState, DRMEMInfo]:
     """One hard-EM iteration (E-step Eq. 18, M-step Eqs. 21-23; module docstring).
 
@@ -412,6 +435,9 @@ def drm_em_step(
         labels: ``(N,)`` int, -1 for unlabelled.
         pseudo_count: Dirichlet pseudo-count ``alpha >= 0`` added to every count.
         min_sigma: Floor on ``sigma``.
+        valid: ``(N,)`` bool, false for padding rows (in no count, sum, mean or
+            re-seed), as :func:`~pgm_drm.sharding.shard_with_mask` returns it;
+            ``None``: every row is real.
 
     Returns:
         The new state and the objective at the *old* parameters.
@@ -422,6 +448,7 @@ def drm_em_step(
         labels,
         jnp.asarray(pseudo_count, dtype=float),
         jnp.asarray(min_sigma, dtype=float),
+        valid,
     )
     return DRMEMState(new, state.iteration + 1), DRMEMInfo(obj, mlj)
 
@@ -631,8 +658,11 @@ def fit_drm_em(
         "min_sigma": float(min_sigma),
         "data": fingerprint(x, y),
     }
+    # The images spread over every device (padded if need be; one device: as is).
+    (x, y), valid = shard_with_mask((x, y))
     algorithm = Algorithm(
-        init=_state, step=lambda st: drm_em_step(st, x, y, pseudo_count, min_sigma)
+        init=lambda model: replicate(_state(model)),
+        step=lambda st: drm_em_step(st, x, y, pseudo_count, min_sigma, valid),
     )
     out = run_loop(
         algorithm,
@@ -649,7 +679,7 @@ def fit_drm_em(
     objective, mlj = out.history["objective"], out.history["max_log_joint"]
     # The objective at the final parameters: the E-step part of one more step
     # (its M-step is discarded; reusing the compiled step saves a compilation).
-    _, end = drm_em_step(state, x, y, pseudo_count, min_sigma)
+    _, end = drm_em_step(state, x, y, pseudo_count, min_sigma, valid)
     obj_end, mlj_end = end.objective, end.max_log_joint
     return DRMFitResult(
         model=_as_model(state.model),

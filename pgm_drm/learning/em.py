@@ -34,6 +34,11 @@ holds the :class:`~pgm_drm.models.RenderingModel` itself (a pytree: the jitted
 step takes it as an ordinary argument, so a new start of the same shapes reuses
 the compiled step); :func:`fit_em` loops the step with a progress bar and
 checkpoints (:func:`~pgm_drm.learning.loop.run_loop`).
+
+With several devices :func:`fit_em` spreads the images over them
+(:func:`pgm_drm.sharding.shard_with_mask`): a batch the device count does not
+divide is padded, and the padding has no responsibility, weight 0 in every sum
+above and in the log-likelihood, so the fit equals the single-device one.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from pgm_drm.learning.loop import (
 )
 from pgm_drm.models.pytree import replace
 from pgm_drm.models.rendering import RenderingModel
+from pgm_drm.sharding import replicate, shard_with_mask, valid_mean, where_valid
 
 __all__ = [
     "EMInfo",
@@ -291,6 +297,7 @@ def em_step(
     fix: tuple[str, ...] = (),
     min_sigma: float = DEFAULT_MIN_SIGMA,
     unlabelled_weight: Array | float = 1.0,
+    valid: Array | None = None,
 ) -> tuple[EMState, EMInfo]:
     """One EM iteration (jitted): E-step (Eq. 14 or 16) then M-step (Eqs. 15/17).
 
@@ -303,27 +310,34 @@ def em_step(
         min_sigma: Floor on ``sigma``.
         unlabelled_weight: ``lambda``, the weight of each unlabelled image in
             the M-step and the objective (EM-lambda; 1 = plain EM).
+        valid: ``(N,)`` bool, false for padding rows (weight 0 everywhere, and
+            never a hard-EM re-seed), as
+            :func:`~pgm_drm.sharding.shard_with_mask` returns it; ``None``:
+            every row is real.
 
     Returns:
         The new state and an :class:`EMInfo` at the old parameters.
     """
     t = mode_temperature(mode)
     resp, obj, ll = _e_step(state.model, images, labels, t)
+    resp = where_valid(resp, valid)  # padding: in no cluster, so never moved
     if t == 0.0:
         resp = _reseed_empty(resp, obj, labels)
-    w = _weights(labels, unlabelled_weight).astype(resp.dtype)
+    w = where_valid(_weights(labels, unlabelled_weight).astype(resp.dtype), valid)
     resp = resp * w.reshape((-1,) + (1,) * (resp.ndim - 1))
     new = m_step(state.model, images, resp, fix, min_sigma)
     on = resp[..., 1] if resp.ndim == 4 else resp
-    info = EMInfo(jnp.sum(w * obj) / jnp.sum(w), ll.mean(), on.sum(0))
+    objective = jnp.sum(w * where_valid(obj, valid)) / jnp.sum(w)
+    info = EMInfo(objective, valid_mean(ll, valid), on.sum(0))
     return EMState(new, state.iteration + 1), info
 
 
 @partial(jax.jit, static_argnames=("mode",))
-def _objectives(model, images, labels, mode, unlabelled_weight=1.0):
+def _objectives(model, images, labels, mode, unlabelled_weight=1.0, valid=None):
     _, obj, ll = _e_step(model, images, labels, mode_temperature(mode))
-    w = _weights(labels, unlabelled_weight).astype(obj.dtype)
-    return jnp.sum(w * obj) / jnp.sum(w), ll.mean()
+    w = where_valid(_weights(labels, unlabelled_weight).astype(obj.dtype), valid)
+    objective = jnp.sum(w * where_valid(obj, valid)) / jnp.sum(w)
+    return objective, valid_mean(ll, valid)
 
 
 def em_init(
@@ -383,10 +397,11 @@ def _warm_start(model: RenderingModel, x: Array, y: Array) -> RenderingModel:
     that are averages of its own images (on synthetic data this lifted
     semi-supervised accuracy from ~0.55 to ~0.99 on some seeds).
     """
-    state = _state(model)
+    state = replicate(_state(model))
+    (x, y), valid = shard_with_mask((x, y))
     last = None
     for _ in range(WARM_START_ITERS):
-        state, info = em_step(state, x, y, "soft", (), DEFAULT_MIN_SIGMA)
+        state, info = em_step(state, x, y, "soft", (), DEFAULT_MIN_SIGMA, valid=valid)
         obj = float(info.objective)
         if last is not None and abs(obj - last) < 1e-6:
             break
@@ -482,9 +497,13 @@ def fit_em(
         "unlabelled_weight": lam,
         "data": fingerprint(x, y),
     }
+    # The images spread over every device (padded if need be; one device: as is).
+    (x, y), valid = shard_with_mask((x, y))
     algorithm = Algorithm(
-        init=_state,
-        step=lambda st: em_step(st, x, y, mode, fix_t, float(min_sigma), lam),
+        init=lambda model: replicate(_state(model)),
+        step=lambda st: em_step(
+            st, x, y, mode, fix_t, float(min_sigma), lam, valid=valid
+        ),
     )
     out = run_loop(
         algorithm,
@@ -499,7 +518,7 @@ def fit_em(
     )
     state, converged = out.state, out.converged
     objective, loglik = out.history["objective"], out.history["log_likelihood"]
-    obj_end, ll_end = _objectives(state.model, x, y, mode, lam)
+    obj_end, ll_end = _objectives(state.model, x, y, mode, lam, valid)
     return FitResult(
         model=finish_model(state.model),
         objective=np.asarray(objective + [float(obj_end)]),

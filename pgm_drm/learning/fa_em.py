@@ -36,7 +36,10 @@ eigendecomposition) gives ``Lambda`` and an isotropic ``Psi``.
 
 The state (:class:`FAState`) holds the :class:`FactorRenderingModel` itself, a
 pytree that the jitted E- and M-steps take as an ordinary argument; the steps
-work on flat images ``(N, D)``.
+work on flat images ``(N, D)``. With several devices :func:`fit_fa_em` spreads
+them over the devices (:func:`pgm_drm.sharding.shard_with_mask`); the padding of
+a batch the device count does not divide has no responsibility and weight 0 in
+the objective and the log-likelihood, so the fit equals the single-device one.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from pgm_drm.learning.loop import (
 )
 from pgm_drm.models.factor import FactorRenderingModel, fa_log_joint, woodbury_terms
 from pgm_drm.models.pytree import replace
+from pgm_drm.sharding import replicate, shard_with_mask, valid_mean, where_valid
 
 __all__ = [
     "FAInfo",
@@ -159,7 +163,8 @@ def fa_m_step(
         model: The old model (the ``z`` posterior uses its ``Lambda, Psi``;
             empty components keep theirs).
         x: ``(N, D)`` flat images.
-        resp: ``(N, C, G)`` responsibilities, each row summing to 1.
+        resp: ``(N, C, G)`` responsibilities, each row summing to 1 (0 for a
+            padding row).
         min_sigma: Floor on ``sqrt(Psi_d)``.
 
     Returns:
@@ -259,10 +264,16 @@ def _e_step(model: FactorRenderingModel, x: Array, labels: Array, temperature: f
 
 @partial(jax.jit, static_argnames=("temperature",))
 def _e_step_jit(
-    model: FactorRenderingModel, x: Array, labels: Array, temperature: float
+    model: FactorRenderingModel,
+    x: Array,
+    labels: Array,
+    temperature: float,
+    valid: Array | None = None,
 ):
     resp, obj, ll = _e_step(model, x, labels, temperature)
-    return resp, FAInfo(obj.mean(), ll.mean(), resp.sum(0))
+    resp = where_valid(resp, valid)  # padding: no mass in any M-step sum
+    info = FAInfo(valid_mean(obj, valid), valid_mean(ll, valid), resp.sum(0))
+    return resp, info
 
 
 _m_step_jit = jax.jit(fa_m_step, static_argnames=("min_sigma",))
@@ -274,6 +285,7 @@ def fa_em_step(
     labels: Array,
     mode: Mode = "soft",
     min_sigma: float = DEFAULT_MIN_SIGMA,
+    valid: Array | None = None,
 ) -> tuple[FAState, FAInfo]:
     """One EM iteration: the E-step (Eq. 14 or 16 over ``c, g``) then
     :func:`fa_m_step`, each a compiled program of its own.
@@ -289,19 +301,23 @@ def fa_em_step(
         labels: ``(N,)`` ints, -1 for unlabelled.
         mode: "soft" or "hard".
         min_sigma: Floor on ``sqrt(Psi_d)``.
+        valid: ``(N,)`` bool, false for padding rows (weight 0 everywhere), as
+            :func:`~pgm_drm.sharding.shard_with_mask` returns it; ``None``:
+            every row is real.
 
     Returns:
         The new state and an :class:`FAInfo` at the old parameters.
     """
-    resp, info = _e_step_jit(state.model, x, labels, mode_temperature(mode))
+    t = mode_temperature(mode)
+    resp, info = _e_step_jit(state.model, x, labels, t, valid)
     new = _m_step_jit(state.model, x, resp, min_sigma=float(min_sigma))
     return FAState(new, state.iteration + 1), info
 
 
 @partial(jax.jit, static_argnames=("mode",))
-def _objectives(model, x, labels, mode):
+def _objectives(model, x, labels, mode, valid=None):
     _, obj, ll = _e_step(model, x, labels, mode_temperature(mode))
-    return obj.mean(), ll.mean()
+    return valid_mean(obj, valid), valid_mean(ll, valid)
 
 
 def _initial_classes(x: np.ndarray, y: np.ndarray, n_classes: int, rng) -> np.ndarray:
@@ -506,8 +522,11 @@ def fit_fa_em(
         "min_sigma": float(min_sigma),
         "data": fingerprint(x, y),
     }
+    # The images spread over every device (padded if need be; one device: as is).
+    (x, y), valid = shard_with_mask((x, y))
     algorithm = Algorithm(
-        init=_state, step=lambda st: fa_em_step(st, x, y, mode, float(min_sigma))
+        init=lambda model: replicate(_state(model)),
+        step=lambda st: fa_em_step(st, x, y, mode, float(min_sigma), valid),
     )
     out = run_loop(
         algorithm,
@@ -528,7 +547,7 @@ def fit_fa_em(
             "no image (try mode='soft' or another key)",
             stacklevel=2,
         )
-    obj_end, ll_end = _objectives(state.model, x, y, mode)
+    obj_end, ll_end = _objectives(state.model, x, y, mode, valid)
     return FitResult(
         model=_finish(state.model),
         objective=np.asarray(out.history["objective"] + [float(obj_end)]),
