@@ -18,7 +18,9 @@ complete-data log-likelihood ``Q(theta) = sum_n sum_f <B_f, table_f(theta)>``
 (``B`` fixed at the old parameters; ``Q`` is linear in the tables). Closed forms
 are used where ``Q`` has the form of a conjugate exponential-family update, read
 from the gradient of ``Q`` itself; a form is used only when the change of ``Q``
-it predicts is the actual change:
+it predicts is the actual change and the gradient of ``Q`` vanishes at its
+candidate (the first check alone cannot see a wrong form once the step is below
+the rounding of ``Q``):
 
 - simplex parameters entering as ``log theta`` (Categorical probabilities):
   ``theta ∝ theta * dQ/dtheta``, the normalised expected counts;
@@ -29,9 +31,16 @@ it predicts is the actual change:
 - positive parameters (Normal scales): ``sigma dQ/dsigma`` is affine in
   ``sigma^-2`` (``S sigma^-2 - D``), its root the weighted second moment.
 
-Any other parameter (or one whose closed form fails its check) gets a few optax
-Adam steps on ``Q`` in unconstrained space (generalised EM). Every block is
-accepted only if ``Q`` does not decrease, so the log-likelihood never does.
+Any other parameter (or one whose closed form fails its checks) gets a few optax
+L-BFGS steps on ``Q`` in unconstrained space (generalised EM), in one compiled
+program whichever parameters they are. Their zoom line search (Wolfe
+conditions) makes every step raise ``Q`` wherever its gradient is not zero, so
+the fit does not stall short of a stationary point; a fixed-step optimiser such
+as Adam does: near the maximum its first step (``learning_rate`` per
+coordinate, whatever the gradient's size) overshoots, every block is rejected,
+and the log-likelihood stops short by an amount that grows with
+``learning_rate``. Every block is accepted only if ``Q`` does not decrease, so
+the log-likelihood never does.
 Constrained parameters live in NumPyro's unconstrained space
 (``biject_to(constraint)``); nothing is clipped.
 """
@@ -507,11 +516,31 @@ def _closed_kind(c) -> str | None:
     return None
 
 
-def _closed_form(kind: str, theta: Array, grad_at: Callable) -> tuple[Array, Array]:
-    """Candidate maximiser of Q in one parameter, read from the form of Q, and
-    the change of Q that form predicts (the caller compares it with the actual
-    change: Q has that form only if they agree). Entries with no information
-    (zero expected counts, zero curvature) keep their value."""
+class _Closed(NamedTuple):
+    """A closed-form M-step candidate for one parameter."""
+
+    new: Array  # the maximiser of Q if Q has the form
+    predicted: Array  # the change of Q the form predicts
+    stationary: Array  # whether the gradient of Q vanishes at ``new`` as the
+    # form says it does (to ``rel`` of the gradient's terms)
+
+
+def _closed_form(
+    kind: str, theta: Array, grad_at: Callable, rel: float = 1e-9
+) -> _Closed:
+    """Candidate maximiser of Q in one parameter, read from the form of Q, the
+    change of Q that form predicts and whether Q's gradient vanishes there.
+
+    The caller accepts the form only if the predicted change is the actual
+    change and the candidate is stationary. The first check alone passes
+    whatever Q is once the step is so small that both changes are below the
+    rounding of Q: near a maximum a wrong form (a diagonal Newton step on a
+    coupled or non-quadratic Q, such as a factor analyser's loadings) then
+    keeps being accepted, its steps rejected or useless, and EM stalls short of
+    the stationary point. The gradient at the candidate tells them apart at any
+    step size: it is zero (up to ``rel`` of the gradient's own scale) only if
+    the candidate is Q's maximiser. Entries with no information (zero expected
+    counts, zero curvature) keep their value."""
     g1 = grad_at(theta)
 
     def dlog(c, new, old):
@@ -520,6 +549,9 @@ def _closed_form(kind: str, theta: Array, grad_at: Callable) -> tuple[Array, Arr
         on = (c > 0) & (new > 0) & (old > 0)
         diff = jnp.log(jnp.where(on, new, 1.0)) - jnp.log(jnp.where(on, old, 1.0))
         return jnp.sum(jnp.where(on, c * diff, 0.0))
+
+    def small(residual, scale):
+        return jnp.all(jnp.abs(residual) <= rel * scale)
 
     if kind == "simplex":  # Q = sum C log theta: theta = C / sum C
         c = jnp.maximum(theta * g1, 0.0)
@@ -530,12 +562,18 @@ def _closed_form(kind: str, theta: Array, grad_at: Callable) -> tuple[Array, Arr
         # underflows must not become a hard zero (log 0 = -inf in Q).
         tiny = jnp.finfo(theta.dtype).tiny
         new = jnp.where((theta > 0) & rows, jnp.maximum(new, tiny), new)
-        return new, dlog(c, new, theta)
+        # At the maximiser theta dQ/dtheta is still C (dQ/dtheta = sum C there).
+        res = jnp.where(rows & (new > 0), new * grad_at(new) - c, 0.0)
+        return _Closed(new, dlog(c, new, theta), small(res, tot))
     if kind == "real":  # Q quadratic with a diagonal Hessian: one Newton step
         slope = grad_at(theta + 1.0) - g1
         move = slope < 0
         step = jnp.where(move, -g1 / jnp.where(move, slope, -1.0), 0.0)
-        return theta + step, jnp.sum(g1 * step + 0.5 * slope * step**2)
+        new = theta + step
+        pred = jnp.sum(g1 * step + 0.5 * slope * step**2)
+        # dQ/dtheta = slope (theta - new): its terms are of size |slope theta|.
+        scale = jnp.abs(g1) + jnp.abs(slope) * (jnp.abs(theta) + jnp.abs(new) + 1)
+        return _Closed(new, pred, small(grad_at(new), scale))
     if kind == "positive":  # Q = -S / 2 sigma^2 - D log sigma: sigma^2 = S / D
         s2 = 2.0 * theta
         h1, h2 = theta * g1, s2 * grad_at(s2)
@@ -545,7 +583,11 @@ def _closed_form(kind: str, theta: Array, grad_at: Callable) -> tuple[Array, Arr
         move = (a > 0) & (d > 0)
         new = jnp.where(move, jnp.sqrt(jnp.where(move, a / d, 1.0)), theta)
         pred = -0.5 * a * (new**-2 - w1) - d * (jnp.log(new) - jnp.log(theta))
-        return new, jnp.sum(jnp.where(move, pred, 0.0))
+        # sigma dQ/dsigma = S sigma^-2 - D is zero at the maximiser; an entry
+        # that does not move must carry no information (h1 = 0).
+        res = new * grad_at(new)
+        scale = jnp.abs(a) * new**-2 + jnp.abs(d)
+        return _Closed(new, jnp.sum(jnp.where(move, pred, 0.0)), small(res, scale))
     # "unit": Q = A log p + (N - A) log(1 - p): p = A / N
     p2 = jnp.where(jnp.abs(theta - 0.5) > 0.1, 0.5, 0.25).astype(theta.dtype)
     h1 = theta * (1 - theta) * g1  # = A - N p
@@ -555,10 +597,16 @@ def _closed_form(kind: str, theta: Array, grad_at: Callable) -> tuple[Array, Arr
     move = (n > 0) & (a >= 0) & (a <= n)
     new = jnp.where(move, a / jnp.where(move, n, 1.0), theta)
     pred = dlog(a, new, theta) + dlog(n - a, 1 - new, 1 - theta)
-    return new, jnp.where(jnp.all(move | (n == 0)), pred, jnp.nan)
+    # p (1 - p) dQ/dp = A - N p is zero at the maximiser.
+    res = new * (1 - new) * grad_at(new)
+    return _Closed(
+        new,
+        jnp.where(jnp.all(move | (n == 0)), pred, jnp.nan),
+        small(res, jnp.abs(a) + jnp.abs(n)),
+    )
 
 
-#: Relative tolerance of the check that Q has a closed form's shape, by dtype.
+#: Relative tolerance of the checks that Q has a closed form's shape, by dtype.
 _TOL = {np.float32: 1e-4, np.float64: 1e-9}
 
 #: Closed-form M-steps, in the order they run (means before scales, as in the
@@ -568,18 +616,19 @@ _ORDER = ("simplex", "unit", "real", "positive")
 
 class _EMSteps(NamedTuple):
     e_step: Callable  # (params, batch, weights) -> (total, log Z per example, B)
-    m_step: Callable  # (params, B, batch, closed, free) -> (params, ok, inside)
+    closed: Callable  # (params, B, batch) -> (params, Q, closed-form ok, inside)
+    gem: Callable  # (params, Q, B, batch, free) -> (params, inside)
 
 
-def _em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
+def _em_steps(g: _Graph, inner_steps: int) -> _EMSteps:
     """The jitted E- and M-steps of a compiled graph (cached with it)."""
-    key = ("em", inner_steps, inner_lr)
+    key = ("em", inner_steps)
     if key not in g.jitted:
-        g.jitted[key] = _make_em_steps(g, inner_steps, inner_lr)
+        g.jitted[key] = _make_em_steps(g, inner_steps)
     return g.jitted[key]
 
 
-def _make_em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
+def _make_em_steps(g: _Graph, inner_steps: int) -> _EMSteps:
     groups, specs = g.param_groups, g.specs
 
     def per_example(params, e):
@@ -601,34 +650,55 @@ def _make_em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
 
         return jnp.sum(jax.vmap(one)(ex, b))
 
-    opt = optax.adam(inner_lr)
+    # Parameters whose Q may have a closed form, in the order they are tried;
+    # the others always get the generalised EM steps.
+    closed = tuple(
+        sorted(
+            (n for n in g.names if _closed_kind(specs[n].constraint)),
+            key=lambda n: _ORDER.index(_closed_kind(specs[n].constraint)),
+        )
+    )
+    opt = optax.lbfgs()
 
     def gem(params, b, ex, free):
-        """Adam steps on -Q over the ``free`` parameters (unconstrained),
-        keeping the best parameters seen."""
-        fixed = {n: v for n, v in params.items() if n not in free}
-        u0 = _to_unconstrained(specs, {n: params[n] for n in free})
+        """L-BFGS steps (zoom line search) on -Q over the parameters whose
+        ``free`` flag is set (unconstrained), keeping the best parameters seen;
+        the others keep their values bit for bit."""
+
+        def constrained(u):
+            # A fixed parameter is read from ``params`` and its unconstrained
+            # coordinates (held at 0) get no gradient.
+            c = _to_constrained(specs, u)
+            return {n: jnp.where(free[n], c[n], params[n]) for n in params}
+
+        u0 = _to_unconstrained(specs, params)
+        u0 = {n: jnp.where(free[n], v, jnp.zeros_like(v)) for n, v in u0.items()}
 
         def neg_q(u):
-            return -q_fn({**fixed, **_to_constrained(specs, u)}, b, ex)
+            return -q_fn(constrained(u), b, ex)
+
+        # The line search's value and gradient at the accepted point are reused.
+        value_and_grad = optax.value_and_grad_from_state(neg_q)
 
         def body(carry, _):
             u, s, best_u, best = carry
-            val, grad = jax.value_and_grad(neg_q)(u)
+            val, grad = value_and_grad(u, state=s)
             better = val < best
             best_u = jax.tree.map(lambda a, c: jnp.where(better, a, c), u, best_u)
             best = jnp.where(better, val, best)
-            upd, s = opt.update(grad, s, u)
+            upd, s = opt.update(grad, s, u, value=val, grad=grad, value_fn=neg_q)
             return (optax.apply_updates(u, upd), s, best_u, best), None
 
         init = (u0, opt.init(u0), u0, neg_q(u0))
         (u, _, best_u, best), _ = jax.lax.scan(body, init, None, inner_steps)
         best_u = jax.tree.map(lambda a, c: jnp.where(neg_q(u) < best, a, c), u, best_u)
-        return {**fixed, **_to_constrained(specs, best_u)}
+        return constrained(best_u)
 
-    def m_step(params, b, ex, closed, free):
-        """Closed forms for ``closed`` (in order), then generalised EM on
-        ``free``; each block kept only if Q does not decrease."""
+    @jax.jit
+    def closed_step(params, b, ex):
+        """Closed forms in order, each kept only if Q has its form and does not
+        decrease: the new parameters, their Q and which forms held (a failed
+        one leaves its parameter as it was)."""
         q_cur = q_fn(params, b, ex)
         oks = {}
         for n in closed:
@@ -637,39 +707,40 @@ def _make_em_steps(g: _Graph, inner_steps: int, inner_lr: float) -> _EMSteps:
             def grad_at(v, n=n, params=params):
                 return jax.grad(q_fn)({**params, n: v}, b, ex)[n]
 
-            new, predicted = _closed_form(kind, params[n], grad_at)
+            rel = _TOL.get(q_cur.dtype.type, 1e-3)
+            new, predicted, stationary = _closed_form(kind, params[n], grad_at, rel)
             cand = {**params, n: new}
             q_new = q_fn(cand, b, ex)
             # Q has the form when the change it predicts is the actual change
-            # (up to the rounding of a sum of the size of Q).
-            rel = _TOL.get(q_cur.dtype.type, 1e-3)
+            # (up to the rounding of a sum of the size of Q) and its gradient
+            # vanishes at the candidate (_closed_form).
             tol = rel * (jnp.abs(q_cur) + jnp.abs(predicted) + 1)
-            ok = jnp.abs(q_new - q_cur - predicted) <= tol
+            ok = (jnp.abs(q_new - q_cur - predicted) <= tol) & stationary
             keep = ok & (q_new >= q_cur)
             params = {k: jnp.where(keep, cand[k], v) for k, v in params.items()}
             q_cur = jnp.where(keep, q_new, q_cur)
             oks[n] = ok
-        if free and inner_steps > 0:
-            cand = gem(params, b, ex, free)
-            keep = q_fn(cand, b, ex) >= q_cur
-            params = {k: jnp.where(keep, cand[k], v) for k, v in params.items()}
-        return params, oks, _inside(specs, params)
+        return params, q_cur, oks, _inside(specs, params)
 
-    return _EMSteps(e_step, jax.jit(m_step, static_argnums=(3, 4)))
+    @jax.jit
+    def gem_step(params, q_cur, b, ex, free):
+        """Generalised EM on the parameters flagged ``free``, kept only if Q
+        does not decrease from ``q_cur``. One program whichever are free."""
+        cand = gem(params, b, ex, free)
+        keep = q_fn(cand, b, ex) >= q_cur
+        params = {k: jnp.where(keep, cand[k], v) for k, v in params.items()}
+        return params, _inside(specs, params)
+
+    return _EMSteps(e_step, closed_step, gem_step)
 
 
 class _EM:
-    """One EM fit: which parameters still use their closed form."""
+    """One EM fit: its data and compiled steps."""
 
-    def __init__(self, g: _Graph, ex, w, inner_steps: int, inner_lr: float):
+    def __init__(self, g: _Graph, ex, w, inner_steps: int):
         self.g, self.ex, self.w = g, ex, w
-        self.steps = _em_steps(g, inner_steps, inner_lr)
-        specs = g.specs
-        # Parameters whose Q may have a closed form; the rest get Adam steps.
-        known = [n for n in g.names if _closed_kind(specs[n].constraint)]
-        self.closed = tuple(
-            sorted(known, key=lambda n: _ORDER.index(_closed_kind(specs[n].constraint)))
-        )
+        self.inner_steps = inner_steps
+        self.steps = _em_steps(g, inner_steps)
 
     def step(self, params):
         """One EM iteration: (new params, total log-likelihood at ``params``,
@@ -681,14 +752,15 @@ class _EM:
         form get the generalised EM steps instead, from the same E-step."""
         total, lz, b = self.steps.e_step(params, self.ex, self.w)
         _check_finite(lz, self.w)
-        closed = self.closed
-        while True:
-            free = tuple(n for n in self.g.names if n not in closed)
-            new, oks, inside = self.steps.m_step(params, b, self.ex, closed, free)
-            failed = [n for n, ok in oks.items() if not bool(ok)]
-            if not failed:
-                return new, float(total), closed, inside
-            closed = tuple(n for n in closed if n not in failed)
+        new, q, oks, inside = self.steps.closed(params, b, self.ex)
+        closed = tuple(n for n, ok in oks.items() if bool(ok))
+        free = {n: n not in closed for n in self.g.names}
+        if self.inner_steps > 0 and any(free.values()):
+            # A failed closed form left its parameter as it was, so these are
+            # the steps a rerun without it would take.
+            flags = {n: jnp.asarray(f) for n, f in free.items()}
+            new, inside = self.steps.gem(new, q, b, self.ex, flags)
+        return new, float(total), closed, inside
 
 
 def _adam_step(g: _Graph, learning_rate: float):
@@ -746,17 +818,17 @@ def fit(
         data: ``name -> (N, ...)``: its observed keyword arguments, batched.
         method: "em" (E-step from the compiled marginals, closed-form M-steps
             where ``Q`` has the form of a conjugate update, else ``inner_steps``
-            Adam steps on ``Q``: the module docstring) or "adam" (one Adam step
-            on the exact log-likelihood per iteration).
+            L-BFGS steps on ``Q``: the module docstring) or "adam" (one Adam
+            step on the exact log-likelihood per iteration).
         init: Starting values of some parameters (else the model's own).
         clamp: ``site -> (values, mask)``: latent values observed where ``mask``
             is true (semi-supervised; see :func:`model_log_likelihood`).
         n_iter: Iterations (EM steps or Adam steps).
         tol: Stop when the total log-likelihood changes by less than ``tol``.
-        learning_rate: Adam's step size (method "adam", and the generalised EM
-            steps).
-        inner_steps: Adam steps on ``Q`` per EM iteration for parameters without
-            a closed form.
+        learning_rate: Adam's step size (method "adam"; EM's L-BFGS steps
+            choose theirs by line search).
+        inner_steps: L-BFGS steps on ``Q`` per EM iteration for parameters
+            without a closed form.
         schedule: "auto", "tree" or "exact".
         loop: Progress bar and checkpoints
             (:class:`~pgm_drm.learning.loop.LoopOptions`; checkpoints every 10
@@ -803,7 +875,7 @@ def fit(
     specs = g.specs
 
     if method == "em":
-        em = _EM(g, ex, w, int(inner_steps), float(learning_rate))
+        em = _EM(g, ex, w, int(inner_steps))
         last_closed: list[tuple[str, ...]] = [()]
 
         def init_state(p):
@@ -835,7 +907,7 @@ def fit(
         "method": method,
         "params": list(g.names),
         "data": fingerprint(*[np.asarray(v) for _, v in sorted(ex.items())]),
-        "learning_rate": float(learning_rate),
+        "learning_rate": float(learning_rate) if method == "adam" else None,
         "inner_steps": int(inner_steps),
         "schedule": schedule,
     }
