@@ -77,6 +77,20 @@ DEPTH_CAP = 64
 MIN_GAIN = 1e-9
 #: Logit gaps are multiplied by beta_t, annealed geometrically from 1 to this.
 BETA_MAX = 4.0
+#: The relaxation's frontier is padded to at least this many slots (then to powers
+#: of two) and its rows to :func:`_bucket` sizes, so that the jitted step compiles
+#: for few shapes: one per tree for small frontiers, and datasets of nearby sizes
+#: share programs. Padding slots and rows carry no data (weight 0): the relaxed
+#: filters of the real slots are bit-identical to an unpadded run.
+MIN_SLOTS = 16
+
+
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a multiple of ``2 ** (bit_length(n) - 3)``: at most 8
+    distinct sizes per octave and under 25% padding (e.g. 150 -> 160, 1347 ->
+    1536)."""
+    step = 1 << max(n.bit_length() - 3, 0)
+    return -(-n // step) * step
 
 
 @dataclass(kw_only=True, eq=False)
@@ -454,8 +468,12 @@ def fit_infomax_tree(
     k_feat = _n_features(p.max_features, d)
     min_samples_split, min_samples_leaf = p.min_samples_split, p.min_samples_leaf
     relax_steps, learning_rate = p.relax_steps, p.learning_rate
-    y1 = np.eye(n_classes)[y]
-    xj, yj = jnp.asarray(x), jnp.asarray(y1)
+    # Rows padded to a bucket size for the relaxation (zero rows, weight 0).
+    n_pad = _bucket(n)
+    xj = jnp.asarray(np.concatenate([x, np.zeros((n_pad - n, d))]))
+    yj = jnp.asarray(
+        np.concatenate([np.eye(n_classes)[y], np.zeros((n_pad - n, n_classes))])
+    )
 
     filters, biases, children, counts, depths, relaxed, gains = ([] for _ in range(7))
 
@@ -479,12 +497,12 @@ def fit_infomax_tree(
                 cands.append(node)
         if not cands:
             break
-        p = 1 << (len(cands) - 1).bit_length()  # pad: few distinct jit shapes
+        p = max(MIN_SLOTS, 1 << (len(cands) - 1).bit_length())  # few jit shapes
         w0 = np.zeros((p, br, d))
         b0 = np.zeros((p, br))
         mask = np.zeros((p, d))
-        slot = np.zeros(n, dtype=np.int64)
-        wt = np.zeros(n)
+        slot = np.zeros(n_pad, dtype=np.int64)
+        wt = np.zeros(n_pad)
         for i, node in enumerate(cands):
             rows = np.flatnonzero((node_of == node) & (w > 0))
             feats = np.sort(rng.choice(d, size=k_feat, replace=False))
@@ -492,7 +510,7 @@ def fit_infomax_tree(
             f, b = generative_split(
                 x[rows] * mask[i], y[rows], w[rows], n_classes, br, rng
             )
-            members = node_of == node
+            members = np.flatnonzero(node_of == node)
             slot[members], wt[members] = i, w[members]
             # rescale: unit spread of the best-vs-second logit gap on the node
             z = np.sort(x[rows] @ f.T + b, axis=1)
