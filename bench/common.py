@@ -144,3 +144,18 @@ class Report:
 def platforms_default() -> None:
     """CPU unless the caller chose a platform (``JAX_PLATFORMS``)."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def interleaved(fns: dict, rounds: int = 10) -> dict:
+    """Min wall time (s) of each blocking ``fn`` over ``rounds`` round-robin rounds
+    after one warm-up each: the functions compared share every moment of the
+    machine's load, as a ratio needs."""
+    for fn in fns.values():
+        fn()
+    best = {k: math.inf for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best

@@ -49,6 +49,13 @@ def check_probability(p: float, name: str) -> float:
     return v
 
 
+@jax.jit
+def _all_finite(x: Array) -> Array:
+    """``all(isfinite(x))`` as one fused reduction (eager ``jnp`` would
+    materialise the whole boolean mask first)."""
+    return jnp.all(jnp.isfinite(x))
+
+
 def check_images(images: ArrayLike, image_shape: tuple[int, ...]) -> tuple[Array, bool]:
     """One image or a batch: right shape and finite.
 
@@ -69,6 +76,6 @@ def check_images(images: ArrayLike, image_shape: tuple[int, ...]) -> tuple[Array
         raise ValueError(f"image is complex ({x.dtype}); give real pixel values")
     # Values are checked when they are concrete; under jit (traced images) only the
     # shape can be, and the caller's concrete inputs were checked on the way in.
-    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+    if not isinstance(x, jax.core.Tracer) and not bool(_all_finite(x)):
         raise ValueError("image contains NaN or inf values")
     return x, single
