@@ -77,6 +77,11 @@ def test_dcn_pass_equals_compiled_schedule_and_numpyro(seed):
                 np.testing.assert_array_equal(
                     np.asarray(out.map[site][b]), v, err_msg=site
                 )
+        # NumPyro's enumeration of this model compiles for ~10 s: each seed
+        # checks one semiring against it (both seeds share the structure), the
+        # compiled schedule above checks both.
+        if semiring != ("max", "sum")[seed]:
+            continue
         ref = enumerate_exact(drm.model, image=images[0], semiring=semiring)
         np.testing.assert_allclose(out.log_z[0], ref.log_z, atol=ATOL)
         np.testing.assert_allclose(

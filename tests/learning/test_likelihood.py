@@ -50,7 +50,7 @@ def test_table_entries_are_numpyro_log_joints(switch):
         np.testing.assert_allclose(table[idx], expected, atol=ATOL)
 
 
-@settings(max_examples=examples(3))  # funsor enumeration costs ~1 s per image
+@settings(max_examples=examples(2))  # funsor enumeration costs ~1 s per image
 @given(seed=st.integers(0, 10_000), switch=st.booleans())
 def test_soft_responsibilities_match_enumeration(seed, switch):
     rm, _ = random_rendering_model(seed, 2, 3, (3, 3), switch=switch)
@@ -69,7 +69,7 @@ def test_soft_responsibilities_match_enumeration(seed, switch):
             )
 
 
-@settings(max_examples=examples(3))  # brute force compiles one log-density per model
+@settings(max_examples=examples(2))  # brute force compiles one log-density per model
 @given(seed=st.integers(0, 10_000), switch=st.booleans())
 def test_hard_responsibilities_are_the_joint_map(seed, switch):
     rm, _ = random_rendering_model(seed, 2, 3, (3, 3), switch=switch)

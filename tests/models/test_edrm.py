@@ -122,7 +122,7 @@ def test_bad_inputs():
 
 # ------------------------------------------------------------------ exact
 @settings(
-    max_examples=examples(3)
+    max_examples=examples(2)
 )  # ~4 s per example: four compilations per random model
 @given(tiny_models, st.integers(0, 100), st.sampled_from(["max", "sum"]))
 def test_exact_inference_matches_references(m, seed, semiring):
@@ -159,7 +159,7 @@ def test_path_posterior_batch_and_normalised():
 
 
 # ------------------------------------------------------------------ greedy
-@settings(max_examples=examples(3))
+@settings(max_examples=examples(2))
 @given(tiny_models, st.integers(0, 100), st.sampled_from(["compare", "choose"]))
 def test_greedy_matches_loop_twin_and_is_bounded_by_map(m, seed, root):
     images = _noisy(m, seed, 5)
@@ -174,7 +174,7 @@ def test_greedy_matches_loop_twin_and_is_bounded_by_map(m, seed, root):
         np.testing.assert_allclose(path_log_joint(m, images[0], fast[0]), ref.log_z)
 
 
-@settings(max_examples=examples(3))
+@settings(max_examples=examples(2))
 @given(st.integers(0, 2**16))
 def test_greedy_equals_map_in_noise_free_limit(seed):
     """sigma -> 0 with a positive coarse-to-fine margin: greedy == exact MAP."""
