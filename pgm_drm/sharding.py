@@ -3,8 +3,10 @@
 A 1-D :class:`jax.sharding.Mesh` named ``"batch"`` over ``jax.devices()`` and a
 :class:`~jax.sharding.NamedSharding` on the leading (batch) axis: ``jit`` then
 partitions the program and reduces whatever sums over the batch by itself; nothing
-here is home-made message passing across devices. On one device every function is
-the identity, so single-device results are unchanged bit for bit.
+here is home-made message passing across devices. On one device nothing is moved
+or padded (``shard_batch`` and ``replicate`` return their input, ``valid`` is
+``None`` and ``valid_mean`` is ``jnp.mean``), so single-device results are
+unchanged bit for bit.
 
 Across hosts, call ``jax.distributed.initialize()`` first: ``jax.devices()`` then
 lists every host's devices and the same code runs unchanged.
