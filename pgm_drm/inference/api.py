@@ -433,17 +433,12 @@ def _offending_sites(
 
 
 def _check_log_z(
-    log_z: Array,
-    fg: FactorGraph | None = None,
-    arrays: Mapping[str, Array] | None = None,
-    axes: Mapping | None = None,
+    log_z: Array, fg: FactorGraph, arrays: Mapping[str, Array], axes: Mapping
 ) -> None:
     log_z = np.asarray(log_z)
 
     def culprits(bad, test) -> str:
-        if fg is None or arrays is None:
-            return ""
-        return _offending_sites(fg, arrays, axes or {}, bad, test)
+        return _offending_sites(fg, arrays, axes, bad, test)
 
     if np.any(np.isnan(log_z)):
         bad = np.isnan(log_z)

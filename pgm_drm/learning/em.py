@@ -283,9 +283,20 @@ def _e_step(model: RenderingModel, images: Array, labels: Array, temperature: fl
     return e_step_table(rm_log_joint(model, images), labels, temperature)
 
 
-def _weights(labels: Array, unlabelled_weight: Array | float) -> Array:
-    """``w_n``: 1 for a labelled image, ``unlabelled_weight`` for the others."""
-    return jnp.where(labels >= 0, 1.0, unlabelled_weight)
+def _weights(
+    labels: Array, unlabelled_weight: Array | float, dtype, valid: Array | None
+) -> Array:
+    """``w_n``: 1 for a labelled image, ``unlabelled_weight`` for the others, 0 for
+    padding rows."""
+    w = jnp.where(labels >= 0, 1.0, unlabelled_weight).astype(dtype)
+    return where_valid(w, valid)
+
+
+def _summaries(obj: Array, ll: Array, w: Array, valid: Array | None):
+    """The ``w``-weighted mean objective and the mean log-likelihood over the real
+    rows (``where_valid`` keeps a padding row's -inf or NaN out of the sums)."""
+    objective = jnp.sum(w * where_valid(obj, valid)) / jnp.sum(w)
+    return objective, valid_mean(ll, valid)
 
 
 @partial(jax.jit, static_argnames=("mode", "fix", "min_sigma"))
@@ -323,21 +334,20 @@ def em_step(
     resp = where_valid(resp, valid)  # padding: in no cluster, so never moved
     if t == 0.0:
         resp = _reseed_empty(resp, obj, labels)
-    w = where_valid(_weights(labels, unlabelled_weight).astype(resp.dtype), valid)
+    w = _weights(labels, unlabelled_weight, resp.dtype, valid)
     resp = resp * w.reshape((-1,) + (1,) * (resp.ndim - 1))
     new = m_step(state.model, images, resp, fix, min_sigma)
     on = resp[..., 1] if resp.ndim == 4 else resp
-    objective = jnp.sum(w * where_valid(obj, valid)) / jnp.sum(w)
-    info = EMInfo(objective, valid_mean(ll, valid), on.sum(0))
+    info = EMInfo(*_summaries(obj, ll, w, valid), on.sum(0))
     return EMState(new, state.iteration + 1), info
 
 
 @partial(jax.jit, static_argnames=("mode",))
 def _objectives(model, images, labels, mode, unlabelled_weight=1.0, valid=None):
     _, obj, ll = _e_step(model, images, labels, mode_temperature(mode))
-    w = where_valid(_weights(labels, unlabelled_weight).astype(obj.dtype), valid)
-    objective = jnp.sum(w * where_valid(obj, valid)) / jnp.sum(w)
-    return objective, valid_mean(ll, valid)
+    return _summaries(
+        obj, ll, _weights(labels, unlabelled_weight, obj.dtype, valid), valid
+    )
 
 
 def em_init(
