@@ -30,8 +30,10 @@ elementwise table over (latent states x pixels).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Array, ScheduleKind
 from pgm_drm.graph.natural import natural_log_prob
+from pgm_drm.graph.slices import grouped_tables
 
 __all__ = [
     "CompileError",
@@ -74,6 +77,10 @@ __all__ = [
 
 #: Evaluate the model's jaxpr as one jitted program up to this many equations.
 JIT_EQNS = 3000
+
+#: Models whose jaxpr has more equations than this (loop-written models) get
+#: their compile-time tables slice by distinct slice (:mod:`pgm_drm.graph.slices`).
+GROUP_EQNS = JIT_EQNS
 
 #: Most distinct colours (simultaneously enumerated latent sites) one trace uses.
 MAX_COLOURS = 48
@@ -261,6 +268,15 @@ def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
             plate is subsampled, or a site has a batch dimension that no plate
             declares (it would collide with enumeration, whatever its size).
     """
+    return _checked_sites(model, args, kwargs, log_prob_shapes=True)
+
+
+def _checked_sites(
+    model: Callable, args: tuple, kwargs: dict, log_prob_shapes: bool
+) -> dict:
+    """:func:`model_sites`; ``log_prob_shapes=False`` leaves the log-prob shape
+    check to the caller (``compile_model`` reads the shapes off its jaxpr instead
+    of scoring every site once more here)."""
     tr = _plain_trace(model, args, kwargs)
     for name, site in tr.items():
         if site["type"] == "plate":
@@ -290,25 +306,30 @@ def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
             support_values(fn, name)
         else:
             _check_observed_shape(name, site)
-        lp_shape = jnp.shape(_site_log_prob(site))
-        frames = {f.dim: f for f in _frames(site)}
-        for d in range(-len(lp_shape), 0):
-            size = lp_shape[d]
-            if d in frames:
-                full = frames[d].size
-                if size not in (1, full):
-                    raise CompileError(
-                        f"plate '{frames[d].name}' at site '{name}' is subsampled "
-                        f"({size} of {full}); subsampled plates are not supported "
-                        "by exact inference"
-                    )
-            elif size != 1:
-                raise CompileError(
-                    f"site '{name}' has a batch dimension {d} of size {size} that no "
-                    "numpyro.plate declares; declare batch dimensions with "
-                    "numpyro.plate (or use .to_event for event dimensions)"
-                )
+        if log_prob_shapes:
+            _check_log_prob_shape(name, site, jnp.shape(_site_log_prob(site)))
     return tr
+
+
+def _check_log_prob_shape(name: str, site: Mapping, lp_shape: tuple) -> None:
+    """Every batch dim of a site's log-prob is a full plate (or size 1)."""
+    frames = {f.dim: f for f in _frames(site)}
+    for d in range(-len(lp_shape), 0):
+        size = lp_shape[d]
+        if d in frames:
+            full = frames[d].size
+            if size not in (1, full):
+                raise CompileError(
+                    f"plate '{frames[d].name}' at site '{name}' is subsampled "
+                    f"({size} of {full}); subsampled plates are not supported "
+                    "by exact inference"
+                )
+        elif size != 1:
+            raise CompileError(
+                f"site '{name}' has a batch dimension {d} of size {size} that no "
+                "numpyro.plate declares; declare batch dimensions with "
+                "numpyro.plate (or use .to_event for event dimensions)"
+            )
 
 
 def _check_observed_shape(name: str, site: Mapping) -> None:
@@ -561,25 +582,27 @@ def _rearrange(
     info: SiteInfo,
     colour_of: Mapping[str, int],
     cards: Mapping[str, int],
+    xp: Any = jnp,
 ) -> Array:
-    """``(K_c..., *lp_shape)`` -> ``(n_instances, *cards of scope)``."""
+    """``(K_c..., *lp_shape)`` -> ``(n_instances, *cards of scope)`` (``xp``:
+    ``jax.numpy``, or ``numpy`` for tables computed once at compile time)."""
     nc = len(colours)
     lead, lp_shape = table.shape[:nc], table.shape[nc:]
     length = max([len(lp_shape)] + [-d for d in info.plate_dims])
-    lp = jnp.reshape(table, lead + (1,) * (length - len(lp_shape)) + lp_shape)
+    lp = xp.reshape(table, lead + (1,) * (length - len(lp_shape)) + lp_shape)
     plate_axes = [nc + length + d for d in info.plate_dims]
     other = [a for a in range(nc, nc + length) if a not in plate_axes]
     if any(lp.shape[a] != 1 for a in other):
         raise CompileError(
             f"site '{info.name}' has a batch dimension that no numpyro.plate declares"
         )
-    lp = jnp.squeeze(lp, axis=tuple(other)) if other else lp
-    lp = jnp.broadcast_to(lp, lead + info.plate_shape)
+    lp = xp.squeeze(lp, axis=tuple(other)) if other else lp
+    lp = xp.broadcast_to(lp, lead + info.plate_shape)
     # Colour axes -> scope order, slicing padded states off.
     pos = {c: k for k, c in enumerate(colours)}
     perm = [pos[colour_of[s]] for s in info.scope]
-    lp = jnp.transpose(lp, [nc + k for k in range(len(info.plates))] + perm)
-    lp = jnp.reshape(lp, (info.n_instances,) + lp.shape[len(info.plates) :])
+    lp = xp.transpose(lp, [nc + k for k in range(len(info.plates))] + perm)
+    lp = xp.reshape(lp, (info.n_instances,) + lp.shape[len(info.plates) :])
     index = (slice(None),) + tuple(slice(0, cards[s]) for s in info.scope)
     return lp[index]
 
@@ -864,6 +887,21 @@ def _scope_index(
     return arr
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector: tracing a loop-written model makes
+    one object per equation, and every full collection re-scans all of them (a
+    third of the compile time of a 2,000-site chain)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     """Compile a NumPyro model with finite discrete latents into a factor graph.
 
@@ -888,7 +926,7 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     """
     for name, x in split_evidence(kwargs)[0].items():
         check_evidence_values(name, x)
-    plain = model_sites(model, *args, **kwargs)
+    plain = _checked_sites(model, args, kwargs, log_prob_shapes=False)
     sample_sites = [n for n, s in plain.items() if s["type"] == "sample"]
     latent = [n for n in sample_sites if not plain[n]["is_observed"]]
     supports = {n: tuple(support_values(plain[n]["fn"], n).tolist()) for n in latent}
@@ -911,6 +949,8 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
             "a shape (an `if`, `int(...)`, a Python index); write it with array ops "
             f"(jnp.where, Vindex) so every value can be enumerated ({err})"
         ) from err
+    for n, aval in zip(sample_sites, closed.out_avals, strict=True):
+        _check_log_prob_shape(n, plain[n], tuple(aval.shape))
     labels = [frozenset({("z", n)}) for n in latent] + [
         frozenset({("e", k)}) for k in ev_names
     ]
@@ -990,7 +1030,10 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         _out_index={n: k for k, n in enumerate(sample_sites)},
         _static_tables=(),
     )
-    tables = tuple(fg._evaluate(ev_values, range(len(fgroups))))
+    if len(closed.jaxpr.eqns) > GROUP_EQNS:
+        tables = _grouped_static_tables(fg, closed, lat_values, ev_values)
+    else:
+        tables = tuple(fg._evaluate(ev_values, range(len(fgroups))))
     for g, t in zip(fgroups, tables, strict=True):
         _check_table(g.site, t)
     fg._static_tables = tables
@@ -999,6 +1042,42 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     fg._evaluator = evaluator.restrict([fg._out_index[n] for n in dynamic])
     fg._out_index = {n: k for k, n in enumerate(dynamic)}
     return fg
+
+
+def _grouped_static_tables(
+    fg: FactorGraph,
+    closed: ClosedJaxpr,
+    lat_values: Sequence[Array],
+    ev_values: Sequence[Array],
+) -> tuple:
+    """Every group's table at the compile-time evidence, evaluated slice by
+    distinct slice (:mod:`pgm_drm.graph.slices`); outputs it leaves (shared or
+    one-off slices) go through the colour evaluator."""
+    latent = [g.site for g in fg.variable_groups]
+    cards = {g.site: g.cardinality for g in fg.variable_groups}
+    grids = []
+    for g, val in zip(fg.variable_groups, lat_values, strict=True):
+        sup = np.asarray(g.support).astype(val.dtype)
+        shape = tuple(val.shape)
+        grids.append(
+            np.broadcast_to(
+                sup.reshape((len(sup),) + (1,) * len(shape)), sup.shape + shape
+            )
+        )
+    got, rest = grouped_tables(closed, grids, ev_values)
+    tables: list = [None] * len(fg.factor_groups)
+    for k, st in got.items():
+        info = fg.sites[fg.factor_groups[k].site]
+        slots = {latent[i]: j for j, i in enumerate(st.latents)}
+        if set(slots) != set(info.scope):  # a scope the slice does not read
+            rest.append(k)
+            continue
+        tables[k] = _rearrange(st.table, range(len(slots)), info, slots, cards, xp=np)
+    if rest:
+        rest = sorted(rest)
+        for k, t in zip(rest, fg._evaluate(ev_values, rest), strict=True):
+            tables[k] = t
+    return tuple(jax.device_put(tables))  # one transfer; jax arrays like the others
 
 
 def _check_table_sizes(infos: Mapping[str, SiteInfo], supports: Mapping) -> None:

@@ -1,0 +1,309 @@
+"""Evaluate a model's per-site log-prob tables in groups of identical structure.
+
+A model written as a Python loop (a chain, a grid, one site per node) traces to a
+jaxpr with one *slice* of equations per site, all alike but for which inputs they
+read. Evaluating that jaxpr op by op under the colour vmaps
+(:class:`pgm_drm.graph.compile._Evaluator`) costs one dispatch per equation per
+site; here each distinct slice is evaluated once, vmapped over its sites:
+
+1. **Known part.** Equations that read no latent value (slicing a closed-over
+   potential, normalising a prior's logits, anything of the evidence) are run
+   once, op by op (``jax.core.eval_jaxpr``); their results that latent
+   equations read become the slices' inputs.
+2. **Slices.** A reverse pass labels every latent-dependent equation with the one
+   output (site) it feeds. A site whose slice shares an equation with another
+   site's, or whose output is a latent value itself, is left to the caller.
+3. **Signatures.** A slice's signature is its equations (primitive, parameters,
+   wiring renumbered in first-use order, literal values, avals) and the kind of
+   each input: a latent input (with its support grid) or a known value (its
+   aval). Sites with equal signatures compute the same function of their inputs.
+4. **Groups.** Each signature's slice becomes one small jaxpr, vmapped over the
+   support of each latent input (the table's axes) and over the group's sites
+   (known inputs stacked; one input every site reads is passed once), and jitted:
+   one compile per distinct slice, whatever the number of sites.
+
+Nothing here knows about NumPyro: :func:`grouped_tables` takes a closed jaxpr
+whose first inputs are latent values and returns tables in input-slot order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
+
+__all__ = ["SiteTable", "grouped_tables"]
+
+_SHARED = -1
+
+
+class SiteTable(NamedTuple):
+    """One site's log-prob table from :func:`grouped_tables`.
+
+    Attributes:
+        table: ``(K_1, ..., K_m, *lp_shape)`` numpy array: the log-prob with latent
+            input ``latents[j]`` set to its ``j``-th support grid entry on axis ``j``.
+        latents: The latent input positions of the table's leading axes.
+    """
+
+    table: np.ndarray
+    latents: tuple[int, ...]
+
+
+def _params_key(params: dict) -> tuple:
+    """A hashable key of equation parameters; objects that do not hash (and
+    sub-jaxprs) are keyed by identity, so equal keys mean equal parameters."""
+    out = []
+    for k in sorted(params):
+        v = params[k]
+        if hasattr(v, "eqns") or hasattr(v, "jaxpr"):
+            v = ("id", id(v))
+        else:
+            try:
+                hash(v)
+            except TypeError:
+                v = ("id", id(v))
+        out.append((k, v))
+    return tuple(out)
+
+
+def _literal_key(v: Literal) -> tuple:
+    val = np.asarray(v.val)
+    return ("L", str(v.aval), val.dtype.str, val.tobytes())
+
+
+def grouped_tables(
+    closed: ClosedJaxpr,
+    grids: Sequence[np.ndarray],
+    evidence: Sequence[Any],
+    min_group: int = 2,
+) -> tuple[dict[int, SiteTable], list[int]]:
+    """Every output's table over its latent inputs, evaluated by structure.
+
+    Args:
+        closed: A closed jaxpr ``(latent values..., evidence...) -> outputs``.
+        grids: Per latent input, its support values broadcast to the input's
+            shape on a new leading axis ``(K, *value_shape)``.
+        evidence: The remaining inputs' values.
+        min_group: Slices shared by fewer sites than this are left to the caller
+            (one compile each would cost more than op-by-op evaluation).
+
+    Returns:
+        ``(tables, rest)``: :class:`SiteTable` per output index handled, and the
+        output indices left to the caller (shared slices, small groups, outputs
+        that are latent values).
+    """
+    jaxpr = closed.jaxpr
+    n_lat = len(grids)
+    lat_pos = {v: i for i, v in enumerate(jaxpr.invars[:n_lat])}
+    n_out = len(jaxpr.outvars)
+    if any(e.effects for e in jaxpr.eqns):
+        return {}, list(range(n_out))
+
+    # 1. Known / latent-dependent equations (forward).
+    unknown: set = set(lat_pos)
+    known_eqns, unk_eqns = [], []
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in unknown for v in eqn.invars):
+            unknown.update(eqn.outvars)
+            unk_eqns.append(eqn)
+        else:
+            known_eqns.append(eqn)
+
+    # 2. Owner of every latent-dependent variable (reverse): the one output it
+    #    feeds, or _SHARED.
+    owner: dict = {}
+
+    def claim(v, o) -> None:
+        prev = owner.get(v)
+        owner[v] = o if prev is None or prev == o else _SHARED
+
+    rest: set[int] = set()
+    for k, v in enumerate(jaxpr.outvars):
+        if isinstance(v, Literal) or v in lat_pos:
+            rest.add(k)
+        elif v in unknown:
+            claim(v, k)
+    eqn_owner = {}
+    for eqn in reversed(unk_eqns):
+        o = None
+        for v in eqn.outvars:
+            w = owner.get(v)
+            if w is not None:
+                o = w if o is None or o == w else _SHARED
+        if o is None:  # dead code
+            continue
+        eqn_owner[id(eqn)] = o
+        for v in eqn.invars:
+            if not isinstance(v, Literal) and v in unknown and v not in lat_pos:
+                claim(v, o)
+    slices: dict[int, list] = {}
+    for eqn in unk_eqns:
+        o = eqn_owner.get(id(eqn))
+        if o is not None and o != _SHARED:
+            slices.setdefault(o, []).append(eqn)
+
+    # 3. Signatures.
+    grid_ids: dict = {}
+    grid_key = []
+    for g in grids:
+        g = np.asarray(g)
+        grid_key.append(
+            grid_ids.setdefault((g.shape, g.dtype.str, g.tobytes()), len(grid_ids))
+        )
+    needed_known: set = set()
+    groups: dict[tuple, list[tuple[int, list]]] = {}
+    for k, v in enumerate(jaxpr.outvars):
+        if k in rest:
+            continue
+        if v not in unknown:  # a latent-free output: its value is its table
+            needed_known.add(v)
+            groups.setdefault(("known", k), []).append((k, [v]))
+            continue
+        if owner.get(v) == _SHARED:
+            rest.add(k)
+            continue
+        sig, out, inputs = _signature(slices.get(k, ()), v)
+        ok = True
+        kinds = []
+        for a in inputs:
+            if a in lat_pos:
+                kinds.append(("z", grid_key[lat_pos[a]]))
+            elif a in unknown:  # produced by a shared equation
+                ok = False
+                break
+            else:
+                kinds.append(("x", str(a.aval)))
+        if not ok:
+            rest.add(k)
+            continue
+        needed_known.update(a for a in inputs if a not in lat_pos)
+        groups.setdefault((sig, out, tuple(kinds)), []).append((k, inputs))
+
+    # Small groups go back to the caller (unless latent-free: no compile needed).
+    for key in list(groups):
+        if key[0] != "known" and len(groups[key]) < min_group:
+            rest.update(k for k, _ in groups.pop(key))
+
+    # 4. The known part, once.
+    known_vals = _eval_known(closed, n_lat, known_eqns, needed_known, evidence)
+
+    tables: dict[int, SiteTable] = {}
+    for key, members in groups.items():
+        if key[0] == "known":
+            ((k, (v,)),) = members
+            val = v.val if isinstance(v, Literal) else known_vals[v]
+            tables[k] = SiteTable(np.asarray(val), ())
+            continue
+        k0, inputs0 = members[0]
+        fn = _group_fn(slices.get(k0, ()), inputs0, jaxpr.outvars[k0], lat_pos, grids)
+        args, axes = [], []
+        for j, a in enumerate(inputs0):
+            if a in lat_pos:
+                continue
+            column = [inp[j] for _, inp in members]
+            if all(c is a for c in column):
+                args.append(known_vals[a])
+                axes.append(None)
+            else:
+                args.append(np.stack([np.asarray(known_vals[c]) for c in column]))
+                axes.append(0)
+        if 0 in axes:
+            res = np.asarray(jax.jit(jax.vmap(fn, in_axes=tuple(axes)))(*args))
+        else:  # every site reads the same inputs: one table serves all
+            one = np.asarray(jax.jit(fn)(*args))
+            res = np.broadcast_to(one, (len(members),) + one.shape)
+        for g, (k, inp) in enumerate(members):
+            lats = tuple(lat_pos[a] for a in inp if a in lat_pos)
+            tables[k] = SiteTable(res[g], lats)
+    return tables, sorted(rest)
+
+
+def _signature(eqns: Sequence, outvar) -> tuple[tuple, tuple, list]:
+    """A slice's structure with its variables renumbered in first-use order:
+    ``(equations, output atom, input variables in slot order)``."""
+    local: dict = {}
+    slot: dict = {}
+    inputs: list = []
+
+    def atom(a) -> tuple:
+        if isinstance(a, Literal):
+            return _literal_key(a)
+        if a in local:
+            return ("v", local[a])
+        if a not in slot:
+            slot[a] = len(inputs)
+            inputs.append(a)
+        return ("i", slot[a])
+
+    sig = []
+    for eqn in eqns:
+        ins = tuple(atom(a) for a in eqn.invars)
+        for a in eqn.outvars:
+            local[a] = len(local)
+        sig.append(
+            (
+                eqn.primitive,
+                ins,
+                _params_key(eqn.params),
+                tuple(str(a.aval) for a in eqn.outvars),
+            )
+        )
+    return tuple(sig), atom(outvar), inputs
+
+
+def _eval_known(closed, n_lat, known_eqns, needed, evidence) -> dict:
+    """Values of the ``needed`` latent-free variables (one op-by-op pass)."""
+    from jax._src import core
+
+    jaxpr = closed.jaxpr
+    needed = [v for v in needed if not isinstance(v, Literal)]
+    sub = core.Jaxpr(
+        list(jaxpr.constvars),
+        list(jaxpr.invars[n_lat:]),
+        needed,
+        known_eqns,
+    )
+    vals = core.eval_jaxpr(sub, closed.consts, *evidence)
+    return dict(zip(needed, vals, strict=True))
+
+
+def _group_fn(eqns, inputs, outvar, lat_pos, grids):
+    """``(known inputs...) -> table``: the slice's jaxpr vmapped over each latent
+    input's support grid (axes in input-slot order)."""
+    from jax._src import core
+
+    sub = core.Jaxpr([], list(inputs), [outvar], list(eqns))
+    f = jaxpr_as_fun(ClosedJaxpr(sub, []))
+    lat_slots = [j for j, a in enumerate(inputs) if a in lat_pos]
+    n_in = len(inputs)
+
+    def with_latents(lat_vals, known_vals):
+        full, it_l, it_k = [], iter(lat_vals), iter(known_vals)
+        for j in range(n_in):
+            full.append(next(it_l) if j in lat_slots else next(it_k))
+        return f(*full)[0]
+
+    fn = with_latents
+    # Innermost vmap over the last latent slot, so axes come out in slot order.
+    for m in reversed(range(len(lat_slots))):
+        fn = _vmap_one(fn, m, len(lat_slots))
+    grid_vals = [np.asarray(grids[lat_pos[inputs[j]]]) for j in lat_slots]
+
+    def group(*known_vals):
+        return fn(grid_vals, known_vals)
+
+    return group
+
+
+def _vmap_one(fn, m, n):
+    """Map ``fn(lat_vals, known)`` over axis 0 of ``lat_vals[m]``."""
+
+    def mapped(lat_vals, known):
+        axes = ([None] * m + [0] + [None] * (n - m - 1), None)
+        return jax.vmap(fn, in_axes=axes)(lat_vals, known)
+
+    return mapped
