@@ -18,6 +18,10 @@ structure costs, not what its number of plate instances costs.
    two). ``J`` is evaluated once under one ``jax.vmap`` per colour, the latent
    inputs of colour ``c`` mapped over their support values: each site's output is
    its whole log-prob table over (its parents' states, its plate instances).
+   A big jaxpr (a model written as a loop, over ``GROUP_EQNS`` equations) gets its
+   compile-time tables from :mod:`pgm_drm.graph.slices` instead: sites whose
+   slices of ``J`` are alike are evaluated together, one jitted vmap per distinct
+   slice; the colour evaluator stays for the rest and for new evidence.
 4. A site inside plates stays one *group*: one table of shape
    ``(n_instances, *cardinalities)`` and an ``int32`` index array of shape
    ``(n_instances, arity)`` naming its scope's variables. No Python object per
@@ -976,18 +980,9 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         members = [n for n in latent if colour_of[n] == c]
         kmax = max(len(supports[n]) for n in members)
         colour_inputs.append(tuple(pos[n] for n in members))
-        vals = []
-        for n in members:
-            sup = np.asarray(supports[n])
-            sup = np.concatenate([sup, np.repeat(sup[:1], kmax - len(sup))])
-            shape = np.shape(lat_values[pos[n]])
-            dtype = lat_values[pos[n]].dtype
-            vals.append(
-                np.broadcast_to(
-                    sup.reshape((kmax,) + (1,) * len(shape)), (kmax,) + shape
-                ).astype(dtype)
-            )
-        colour_values.append(tuple(vals))
+        colour_values.append(
+            tuple(_support_grid(supports[n], lat_values[pos[n]], kmax) for n in members)
+        )
     out_colours = tuple(
         tuple(sorted(colour_of[s] for s in infos[n].scope)) for n in sample_sites
     )
@@ -1044,6 +1039,17 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     return fg
 
 
+def _support_grid(support: Sequence, value: Array, k: int) -> np.ndarray:
+    """``(k, *value.shape)``: each support value broadcast to the latent's value
+    shape, in ``value``'s dtype, padded to ``k`` entries with the first value."""
+    sup = np.asarray(support)
+    sup = np.concatenate([sup, np.repeat(sup[:1], k - len(sup))])
+    shape = np.shape(value)
+    return np.broadcast_to(sup.reshape((k,) + (1,) * len(shape)), (k,) + shape).astype(
+        value.dtype
+    )
+
+
 def _grouped_static_tables(
     fg: FactorGraph,
     closed: ClosedJaxpr,
@@ -1055,15 +1061,10 @@ def _grouped_static_tables(
     one-off slices) go through the colour evaluator."""
     latent = [g.site for g in fg.variable_groups]
     cards = {g.site: g.cardinality for g in fg.variable_groups}
-    grids = []
-    for g, val in zip(fg.variable_groups, lat_values, strict=True):
-        sup = np.asarray(g.support).astype(val.dtype)
-        shape = tuple(val.shape)
-        grids.append(
-            np.broadcast_to(
-                sup.reshape((len(sup),) + (1,) * len(shape)), sup.shape + shape
-            )
-        )
+    grids = [
+        _support_grid(g.support, val, g.cardinality)
+        for g, val in zip(fg.variable_groups, lat_values, strict=True)
+    ]
     got, rest = grouped_tables(closed, grids, ev_values)
     tables: list = [None] * len(fg.factor_groups)
     for k, st in got.items():

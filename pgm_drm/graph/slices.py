@@ -154,13 +154,11 @@ def grouped_tables(
         grid_key.append(
             grid_ids.setdefault((g.shape, g.dtype.str, g.tobytes()), len(grid_ids))
         )
-    needed_known: set = set()
     groups: dict[tuple, list[tuple[int, list]]] = {}
     for k, v in enumerate(jaxpr.outvars):
         if k in rest:
             continue
         if v not in unknown:  # a latent-free output: its value is its table
-            needed_known.add(v)
             groups.setdefault(("known", k), []).append((k, [v]))
             continue
         if owner.get(v) == _SHARED:
@@ -180,7 +178,6 @@ def grouped_tables(
         if not ok:
             rest.add(k)
             continue
-        needed_known.update(a for a in inputs if a not in lat_pos)
         groups.setdefault((sig, out, tuple(kinds)), []).append((k, inputs))
 
     # Small groups go back to the caller (unless latent-free: no compile needed).
@@ -188,15 +185,17 @@ def grouped_tables(
         if key[0] != "known" and len(groups[key]) < min_group:
             rest.update(k for k, _ in groups.pop(key))
 
-    # 4. The known part, once.
+    # 4. The known part, once (only the values the kept groups read).
+    needed_known = {
+        a for members in groups.values() for _, ins in members for a in ins
+    } - set(lat_pos)
     known_vals = _eval_known(closed, n_lat, known_eqns, needed_known, evidence)
 
     tables: dict[int, SiteTable] = {}
     for key, members in groups.items():
         if key[0] == "known":
-            ((k, (v,)),) = members
-            val = v.val if isinstance(v, Literal) else known_vals[v]
-            tables[k] = SiteTable(np.asarray(val), ())
+            ((k, (v,)),) = members  # never a Literal: those went to `rest`
+            tables[k] = SiteTable(np.asarray(known_vals[v]), ())
             continue
         k0, inputs0 = members[0]
         fn = _group_fn(slices.get(k0, ()), inputs0, jaxpr.outvars[k0], lat_pos, grids)
