@@ -476,14 +476,16 @@ def random_plated_tree_model(seed: int, size: int = 3) -> Model:
 
 def run_on_devices(script: str, n_devices: int = 4, marker: str = "SHARDED-OK") -> None:
     """Run ``script`` in a fresh Python with ``n_devices`` forced CPU devices
-    (``XLA_FLAGS`` must be set before JAX starts) and assert it printed ``marker``."""
+    (``XLA_FLAGS`` must be set before JAX starts) and assert it printed ``marker``.
+    XLA flags already in the environment (``make test``'s) are kept."""
     import os
     import subprocess
     import sys
 
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={n_devices}".strip(),
         "JAX_PLATFORMS": "cpu",
     }
     out = subprocess.run(
