@@ -18,9 +18,10 @@ measure. When the compiler enumerates latent sites, an observed site's parameter
 carry leading latent dims (e.g. ``loc`` of shape ``(Kc, Kg, 1, 64)`` against an
 image of shape ``(64,)``). ``fn.log_prob`` then builds the whole (states x pixels)
 table elementwise; here ``eta`` and ``A`` are computed from the parameters alone
-and the only data-dependent work is one contraction ``T(x) . eta`` over all event
-dims, which under ``jax.vmap`` over images is a single ``dot_general`` (GEMM)
-``(B, P) x (P, K)``.
+and the only data-dependent work is one contraction ``T_i(x) . eta_i`` over all
+event dims per sufficient statistic, which under ``jax.vmap`` over images is a
+single ``dot_general`` (GEMM) ``(B, P) x (P, K)`` (the Normal's ``x^2`` with a
+state-free scale: a ``(B, P) x (P,)`` product).
 
 Supported: ``Normal``, ``BernoulliProbs``/``BernoulliLogits``,
 ``CategoricalProbs``/``CategoricalLogits`` and ``Poisson``, wrapped in any nesting of
@@ -56,11 +57,12 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 def natural_log_prob(fn: dist.Distribution, value: ArrayLike) -> Array | None:
     """``fn.log_prob(value)`` in natural form ``T(x) . eta - A(eta) + h(x)`` (Eq. 8).
 
-    The sum over event dims of ``T(x) * eta`` is one contraction (``jnp.einsum``,
-    i.e. ``dot_general``) over all event dims at once (for ``Categorical``, over the
-    event dims and the category axis); ``eta`` and ``A`` are computed from ``fn``'s
-    parameters without reference to ``value``, so under ``jax.vmap`` over
-    ``value`` they stay unbatched and the contraction becomes a matrix product.
+    The sum over event dims of each ``T_i(x) * eta_i`` is one contraction
+    (``jnp.einsum``, i.e. ``dot_general``) over all event dims at once (for
+    ``Categorical``, over the event dims and the category axis); ``eta`` and ``A``
+    are computed from ``fn``'s parameters without reference to ``value``, so under
+    ``jax.vmap`` over ``value`` they stay unbatched and each contraction becomes a
+    matrix product.
 
     Sites with no event dims (``event_shape == ()``) get the elementwise natural
     form ``T(x) * eta - A + h``: the same values and the same amount of work as
