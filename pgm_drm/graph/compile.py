@@ -26,6 +26,11 @@ structure costs, not what its number of plate instances costs.
    ``(n_instances, *cardinalities)`` and an ``int32`` index array of shape
    ``(n_instances, arity)`` naming its scope's variables. No Python object per
    instance is made unless asked for (``variables``, ``factors``, ``graph``).
+5. A *data plate* (a plate that holds no latent site, such as the pixels of an
+   image inside its units' plates) gives instances that share one scope: they
+   are summed into one factor (exact), inside the natural form's contraction
+   (the template match of Eq. 8 as one matrix product per batch). The group's
+   plates are the kept ones; ``SiteInfo.summed`` lists the summed ones.
 
 Observed exponential-family sites are scored in natural-parameter form
 (``pgm_drm.graph.natural``, Eq. 8): one matmul per batch instead of an
@@ -146,6 +151,10 @@ class SiteInfo:
         scope: Latent sites the log-prob depends on, in table axis order (the site
             itself first when it is latent).
         evidence: Evidence keyword arguments the log-prob depends on.
+        summed: ``(dim, size)`` of the site's *data plates*, plates that hold no
+            latent site: every instance along them has the same scope, so their
+            log-probs are summed into one factor (exact). ``plates``,
+            ``plate_shape`` and ``plate_dims`` are the plates kept.
     """
 
     name: str
@@ -156,6 +165,7 @@ class SiteInfo:
     support: tuple[Any, ...]
     scope: tuple[str, ...] = ()
     evidence: tuple[str, ...] = ()
+    summed: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_instances(self) -> int:
@@ -342,8 +352,8 @@ def _check_observed_shape(name: str, site: Mapping) -> None:
     event and score a different image without a word."""
     fn, value = site["fn"], site["value"]
     want, got = tuple(fn.shape()), tuple(jnp.shape(value))
-    if got == want:
-        return
+    if got == want or _family_name(fn) == "Unit":
+        return  # numpyro.factor: the value is a placeholder, the factor broadcasts
     event = tuple(fn.event_shape)
     hint = ""
     if len(got) > len(want) and got[len(got) - len(want) :] == want:
@@ -371,21 +381,61 @@ def support_values(fn: Any, name: str = "?") -> np.ndarray:
     return sup[:, 0]
 
 
-def _site_log_prob(site: Mapping, natural: bool = False) -> Array:
-    """The site's log-prob at its value, with scale and mask applied."""
-    value = site["value"]
-    lp = None
+def _site_log_prob(
+    site: Mapping, natural: bool = False, summed: Sequence[tuple[int, int]] = ()
+) -> Array:
+    """The site's log-prob at its value, with scale and mask applied.
+
+    ``summed`` (``(dim, size)`` of the site's data plates, see
+    :class:`SiteInfo`): the log-prob is summed over those dims, kept as size 1.
+    For an exponential-family site (the pixels of an image plate) the sum is
+    taken in natural form (Eq. 8): the plates join the event dims, so the data
+    enter through ONE contraction per sufficient statistic, a matrix product
+    under ``jax.vmap``, where the elementwise table would hold (latent states x
+    pixels).
+    """
+    value, fn = site["value"], site["fn"]
+    lp, done = None, False
+    plain = site.get("scale") is not None or site.get("mask") is not None
     if site.get("intermediates"):
-        lp = site["fn"].log_prob(value, site["intermediates"])
+        lp = fn.log_prob(value, site["intermediates"])
     elif natural and site["is_observed"]:
-        lp = natural_log_prob(site["fn"], value)
+        dims = () if plain else _natural_sum_dims(fn, summed)
+        lp = natural_log_prob(fn, value, dims)
+        done = lp is not None and bool(dims)
     if lp is None:
-        lp = site["fn"].log_prob(value)
+        lp = fn.log_prob(value)
     if site.get("scale") is not None:
         lp = site["scale"] * lp
     if site.get("mask") is not None:
         lp = jnp.where(site["mask"], lp, 0.0)
-    return jnp.asarray(lp)
+    lp = jnp.asarray(lp)
+    return lp if done else _sum_plates(lp, summed)
+
+
+def _natural_sum_dims(fn: Any, summed: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """The data-plate dims the natural form can contract: all of them when
+    ``fn``'s batch shape holds each at its full size (the plate expanded it),
+    else none (the log-prob is then summed as it is)."""
+    batch = tuple(fn.batch_shape)
+    ok = all(-d <= len(batch) and batch[d] == size for d, size in summed)
+    return tuple(d for d, _ in summed) if summed and ok else ()
+
+
+def _sum_plates(lp: Array, summed: Sequence[tuple[int, int]]) -> Array:
+    """``lp`` summed over the data-plate dims (kept as size 1). A dim that ``lp``
+    broadcasts (size 1) stands for ``size`` equal instances."""
+    if not summed:
+        return lp
+    depth = max(-d for d, _ in summed)
+    if lp.ndim < depth:
+        lp = jnp.reshape(lp, (1,) * (depth - lp.ndim) + lp.shape)
+    for d, size in summed:
+        if lp.shape[d] == 1:
+            lp = lp * size
+        else:
+            lp = jnp.sum(lp, axis=d, keepdims=True)
+    return lp
 
 
 # --------------------------------------------------------------------------- #
@@ -483,15 +533,18 @@ def _log_prob_fn(
     static: Mapping[str, Any],
     latent: Sequence[str],
     sites: Sequence[str],
-    natural: bool,
+    summed: Sequence[tuple[tuple[int, int], ...]],
 ) -> Callable:
-    """``(latent values, evidence) -> log-prob of every site`` (pure)."""
+    """``(latent values, evidence) -> log-prob of every site`` (pure), in
+    natural form, each summed over its data plates (``summed[i]``)."""
 
     def fn(values, evidence):
         data = dict(zip(latent, values, strict=True))
         seeded = handlers.seed(handlers.substitute(model, data=data), 0)
         tr = handlers.trace(seeded).get_trace(*args, **{**static, **evidence})
-        return [_site_log_prob(tr[n], natural) for n in sites]
+        return [
+            _site_log_prob(tr[n], True, sm) for n, sm in zip(sites, summed, strict=True)
+        ]
 
     return fn
 
@@ -852,15 +905,25 @@ class FactorGraph:
         return self._cache[key]
 
 
-def _site_info(name: str, site: Mapping, supports: Mapping[str, tuple]) -> SiteInfo:
+def _site_info(
+    name: str,
+    site: Mapping,
+    supports: Mapping[str, tuple],
+    latent_plates: frozenset[str] = frozenset(),
+) -> SiteInfo:
+    """The site's plates, split into kept plates and *data plates* (plates of
+    an observed site that hold no latent site; ``latent_plates`` names the
+    others), whose instances are summed into one factor."""
     frames = _frames(site)
+    kept = [f for f in frames if f.name in latent_plates or name in supports]
     return SiteInfo(
         name=name,
         is_observed=name not in supports,
-        plates=tuple(f.name for f in frames),
-        plate_shape=tuple(f.size for f in frames),
-        plate_dims=tuple(f.dim for f in frames),
+        plates=tuple(f.name for f in kept),
+        plate_shape=tuple(f.size for f in kept),
+        plate_dims=tuple(f.dim for f in kept),
         support=supports.get(name, ()),
+        summed=tuple((f.dim, f.size) for f in frames if f not in kept),
     )
 
 
@@ -934,13 +997,15 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     sample_sites = [n for n, s in plain.items() if s["type"] == "sample"]
     latent = [n for n in sample_sites if not plain[n]["is_observed"]]
     supports = {n: tuple(support_values(plain[n]["fn"], n).tolist()) for n in latent}
-    infos = {n: _site_info(n, plain[n], supports) for n in sample_sites}
-    nesting = max([0] + [-d for i in infos.values() for d in i.plate_dims])
+    latent_plates = frozenset(f.name for n in latent for f in _frames(plain[n]))
+    infos = {n: _site_info(n, plain[n], supports, latent_plates) for n in sample_sites}
+    nesting = max([0] + [-f.dim for n in sample_sites for f in _frames(plain[n])])
     arrays, static = split_evidence(kwargs)
     ev_names = list(arrays)
 
     # One abstract trace: latent values + evidence -> every site's log-prob.
-    fn = _log_prob_fn(model, args, static, latent, sample_sites, natural=True)
+    summed = [infos[n].summed for n in sample_sites]
+    fn = _log_prob_fn(model, args, static, latent, sample_sites, summed)
     lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
     ev_values = [jnp.asarray(arrays[k]) for k in ev_names]
     try:
@@ -1178,7 +1243,7 @@ def enumeration_tables(fg: FactorGraph, **evidence: Any) -> tuple[Array, ...]:
     for g in fg.factor_groups:
         site = tr[g.site]
         info = fg.sites[g.site]
-        lp = _site_log_prob(site)
+        lp = _site_log_prob(site, summed=info.summed)
         dim_to_name = dict(site["infer"].get("dim_to_name", {}))
         name_to_dim = {n: d for d, n in dim_to_name.items()}
         dims = [name_to_dim.get(s) for s in info.scope]

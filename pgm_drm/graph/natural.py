@@ -54,7 +54,9 @@ _LETTERS = string.ascii_letters.replace("z", "")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def natural_log_prob(fn: dist.Distribution, value: ArrayLike) -> Array | None:
+def natural_log_prob(
+    fn: dist.Distribution, value: ArrayLike, sum_dims: Sequence[int] = ()
+) -> Array | None:
     """``fn.log_prob(value)`` in natural form ``T(x) . eta - A(eta) + h(x)`` (Eq. 8).
 
     The sum over event dims of each ``T_i(x) * eta_i`` is one contraction
@@ -76,16 +78,25 @@ def natural_log_prob(fn: dist.Distribution, value: ArrayLike) -> Array | None:
             ``Poisson``, possibly inside any nesting of ``Independent`` and
             ``ExpandedDistribution``.
         value: The observed value, shape ``value_batch + fn.event_shape``.
+        sum_dims: Negative batch dims of ``fn`` (plates whose instances share one
+            scope, see ``pgm_drm.graph.compile.SiteInfo.summed``) to sum over
+            as well. They join the event dims of the contraction, so the data of
+            a whole plate (an image's pixels) enter through one matrix product;
+            the result keeps them as size-1 dims.
 
     Returns:
         An array equal to ``fn.log_prob(value)`` (same shape: the broadcast of
-        ``fn.batch_shape`` with the value's batch shape), or ``None`` when ``fn``
-        is not a supported family (``MaskedDistribution`` included).
+        ``fn.batch_shape`` with the value's batch shape; summed over
+        ``sum_dims``), or ``None`` when ``fn`` is not a supported family
+        (``MaskedDistribution`` included).
     """
     leaf = _unwrap(fn)
     form = _FORMS.get(type(leaf))
     if form is None:
         return None
+    if sum_dims:
+        moved, value, keep = _move_to_event(fn, leaf, jnp.asarray(value), sum_dims)
+        return jnp.reshape(natural_log_prob(moved, value), keep)
     value = jnp.asarray(value)
     event_shape = tuple(fn.event_shape)
     value_batch = _batch_shape(value.shape, len(event_shape))
@@ -116,6 +127,44 @@ def _unwrap(fn: dist.Distribution) -> dist.Distribution:
     while isinstance(fn, dist.Independent | dist.ExpandedDistribution):
         fn = fn.base_dist
     return fn
+
+
+#: Each family's parameters; a Categorical's carry a trailing category axis.
+_PARAMS: dict[type, tuple[str, ...]] = {
+    dist.Normal: ("loc", "scale"),
+    dist.BernoulliProbs: ("probs",),
+    dist.BernoulliLogits: ("logits",),
+    dist.CategoricalProbs: ("probs",),
+    dist.CategoricalLogits: ("logits",),
+    dist.Poisson: ("rate",),
+}
+
+
+def _move_to_event(
+    fn: dist.Distribution, leaf: dist.Distribution, value: Array, sum_dims
+) -> tuple[dist.Distribution, Array, Shape]:
+    """``fn`` and ``value`` with the batch dims ``sum_dims`` moved to the event
+    dims (leftmost of them), and the shape of the summed log-prob with those dims
+    kept as 1: the same family, its parameters broadcast to the full shape and
+    transposed (the event sum over them is then the plate sum)."""
+    batch, event = tuple(fn.batch_shape), tuple(fn.event_shape)
+    full = lax.broadcast_shapes(batch, _batch_shape(value.shape, len(event)))
+    shape = full + event
+    src = sorted({len(full) + d for d in sum_dims})
+    dst = list(range(len(full) - len(src), len(full)))
+
+    def move(x: Array, trail: Shape = ()) -> Array:
+        x = jnp.broadcast_to(jnp.asarray(x), shape + trail)
+        return jnp.moveaxis(x, src, dst) if src else x
+
+    extra = 1 if isinstance(leaf, dist.CategoricalProbs | dist.CategoricalLogits) else 0
+    params = {}
+    for name in _PARAMS[type(leaf)]:
+        p = getattr(leaf, name)
+        params[name] = move(p, tuple(jnp.shape(p)[-1:]) if extra else ())
+    moved = type(leaf)(**params).to_event(len(src) + len(event))
+    keep = tuple(1 if a in src else size for a, size in enumerate(full))
+    return moved, move(value), keep
 
 
 def _batch_shape(shape: Sequence[int], n_event: int) -> Shape:

@@ -158,6 +158,33 @@ def test_support_edges(fn, value, expected_inf):
     np.testing.assert_allclose(got, fn.log_prob(value), rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@given(
+    batch=st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple),
+    event=st.lists(st.integers(1, 3), min_size=0, max_size=1).map(tuple),
+    data=st.data(),
+)
+def test_sum_dims_equal_log_prob_summed_over_plates(family, batch, event, data):
+    # Data plates (SiteInfo.summed) joined to the contraction, at any position
+    # among the batch dims (the DRM's pixel plate is the leftmost): the result is
+    # fn.log_prob summed over them, kept as size-1 dims. Same tolerance as above.
+    dims = data.draw(
+        st.lists(st.integers(-len(batch), -1), min_size=1, unique=True), label="dims"
+    )
+    rng = np.random.default_rng(data.draw(st.integers(0, 10_000), label="seed"))
+    fn = _leaf(family, rng, _with_ones(rng, batch + event))
+    fn = fn.expand(batch + event).to_event(len(event))
+    value = jnp.asarray(_values(family, rng, batch + event))
+    got, expected = jax.jit(
+        lambda v: (
+            natural_log_prob(fn, v, tuple(dims)),
+            jnp.sum(fn.log_prob(v), axis=tuple(dims), keepdims=True),
+        )
+    )(value)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
 def _equations(jaxpr):
     """Every equation of ``jaxpr``, nested jaxprs (jit, custom_jvp) included."""
     for eqn in jaxpr.eqns:
