@@ -69,7 +69,7 @@ FULL = {
     "enum_images": 50,
     "chain_n": (1000, 10_000),
     "ising_n": (10, 30, 100),
-    "drm_sizes": (8, 16, 32),
+    "drm_sizes": (8, 16, 32, 64),
     "repeats": 5,
     "timeouts": {
         "info": 60,

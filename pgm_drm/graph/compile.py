@@ -64,7 +64,7 @@ from numpyro.distributions import (
 from numpyro.primitives import Messenger
 
 from pgm_drm._typing import Array, ScheduleKind
-from pgm_drm.graph.natural import natural_log_prob
+from pgm_drm.graph.natural import natural_log_prob, natural_log_prob_parts
 from pgm_drm.graph.slices import grouped_tables
 
 __all__ = [
@@ -422,6 +422,29 @@ def _natural_sum_dims(fn: Any, summed: Sequence[tuple[int, int]]) -> tuple[int, 
     return tuple(d for d, _ in summed) if summed and ok else ()
 
 
+def _split_log_prob(
+    site: Mapping, summed: Sequence[tuple[int, int]] = ()
+) -> tuple[Array, Array] | None:
+    """An observed Normal site's log-prob as ``(mean part, scale part)``
+    (:func:`pgm_drm.graph.natural.natural_log_prob_parts`), each summed over the
+    data plates; ``None`` for other sites (and for masked or scaled ones)."""
+    if (
+        not site["is_observed"]
+        or site.get("intermediates")
+        or site.get("scale") is not None
+        or site.get("mask") is not None
+        or _family_name(site["fn"]) != "Normal"
+    ):
+        return None
+    dims = _natural_sum_dims(site["fn"], summed)
+    parts = natural_log_prob_parts(site["fn"], site["value"], dims)
+    if parts is None:
+        return None
+    if dims:
+        return parts
+    return _sum_plates(parts[0], summed), _sum_plates(parts[1], summed)
+
+
 def _sum_plates(lp: Array, summed: Sequence[tuple[int, int]]) -> Array:
     """``lp`` summed over the data-plate dims (kept as size 1). A dim that ``lp``
     broadcasts (size 1) stands for ``size`` equal instances."""
@@ -534,17 +557,31 @@ def _log_prob_fn(
     latent: Sequence[str],
     sites: Sequence[str],
     summed: Sequence[tuple[tuple[int, int], ...]],
+    split: list[str] | None = None,
 ) -> Callable:
     """``(latent values, evidence) -> log-prob of every site`` (pure), in
-    natural form, each summed over its data plates (``summed[i]``)."""
+    natural form, each summed over its data plates (``summed[i]``).
+
+    With ``split`` (a list, filled while tracing): after the sites' log-probs
+    come ``(mean part, scale part)`` of every site :func:`_split_log_prob`
+    splits, in the order of the names it appends to ``split``."""
 
     def fn(values, evidence):
         data = dict(zip(latent, values, strict=True))
         seeded = handlers.seed(handlers.substitute(model, data=data), 0)
         tr = handlers.trace(seeded).get_trace(*args, **{**static, **evidence})
-        return [
-            _site_log_prob(tr[n], True, sm) for n, sm in zip(sites, summed, strict=True)
-        ]
+        out, extra = [], []
+        if split is not None:
+            split.clear()
+        for n, sm in zip(sites, summed, strict=True):
+            parts = None if split is None else _split_log_prob(tr[n], sm)
+            if parts is None:
+                out.append(_site_log_prob(tr[n], True, sm))
+            else:  # the same sum natural_log_prob takes, traced once
+                out.append(parts[0] + parts[1])
+                split.append(n)
+                extra.extend(parts)
+        return out + extra
 
     return fn
 
@@ -707,6 +744,8 @@ class FactorGraph:
     _out_index: dict = field(repr=False)
     _static_tables: tuple = field(repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+    #: Site -> evaluator output of its state-free scale part (new evidence only).
+    _free_index: dict = field(default_factory=dict, repr=False)
 
     # ---- sizes -------------------------------------------------------------
     @property
@@ -775,16 +814,61 @@ class FactorGraph:
         values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         return dict(zip(dynamic, self._evaluate(values, dynamic), strict=True))
 
-    def _evaluate(self, evidence: Sequence[Array], groups: Sequence[int]) -> list:
+    def evidence_parts(self, **evidence: Any) -> tuple[dict[int, Array], Array]:
+        """:meth:`evidence_tables` with the state-free scale part of every
+        observed Normal site (``x^2 . eta_2 - sum ln(s sqrt(2 pi))``, see
+        :func:`pgm_drm.graph.natural.natural_log_prob_parts`) left out of its
+        table and summed into one offset: ``log Z`` of the tables plus the offset
+        is ``log Z``. The tables then hold only what tells the states apart, at
+        any magnitude of the data (a float64 image filled with ``1e30``).
+        Pure: jit/vmap it.
+
+        Returns:
+            ``(tables, offset)``: tables keyed by group index, scalar offset.
+        """
+        dynamic = [k for k, g in enumerate(self.factor_groups) if g.evidence]
+        if not dynamic:
+            return {}, jnp.zeros(())
+        arrays, _ = split_evidence(self.kwargs)
+        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
+        tables, offset = self._evaluate(values, dynamic, split=True)
+        return dict(zip(dynamic, tables, strict=True)), offset
+
+    def group_parts(self, **evidence: Any) -> tuple[tuple[Array, ...], Array]:
+        """:meth:`group_tables` split as in :meth:`evidence_parts`: every group's
+        table and the scalar offset of the evidence groups' scale parts (every
+        evidence group is evaluated; evidence not given keeps its compile-time
+        value)."""
+        fresh, offset = self.evidence_parts(**evidence)
+        out = list(self._static_tables)
+        for k, t in fresh.items():
+            out[k] = t
+        return tuple(out), offset
+
+    def _evaluate(
+        self, evidence: Sequence[Array], groups: Sequence[int], split: bool = False
+    ):
+        """The groups' tables (``split``: and the summed scale parts apart)."""
         cards = {g.site: g.cardinality for g in self.variable_groups}
-        outs = [self._out_index[self.factor_groups[k].site] for k in groups]
+        sites = [self.factor_groups[k].site for k in groups]
+        free = [n for n in sites if n in self._free_index]
+        outs = [self._out_index[n] for n in sites] + [self._free_index[n] for n in free]
         raw = self._evaluator(evidence, outs)
-        tables = []
-        for k, t in zip(groups, raw, strict=True):
-            info = self.sites[self.factor_groups[k].site]
+        extra = dict(zip(free, raw[len(sites) :], strict=True))
+        tables, offset = [], jnp.zeros(())
+        for n, t in zip(sites, raw[: len(sites)], strict=True):
+            info = self.sites[n]
             colours = sorted(self._colour_of[s] for s in info.scope)
-            tables.append(_rearrange(t, colours, info, self._colour_of, cards))
-        return tables
+            t = _rearrange(t, colours, info, self._colour_of, cards)
+            if n in extra:  # the scale part, (n_instances,)
+                bare = dataclasses.replace(info, scope=())
+                f = _rearrange(extra[n], (), bare, self._colour_of, cards)
+                if split:
+                    offset = offset + jnp.sum(f)
+                else:
+                    t = t + jnp.reshape(f, f.shape + (1,) * (t.ndim - 1))
+            tables.append(t)
+        return (tables, offset) if split else tables
 
     # ---- per-instance view (on demand) -------------------------------------
     @functools.cached_property
@@ -1005,7 +1089,8 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
 
     # One abstract trace: latent values + evidence -> every site's log-prob.
     summed = [infos[n].summed for n in sample_sites]
-    fn = _log_prob_fn(model, args, static, latent, sample_sites, summed)
+    split: list[str] = []
+    fn = _log_prob_fn(model, args, static, latent, sample_sites, summed, split)
     lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
     ev_values = [jnp.asarray(arrays[k]) for k in ev_names]
     try:
@@ -1018,14 +1103,21 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
             "a shape (an `if`, `int(...)`, a Python index); write it with array ops "
             f"(jnp.where, Vindex) so every value can be enumerated ({err})"
         ) from err
-    for n, aval in zip(sample_sites, closed.out_avals, strict=True):
+    n_sites = len(sample_sites)
+    for n, aval in zip(sample_sites, closed.out_avals[:n_sites], strict=True):
         _check_log_prob_shape(n, plain[n], tuple(aval.shape))
     labels = [frozenset({("z", n)}) for n in latent] + [
         frozenset({("e", k)}) for k in ev_names
     ]
     prov = _jaxpr_provenance(closed.jaxpr, labels)
     pos = {n: k for k, n in enumerate(latent)}
-    for n, p in zip(sample_sites, prov, strict=True):
+    # Scale parts that depend on no latent are carried apart (see _split_log_prob).
+    split_out = {
+        n: n_sites + 2 * i
+        for i, n in enumerate(split)
+        if not any(kind == "z" for kind, _ in prov[n_sites + 2 * i + 1])
+    }
+    for n, p in zip(sample_sites, prov[:n_sites], strict=True):
         parents = sorted((s for kind, s in p if kind == "z" and s != n), key=pos.get)
         scope = ((n,) if n in supports else ()) + tuple(parents)
         evidence = tuple(k for kind, k in p if kind == "e")
@@ -1048,9 +1140,13 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         colour_values.append(
             tuple(_support_grid(supports[n], lat_values[pos[n]], kmax) for n in members)
         )
-    out_colours = tuple(
+    out_colours = [
         tuple(sorted(colour_of[s] for s in infos[n].scope)) for n in sample_sites
-    )
+    ]
+    site_pos = {n: k for k, n in enumerate(sample_sites)}
+    for n in split:  # mean part over the site's scope, scale part over none
+        out_colours += [out_colours[site_pos[n]], ()]
+    out_colours = tuple(out_colours)
     evaluator = _Evaluator(
         jaxpr=closed,
         colour_inputs=tuple(colour_inputs),
@@ -1091,7 +1187,8 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         _static_tables=(),
     )
     if len(closed.jaxpr.eqns) > GROUP_EQNS:
-        tables = _grouped_static_tables(fg, closed, lat_values, ev_values)
+        main = _keep_outputs(closed, range(n_sites)) if split else closed
+        tables = _grouped_static_tables(fg, main, lat_values, ev_values)
     else:
         tables = tuple(fg._evaluate(ev_values, range(len(fgroups))))
     for g, t in zip(fgroups, tables, strict=True):
@@ -1099,9 +1196,27 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     fg._static_tables = tables
     # Keep only the part of the jaxpr that new evidence can change.
     dynamic = [n for n in sample_sites if infos[n].evidence]
-    fg._evaluator = evaluator.restrict([fg._out_index[n] for n in dynamic])
-    fg._out_index = {n: k for k, n in enumerate(dynamic)}
+    wanted = []
+    for n in dynamic:
+        o = split_out.get(n)
+        wanted += [site_pos[n]] if o is None else [o, o + 1]
+    fg._evaluator = evaluator.restrict(wanted)
+    rank = {o: r for r, o in enumerate(sorted(wanted))}  # restrict renumbers
+    fg._out_index = {n: rank[split_out.get(n, site_pos[n])] for n in dynamic}
+    fg._free_index = {n: rank[split_out[n] + 1] for n in dynamic if n in split_out}
     return fg
+
+
+def _keep_outputs(closed: ClosedJaxpr, keep: Sequence[int]) -> ClosedJaxpr:
+    """``closed`` with only the outputs ``keep`` (in order), the rest dropped."""
+    from jax._src.interpreters import partial_eval as pe
+
+    keep = list(keep)
+    used = [False] * len(closed.jaxpr.outvars)
+    for o in keep:
+        used[o] = True
+    dced, _ = pe.dce_jaxpr(closed.jaxpr, used, instantiate=True)
+    return ClosedJaxpr(dced, closed.consts)
 
 
 def _support_grid(support: Sequence, value: Array, k: int) -> np.ndarray:
@@ -1153,10 +1268,13 @@ def _check_table_sizes(infos: Mapping[str, SiteInfo], supports: Mapping) -> None
 
     for info in infos.values():
         states = int(np.prod([len(supports[s]) for s in info.scope], dtype=np.int64))
-        if states * max(info.n_instances, 1) > MAX_CLUSTER_SIZE:
+        # Data plates count: a log-prob outside natural form is summed over them
+        # only after it is computed.
+        n = info.n_instances * int(np.prod([k for _, k in info.summed], dtype=np.int64))
+        if states * max(n, 1) > MAX_CLUSTER_SIZE:
             raise CompileError(
                 f"site '{info.name}' depends on {list(info.scope)}: its table has "
-                f"{states} joint states x {info.n_instances} plate instances "
+                f"{states} joint states x {n} plate instances "
                 f"(> {MAX_CLUSTER_SIZE} entries); reduce the site's parents or "
                 "their cardinalities"
             )

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import string
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ from numpyro.util import not_jax_tracer
 
 from pgm_drm._typing import Array, ArrayLike
 
-__all__ = ["natural_log_prob"]
+__all__ = ["natural_log_prob", "natural_log_prob_parts"]
 
 Shape = tuple[int, ...]
 # Subscripts for the batch dims of a contraction; "z" is the contracted axis.
@@ -72,6 +73,8 @@ def natural_log_prob(
     ``Categorical``), returned rather than ``None`` so that callers need not tell
     the two cases apart.
 
+    The result is the sum of :func:`natural_log_prob_parts`.
+
     Args:
         fn: The site's distribution: ``Normal``, ``BernoulliProbs``,
             ``BernoulliLogits``, ``CategoricalProbs``, ``CategoricalLogits`` or
@@ -90,26 +93,48 @@ def natural_log_prob(
         ``sum_dims``), or ``None`` when ``fn`` is not a supported family
         (``MaskedDistribution`` included).
     """
+    parts = natural_log_prob_parts(fn, value, sum_dims)
+    return None if parts is None else parts[0] + parts[1]
+
+
+def natural_log_prob_parts(
+    fn: dist.Distribution, value: ArrayLike, sum_dims: Sequence[int] = ()
+) -> tuple[Array, Array] | None:
+    """:func:`natural_log_prob` as ``(mean part, scale part)``, their sum.
+
+    The Normal's scale part ``x^2 . eta_2 - sum (ln s + ln(2 pi) / 2)`` does not
+    depend on the latent state when the scale does not (the RM's, the DRM's):
+    the compiler then carries it into ``log Z`` apart from the table, whose
+    entries keep the states' differences at any magnitude (a float64 image
+    filled with ``1e30`` has ``|log p| ~ 1e63``, whose float64 spacing ``~1e48``
+    would swallow differences of ``~1e32`` between states). For the other
+    families the scale part is ``0``. Same arguments as
+    :func:`natural_log_prob`; ``None`` for an unsupported family.
+    """
     leaf = _unwrap(fn)
     form = _FORMS.get(type(leaf))
     if form is None:
         return None
     if sum_dims:
         moved, value, keep = _move_to_event(fn, leaf, jnp.asarray(value), sum_dims)
-        return jnp.reshape(natural_log_prob(moved, value), keep)
+        dep, free = natural_log_prob_parts(moved, value)
+        return jnp.reshape(dep, keep), jnp.reshape(free, keep)
     value = jnp.asarray(value)
     event_shape = tuple(fn.event_shape)
     value_batch = _batch_shape(value.shape, len(event_shape))
     out_shape = lax.broadcast_shapes(tuple(fn.batch_shape), value_batch)
-    lp = jnp.broadcast_to(form(leaf, value, event_shape), out_shape)
+    out = form(leaf, value, event_shape)
+    dep, free = out if isinstance(out, tuple) else (out, jnp.zeros((), out.dtype))
+    dep = jnp.broadcast_to(dep, out_shape)
+    free = jnp.broadcast_to(free, out_shape)
     if not isinstance(leaf, dist.Normal):
         # numpyro scores out-of-support values as -inf; the check reads the data
         # only (B x P work, not B x K x P).
         ok = leaf.support(value)
         if event_shape:
             ok = jnp.all(ok, axis=tuple(range(ok.ndim - len(event_shape), ok.ndim)))
-        lp = jnp.where(ok, lp, -jnp.inf)
-    return lp
+        dep = jnp.where(ok, dep, -jnp.inf)
+    return dep, free
 
 
 # --------------------------------------------------------------------------- #
@@ -266,7 +291,7 @@ def _float_dtype(*xs: ArrayLike) -> jnp.dtype:
     return jnp.result_type(*xs, float)
 
 
-def _normal(d: dist.Normal, value: Array, event_shape: Shape) -> Array:
+def _normal(d: dist.Normal, value: Array, event_shape: Shape) -> tuple[Array, Array]:
     """Normal: ``T = (x, x^2)``, ``eta = (mu / s^2, -1 / (2 s^2))``,
     ``A = mu^2 / (2 s^2) + ln s + ln(2 pi) / 2``, ``h = 0``.
 
@@ -293,7 +318,7 @@ def _normal(d: dist.Normal, value: Array, event_shape: Shape) -> Array:
     scale_part = _contract(jnp.square(x), eta2, event_shape) - _event_sum(
         jnp.log(d.scale) + _HALF_LOG_2PI, event_shape
     )
-    return mean_part + scale_part
+    return mean_part, scale_part
 
 
 def _bernoulli(
@@ -360,7 +385,7 @@ def _poisson(d: dist.Poisson, value: Array, event_shape: Shape) -> Array:
     return dots - _event_sum(rate, event_shape) + h
 
 
-_FORMS: dict[type, Callable[[dist.Distribution, Array, Shape], Array]] = {
+_FORMS: dict[type, Callable[[dist.Distribution, Array, Shape], Any]] = {
     dist.Normal: _normal,
     dist.BernoulliProbs: _bernoulli_probs,
     dist.BernoulliLogits: _bernoulli_logits,

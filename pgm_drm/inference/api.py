@@ -146,7 +146,11 @@ def _compiled_naive(
 
     def single(ev):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
-        return naive_run_plan(plan, fg, _cast(fg.tables(**ev), dtype), temperature)
+        # State-free scale parts go straight to log Z (FactorGraph.evidence_parts).
+        groups, offset = fg.group_parts(**ev)
+        tables = tuple(t[i] for t in groups for i in range(t.shape[0]))
+        out = naive_run_plan(plan, fg, _cast(tables, dtype), temperature)
+        return out._replace(log_z=out.log_z + _cast(offset, dtype))
 
     fn = single
     if any(a == 0 for a in axes.values()):
@@ -185,8 +189,12 @@ def _compiled_flat(
 
     def single(ev, t, static):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
-        inputs = add_dynamic(
-            plan, _cast(static, dtype), _cast(fg.evidence_tables(**ev), dtype), groups
+        # State-free scale parts go straight to log Z (FactorGraph.evidence_parts).
+        tables, offset = fg.evidence_parts(**ev)
+        inputs = add_dynamic(plan, _cast(static, dtype), _cast(tables, dtype), groups)
+        inputs = inputs._replace(
+            constant=inputs.constant
+            + _cast(offset, dtype).astype(inputs.constant.dtype)
         )
         t = t if dtype is None else t.astype(dtype)
         out = run_flat_plan(plan, inputs, None if hard else t, want_map)

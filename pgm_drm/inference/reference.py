@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ from numpyro.contrib.funsor.infer_util import _enum_log_density
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
-from pgm_drm._typing import Semiring
+from pgm_drm._typing import Array, Semiring
 from pgm_drm.graph.compile import (
     CompileError,
     check_evidence_values,
@@ -435,6 +436,27 @@ def enumerate_exact(
     )
 
 
+def _warn_if_unresolved(logp: Array) -> None:
+    """Warn when the log joints are too large for their dtype to be trusted: each
+    is rounded by ``|log p| * eps``, and past one nat the listed posterior may be
+    wrong (a float64 image filled with ``1e30`` scores every configuration as the
+    same ``-8e63``). ``infer`` carries the Normal's state-free part apart
+    (``FactorGraph.evidence_parts``) and stays exact there."""
+    finite = np.asarray(logp)[np.isfinite(np.asarray(logp))]
+    if not finite.size:
+        return
+    big = float(np.max(np.abs(finite)))
+    err = big * float(jnp.finfo(logp.dtype).eps)
+    if err > 1.0:
+        warnings.warn(
+            f"brute_force: log joints up to {big:.3g} in {logp.dtype} are rounded by "
+            f"up to {err:.3g} nats each, so the listed posterior may be wrong; "
+            "infer (natural form, scale part carried apart) stays exact here",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def brute_force(
     model: Callable,
     *args: Any,
@@ -484,6 +506,7 @@ def brute_force(
         as_batch_shape(layout, params, lead=1), arrays
     )
     _check_log_z(logp)
+    _warn_if_unresolved(logp)
     best = int(jnp.argmax(logp))
     # Marginals from log-joints shifted by their max: at |log p| ~ 1e5 (a bright
     # 64x64 image) the difference of two absolute log-sums cancels in float32.
