@@ -125,7 +125,7 @@ def test_float32_marginals_stay_normalised_at_huge_log_joints(fill):
             np.testing.assert_allclose(p, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("fill", [1e4, 1e30, 1e100])
+@pytest.mark.parametrize("fill", [1e30, 1e100])
 def test_float64_marginals_stay_exact_at_any_magnitude(fill):
     """Issue 15: a float64 image filled with 1e30 gave normalised but uniform
     marginals: table entries of ~-8e63 are spaced ~1e48 apart, which swallowed
@@ -167,7 +167,7 @@ def test_float64_marginals_stay_exact_at_any_magnitude(fill):
                 np.reshape(got.map["c"], -1), np.reshape(got.map["g"], -1), strict=True
             ):
                 assert score[int(c_map), int(g_map)] == 0.0
-    if fill > 1e4:  # numpyro's own log_prob cannot resolve the states there
+    if fill > 1e20:  # numpyro's own log_prob cannot resolve the states there
         with pytest.warns(RuntimeWarning, match="rounded by up to"):
             brute_force(rm.model, image=image)
 
