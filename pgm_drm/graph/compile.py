@@ -34,7 +34,12 @@ structure costs, not what its number of plate instances costs.
 
 Observed exponential-family sites are scored in natural-parameter form
 (``pgm_drm.graph.natural``, Eq. 8): one matmul per batch instead of an
-elementwise table over (latent states x pixels).
+elementwise table over (latent states x pixels). The graph keeps the part of
+``J`` that new evidence changes; what in it does not depend on the evidence (the
+natural parameters at every latent state) is computed once, at the first call,
+so a batch of evidence runs only the contraction (``_Evaluator._staged``). An
+observed Normal's state-free part (``x^2`` and the log-normaliser) is kept out of
+its table and added to ``log Z`` (``FactorGraph.evidence_parts``).
 """
 
 from __future__ import annotations
@@ -595,6 +600,23 @@ def _greedy_colours(scopes: Sequence[Sequence[str]], latent: Sequence[str]) -> d
     return nx.greedy_color(g, strategy="largest_first") if latent else {}
 
 
+def _colour_vmap(
+    f: Callable,
+    arg_colours: Sequence[tuple[int, ...]],
+    out_colours: Sequence[tuple[int, ...]],
+    n_col: int,
+) -> Callable:
+    """``f`` vmapped once per colour: argument ``i`` is mapped (its leading axes,
+    in colour order) at the colours ``arg_colours[i]``, output ``o`` carries the
+    axes of ``out_colours[o]``. Colour 0 is the outermost vmap."""
+    fn = f
+    for c in reversed(range(n_col)):
+        in_axes = tuple(0 if c in ac else None for ac in arg_colours)
+        out_axes = [0 if c in oc else None for oc in out_colours]
+        fn = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes)
+    return fn
+
+
 @dataclass(frozen=True, eq=False)
 class _Evaluator:
     """Evaluates the model's jaxpr over every site's parents' supports.
@@ -604,6 +626,14 @@ class _Evaluator:
     value arrays ``(K_c, *value_shape)``. Each site's output is mapped over the
     colours of its scope (``out_axes`` per output), so no table is broadcast over
     latents it does not depend on.
+
+    Everything that does not depend on the evidence (a Normal's natural
+    parameters ``mu / sigma^2`` at every latent state, Eq. 8) is computed once,
+    at the first call of a restricted evaluator (:meth:`restrict`, the one a
+    compiled graph keeps for new evidence; :meth:`_staged`): the jaxpr is split by
+    ``partial_eval_jaxpr_nounits`` and its evidence-free part's results
+    (*residuals*, each over only the colours it depends on) are kept, so a call
+    runs only the data-dependent part (the template match).
     """
 
     jaxpr: ClosedJaxpr
@@ -611,10 +641,13 @@ class _Evaluator:
     colour_values: tuple[tuple[np.ndarray, ...], ...]
     out_colours: tuple[tuple[int, ...], ...]
     latent_fill: tuple[np.ndarray, ...]
+    stage: bool = False
+    _staged_cache: dict = field(default_factory=dict, repr=False)
 
     def restrict(self, outputs: Sequence[int]) -> _Evaluator:
         """An evaluator of only ``outputs`` (renumbered ``0..``): the rest of the
-        jaxpr is dropped (a graph keeps only what new evidence can change)."""
+        jaxpr is dropped (a graph keeps only what new evidence can change). It
+        stages its evidence-free part (:meth:`_staged`) at its first call."""
         from jax._src.interpreters import partial_eval as pe
 
         wanted = set(outputs)
@@ -627,46 +660,125 @@ class _Evaluator:
             colour_values=self.colour_values,
             out_colours=tuple(self.out_colours[o] for o in keep),
             latent_fill=self.latent_fill,
+            stage=True,
         )
+
+    def _staged(self):
+        """``(data part, residuals, residual colours)``, computed once.
+
+        The data part is a closed jaxpr ``(residuals..., evidence...) -> every
+        output``. Residual ``r`` has shape ``(K_c for c in colours[r], ...)``.
+        ``None`` when the split is not possible (the caller evaluates the whole
+        jaxpr).
+        """
+        if "staged" in self._staged_cache:
+            return self._staged_cache["staged"]
+        staged = None
+        try:
+            from jax._src.interpreters import partial_eval as pe
+
+            n_lat = len(self.latent_fill)
+            n_in = len(self.jaxpr.jaxpr.invars)
+            known, data, _, res_avals = pe.partial_eval_jaxpr_nounits(
+                self.jaxpr, [False] * n_lat + [True] * (n_in - n_lat), instantiate=True
+            )
+            if len(known.jaxpr.outvars) == len(res_avals):
+                colour_of_input = {}
+                for c, positions in enumerate(self.colour_inputs):
+                    for pos in positions:
+                        colour_of_input[pos] = c
+                labels = [
+                    frozenset({colour_of_input[i]})
+                    if i in colour_of_input
+                    else frozenset()
+                    for i in range(n_lat)
+                ]
+                res_colours = tuple(
+                    tuple(sorted(p)) for p in _jaxpr_provenance(known.jaxpr, labels)
+                )
+                f = jaxpr_as_fun(known)
+                n_col = len(self.colour_inputs)
+
+                def run(*coloured):
+                    latents = list(self.latent_fill)
+                    for c in range(n_col):
+                        for pos, val in zip(
+                            self.colour_inputs[c], coloured[c], strict=True
+                        ):
+                            latents[pos] = val
+                    return f(*latents)
+
+                fn = _colour_vmap(run, [(c,) for c in range(n_col)], res_colours, n_col)
+                if len(known.jaxpr.eqns) <= JIT_EQNS:
+                    fn = jax.jit(fn)
+                with jax.ensure_compile_time_eval():  # concrete, even under a trace
+                    residuals = tuple(fn(*self.colour_values))
+                staged = (data, residuals, res_colours)
+        except Exception:  # pragma: no cover - internal API moved: no split
+            staged = None
+        self._staged_cache["staged"] = staged
+        return staged
 
     def __call__(self, evidence: Sequence[Array], outputs: Sequence[int]) -> list:
         """Tables of the chosen outputs, each ``(K_c for its colours, *lp_shape)``
         with colours in increasing order."""
-        jaxpr = self.jaxpr
         outputs = list(outputs)
+        n_col = len(self.colour_inputs)
+        staged = self._staged() if self.stage else None
+        if staged is not None:
+            data, residuals, res_colours = staged
+        else:
+            data, residuals, res_colours = self.jaxpr, None, ()
+        jaxpr = data
         try:  # keep only what the chosen outputs need
             from jax._src.interpreters import partial_eval as pe
 
             wanted = set(outputs)
             used = [i in wanted for i in range(len(jaxpr.jaxpr.outvars))]
-            dced, _ = pe.dce_jaxpr(jaxpr.jaxpr, used, instantiate=True)
+            dced, used_in = pe.dce_jaxpr(jaxpr.jaxpr, used, instantiate=True)
             jaxpr = ClosedJaxpr(dced, jaxpr.consts)
             out_ids = sorted(wanted)
             rank = {o: r for r, o in enumerate(out_ids)}
             picked = [rank[o] for o in outputs]
         except Exception:  # pragma: no cover - internal API moved
             picked, out_ids = outputs, list(range(len(jaxpr.jaxpr.outvars)))
+            used_in = [True] * len(jaxpr.jaxpr.invars)
         f = jaxpr_as_fun(jaxpr)
-        n_col = len(self.colour_inputs)
+        out_colours = [self.out_colours[o] for o in out_ids]
+        if residuals is not None:
+            n_res = len(residuals)
+            # dce_jaxpr with instantiate=True keeps every input; drop nothing.
+            del used_in
+            dummies = [np.zeros(len(self.colour_values[c][0])) for c in range(n_col)]
 
-        def run(*coloured):
-            latents = list(self.latent_fill)
-            for c in range(n_col):
-                for pos, val in zip(self.colour_inputs[c], coloured[c], strict=True):
-                    latents[pos] = val
-            return f(*latents, *evidence)
+            def run(*args):
+                return f(*args[:n_res], *evidence)
 
-        fn = run
-        # vmap innermost colour last: colour c maps argument c.
-        for c in reversed(range(n_col)):
-            axes_out = [0 if c in self.out_colours[o] else None for o in out_ids]
-            in_axes = tuple(0 if k == c else None for k in range(n_col))
-            fn = jax.vmap(fn, in_axes=in_axes, out_axes=axes_out)
+            fn = _colour_vmap(
+                run,
+                list(res_colours) + [(c,) for c in range(n_col)],
+                out_colours,
+                n_col,
+            )
+            args = list(residuals) + dummies
+        else:
+
+            def run(*coloured):
+                latents = list(self.latent_fill)
+                for c in range(n_col):
+                    for pos, val in zip(
+                        self.colour_inputs[c], coloured[c], strict=True
+                    ):
+                        latents[pos] = val
+                return f(*latents, *evidence)
+
+            fn = _colour_vmap(run, [(c,) for c in range(n_col)], out_colours, n_col)
+            args = list(self.colour_values)
         # One XLA program for small models; op by op for big ones (a model written
         # as a loop of thousands of sites compiles slower than it dispatches).
         if len(jaxpr.jaxpr.eqns) <= JIT_EQNS:
             fn = jax.jit(fn)
-        outs = fn(*self.colour_values)
+        outs = fn(*args)
         return [outs[k] for k in picked]
 
 
