@@ -347,6 +347,23 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
             }
         )
     rows = []
+    chains = [
+        (int(k[5:]), d)
+        for k, d in cases.items()
+        if k.startswith("chain") and k[5:].isdigit() and isinstance(d, dict)
+    ]
+    if chains:
+        n, d = max(chains, key=lambda kd: kd[0])
+        heads.append(
+            {
+                "name": "chain_first_result",
+                "value": d.get("first_result_s"),
+                "text": f"Chain of {n:,} sites written as a Python loop: "
+                f"`compile_model` {fmt_s(d.get('compile_s'))}, first result "
+                f"{fmt_s(d.get('first_result_s'))}, then {fmt_s(d.get('steady_s'))} "
+                "per run (tree schedule, all marginals)",
+            }
+        )
     for key, d in sorted(cases.items()):
         if key.startswith("chain") and isinstance(d, dict):
             rows.append(
@@ -377,18 +394,38 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
             }
         )
     rows = []
-    for key, d in sorted(cases.items()):
-        if key.startswith("drm") and isinstance(d, dict):
-            rows.append(
-                [
-                    f"{key[3:]}x{key[3:]}",
-                    fmt_s(d.get("first_result_s")),
-                    fmt_s(d.get("steady_s")),
-                    fmt_s(d.get("dcn_steady_s")),
-                    fmt_x(ratio(d.get("steady_s"), d.get("dcn_steady_s"))),
-                    fmt_e(d.get("max_abs_log_score_diff")),
-                    d.get("status"),
-                ]
+    drms = [
+        (int(k[3:]), d)
+        for k, d in cases.items()
+        if k.startswith("drm") and k[3:].isdigit() and isinstance(d, dict)
+    ]
+    for side, d in sorted(drms, key=lambda kd: kd[0]):
+        rows.append(
+            [
+                f"{side}x{side}",
+                fmt_s(d.get("first_result_s")),
+                fmt_s(d.get("steady_s")),
+                fmt_s(d.get("steady_nomap_s")),
+                fmt_s(d.get("dcn_steady_s")),
+                fmt_x(ratio(d.get("steady_s"), d.get("dcn_steady_s"))),
+                fmt_x(ratio(d.get("steady_nomap_s"), d.get("dcn_steady_s"))),
+                fmt_e(d.get("max_abs_log_score_diff")),
+                d.get("status"),
+            ]
+        )
+        if side == 32:
+            r = ratio(d.get("steady_s"), d.get("dcn_steady_s"))
+            heads.append(
+                {
+                    "name": "drm32_compiler_vs_dcn",
+                    "value": r,
+                    "text": "DRM 32x32 (3 levels, batch 64) through the compiler "
+                    f"(`compile_model` + `infer(fg, 'max')`): {fmt_x(r)} the "
+                    "hand-written DCN-form pass `drm.infer` in steady state "
+                    f"({fmt_x(ratio(d.get('steady_nomap_s'), d.get('dcn_steady_s')))}"
+                    " without the MAP), first result in "
+                    f"{fmt_s(d.get('first_result_s'))}",
+                }
             )
     if rows:
         tables.append(
@@ -399,8 +436,10 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
                     "image",
                     "compiler first result",
                     "compiler steady",
+                    "steady, map=False",
                     "`drm.infer` steady",
                     "ratio",
+                    "ratio, map=False",
                     "max |log score diff|",
                     "status",
                 ],
