@@ -856,8 +856,9 @@ class FactorGraph:
     _out_index: dict = field(repr=False)
     _static_tables: tuple = field(repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
-    #: Site -> evaluator output of its state-free scale part (new evidence only).
-    _free_index: dict = field(default_factory=dict, repr=False)
+    #: Site -> evaluator outputs of its (mean part, state-free scale part), for
+    #: the sites whose scale part is kept out of the tables (new evidence only).
+    _split_index: dict = field(default_factory=dict, repr=False)
 
     # ---- sizes -------------------------------------------------------------
     @property
@@ -960,11 +961,14 @@ class FactorGraph:
     def _evaluate(
         self, evidence: Sequence[Array], groups: Sequence[int], split: bool = False
     ):
-        """The groups' tables (``split``: and the summed scale parts apart)."""
+        """The groups' tables (``split``: and the summed scale parts apart; else
+        the whole log-probs, as one output each)."""
         cards = {g.site: g.cardinality for g in self.variable_groups}
         sites = [self.factor_groups[k].site for k in groups]
-        free = [n for n in sites if n in self._free_index]
-        outs = [self._out_index[n] for n in sites] + [self._free_index[n] for n in free]
+        free = [n for n in sites if split and n in self._split_index]
+        outs = [
+            self._split_index[n][0] if n in free else self._out_index[n] for n in sites
+        ] + [self._split_index[n][1] for n in free]
         raw = self._evaluator(evidence, outs)
         extra = dict(zip(free, raw[len(sites) :], strict=True))
         tables, offset = [], jnp.zeros(())
@@ -975,10 +979,7 @@ class FactorGraph:
             if n in extra:  # the scale part, (n_instances,)
                 bare = dataclasses.replace(info, scope=())
                 f = _rearrange(extra[n], (), bare, self._colour_of, cards)
-                if split:
-                    offset = offset + jnp.sum(f)
-                else:
-                    t = t + jnp.reshape(f, f.shape + (1,) * (t.ndim - 1))
+                offset = offset + jnp.sum(f)
             tables.append(t)
         return (tables, offset) if split else tables
 
@@ -1311,11 +1312,15 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     wanted = []
     for n in dynamic:
         o = split_out.get(n)
-        wanted += [site_pos[n]] if o is None else [o, o + 1]
+        wanted += [site_pos[n]] if o is None else [site_pos[n], o, o + 1]
     fg._evaluator = evaluator.restrict(wanted)
     rank = {o: r for r, o in enumerate(sorted(wanted))}  # restrict renumbers
-    fg._out_index = {n: rank[split_out.get(n, site_pos[n])] for n in dynamic}
-    fg._free_index = {n: rank[split_out[n] + 1] for n in dynamic if n in split_out}
+    fg._out_index = {n: rank[site_pos[n]] for n in dynamic}
+    fg._split_index = {
+        n: (rank[split_out[n]], rank[split_out[n] + 1])
+        for n in dynamic
+        if n in split_out
+    }
     return fg
 
 
