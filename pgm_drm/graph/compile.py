@@ -150,7 +150,8 @@ class SiteInfo:
         name: Site name.
         is_observed: Observed (or ``numpyro.factor``) sites only contribute factors.
         plates: Plate names of the site, outermost batch dim first (most negative).
-        plate_shape: Sizes of those plates (the site's value shape, numpyro layout).
+        plate_shape: Sizes of those plates (numpyro layout; the site's value shape
+            less its data plates, see ``summed``).
         plate_dims: The plates' batch dims (negative), in the same order.
         support: Support values (latent sites) or ``()``.
         scope: Latent sites the log-prob depends on, in table axis order (the site
@@ -600,6 +601,29 @@ def _greedy_colours(scopes: Sequence[Sequence[str]], latent: Sequence[str]) -> d
     return nx.greedy_color(g, strategy="largest_first") if latent else {}
 
 
+class _NoStaging(Exception):
+    """The evaluator keeps the whole jaxpr (see ``_Evaluator._staged``)."""
+
+
+_CUSTOM_RULES = frozenset(
+    {"custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
+)
+
+
+def _has_custom_rules(jaxpr) -> bool:
+    """True when ``jaxpr`` (or a sub-jaxpr) calls a function with its own
+    derivative rule."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _CUSTOM_RULES:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _has_custom_rules(inner):
+                    return True
+    return False
+
+
 def _colour_vmap(
     f: Callable,
     arg_colours: Sequence[tuple[int, ...]],
@@ -679,6 +703,11 @@ class _Evaluator:
 
             n_lat = len(self.latent_fill)
             n_in = len(self.jaxpr.jaxpr.invars)
+            if _has_custom_rules(self.jaxpr.jaxpr):
+                # partial_eval inlines custom_jvp/vjp calls that meet the
+                # evidence and drops their derivative rules (xlogy, softplus):
+                # gradients of the tables w.r.t. evidence would change. Unstaged.
+                raise _NoStaging
             known, data, _, res_avals = pe.partial_eval_jaxpr_nounits(
                 self.jaxpr, [False] * n_lat + [True] * (n_in - n_lat), instantiate=True
             )
@@ -714,7 +743,7 @@ class _Evaluator:
                 with jax.ensure_compile_time_eval():  # concrete, even under a trace
                     residuals = tuple(fn(*self.colour_values))
                 staged = (data, residuals, res_colours)
-        except Exception:  # pragma: no cover - internal API moved: no split
+        except Exception:  # _NoStaging, or internal API moved: no split
             staged = None
         self._staged_cache["staged"] = staged
         return staged
@@ -723,8 +752,16 @@ class _Evaluator:
         """Tables of the chosen outputs, each ``(K_c for its colours, *lp_shape)``
         with colours in increasing order."""
         outputs = list(outputs)
-        n_col = len(self.colour_inputs)
         staged = self._staged() if self.stage else None
+        if staged is not None:
+            try:
+                return self._call(evidence, outputs, staged)
+            except ValueError:  # residual axes the data part cannot map: unstaged
+                self._staged_cache["staged"] = None
+        return self._call(evidence, outputs, None)
+
+    def _call(self, evidence: Sequence[Array], outputs: list, staged) -> list:
+        n_col = len(self.colour_inputs)
         if staged is not None:
             data, residuals, res_colours = staged
         else:
@@ -1106,7 +1143,7 @@ def _site_info(
     name: str,
     site: Mapping,
     supports: Mapping[str, tuple],
-    latent_plates: frozenset[str] = frozenset(),
+    latent_plates: frozenset[str],
 ) -> SiteInfo:
     """The site's plates, split into kept plates and *data plates* (plates of
     an observed site that hold no latent site; ``latent_plates`` names the

@@ -293,7 +293,9 @@ def _float_dtype(*xs: ArrayLike) -> jnp.dtype:
 
 def _normal(d: dist.Normal, value: Array, event_shape: Shape) -> tuple[Array, Array]:
     """Normal: ``T = (x, x^2)``, ``eta = (mu / s^2, -1 / (2 s^2))``,
-    ``A = mu^2 / (2 s^2) + ln s + ln(2 pi) / 2``, ``h = 0``.
+    ``A = mu^2 / (2 s^2) + ln s + ln(2 pi) / 2``, ``h = 0``; returns the pair
+    ``(mean part, scale part)`` (their sum is the log-prob; the other families
+    return the log-prob itself).
 
     With ``s = sigma`` shared by all pixels, ``eta_1`` and the event sum of ``-A``
     are the paper's ``w_cg`` and ``b_cg`` less the prior (Eq. 8).

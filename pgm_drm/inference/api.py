@@ -150,7 +150,7 @@ def _compiled_naive(
         groups, offset = fg.group_parts(**ev)
         tables = tuple(t[i] for t in groups for i in range(t.shape[0]))
         out = naive_run_plan(plan, fg, _cast(tables, dtype), temperature)
-        return out._replace(log_z=out.log_z + _cast(offset, dtype))
+        return out._replace(log_z=out.log_z + offset.astype(out.log_z.dtype))
 
     fn = single
     if any(a == 0 for a in axes.values()):

@@ -440,8 +440,9 @@ def _warn_if_unresolved(logp: Array) -> None:
     """Warn when the log joints are too large for their dtype to be trusted: each
     is rounded by ``|log p| * eps``, and past one nat the listed posterior may be
     wrong (a float64 image filled with ``1e30`` scores every configuration as the
-    same ``-8e63``). ``infer`` carries the Normal's state-free part apart
-    (``FactorGraph.evidence_parts``) and stays exact there."""
+    same ``-8e63``). ``infer`` carries an observed Normal's state-free part
+    apart (``FactorGraph.evidence_parts``) and stays exact there; other
+    families at such magnitudes are not helped."""
     finite = np.asarray(logp)[np.isfinite(np.asarray(logp))]
     if not finite.size:
         return
@@ -451,7 +452,8 @@ def _warn_if_unresolved(logp: Array) -> None:
         warnings.warn(
             f"brute_force: log joints up to {big:.3g} in {logp.dtype} are rounded by "
             f"up to {err:.3g} nats each, so the listed posterior may be wrong; "
-            "infer (natural form, scale part carried apart) stays exact here",
+            "infer carries an observed Normal's state-free part apart from its "
+            "table and stays exact for such sites",
             RuntimeWarning,
             stacklevel=3,
         )
