@@ -687,6 +687,15 @@ class _Evaluator:
             stage=True,
         )
 
+    def _latents(self, coloured: Sequence[Sequence[Array]]) -> list:
+        """Every latent input: colour ``c``'s members from ``coloured[c]``, the
+        rest at their fill value."""
+        latents = list(self.latent_fill)
+        for positions, values in zip(self.colour_inputs, coloured, strict=True):
+            for pos, val in zip(positions, values, strict=True):
+                latents[pos] = val
+        return latents
+
     def _staged(self):
         """``(data part, residuals, residual colours)``, computed once.
 
@@ -729,13 +738,7 @@ class _Evaluator:
                 n_col = len(self.colour_inputs)
 
                 def run(*coloured):
-                    latents = list(self.latent_fill)
-                    for c in range(n_col):
-                        for pos, val in zip(
-                            self.colour_inputs[c], coloured[c], strict=True
-                        ):
-                            latents[pos] = val
-                    return f(*latents)
+                    return f(*self._latents(coloured))
 
                 fn = _colour_vmap(run, [(c,) for c in range(n_col)], res_colours, n_col)
                 if len(known.jaxpr.eqns) <= JIT_EQNS:
@@ -801,13 +804,7 @@ class _Evaluator:
         else:
 
             def run(*coloured):
-                latents = list(self.latent_fill)
-                for c in range(n_col):
-                    for pos, val in zip(
-                        self.colour_inputs[c], coloured[c], strict=True
-                    ):
-                        latents[pos] = val
-                return f(*latents, *evidence)
+                return f(*self._latents(coloured), *evidence)
 
             fn = _colour_vmap(run, [(c,) for c in range(n_col)], out_colours, n_col)
             args = list(self.colour_values)
