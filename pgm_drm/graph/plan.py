@@ -14,6 +14,11 @@ jitted program does not grow with the number of plate instances.
   deepest-first, then shallowest-first.
 - ``"loopy"``: a flooding schedule over the same groups (all messages each
   iteration), factor-to-variable messages as the state, damping on that direction.
+- ``"exact"``: a junction tree (the ``"exact"`` :class:`~pgm_drm.graph.Schedule`'s
+  clusters), re-rooted at its centre. Clusters are sorted into *cluster classes*
+  by their cardinality tuple; the edges at each depth, split by (child class,
+  parent class, separator axes), are one batched operation each
+  (:class:`JunctionTree`), so a DRM's tree runs in about ``levels`` steps.
 
 Pure numpy and scipy: nothing here imports JAX.
 """
@@ -31,11 +36,84 @@ from scipy.sparse import csgraph
 if TYPE_CHECKING:
     from pgm_drm.graph.compile import FactorGraph
 
-__all__ = ["UNROLL_STEPS", "FlatPlan", "instance_forest", "make_flat_plan"]
+__all__ = [
+    "UNROLL_STEPS",
+    "FlatPlan",
+    "JunctionEdges",
+    "JunctionTree",
+    "instance_forest",
+    "make_flat_plan",
+]
 
 #: Tree plans with more steps than this run the steps inside ``lax.scan``
 #: (padded index arrays) instead of unrolled; below it every step is exact-sized.
 UNROLL_STEPS = 24
+
+
+@dataclass(frozen=True, eq=False)
+class JunctionEdges:
+    """The junction-tree edges of one step that share their shapes: child clusters
+    of class ``child`` (rows ``child_rows`` of that class) under parents of class
+    ``parent`` (rows ``parent_rows``).
+
+    Clusters list their variables sorted, so a separator's variables are in the
+    same order in both: at axes ``child_sep`` of the child, ``parent_sep`` of the
+    parent.
+
+    Attributes:
+        sep_of_parent: ``(|P|,)`` the flat separator state of each flat parent
+            state (MAP backtracking).
+        compose: ``(|S|, |R|)`` the flat child state of (separator state, state of
+            the child's other axes in order).
+    """
+
+    child: int
+    parent: int
+    child_rows: np.ndarray
+    parent_rows: np.ndarray
+    child_sep: tuple[int, ...]
+    parent_sep: tuple[int, ...]
+    sep_of_parent: np.ndarray
+    compose: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class JunctionTree:
+    """A junction tree as frozen index arrays, for the flat kernel.
+
+    Attributes:
+        clusters: Variable ids (sorted) of every cluster, in class-row order:
+            ``clusters[i]`` is row ``rows[i]`` of class ``classes[i]``.
+        classes, rows: Each cluster's class and row within its class.
+        shapes: Per class, the cardinality tuple of its clusters.
+        sizes: Per class, its number of clusters.
+        home: ``(class, axis, var_ids, rows, stride)``: variables whose smallest
+            cluster is of that class, at that axis (their unary terms are added
+            there and their marginals and MAP read there); a flat cluster state
+            ``s`` has ``(s // stride) % card`` at that axis.
+        moves: ``(class, pair class, perm, shape, instances, rows)``: pair-factor
+            instances added into clusters: each table transposed by ``perm`` and
+            reshaped to ``shape`` (1 on the cluster's other axes).
+        roots: ``(class, rows)``: one root per connected component.
+        steps: Per depth ``1 .. D`` (shallow to deep), the edges from clusters at
+            that depth to their parents, batched (:class:`JunctionEdges`).
+    """
+
+    clusters: tuple[tuple[int, ...], ...]
+    classes: np.ndarray
+    rows: np.ndarray
+    shapes: tuple[tuple[int, ...], ...]
+    sizes: tuple[int, ...]
+    home: tuple[tuple[int, int, np.ndarray, np.ndarray, int], ...]
+    moves: tuple[
+        tuple[int, int, tuple[int, ...], tuple[int, ...], np.ndarray, np.ndarray], ...
+    ]
+    roots: tuple[tuple[int, np.ndarray], ...]
+    steps: tuple[tuple[JunctionEdges, ...], ...]
+
+    @property
+    def depth(self) -> int:
+        return len(self.steps)
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +139,7 @@ class FlatPlan:
         padded: When the steps run in ``lax.scan``: per ``(k, p)``, an
             ``(n_steps, width)`` array of instances, padded with ``n_k`` (sink row).
         damping, max_iters: Loopy options.
+        junction: ``"exact"``: the junction tree's clusters and steps.
     """
 
     kind: str
@@ -79,10 +158,11 @@ class FlatPlan:
     padded: dict | None
     damping: float = 0.0
     max_iters: int = 0
+    junction: JunctionTree | None = None
 
     @property
     def is_exact(self) -> bool:
-        return self.kind == "tree"
+        return self.kind in ("tree", "exact")
 
     @property
     def n_steps(self) -> int:
@@ -255,6 +335,160 @@ def _pad_steps(steps, pair_sizes) -> dict:
     return out
 
 
+def _centre_rooting(n: int, edges) -> tuple[np.ndarray, np.ndarray]:
+    """Parent (-1 at roots) and depth of every node of a forest, each component
+    rooted at a centre of its longest path (two breadth-first searches), so the
+    depth is about half the diameter."""
+    g = nx.Graph()
+    g.add_nodes_from(range(n))
+    g.add_edges_from(edges)
+    parent = np.full(n, -1, np.int64)
+    depth = np.zeros(n, np.int64)
+    for comp in nx.connected_components(g):
+        start = min(comp)
+        dist = nx.single_source_shortest_path_length(g, start)
+        a = max(dist, key=lambda v: (dist[v], -v))
+        paths = nx.single_source_shortest_path(g, a)
+        b = max(paths, key=lambda v: (len(paths[v]), -v))
+        path = paths[b]
+        root = path[(len(path) - 1) // 2]
+        for u, v in nx.bfs_edges(g, root):
+            parent[v] = u
+            depth[v] = depth[u] + 1
+    return parent, depth
+
+
+def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
+    """The ``"exact"`` schedule's junction tree as a :class:`JunctionTree`."""
+    sched = fg.schedule("exact")
+    bags = sched.clusters
+    cards = fg.cardinalities
+    nb = len(bags)
+    # Cluster classes by cardinality tuple; rows in cluster order.
+    class_of: dict[tuple[int, ...], int] = {}
+    classes = np.zeros(nb, np.int64)
+    rows = np.zeros(nb, np.int64)
+    sizes: list[int] = []
+    shapes: list[tuple[int, ...]] = []
+    for b, bag in enumerate(bags):
+        shape = tuple(int(cards[v]) for v in bag)
+        if shape not in class_of:
+            class_of[shape] = len(shapes)
+            shapes.append(shape)
+            sizes.append(0)
+        k = class_of[shape]
+        classes[b], rows[b] = k, sizes[k]
+        sizes[k] += 1
+    pos = [{v: a for a, v in enumerate(bag)} for bag in bags]
+
+    # Unary terms and marginals: each variable at its smallest cluster.
+    home: dict[tuple[int, int], tuple[list, list]] = {}
+    for v, b in enumerate(sched.home):
+        key = (int(classes[b]), pos[b][v])
+        home.setdefault(key, ([], []))[0].append(v)
+        home[key][1].append(int(rows[b]))
+    home_t = []
+    for (k, axis), (vs, rs) in home.items():
+        stride = int(np.prod(shapes[k][axis + 1 :], dtype=np.int64))
+        home_t.append(
+            (
+                k,
+                axis,
+                _frozen(np.asarray(vs, np.int32)),
+                _frozen(np.asarray(rs, np.int32)),
+                stride,
+            )
+        )
+
+    # Pair-factor instances, by the schedule's assignment of flat factor ids.
+    flat_start = np.cumsum([0] + [g.size for g in fg.factor_groups])
+    where: dict[int, tuple[int, int]] = {}  # group -> (pair class, first index)
+    for c, members in enumerate(pairs):
+        start = 0
+        for k in members:
+            where[k] = (c, start)
+            start += fg.factor_groups[k].size
+    group_of = np.searchsorted(flat_start, np.arange(flat_start[-1]), side="right") - 1
+    moves: dict[tuple, tuple[list, list]] = {}
+    for b, fids in enumerate(sched.factors):
+        bag = bags[b]
+        for fi in fids:
+            gk = int(group_of[fi])
+            if gk not in where:  # unary factors come through the unary terms
+                continue
+            c, first = where[gk]
+            i = first + fi - int(flat_start[gk])
+            scope = [int(v) for v in pair_scope[c][i]]
+            perm = tuple(int(p) for p in np.argsort([pos[b][v] for v in scope]))
+            present = set(scope)
+            shape = tuple(int(cards[v]) if v in present else 1 for v in bag)
+            key = (int(classes[b]), c, perm, shape)
+            moves.setdefault(key, ([], []))[0].append(i)
+            moves[key][1].append(int(rows[b]))
+    moves_t = tuple(
+        (k, c, perm, shape, _frozen(np.asarray(ins, np.int32)), _frozen(np.asarray(rs)))
+        for (k, c, perm, shape), (ins, rs) in moves.items()
+    )
+
+    parent, depth = _centre_rooting(nb, sched.edges)
+    roots: dict[int, list] = {}
+    for b in np.nonzero(parent < 0)[0]:
+        roots.setdefault(int(classes[b]), []).append(int(rows[b]))
+    steps: list[dict] = [dict() for _ in range(int(depth.max(initial=0)))]
+    for b in np.nonzero(parent >= 0)[0]:
+        p = int(parent[b])
+        sep = set(bags[b]) & set(bags[p])
+        cs = tuple(a for a, v in enumerate(bags[b]) if v in sep)
+        ps = tuple(a for a, v in enumerate(bags[p]) if v in sep)
+        key = (int(classes[b]), int(classes[p]), cs, ps)
+        steps[depth[b] - 1].setdefault(key, ([], []))[0].append(int(rows[b]))
+        steps[depth[b] - 1][key][1].append(int(rows[p]))
+    out_steps = []
+    for step in steps:
+        edges = []
+        for (kc, kp, cs, ps), (crs, prs) in step.items():
+            # By parent row, so that the children of one parent are adjacent.
+            order = np.argsort(prs, kind="stable")
+            crs, prs = np.asarray(crs)[order], np.asarray(prs)[order]
+            pshape, cshape = shapes[kp], shapes[kc]
+            digits = np.indices(pshape).reshape(len(pshape), -1)
+            sep_cards = [pshape[a] for a in ps]
+            sep_of_parent = (
+                np.ravel_multi_index(tuple(digits[a] for a in ps), sep_cards)
+                if ps
+                else np.zeros(digits.shape[1], np.int64)
+            )
+            rest = tuple(a for a in range(len(cshape)) if a not in cs)
+            n_sep = int(np.prod(sep_cards))
+            compose = np.transpose(
+                np.arange(int(np.prod(cshape))).reshape(cshape), cs + rest
+            ).reshape(n_sep, -1)
+            edges.append(
+                JunctionEdges(
+                    child=kc,
+                    parent=kp,
+                    child_rows=_frozen(np.asarray(crs, np.int32)),
+                    parent_rows=_frozen(np.asarray(prs, np.int32)),
+                    child_sep=cs,
+                    parent_sep=ps,
+                    sep_of_parent=_frozen(sep_of_parent.astype(np.int32)),
+                    compose=_frozen(compose.astype(np.int32)),
+                )
+            )
+        out_steps.append(tuple(edges))
+    return JunctionTree(
+        clusters=tuple(bags),
+        classes=_frozen(classes),
+        rows=_frozen(rows),
+        shapes=tuple(shapes),
+        sizes=tuple(sizes),
+        home=tuple(home_t),
+        moves=moves_t,
+        roots=tuple((k, _frozen(np.asarray(r, np.int32))) for k, r in roots.items()),
+        steps=tuple(out_steps),
+    )
+
+
 def _find_cycle(fg: FactorGraph) -> list[str]:
     try:
         return [u for u, _ in nx.find_cycle(fg.graph)]
@@ -272,8 +506,9 @@ def make_flat_plan(
 
     Args:
         fg: The compiled graph.
-        kind: "tree", "loopy" or "auto" ("tree" when the instance graph is a
-            forest; otherwise a ``ValueError`` that suggests "exact" or "loopy").
+        kind: "tree", "loopy", "exact" (a junction tree; exact on any graph) or
+            "auto" ("tree" when the instance graph is a forest; otherwise a
+            ``ValueError`` that suggests "exact" or "loopy").
         damping: Loopy: ``new = damping * old + (1 - damping) * computed``.
         max_iters: Loopy: number of flooding iterations.
 
@@ -283,8 +518,8 @@ def make_flat_plan(
     """
     if kind == "auto":
         kind = "tree"
-    if kind not in ("tree", "loopy"):
-        raise ValueError(f"flat plans are 'tree' or 'loopy', got {kind!r}")
+    if kind not in ("tree", "loopy", "exact"):
+        raise ValueError(f"flat plans are 'tree', 'exact' or 'loopy', got {kind!r}")
     if kind == "loopy":
         if not 0.0 <= damping < 1.0:
             raise ValueError(f"damping must be in [0, 1), got {damping}")
@@ -306,6 +541,7 @@ def make_flat_plan(
     roots = np.arange(0, dtype=np.int32)
     steps: tuple = ()
     padded = None
+    junction = _junction_tree(fg, pairs, pair_scope) if kind == "exact" else None
     if kind == "tree":
         roots, steps = _tree_plan(fg)
         if len(steps) > UNROLL_STEPS:
@@ -328,4 +564,5 @@ def make_flat_plan(
         padded=padded,
         damping=float(damping) if kind == "loopy" else 0.0,
         max_iters=int(max_iters) if kind == "loopy" else 0,
+        junction=junction,
     )

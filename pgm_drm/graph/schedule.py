@@ -5,8 +5,9 @@ kernel (``pgm_drm.inference.kernel``) runs any of them:
 
 - ``"tree"``: the factor graph itself (Bethe clusters: one per variable, one per
   factor), two passes leaves -> root -> leaves. Needs a graph without loops.
-- ``"exact"``: a junction tree from a tree decomposition of the variables' primal
-  graph (networkx min-fill-in or min-degree heuristic); two passes. Exact on any
+- ``"exact"``: a junction tree: the elimination tree of a greedy elimination order
+  of the variables' primal graph (networkx's min-fill-in or min-degree heuristic);
+  two passes. Exact on any
   graph, costs ``prod(cardinalities)`` of the largest cluster.
 - ``"loopy"``: the Bethe cluster graph with flooding updates (every directed edge
   each iteration), damping, a fixed number of iterations and per-iteration deltas.
@@ -21,7 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import networkx as nx
-from networkx.algorithms import approximation
+from networkx.algorithms.approximation.treewidth import (
+    MinDegreeHeuristic,
+    min_fill_in_heuristic,
+)
 
 if TYPE_CHECKING:
     from pgm_drm.graph.compile import FactorGraph
@@ -165,6 +169,85 @@ def _tree_schedule(fg: FactorGraph) -> Schedule:
     )
 
 
+def _elimination_tree(primal: nx.Graph, heuristic: str):
+    """Bags and edges of the elimination tree of a greedy elimination order.
+
+    Eliminating ``v`` (the heuristic's choice) gives the bag ``{v} + N(v)`` and
+    fills in ``N(v)``; the bag's parent is the bag of the first-eliminated
+    vertex of ``N(v)`` (or the last clique's), which is a junction tree. Unlike
+    networkx's ``treewidth_decomp`` (which joins each bag to the first bag found
+    that holds its neighbours), the tree follows the model's hierarchy: on a DRM
+    the pixel bags hang under their unit's bag, and those under the class's.
+    """
+    if heuristic == "min_fill_in":
+        choose = min_fill_in_heuristic
+    elif heuristic == "min_degree":
+        choose = MinDegreeHeuristic(primal).best_node
+    else:
+        raise ValueError(f"unknown elimination heuristic {heuristic!r}")
+    # Ties go to the vertex met first: the latest site first (a model is traced
+    # parents first, so leaves are eliminated before the units they hang under).
+    graph = {n: set(primal[n]) - {n} for n in sorted(primal, reverse=True)}
+    order: list[int] = []
+    neighbours: list[frozenset] = []
+    v = choose(graph)
+    while v is not None:
+        nbrs = graph.pop(v)
+        for u in nbrs:
+            graph[u] |= nbrs
+            graph[u] -= {u, v}
+        order.append(v)
+        neighbours.append(frozenset(nbrs))
+        v = choose(graph)
+    pos = {v: i for i, v in enumerate(order)}
+    bags = [tuple(sorted({v} | nb)) for v, nb in zip(order, neighbours, strict=True)]
+    last = None
+    if graph:  # what the heuristic left: one clique
+        last = len(bags)
+        bags.append(tuple(sorted(graph)))
+    edges = []
+    for i, nb in enumerate(neighbours):
+        if nb:  # no neighbours left: the root of its component
+            first = min(nb, key=lambda u: pos.get(u, len(order)))
+            edges.append((i, pos.get(first, last)))
+    return bags, edges, pos, last
+
+
+def _contract_chains(bags: list, edges: list, factors: list):
+    """Drop every bag that holds one child only and is a subset of it (the child
+    takes its place and its factors): eliminating a unit's switch, then its
+    nuisance, gives two nested bags where one does the work."""
+    parent = {c: p for c, p in edges}
+    children: dict[int, list[int]] = {}
+    for c, p in edges:
+        children.setdefault(p, []).append(c)
+    merged = {}  # dropped bag -> the child that took its place
+    for b in range(len(bags)):
+        kids = children.get(b, [])
+        if len(kids) == 1 and set(bags[b]) <= set(bags[kids[0]]):
+            child = kids[0]
+            merged[b] = child
+            p = parent.pop(b, None)
+            if p is None:
+                parent.pop(child)
+            else:
+                parent[child] = p
+                children[p] = [child if k == b else k for k in children[p]]
+    keep = [b for b in range(len(bags)) if b not in merged]
+    new_id = {b: i for i, b in enumerate(keep)}
+
+    def final(b: int) -> int:
+        while b in merged:
+            b = merged[b]
+        return b
+
+    new_factors: list[list[int]] = [[] for _ in keep]
+    for b, fs in enumerate(factors):
+        new_factors[new_id[final(b)]].extend(fs)
+    new_edges = [(new_id[c], new_id[p]) for c, p in parent.items()]
+    return [bags[b] for b in keep], new_edges, new_factors
+
+
 def _exact_schedule(fg: FactorGraph, heuristic: str = "min_fill_in") -> Schedule:
     vindex = fg.variable_index
     primal = nx.Graph()
@@ -176,23 +259,7 @@ def _exact_schedule(fg: FactorGraph, heuristic: str = "min_fill_in") -> Schedule
         primal.add_edges_from(
             (a, b) for i, a in enumerate(scope) for b in scope[i + 1 :]
         )
-    if heuristic == "min_fill_in":
-        decompose = approximation.treewidth_min_fill_in
-    elif heuristic == "min_degree":
-        decompose = approximation.treewidth_min_degree
-    else:
-        raise ValueError(f"unknown elimination heuristic {heuristic!r}")
-    bags: list[tuple[int, ...]] = []
-    edges: list[tuple[int, int]] = []
-    for comp in nx.connected_components(primal):
-        sub = primal.subgraph(comp)
-        if sub.number_of_nodes() == 1:
-            bags.append(tuple(comp))
-            continue
-        _, tree = decompose(sub)
-        local = {b: len(bags) + k for k, b in enumerate(tree.nodes)}
-        bags.extend(tuple(sorted(b)) for b in tree.nodes)
-        edges.extend((local[a], local[b]) for a, b in tree.edges)
+    bags, edges, pos, last = _elimination_tree(primal, heuristic)
     cards = [v.cardinality for v in fg.variables]
     for b in bags:
         size = 1
@@ -209,9 +276,11 @@ def _exact_schedule(fg: FactorGraph, heuristic: str = "min_fill_in") -> Schedule
         if not scope:
             constant.append(fi)
             continue
-        fits = [k for k, b in enumerate(bags) if set(scope) <= set(b)]
-        best = min(fits, key=lambda k: len(bags[k]))
-        factors[best].append(fi)
+        # A scope is a clique of the primal graph: the bag of its first-eliminated
+        # variable holds all of it.
+        first = min(scope, key=lambda u: pos.get(u, len(pos)))
+        factors[pos.get(first, last)].append(fi)
+    bags, edges, factors = _contract_chains(bags, edges, factors)
     messages, parent, order = _two_pass(bags, edges)
     return Schedule(
         kind="exact",

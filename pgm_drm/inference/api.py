@@ -200,7 +200,11 @@ def _compiled_flat(
         out = run_flat_plan(plan, inputs, None if hard else t, want_map)
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
-        return out.log_z, margs, out.map_index if want_map else None, out.deltas
+        map_index = out.map_index if want_map else None
+        if len(fg.variable_groups) <= HOST_SPLIT_SITES:
+            # Per-site arrays inside the program: one dispatch, not a few per site.
+            margs, map_index = _flat_posterior(fg, margs, map_index, ())
+        return out.log_z, margs, map_index, out.deltas
 
     fn = single
     if any(a == 0 for a in axes.values()):
@@ -215,11 +219,9 @@ def _resolve_schedule(fg: FactorGraph, schedule: str | Schedule | FlatPlan):
     if isinstance(schedule, (Schedule, FlatPlan)):
         return schedule
     if schedule == "auto":
-        return fg.plan("tree") if fg.is_tree() else fg.schedule("exact")
-    if schedule in ("tree", "loopy"):
+        return fg.plan("tree") if fg.is_tree() else fg.plan("exact")
+    if schedule in ("tree", "loopy", "exact"):
         return fg.plan(schedule)
-    if schedule == "exact":
-        return fg.schedule("exact")
     raise ValueError(
         f"unknown schedule kind {schedule!r}; use 'auto', 'tree', 'exact' or 'loopy'"
     )
@@ -237,8 +239,8 @@ def log_partition_tables(
 
     Args:
         fg: A compiled graph.
-        schedule: "auto", "tree" (flat kernel) or "exact" (junction tree, per-
-            message kernel), or a two-pass :class:`~pgm_drm.graph.Schedule` /
+        schedule: "auto", "tree" or "exact" (junction tree), both on the flat
+            kernel, or a two-pass :class:`~pgm_drm.graph.Schedule` (naive twin) /
             :class:`~pgm_drm.graph.FlatPlan`. Loopy schedules are refused: the
             Bethe estimate is not ``log Z``.
 
@@ -331,10 +333,10 @@ def infer(
 ) -> Posterior:
     """Run max-sum, sum-product or tempered message passing on a compiled graph.
 
-    Tree and loopy schedules run the flat kernel (:mod:`pgm_drm.inference.flat`)
-    on the graph's grouped tables; "exact" (a junction tree, for graphs with
-    loops) and explicit :class:`~pgm_drm.graph.Schedule` objects run the
-    per-message kernel (:mod:`pgm_drm.inference.kernel`).
+    Tree, exact (a junction tree, for graphs with loops) and loopy schedules run
+    the flat kernel (:mod:`pgm_drm.inference.flat`) on the graph's grouped
+    tables; an explicit :class:`~pgm_drm.graph.Schedule` runs the per-message
+    naive twin (:mod:`pgm_drm.inference.kernel`).
 
     Args:
         fg: A graph from :func:`pgm_drm.graph.compile_model`.
@@ -392,7 +394,10 @@ def infer(
             out if batch is None else unpad(out, batch)
         )
         _check_log_z(log_z, fg, arrays, axes)
-        margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead)
+        if len(fg.variable_groups) <= HOST_SPLIT_SITES:  # split in the program
+            margs, maps = flat_margs or {}, flat_map or {}
+        else:
+            margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead)
         deltas = None if sched.is_exact else deltas
         return Posterior(margs, maps, log_z, t, sched.kind, deltas)
     out = _compiled_naive(fg, sched, t, axes, dtype)(arrays)
@@ -471,6 +476,7 @@ def _check_log_z(
 #: Above this many latent sites, per-site arrays are split on the host and returned
 #: as numpy arrays: a model written as a loop has thousands of sites, and one device
 #: dispatch (or one program output) per site would cost more than the run itself.
+#: Up to it, the jitted program returns the per-site arrays itself.
 HOST_SPLIT_SITES = 64
 
 

@@ -411,6 +411,231 @@ def _run_tree(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult
 
 
 # --------------------------------------------------------------------------- #
+# Exact: a junction tree, two passes depth by depth.
+# --------------------------------------------------------------------------- #
+
+
+def _take(x: Array, rows: np.ndarray) -> Array:
+    """``x[rows]`` for static rows; no gather when they are all rows in order."""
+    if len(rows) == x.shape[0] and np.array_equal(rows, np.arange(len(rows))):
+        return x
+    return x[rows]
+
+
+def _add_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
+    """``acc.at[rows].add(x)`` for static rows (``x`` broadcast over ``acc``'s
+    trailing axes), without XLA's scatter where the rows allow (CPU scatters run
+    one row at a time): all rows in order is an add; distinct rows a gather from
+    ``x`` padded with a zero row; sorted rows hit equally often a reshape-sum."""
+    n, m = acc.shape[0], len(rows)
+    if m == 0:
+        return acc
+    if m == n and np.array_equal(rows, np.arange(n)):
+        return acc + x
+    uniq, counts = np.unique(rows, return_counts=True)
+    sorted_rows = bool(np.all(np.diff(rows) >= 0))
+    if len(uniq) < m and sorted_rows and np.all(counts == counts[0]):
+        x = jnp.broadcast_to(x, (m,) + x.shape[1:])
+        x = jnp.sum(jnp.reshape(x, (len(uniq), int(counts[0])) + x.shape[1:]), axis=1)
+        rows, m = uniq, len(uniq)
+    if len(np.unique(rows)) == m:
+        inv = np.full(n, m, np.int32)
+        inv[rows] = np.arange(m, dtype=np.int32)
+        pad = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+        return acc + pad[inv]
+    return acc.at[rows].add(x)
+
+
+def _set_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
+    """``acc.at[rows].set(x)`` for distinct static rows, as a gather."""
+    n, m = acc.shape[0], len(rows)
+    x = jnp.broadcast_to(x, (m,) + acc.shape[1:]).astype(acc.dtype)
+    if m == n and np.array_equal(rows, np.arange(n)):
+        return x
+    inv = np.full(n, m, np.int32)
+    inv[rows] = np.arange(m, dtype=np.int32)
+    pad = jnp.concatenate([x, jnp.zeros((1,) + acc.shape[1:], acc.dtype)])
+    return jnp.where(jnp.reshape(inv < m, (n,) + (1,) * (acc.ndim - 1)), pad[inv], acc)
+
+
+def _pad_inf(x: Array, kmax: int) -> Array:
+    k = x.shape[-1]
+    if k == kmax:
+        return x
+    fill = jnp.full(x.shape[:-1] + (kmax - k,), -jnp.inf, x.dtype)
+    return jnp.concatenate([x, fill], -1)
+
+
+def _cluster_potentials(plan: FlatPlan, s: _Setup, dtype) -> tuple[list, Array]:
+    """Per cluster class ``(n_k, *shape)``: the unary terms and pair tables
+    assigned to each cluster, each row shifted by its max (shifts into log Z)."""
+    jt = plan.junction
+    psi = [
+        jnp.zeros((n,) + sh, dtype) for n, sh in zip(jt.sizes, jt.shapes, strict=True)
+    ]
+    for k, axis, var_ids, rows, _ in jt.home:
+        card = jt.shapes[k][axis]
+        shape = [len(rows)] + [1] * len(jt.shapes[k])
+        shape[axis + 1] = card
+        psi[k] = _add_rows(psi[k], rows, jnp.reshape(s.unary[var_ids, :card], shape))
+    for k, c, perm, shape, inst, rows in jt.moves:
+        t = jnp.transpose(_take(s.tables[c], inst), (0,) + tuple(p + 1 for p in perm))
+        psi[k] = _add_rows(psi[k], rows, jnp.reshape(t, (len(rows),) + shape))
+    offset = s.offset
+    out = []
+    for p in psi:
+        p, off = _shift(p, tuple(range(1, p.ndim)))
+        offset = offset + jnp.sum(off)
+        out.append(p)
+    return out, offset
+
+
+def _expand(msg: Array, shape: tuple[int, ...], axes: tuple[int, ...]) -> Array:
+    """``(n, *separator)`` -> ``(n, *shape)`` with 1 off the separator ``axes``."""
+    out = [msg.shape[0]] + [1] * len(shape)
+    for a in axes:
+        out[a + 1] = shape[a]
+    return jnp.reshape(msg, out)
+
+
+def _with_children(psi: Array, fin: Array, cnt: Array) -> Array:
+    """A cluster's potential plus its children's messages (-inf counted)."""
+    return jnp.where(cnt > 0, -jnp.inf, psi + fin)
+
+
+class _JunctionUp(NamedTuple):
+    fin: list  # per class (n_k, *shape): finite part of the children's messages
+    cnt: list  # per class: number of -inf children's messages
+    msgs: dict  # (depth, edge batch) -> (n_e, *separator) upward message
+    log_z: Array
+
+
+def _junction_up(plan: FlatPlan, psi: list, t, offset: Array) -> _JunctionUp:
+    """Upward pass, deepest clusters first: each sends
+    ``reduce_T over C \\ S of [psi_C + its children's messages]`` to its parent."""
+    jt = plan.junction
+    fin = [jnp.zeros_like(p) for p in psi]
+    cnt = [jnp.zeros_like(p) for p in psi]
+    msgs = {}
+    log_z = offset
+    for d in reversed(range(jt.depth)):
+        sends = []
+        for e_i, e in enumerate(jt.steps[d]):
+            r = e.child_rows
+            b = _with_children(
+                _take(psi[e.child], r), _take(fin[e.child], r), _take(cnt[e.child], r)
+            )
+            nd = len(jt.shapes[e.child])
+            axes = tuple(a + 1 for a in range(nd) if a not in e.child_sep)
+            m, off = _shift(_reduce(b, axes, t), tuple(range(1, len(e.child_sep) + 1)))
+            log_z = log_z + jnp.sum(off)
+            msgs[(d, e_i)] = m
+            sends.append((e, m))
+        for e, m in sends:
+            x = _expand(m, jt.shapes[e.parent], e.parent_sep)
+            neg = jnp.isneginf(x)
+            rows = e.parent_rows
+            fin[e.parent] = _add_rows(fin[e.parent], rows, jnp.where(neg, 0.0, x))
+            cnt[e.parent] = _add_rows(cnt[e.parent], rows, neg.astype(x.dtype))
+    for k, rows in jt.roots:
+        b = _with_children(
+            _take(psi[k], rows), _take(fin[k], rows), _take(cnt[k], rows)
+        )
+        log_z = log_z + jnp.sum(_reduce(b, tuple(range(1, b.ndim)), t))
+    return _JunctionUp(fin, cnt, msgs, log_z)
+
+
+def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
+    """Downward pass, shallowest first; returns every cluster's full belief."""
+    jt = plan.junction
+    down = [jnp.zeros_like(p) for p in psi]
+    for d in range(jt.depth):
+        for e_i, e in enumerate(jt.steps[d]):
+            r = e.parent_rows
+            own = _expand(up.msgs[(d, e_i)], jt.shapes[e.parent], e.parent_sep)
+            fin, cnt = _take(up.fin[e.parent], r), _take(up.cnt[e.parent], r)
+            neg = jnp.isneginf(own)
+            others = jnp.where(  # the parent's other children (exact with -inf)
+                neg,
+                jnp.where(cnt == 1, fin, -jnp.inf),
+                jnp.where(cnt == 0, fin - jnp.where(neg, 0.0, own), -jnp.inf),
+            )
+            x = _take(psi[e.parent], r) + _take(down[e.parent], r) + others
+            nd = len(jt.shapes[e.parent])
+            axes = tuple(a + 1 for a in range(nd) if a not in e.parent_sep)
+            m, _ = _shift(_reduce(x, axes, t), tuple(range(1, len(e.parent_sep) + 1)))
+            m = _expand(m, jt.shapes[e.child], e.child_sep)
+            down[e.child] = _set_rows(down[e.child], e.child_rows, m)
+    return [
+        _with_children(p, f, c) + dn
+        for p, f, c, dn in zip(psi, up.fin, up.cnt, down, strict=True)
+    ]
+
+
+def _junction_marginals(plan: FlatPlan, beliefs: list, t, dtype) -> Array:
+    jt = plan.junction
+    out = jnp.full((plan.n_vars, plan.kmax), -jnp.inf, dtype)
+    # Each belief shifted by its max once (a belief may be far below 0, where
+    # `x - logsumexp(x)` would cancel), then reduced to each home variable.
+    shifted = [_shift(b, tuple(range(1, b.ndim)))[0] for b in beliefs]
+    for k, axis, var_ids, rows, _ in jt.home:
+        b = _take(shifted[k], rows)
+        axes = tuple(a + 1 for a in range(b.ndim - 1) if a != axis)
+        m = _reduce(b, axes, t)
+        norm = _reduce(m, (1,), t)
+        m = m - jnp.where(jnp.isfinite(norm), norm, 0.0)[:, None]
+        out = _set_rows(out, var_ids, _pad_inf(m, plan.kmax))
+    return out
+
+
+def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
+    """Joint MAP: each root's argmax, then each child's argmax with the separator
+    fixed by its parent's state (max-sum upward messages ``up``)."""
+    jt = plan.junction
+    assign = [jnp.zeros((n,), jnp.int32) for n in jt.sizes]
+    for k, rows in jt.roots:
+        b = _with_children(
+            _take(psi[k], rows), _take(up.fin[k], rows), _take(up.cnt[k], rows)
+        )
+        flat = jnp.argmax(jnp.reshape(b, (len(rows), -1)), axis=1)
+        assign[k] = _set_rows(assign[k], rows, flat)
+    for d in range(jt.depth):
+        for e in jt.steps[d]:
+            sep = jnp.asarray(e.sep_of_parent)[_take(assign[e.parent], e.parent_rows)]
+            r = e.child_rows
+            b = _with_children(
+                _take(psi[e.child], r),
+                _take(up.fin[e.child], r),
+                _take(up.cnt[e.child], r),
+            )
+            nd = b.ndim - 1
+            rest = tuple(a for a in range(nd) if a not in e.child_sep)
+            b = jnp.transpose(b, (0,) + tuple(a + 1 for a in e.child_sep + rest))
+            b = jnp.reshape(b, (len(r),) + e.compose.shape)
+            b = jnp.take_along_axis(b, sep[:, None, None], axis=1)[:, 0]
+            flat = jnp.asarray(e.compose)[sep, jnp.argmax(b, axis=1)]
+            assign[e.child] = _set_rows(assign[e.child], r, flat)
+    x = jnp.zeros((plan.n_vars,), jnp.int32)
+    for k, axis, var_ids, rows, stride in jt.home:
+        x = _set_rows(
+            x, var_ids, (_take(assign[k], rows) // stride) % jt.shapes[k][axis]
+        )
+    return x
+
+
+def _run_junction(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult:
+    psi, offset = _cluster_potentials(plan, s, dtype)
+    up = _junction_up(plan, psi, t, offset)
+    margs = _junction_marginals(plan, _junction_down(plan, psi, up, t), t, dtype)
+    if want_map:
+        max_up = up if t is None else _junction_up(plan, psi, None, offset)
+        map_index = _junction_map(plan, psi, max_up)
+    else:
+        map_index = jnp.full((plan.n_vars,), -1, jnp.int32)
+    return FlatResult(up.log_z, margs, map_index, jnp.zeros((0,), dtype))
+
+
+# --------------------------------------------------------------------------- #
 # Loopy: flooding with factor-to-variable messages as the state.
 # --------------------------------------------------------------------------- #
 
@@ -564,4 +789,6 @@ def run_flat_plan(
     t = None if temperature is None else jnp.asarray(temperature, dtype)
     if plan.kind == "tree":
         return _run_tree(plan, s, t, want_map, dtype)
+    if plan.kind == "exact":
+        return _run_junction(plan, s, t, want_map, dtype)
     return _run_loopy(plan, s, t, want_map, dtype)

@@ -1,8 +1,8 @@
 """The naive twin: one traced update per message, for every per-instance schedule.
 
-The flat kernel (:mod:`pgm_drm.inference.flat`) is the fast path for tree and
-loopy schedules; this kernel stays as its reference (tests compare them) and
-runs the junction-tree ("exact") schedule.
+The flat kernel (:mod:`pgm_drm.inference.flat`) is the fast path for tree,
+junction-tree ("exact") and loopy schedules; this kernel stays as its reference
+(tests compare them) and runs any explicit :class:`~pgm_drm.graph.Schedule`.
 
 The semiring is the temperature ``T`` of the reduction
 ``reduce_T(x) = T * logsumexp(x / T)``: ``T = 1`` is sum-product, ``T -> 0`` is

@@ -50,7 +50,7 @@ def test_loopy_plan_options_are_checked():
     plan = make_flat_plan(fg, "loopy", damping=0.25, max_iters=7)
     assert (plan.damping, plan.max_iters, plan.steps) == (0.25, 7, ())
     for kwargs, match in [
-        (dict(kind="exact"), "'tree' or 'loopy'"),
+        (dict(kind="junction"), "'tree', 'exact' or 'loopy'"),
         (dict(kind="loopy", damping=1.0), "damping"),
         (dict(kind="loopy", max_iters=0), "max_iters"),
     ]:

@@ -52,6 +52,76 @@ def test_flat_tree_equals_naive_twin(seed, kind, t, hard):
             assert int(flat.map[site]) == int(naive.map[site])
 
 
+@given(
+    seed=st.integers(0, 100_000),
+    t=st.sampled_from([0.0, 1.0, 0.4]),
+    hard=st.booleans(),
+    batch=st.booleans(),
+)
+def test_flat_junction_tree_equals_naive_twin(seed, t, hard, batch):
+    # Loopy random networks (pairwise factors on extra edges, -inf entries with
+    # `hard`); brute force and NumPyro check the same "exact" path in
+    # test_exactness.py.
+    model, kwargs = random_factor_model(seed, n_vars=6, kind="loopy", hard_zeros=hard)
+    fg = compile_model(model, **kwargs)
+    assert fg.plan("exact").kind == "exact"
+    flat = infer(fg, temperature=t, schedule="exact")
+    naive = infer(fg, temperature=t, schedule=fg.schedule("exact"))
+    assert_posteriors_close(flat, naive, ATOL, model, kwargs)
+    if t == 0.0:
+        # Both backtrack the same clusters (rooted differently): the same joint
+        # MAP unless two joint states tie exactly, which random tables do not.
+        for site in naive.map:
+            np.testing.assert_array_equal(flat.map[site], naive.map[site])
+    if batch:  # the compiled evidence twice, vmapped: each row is the one run
+        two = infer(
+            fg,
+            temperature=t,
+            schedule="exact",
+            **{k: jnp.stack([v, v]) for k, v in kwargs.items()},
+        )
+        for row in range(2):
+            np.testing.assert_allclose(two.log_z[row], flat.log_z, atol=ATOL)
+            for site, m in flat.log_marginals.items():
+                np.testing.assert_allclose(two.log_marginals[site][row], m, atol=ATOL)
+            for site, v in flat.map.items():
+                np.testing.assert_array_equal(two.map[site][row], v)
+
+
+def _global_and_plates(n_i: int, n_j: int):
+    # A global latent, a plate of children, each with a plate of grandchildren
+    # that also read the global: loops through the global, a junction tree of
+    # (g, a_i) hubs with (g, a_i, b_ij) leaves.
+    def model(y=None):
+        g = numpyro.sample("g", dist.Categorical(jnp.array([0.2, 0.3, 0.5])))
+        with numpyro.plate("i", n_i, dim=-2):
+            a = numpyro.sample("a", dist.Bernoulli(jnp.where(g == 1, 0.3, 0.6)))
+            with numpyro.plate("j", n_j, dim=-1):
+                b = numpyro.sample("b", dist.Bernoulli(jnp.where(a == g % 2, 0.2, 0.7)))
+                numpyro.sample("y", dist.Normal(b + a + g, 1.0), obs=y)
+
+    return model, jnp.linspace(-1.0, 3.0, n_i * n_j).reshape(n_i, n_j)
+
+
+def test_junction_plan_is_batched_by_depth_whatever_the_plate_sizes():
+    shapes = []
+    for n_i, n_j in [(3, 2), (6, 5)]:
+        model, y = _global_and_plates(n_i, n_j)
+        fg = compile_model(model, y=y)
+        assert not fg.is_tree()
+        jt = fg.plan("exact").junction
+        shapes.append([len(step) for step in jt.steps])
+        if n_i == 3:
+            for semiring in ("sum", "max"):
+                post = infer(fg, semiring, y=y)
+                assert post.schedule == "exact"
+                ref = brute_force(model, semiring=semiring, y=y)
+                assert_posteriors_close(post, ref, 1e-8, model, {"y": y})
+    # The same depths and batches of edges (one op each) at 6 and 30 leaves.
+    assert shapes[0] == shapes[1]
+    assert len(shapes[0]) <= 3
+
+
 @given(seed=st.integers(0, 100_000), semiring=st.sampled_from(["sum", "max"]))
 def test_plated_tree_is_exact_against_brute_force_and_numpyro(seed, semiring):
     model, kwargs = random_plated_tree_model(seed, size=3)
