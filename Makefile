@@ -27,13 +27,12 @@ JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache \
 # One XLA thread per test process: make test runs one pytest worker per core, and
 # each worker's Eigen thread pool (as wide as the machine) fought the other's for
 # the same cores (measured on 2 cores: 181 s -> 155 s for the sklearn, DCN and EM
-# tests). LLVM codegen at -O0: the tests compile thousands of small programs and
-# run each briefly, and the backend's optimisation passes were most of their
-# compile time (EM, factor-analyser, API and factor-RM tests on 2 cores: 126 s ->
-# 104 s). It changes no arithmetic (XLA's CPU fast-math stays off); `make bench`
-# and users keep the default level. Flags set in the environment are kept.
-TEST_XLA := XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
-	--xla_backend_optimization_level=0 $(XLA_FLAGS)"
+# tests). Not --xla_backend_optimization_level=0 (17% faster on the EM, API and
+# factor-RM tests) nor JAX_DISABLE_MOST_OPTIMIZATIONS: under either, the gradient
+# of the generic EM's log-likelihood w.r.t. mixture weights is NaN (values fine;
+# 6 tests in tests/learning/test_generic.py fail). Flags set in the environment
+# are kept.
+TEST_XLA := XLA_FLAGS="--xla_cpu_multi_thread_eigen=false $(XLA_FLAGS)"
 
 test: $(STAMP)
 	$(BIN)/ruff check pgm_drm tests bench notebooks
