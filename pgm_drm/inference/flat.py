@@ -111,7 +111,12 @@ def _total(acc: Array, ids) -> Array:
 def _leave_one_out(acc: Array, ids, msg: Array) -> Array:
     """Sum of a variable's incoming messages except ``msg`` (exact with -inf)."""
     a = acc[ids]
-    fin, ninf = a[..., 0, :], a[..., 1, :]
+    return _without(a[..., 0, :], a[..., 1, :], msg)
+
+
+def _without(fin: Array, ninf: Array, msg: Array) -> Array:
+    """A sum kept as its finite part ``fin`` and its number ``ninf`` of -inf
+    parts, less one of its parts ``msg`` (exact with -inf)."""
     neg = jnp.isneginf(msg)
     return jnp.where(
         neg,
@@ -127,11 +132,11 @@ def _rows(index: np.ndarray, inst) -> np.ndarray | Array:
     return jnp.asarray(index)[inst]
 
 
-def _pad(x: Array, kmax: int) -> Array:
+def _pad(x: Array, kmax: int, fill: float = 0.0) -> Array:
     k = x.shape[-1]
     if k == kmax:
         return x
-    return jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (kmax - k,), x.dtype)], -1)
+    return jnp.concatenate([x, jnp.full(x.shape[:-1] + (kmax - k,), fill, x.dtype)], -1)
 
 
 def _joint(table: Array, v_in: Array, cards: tuple[int, ...], skip: int) -> Array:
@@ -415,11 +420,21 @@ def _run_tree(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult
 # --------------------------------------------------------------------------- #
 
 
+def _all_rows(rows: np.ndarray, n: int) -> bool:
+    return len(rows) == n and np.array_equal(rows, np.arange(n))
+
+
+def _inverse(rows: np.ndarray, n: int) -> np.ndarray:
+    """For each of ``n`` rows, its position in the distinct ``rows`` (``len(rows)``
+    where absent: the padding row of a gather)."""
+    inv = np.full(n, len(rows), np.int32)
+    inv[rows] = np.arange(len(rows), dtype=np.int32)
+    return inv
+
+
 def _take(x: Array, rows: np.ndarray) -> Array:
     """``x[rows]`` for static rows; no gather when they are all rows in order."""
-    if len(rows) == x.shape[0] and np.array_equal(rows, np.arange(len(rows))):
-        return x
-    return x[rows]
+    return x if _all_rows(rows, x.shape[0]) else x[rows]
 
 
 def _add_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
@@ -430,7 +445,7 @@ def _add_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
     n, m = acc.shape[0], len(rows)
     if m == 0:
         return acc
-    if m == n and np.array_equal(rows, np.arange(n)):
+    if _all_rows(rows, n):
         return acc + x
     uniq, counts = np.unique(rows, return_counts=True)
     sorted_rows = bool(np.all(np.diff(rows) >= 0))
@@ -439,10 +454,8 @@ def _add_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
         x = jnp.sum(jnp.reshape(x, (len(uniq), int(counts[0])) + x.shape[1:]), axis=1)
         rows, m = uniq, len(uniq)
     if len(np.unique(rows)) == m:
-        inv = np.full(n, m, np.int32)
-        inv[rows] = np.arange(m, dtype=np.int32)
         pad = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-        return acc + pad[inv]
+        return acc + pad[_inverse(rows, n)]
     return acc.at[rows].add(x)
 
 
@@ -450,20 +463,11 @@ def _set_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
     """``acc.at[rows].set(x)`` for distinct static rows, as a gather."""
     n, m = acc.shape[0], len(rows)
     x = jnp.broadcast_to(x, (m,) + acc.shape[1:]).astype(acc.dtype)
-    if m == n and np.array_equal(rows, np.arange(n)):
+    if _all_rows(rows, n):
         return x
-    inv = np.full(n, m, np.int32)
-    inv[rows] = np.arange(m, dtype=np.int32)
+    inv = _inverse(rows, n)
     pad = jnp.concatenate([x, jnp.zeros((1,) + acc.shape[1:], acc.dtype)])
     return jnp.where(jnp.reshape(inv < m, (n,) + (1,) * (acc.ndim - 1)), pad[inv], acc)
-
-
-def _pad_inf(x: Array, kmax: int) -> Array:
-    k = x.shape[-1]
-    if k == kmax:
-        return x
-    fill = jnp.full(x.shape[:-1] + (kmax - k,), -jnp.inf, x.dtype)
-    return jnp.concatenate([x, fill], -1)
 
 
 def _cluster_potentials(plan: FlatPlan, s: _Setup, dtype) -> tuple[list, Array]:
@@ -503,6 +507,11 @@ def _with_children(psi: Array, fin: Array, cnt: Array) -> Array:
     return jnp.where(cnt > 0, -jnp.inf, psi + fin)
 
 
+def _up_belief(psi: list, fin: list, cnt: list, k: int, rows: np.ndarray) -> Array:
+    """:func:`_with_children` of class ``k``'s clusters at ``rows``."""
+    return _with_children(_take(psi[k], rows), _take(fin[k], rows), _take(cnt[k], rows))
+
+
 class _JunctionUp(NamedTuple):
     fin: list  # per class (n_k, *shape): finite part of the children's messages
     cnt: list  # per class: number of -inf children's messages
@@ -522,9 +531,7 @@ def _junction_up(plan: FlatPlan, psi: list, t, offset: Array) -> _JunctionUp:
         sends = []
         for e_i, e in enumerate(jt.steps[d]):
             r = e.child_rows
-            b = _with_children(
-                _take(psi[e.child], r), _take(fin[e.child], r), _take(cnt[e.child], r)
-            )
+            b = _up_belief(psi, fin, cnt, e.child, r)
             nd = len(jt.shapes[e.child])
             axes = tuple(a + 1 for a in range(nd) if a not in e.child_sep)
             m, off = _shift(_reduce(b, axes, t), tuple(range(1, len(e.child_sep) + 1)))
@@ -538,9 +545,7 @@ def _junction_up(plan: FlatPlan, psi: list, t, offset: Array) -> _JunctionUp:
             fin[e.parent] = _add_rows(fin[e.parent], rows, jnp.where(neg, 0.0, x))
             cnt[e.parent] = _add_rows(cnt[e.parent], rows, neg.astype(x.dtype))
     for k, rows in jt.roots:
-        b = _with_children(
-            _take(psi[k], rows), _take(fin[k], rows), _take(cnt[k], rows)
-        )
+        b = _up_belief(psi, fin, cnt, k, rows)
         log_z = log_z + jnp.sum(_reduce(b, tuple(range(1, b.ndim)), t))
     return _JunctionUp(fin, cnt, msgs, log_z)
 
@@ -553,12 +558,9 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
         for e_i, e in enumerate(jt.steps[d]):
             r = e.parent_rows
             own = _expand(up.msgs[(d, e_i)], jt.shapes[e.parent], e.parent_sep)
-            fin, cnt = _take(up.fin[e.parent], r), _take(up.cnt[e.parent], r)
-            neg = jnp.isneginf(own)
-            others = jnp.where(  # the parent's other children (exact with -inf)
-                neg,
-                jnp.where(cnt == 1, fin, -jnp.inf),
-                jnp.where(cnt == 0, fin - jnp.where(neg, 0.0, own), -jnp.inf),
+            # The parent's other children's messages.
+            others = _without(
+                _take(up.fin[e.parent], r), _take(up.cnt[e.parent], r), own
             )
             x = _take(psi[e.parent], r) + _take(down[e.parent], r) + others
             nd = len(jt.shapes[e.parent])
@@ -584,7 +586,7 @@ def _junction_marginals(plan: FlatPlan, beliefs: list, t, dtype) -> Array:
         m = _reduce(b, axes, t)
         norm = _reduce(m, (1,), t)
         m = m - jnp.where(jnp.isfinite(norm), norm, 0.0)[:, None]
-        out = _set_rows(out, var_ids, _pad_inf(m, plan.kmax))
+        out = _set_rows(out, var_ids, _pad(m, plan.kmax, -jnp.inf))
     return out
 
 
@@ -594,20 +596,14 @@ def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
     jt = plan.junction
     assign = [jnp.zeros((n,), jnp.int32) for n in jt.sizes]
     for k, rows in jt.roots:
-        b = _with_children(
-            _take(psi[k], rows), _take(up.fin[k], rows), _take(up.cnt[k], rows)
-        )
+        b = _up_belief(psi, up.fin, up.cnt, k, rows)
         flat = jnp.argmax(jnp.reshape(b, (len(rows), -1)), axis=1)
         assign[k] = _set_rows(assign[k], rows, flat)
     for d in range(jt.depth):
         for e in jt.steps[d]:
             sep = jnp.asarray(e.sep_of_parent)[_take(assign[e.parent], e.parent_rows)]
             r = e.child_rows
-            b = _with_children(
-                _take(psi[e.child], r),
-                _take(up.fin[e.child], r),
-                _take(up.cnt[e.child], r),
-            )
+            b = _up_belief(psi, up.fin, up.cnt, e.child, r)
             nd = b.ndim - 1
             rest = tuple(a for a in range(nd) if a not in e.child_sep)
             b = jnp.transpose(b, (0,) + tuple(a + 1 for a in e.child_sep + rest))
