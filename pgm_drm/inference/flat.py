@@ -772,11 +772,13 @@ def run_flat_plan(
         inputs: :class:`FlatInputs` (see :func:`flat_inputs`).
         temperature: ``None`` for max-sum (T=0, exact ``max``), else T > 0 (may be
             a traced scalar).
-        want_map: Also decode the joint MAP (tree: backtracking, with a second
-            max-sum upward pass when T > 0; loopy: a max-product run when T > 0).
+        want_map: Also decode the joint MAP (tree and junction tree:
+            backtracking, with a second max-sum upward pass when T > 0; loopy: a
+            max-product run when T > 0).
 
     Returns:
-        :class:`FlatResult`. Tree plans are exact; loopy plans give loopy beliefs.
+        :class:`FlatResult`. Tree and junction-tree ("exact") plans are exact;
+        loopy plans give loopy beliefs.
     """
     dtype = jnp.result_type(inputs.unary, inputs.constant, *inputs.tables)
     if not jnp.issubdtype(dtype, jnp.floating):
