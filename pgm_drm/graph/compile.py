@@ -327,8 +327,17 @@ def _checked_sites(
         else:
             _check_observed_shape(name, site)
         if log_prob_shapes:
-            _check_log_prob_shape(name, site, jnp.shape(_site_log_prob(site)))
+            _check_log_prob_shape(name, site, _log_prob_shape(site))
     return tr
+
+
+def _log_prob_shape(site: Mapping) -> tuple[int, ...]:
+    """The shape of a site's log-prob, traced abstractly (no XLA program is
+    compiled for it); evaluated when the log-prob reads a concrete value."""
+    try:
+        return tuple(jax.eval_shape(lambda: _site_log_prob(site)).shape)
+    except jax.errors.ConcretizationTypeError:
+        return tuple(jnp.shape(_site_log_prob(site)))
 
 
 def _check_log_prob_shape(name: str, site: Mapping, lp_shape: tuple) -> None:
