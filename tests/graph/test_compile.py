@@ -10,6 +10,7 @@ import numpyro.distributions as dist
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from numpyro import handlers
 
 from pgm_drm.graph import CompileError, compile_model
 from pgm_drm.testing import log_joint, random_factor_model, random_plate_model
@@ -283,13 +284,26 @@ def _data_plate_model(family, data_dim, n_data):
             w = numpyro.sample("w", dist.Bernoulli(0.4))
             with numpyro.plate("N", n_data, dim=data_dim):
                 m = mu[z] + 1.5 * w
-                if family == "normal":
+                if family in ("normal", "scaled", "masked"):
                     fn = dist.Normal(m, 0.7)
+                elif family == "normal_scale":  # the scale depends on a latent
+                    fn = dist.Normal(mu[z], 0.5 + w)
                 elif family == "bernoulli":
                     fn = dist.Bernoulli(logits=m)
+                elif family == "categorical":
+                    fn = dist.Categorical(logits=jnp.stack([m, -m, 0.5 * m], -1))
                 else:
                     fn = dist.Poisson(jnp.exp(m))
-                numpyro.sample("x", fn, obs=x)
+                if family == "scaled":
+                    with handlers.scale(scale=0.5):
+                        numpyro.sample("x", fn, obs=x)
+                elif family == "masked":  # every other data instance counts
+                    keep = jnp.arange(n_data) % 2 == 0
+                    keep = jnp.reshape(keep, (-1,) + (1,) * (-data_dim - 1))
+                    with handlers.mask(mask=keep):
+                        numpyro.sample("x", fn, obs=x)
+                else:
+                    numpyro.sample("x", fn, obs=x)
                 numpyro.factor("f", jnp.where(z == 1, 0.3, -0.2))
 
     shape = [1, 1]
@@ -298,8 +312,23 @@ def _data_plate_model(family, data_dim, n_data):
     return model, tuple(shape)
 
 
+#: Observed families in a data plate: natural-form ones (Normal with a
+#: latent-free scale, Bernoulli, Poisson, Categorical), one whose scale depends
+#: on a latent, and a Normal under handlers.scale / handlers.mask (summed as
+#: plain log-probs).
+DATA_PLATE_FAMILIES = [
+    "normal",
+    "bernoulli",
+    "poisson",
+    "categorical",
+    "normal_scale",
+    "scaled",
+    "masked",
+]
+
+
 @given(
-    family=st.sampled_from(["normal", "bernoulli", "poisson"]),
+    family=st.sampled_from(DATA_PLATE_FAMILIES),
     data_dim=st.sampled_from([-1, -2]),
     n_data=st.integers(1, 4),
     seed=st.integers(0, 10_000),
@@ -309,11 +338,12 @@ def test_data_plates_are_summed_into_one_factor(family, data_dim, n_data, seed):
 
     model, shape = _data_plate_model(family, data_dim, n_data)
     rng = np.random.default_rng(seed)
-    if family == "normal":
-        x = rng.normal(size=shape)
+    if family in ("bernoulli", "categorical", "poisson"):
+        high = {"bernoulli": 2, "categorical": 3, "poisson": 4}[family]
+        x = rng.integers(0, high, shape)
     else:
-        x = rng.integers(0, 2 if family == "bernoulli" else 4, shape)
-    x = jnp.asarray(x, float)
+        x = rng.normal(size=shape)
+    x = jnp.asarray(x, int if family == "categorical" else float)
     fg = compile_model(model, x=x)
     # One factor per instance of the latent plate K: the N data instances of each
     # share a scope and are summed (SiteInfo.summed).
