@@ -76,8 +76,15 @@ def _reduce(x: Array, axes: tuple[int, ...], t: Array | None) -> Array:
 
 
 def _shift(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
-    """``x - max`` over ``axes`` and the max (``-inf`` rows stay ``-inf``)."""
-    m = jnp.max(x, axis=axes, keepdims=True)
+    """``x - max`` over ``axes`` and the max (``-inf`` rows stay ``-inf``).
+
+    Every caller adds the returned max back (to log Z) or normalises it away, so
+    the results do not depend on the shift and it carries no gradient (as in
+    ``jax.nn.logsumexp``): the backward program is smaller, and XLA's CPU
+    backend at ``-O0`` or with its legacy emitters otherwise returned NaN for
+    the vmapped gradient of log Z (the ``where(isfinite(max))`` branch).
+    """
+    m = jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
     safe = jnp.where(jnp.isfinite(m), m, 0.0)
     return x - safe, jnp.squeeze(m, axis=axes)
 
