@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import networkx as nx
 import numpy as np
+import numpyro
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, enum
@@ -248,9 +249,11 @@ class _first_value(Messenger):
             and getattr(msg["fn"], "has_enumerate_support", False)
             and msg["fn"].event_shape == ()
         ):
-            sup = msg["fn"].enumerate_support(expand=False)
-            first = jnp.reshape(sup, (sup.shape[0], -1))[0, 0]
-            msg["value"] = jnp.broadcast_to(first, msg["fn"].batch_shape)
+            # A numpy value: the model's own indexing by it is then a static
+            # slice, not a dispatched gather (most of a plain loop's trace time).
+            sup = np.asarray(msg["fn"].enumerate_support(expand=False))
+            first = sup.reshape(sup.shape[0], -1)[0, 0]
+            msg["value"] = np.broadcast_to(first, msg["fn"].batch_shape)
 
 
 def _plain_trace(model: Callable, args: tuple, kwargs: dict) -> dict:
@@ -1250,9 +1253,13 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
     ev_values = [jnp.asarray(arrays[k]) for k in ev_names]
     try:
-        closed = jax.make_jaxpr(
-            lambda lv, ev: fn(lv, dict(zip(ev_names, ev, strict=True)))
-        )(lat_values, ev_values)
+        # NumPyro's argument and support checks cannot judge tracers (the plain
+        # trace above ran them on concrete values); here they would only add
+        # operations to trace.
+        with numpyro.validation_enabled(False):
+            closed = jax.make_jaxpr(
+                lambda lv, ev: fn(lv, dict(zip(ev_names, ev, strict=True)))
+            )(lat_values, ev_values)
     except jax.errors.ConcretizationTypeError as err:
         raise CompileError(
             "the model uses a latent value or evidence in Python control flow or as "
