@@ -296,13 +296,17 @@ def _up_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeStat
     for (k, p), inst in step:
         cards = plan.pair_cards[k]
         ids = _rows(plan.pair_scope[k], inst)
-        for j in range(len(cards)):
-            if j != p:
-                up = s.unary[ids[:, j]] + _total(b, ids[:, j])
-                v[k] = v[k].at[inst, j].set(up)
-        msg, off = _factor_message(
-            s.tables[k][inst], v[k][inst], cards, p, t, plan.kmax
-        )
+        # The children's beliefs, built in place of the parent slot's zeros (the
+        # downward pass fills that slot; the backtrack skips it): one write.
+        slots = [
+            jnp.zeros_like(s.unary[ids[:, j]])
+            if j == p
+            else s.unary[ids[:, j]] + _total(b, ids[:, j])
+            for j in range(len(cards))
+        ]
+        v_in = jnp.stack(slots, axis=1)
+        v[k] = v[k].at[inst].set(v_in)
+        msg, off = _factor_message(s.tables[k][inst], v_in, cards, p, t, plan.kmax)
         real = jnp.asarray(inst) < plan.pair_scope[k].shape[0] - 1
         log_z = log_z + jnp.sum(jnp.where(real, off, 0.0))
         m[k] = m[k].at[inst, p].set(msg)
@@ -315,23 +319,24 @@ def _up_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeStat
 def _down_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeState:
     """Factors at one depth get their parent's message and send to children."""
     b, v, m, log_z = state
-    v, m = list(v), list(m)
     sends = []
     for (k, p), inst in step:
         cards = plan.pair_cards[k]
         ids = _rows(plan.pair_scope[k], inst)
         down = s.unary[ids[:, p]] + _leave_one_out(b, ids[:, p], m[k][inst, p])
-        v[k] = v[k].at[inst, p].set(down)
+        # The upward pass's var->factor messages with the parent slot replaced
+        # (a select, not a write: nothing reads v or m after the downward pass).
+        v_up = v[k][inst]
+        is_p = (np.arange(len(cards)) == p)[None, :, None]
+        v_in = jnp.where(is_p, down[:, None, :], v_up)
+        table = s.tables[k][inst]
         for j in range(len(cards)):
             if j != p:
-                msg, _ = _factor_message(
-                    s.tables[k][inst], v[k][inst], cards, j, t, plan.kmax
-                )
-                m[k] = m[k].at[inst, j].set(msg)
+                msg, _ = _factor_message(table, v_in, cards, j, t, plan.kmax)
                 sends.append((ids[:, j], msg))
     for ids, msg in sends:
         b = _scatter(b, ids, msg)
-    return _TreeState(b, tuple(v), tuple(m), log_z)
+    return _TreeState(b, v, m, log_z)
 
 
 def _run_steps(plan: FlatPlan, fn, state, reverse: bool):
