@@ -296,17 +296,13 @@ def _up_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeStat
     for (k, p), inst in step:
         cards = plan.pair_cards[k]
         ids = _rows(plan.pair_scope[k], inst)
-        # The children's beliefs, built in place of the parent slot's zeros (the
-        # downward pass fills that slot; the backtrack skips it): one write.
-        slots = [
-            jnp.zeros_like(s.unary[ids[:, j]])
-            if j == p
-            else s.unary[ids[:, j]] + _total(b, ids[:, j])
-            for j in range(len(cards))
-        ]
-        v_in = jnp.stack(slots, axis=1)
-        v[k] = v[k].at[inst].set(v_in)
-        msg, off = _factor_message(s.tables[k][inst], v_in, cards, p, t, plan.kmax)
+        for j in range(len(cards)):
+            if j != p:
+                up = s.unary[ids[:, j]] + _total(b, ids[:, j])
+                v[k] = v[k].at[inst, j].set(up)
+        msg, off = _factor_message(
+            s.tables[k][inst], v[k][inst], cards, p, t, plan.kmax
+        )
         real = jnp.asarray(inst) < plan.pair_scope[k].shape[0] - 1
         log_z = log_z + jnp.sum(jnp.where(real, off, 0.0))
         m[k] = m[k].at[inst, p].set(msg)
