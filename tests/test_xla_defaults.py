@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent(
     )
 
     flags = os.environ.get("XLA_FLAGS", "")
-    assert "optimization_level" not in flags and "fusion_emitters" not in flags
+    assert "optimization_level=0" not in flags, flags
+    assert "fusion_emitters=false" not in flags, flags
     cases = [
         (random_factor_model(3, n_vars=6, kind="tree", hard_zeros=True), "tree",
          ("sum", "max")),
