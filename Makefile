@@ -33,16 +33,16 @@ JAX_CACHE := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.jax_cache \
 # tests). The tests compile thousands of small programs and run each on toy
 # sizes, so XLA compile time is half of their time: they compile at
 # --xla_backend_optimization_level=0 with XLA's legacy CPU emitters
-# (--xla_cpu_use_fusion_emitters=false), the same programs built with fewer passes
-# (measured side by side on 2 cores, the flat-kernel, DCN, EM and generic-EM tests:
-# 166 s at the defaults, 140 s legacy emitters, 146 s -O0, 88 s both; the whole
-# make test from a fresh clone: 14:33 -> 9:14). Both once
+# (--xla_cpu_use_fusion_emitters=false), the same programs built with fewer
+# passes. Measured side by side on 2 cores, the flat-kernel, DCN, EM and
+# generic-EM tests: 166 s at the defaults, 140 s legacy emitters, 146 s -O0, 88 s
+# both; the whole make test from a fresh clone: 14:33 -> 9:14. Both settings once
 # gave a NaN vmapped gradient of the generic EM's log-likelihood: the flat
 # kernel's max-shifts carried a gradient through where(isfinite(max), max, 0);
 # they now carry none (inference/flat.py `_shift`), and every test passes under
-# both settings. What users run (make demo, make bench, notebooks opened by hand)
-# uses XLA's defaults, and tests/test_xla_defaults.py re-checks exactness there
-# in a fresh process. Flags set in the environment are kept.
+# both. What users run (make demo, make bench, notebooks opened by hand) uses
+# XLA's defaults, and tests/test_xla_defaults.py re-checks exactness there in a
+# fresh process. Flags set in the environment are kept.
 TEST_XLA := XLA_FLAGS="--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false $(XLA_FLAGS)"
 
 test: $(STAMP)

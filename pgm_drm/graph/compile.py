@@ -251,8 +251,7 @@ class _first_value(Messenger):
         ):
             # A numpy value: the model's own indexing by it is then a static
             # slice, not a dispatched gather (most of a plain loop's trace time).
-            sup = np.asarray(msg["fn"].enumerate_support(expand=False))
-            first = sup.reshape(sup.shape[0], -1)[0, 0]
+            first = support_values(msg["fn"], msg["name"])[0]
             msg["value"] = np.broadcast_to(first, msg["fn"].batch_shape)
 
 
@@ -685,9 +684,10 @@ class _Evaluator:
     latents it does not depend on.
 
     Everything that does not depend on the evidence (a Normal's natural
-    parameters ``mu / sigma^2`` at every latent state, Eq. 8) is computed once,
-    at the first call of a restricted evaluator (:meth:`restrict`, the one a
-    compiled graph keeps for new evidence; :meth:`_staged`): the jaxpr is split by
+    parameters ``mu / sigma^2`` at every latent state, Eq. 8) is computed once by
+    a restricted evaluator (:meth:`restrict`, the one a compiled graph keeps for
+    new evidence; :meth:`_staged`, which ``compile_model`` calls right away when
+    no trace is active, else the first call does): the jaxpr is split by
     ``partial_eval_jaxpr_nounits`` and its evidence-free part's results
     (*residuals*, each over only the colours it depends on) are kept, so a call
     runs only the data-dependent part (the template match).
@@ -704,7 +704,7 @@ class _Evaluator:
     def restrict(self, outputs: Sequence[int]) -> _Evaluator:
         """An evaluator of only ``outputs`` (renumbered ``0..``): the rest of the
         jaxpr is dropped (a graph keeps only what new evidence can change). It
-        stages its evidence-free part (:meth:`_staged`) at its first call."""
+        stages its evidence-free part (:meth:`_staged`) once, when first asked."""
         from jax._src.interpreters import partial_eval as pe
 
         wanted = set(outputs)
