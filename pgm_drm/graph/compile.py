@@ -51,7 +51,7 @@ import gc
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -300,6 +300,19 @@ def _checked_sites(
     check to the caller (``compile_model`` reads the shapes off its jaxpr instead
     of scoring every site once more here)."""
     tr = _plain_trace(model, args, kwargs)
+    _check_sites(tr, supports=True)
+    if log_prob_shapes:
+        for name, site in tr.items():
+            if site["type"] == "sample":
+                _check_log_prob_shape(name, site, _log_prob_shape(site))
+    return tr
+
+
+def _check_sites(tr: Mapping[str, dict], supports: bool) -> None:
+    """The static checks of every site of a trace: plates not subsampled, latent
+    sites discrete, scalar and enumerable (``supports``: their supports read, so
+    a support that varies across the batch is refused), observed values of the
+    site's exact shape."""
     for name, site in tr.items():
         if site["type"] == "plate":
             size, sub = (tuple(site["args"]) + (None, None))[:2]
@@ -313,24 +326,26 @@ def _checked_sites(
             continue
         fn = site["fn"]
         if not site["is_observed"]:
-            if not getattr(fn, "has_enumerate_support", False):
-                raise CompileError(
-                    f"latent site '{name}' has distribution {_family_name(fn)}, "
-                    "which has no finite support; every latent site must be discrete "
-                    "and enumerable (Categorical, Bernoulli, DiscreteUniform, ...). "
-                    "Observe it or integrate it out."
-                )
-            if fn.event_shape != ():
-                raise CompileError(
-                    f"latent site '{name}' has event shape {fn.event_shape}; only "
-                    "scalar discrete latents (batched by plates) are supported"
-                )
-            support_values(fn, name)
+            _check_latent(name, fn)
+            if supports:
+                support_values(fn, name)
         else:
             _check_observed_shape(name, site)
-        if log_prob_shapes:
-            _check_log_prob_shape(name, site, _log_prob_shape(site))
-    return tr
+
+
+def _check_latent(name: str, fn: Any) -> None:
+    if not getattr(fn, "has_enumerate_support", False):
+        raise CompileError(
+            f"latent site '{name}' has distribution {_family_name(fn)}, "
+            "which has no finite support; every latent site must be discrete "
+            "and enumerable (Categorical, Bernoulli, DiscreteUniform, ...). "
+            "Observe it or integrate it out."
+        )
+    if fn.event_shape != ():
+        raise CompileError(
+            f"latent site '{name}' has event shape {fn.event_shape}; only "
+            "scalar discrete latents (batched by plates) are supported"
+        )
 
 
 def _log_prob_shape(site: Mapping) -> tuple[int, ...]:
@@ -587,20 +602,32 @@ def _log_prob_fn(
         data = dict(zip(latent, values, strict=True))
         seeded = handlers.seed(handlers.substitute(model, data=data), 0)
         tr = handlers.trace(seeded).get_trace(*args, **{**static, **evidence})
-        out, extra = [], []
         if split is not None:
             split.clear()
-        for n, sm in zip(sites, summed, strict=True):
-            parts = None if split is None else _split_log_prob(tr[n], sm)
-            if parts is None:
-                out.append(_site_log_prob(tr[n], True, sm))
-            else:  # the same sum natural_log_prob takes, traced once
-                out.append(parts[0] + parts[1])
-                split.append(n)
-                extra.extend(parts)
-        return out + extra
+        return _score_sites(tr, sites, summed, split)
 
     return fn
+
+
+def _score_sites(
+    tr: Mapping[str, dict],
+    sites: Sequence[str],
+    summed: Sequence[tuple[tuple[int, int], ...]],
+    split: list[str] | None,
+) -> list:
+    """Every site's log-prob in natural form, summed over its data plates, then
+    ``(mean part, scale part)`` of each site :func:`_split_log_prob` splits (its
+    name appended to ``split``; none when ``split`` is None)."""
+    out, extra = [], []
+    for n, sm in zip(sites, summed, strict=True):
+        parts = None if split is None else _split_log_prob(tr[n], sm)
+        if parts is None:
+            out.append(_site_log_prob(tr[n], True, sm))
+        else:  # the same sum natural_log_prob takes, traced once
+            out.append(parts[0] + parts[1])
+            split.append(n)
+            extra.extend(parts)
+    return out + extra
 
 
 def _greedy_colours(scopes: Sequence[Sequence[str]], latent: Sequence[str]) -> dict:
@@ -1238,6 +1265,209 @@ def _gc_paused():
             gc.enable()
 
 
+#: ``compile_model`` traces the model once (:func:`_front_one_trace`); False
+#: forces the older two traces (a plain one, then an abstract one), which is also
+#: the fallback for anything the one trace cannot judge (and the path whose errors
+#: a malformed model gets).
+ONE_TRACE = True
+
+
+class _Front(NamedTuple):
+    """What ``compile_model``'s front half reads off the model."""
+
+    sites: dict  # the trace's site messages, by name
+    sample_sites: list[str]
+    latent: list[str]
+    supports: dict[str, tuple]
+    infos: dict[str, SiteInfo]
+    nesting: int
+    closed: ClosedJaxpr  # (latent values..., evidence...) -> log-probs
+    split: list[str]
+    lat_values: list[Array]  # each latent at its first support value
+
+
+def _site_infos(tr: Mapping[str, dict], supports: Mapping[str, tuple]) -> tuple:
+    """``(sample sites, latent sites, infos, plate nesting)`` of a checked trace."""
+    sample_sites = [n for n, s in tr.items() if s["type"] == "sample"]
+    latent = [n for n in sample_sites if not tr[n]["is_observed"]]
+    latent_plates = frozenset(f.name for n in latent for f in _frames(tr[n]))
+    infos = {n: _site_info(n, tr[n], supports, latent_plates) for n in sample_sites}
+    nesting = max([0] + [-f.dim for n in sample_sites for f in _frames(tr[n])])
+    return sample_sites, latent, infos, nesting
+
+
+def _abstract_error(err: Exception) -> CompileError:
+    return CompileError(
+        "the model uses a latent value or evidence in Python control flow or as "
+        "a shape (an `if`, `int(...)`, a Python index); write it with array ops "
+        f"(jnp.where, Vindex) so every value can be enumerated ({err})"
+    )
+
+
+def _front_two_traces(
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    static: Mapping[str, Any],
+    ev_names: list[str],
+    ev_values: list[Array],
+) -> _Front:
+    """A plain trace (latents at their first support value, NumPyro's checks on
+    concrete values), then an abstract one of every site's log-prob."""
+    plain = _checked_sites(model, args, kwargs, log_prob_shapes=False)
+    latent = [
+        n for n, s in plain.items() if s["type"] == "sample" and not s["is_observed"]
+    ]
+    supports = {n: tuple(support_values(plain[n]["fn"], n).tolist()) for n in latent}
+    sample_sites, latent, infos, nesting = _site_infos(plain, supports)
+    summed = [infos[n].summed for n in sample_sites]
+    split: list[str] = []
+    fn = _log_prob_fn(model, args, static, latent, sample_sites, summed, split)
+    lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
+    try:
+        # NumPyro's argument and support checks cannot judge tracers (the plain
+        # trace above ran them on concrete values); here they would only add
+        # operations to trace.
+        with numpyro.validation_enabled(False):
+            closed = jax.make_jaxpr(
+                lambda lv, ev: fn(lv, dict(zip(ev_names, ev, strict=True)))
+            )(lat_values, ev_values)
+    except jax.errors.ConcretizationTypeError as err:
+        raise _abstract_error(err) from err
+    return _Front(
+        plain, sample_sites, latent, supports, infos, nesting, closed, split, lat_values
+    )
+
+
+class _OneTraceUnfit(Exception):
+    """The one-trace path cannot judge this model (``compile_model`` falls back)."""
+
+
+def _latent_abstract_eval(*, shape, dtype, name):
+    from jax._src.core import ShapedArray
+
+    return ShapedArray(shape, dtype)
+
+
+def _latent_impl(*, shape, dtype, name):
+    raise _OneTraceUnfit(f"latent site '{name}' evaluated outside compile_model")
+
+
+#: Marks a latent site's value in the one trace; ``_lift_latents`` turns each
+#: marker's output into an input of the jaxpr.
+_latent_p = jax.extend.core.Primitive("pgm_drm_latent")
+_latent_p.def_abstract_eval(_latent_abstract_eval)
+_latent_p.def_impl(_latent_impl)
+
+
+class _marked_latents(Messenger):
+    """Give every latent sample site a marker value (an abstract array of the
+    site's batch shape) and read its support, concretely."""
+
+    def __init__(self, fn: Callable | None = None):
+        self.supports: dict[str, np.ndarray] = {}
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return
+        if msg["value"] is not None:
+            raise _OneTraceUnfit(f"latent site '{msg['name']}' already has a value")
+        name, fn = msg["name"], msg["fn"]
+        _check_latent(name, fn)
+        with jax.ensure_compile_time_eval():
+            sup = support_values(fn, name)
+        self.supports[name] = sup
+        dtype = jax.dtypes.canonicalize_dtype(sup.dtype)
+        shape = tuple(int(d) for d in fn.batch_shape)
+        msg["value"] = _latent_p.bind(shape=shape, dtype=dtype, name=name)
+
+
+def _lift_latents(closed: ClosedJaxpr, latent: Sequence[str]) -> ClosedJaxpr:
+    """``closed`` with every latent marker's output made an input, in ``latent``
+    order, ahead of the evidence inputs."""
+    jaxpr = closed.jaxpr
+    found, eqns = {}, []
+    for e in jaxpr.eqns:
+        if e.primitive is _latent_p:
+            found[e.params["name"]] = e.outvars[0]
+        else:
+            eqns.append(e)
+    if sorted(found) != sorted(latent):  # a marker inside a nested jaxpr (scan, jit)
+        raise _OneTraceUnfit("a latent site is sampled inside a nested JAX trace")
+    lifted = jaxpr.replace(
+        invars=[found[n] for n in latent] + list(jaxpr.invars),
+        eqns=eqns,
+        debug_info=None,
+    )
+    return ClosedJaxpr(lifted, closed.consts)
+
+
+def _front_one_trace(
+    model: Callable,
+    args: tuple,
+    static: Mapping[str, Any],
+    ev_names: list[str],
+    ev_values: list[Array],
+) -> _Front:
+    """One abstract trace of the model: latent values are marker primitives
+    (lifted to inputs afterwards), the site checks are the plain trace's static
+    ones, and every site's log-prob is scored in the same trace.
+
+    NumPyro's parameter checks cannot judge tracers; ``compile_model`` checks
+    the latent tables instead (:func:`_check_normalised`), at every parent state.
+    Raises whatever the model raises: ``compile_model`` then takes the
+    two-trace path, which reports it.
+    """
+    found: dict[str, Any] = {}
+
+    def fn(ev):
+        marker = _marked_latents(model)
+        seeded = handlers.seed(marker, 0)
+        tr = handlers.trace(seeded).get_trace(
+            *args, **{**static, **dict(zip(ev_names, ev, strict=True))}
+        )
+        _check_sites(tr, supports=False)
+        supports = {n: tuple(v.tolist()) for n, v in marker.supports.items()}
+        sample_sites, latent, infos, nesting = _site_infos(tr, supports)
+        split: list[str] = []
+        scores = _score_sites(
+            tr, sample_sites, [infos[n].summed for n in sample_sites], split
+        )
+        first = {n: marker.supports[n][0] for n in latent}
+        found.update(
+            tr=dict(tr),
+            sample_sites=sample_sites,
+            latent=latent,
+            supports=supports,
+            infos=infos,
+            nesting=nesting,
+            split=split,
+            first=first,
+        )
+        return scores
+
+    with numpyro.validation_enabled(False):
+        closed = jax.make_jaxpr(fn)(ev_values)
+    latent = found["latent"]
+    closed = _lift_latents(closed, latent)
+    lat_values = [
+        jnp.asarray(np.broadcast_to(found["first"][n], v.aval.shape))
+        for n, v in zip(latent, closed.jaxpr.invars, strict=False)
+    ]
+    return _Front(
+        found["tr"],
+        found["sample_sites"],
+        latent,
+        found["supports"],
+        found["infos"],
+        found["nesting"],
+        closed,
+        found["split"],
+        lat_values,
+    )
+
+
 @_gc_paused()
 def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     """Compile a NumPyro model with finite discrete latents into a factor graph.
@@ -1263,39 +1493,30 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     """
     for name, x in split_evidence(kwargs)[0].items():
         check_evidence_values(name, x)
-    plain = _checked_sites(model, args, kwargs, log_prob_shapes=False)
-    sample_sites = [n for n, s in plain.items() if s["type"] == "sample"]
-    latent = [n for n in sample_sites if not plain[n]["is_observed"]]
-    supports = {n: tuple(support_values(plain[n]["fn"], n).tolist()) for n in latent}
-    latent_plates = frozenset(f.name for n in latent for f in _frames(plain[n]))
-    infos = {n: _site_info(n, plain[n], supports, latent_plates) for n in sample_sites}
-    nesting = max([0] + [-f.dim for n in sample_sites for f in _frames(plain[n])])
     arrays, static = split_evidence(kwargs)
     ev_names = list(arrays)
-
-    # One abstract trace: latent values + evidence -> every site's log-prob.
-    summed = [infos[n].summed for n in sample_sites]
-    split: list[str] = []
-    fn = _log_prob_fn(model, args, static, latent, sample_sites, summed, split)
-    lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
     ev_values = [jnp.asarray(arrays[k]) for k in ev_names]
-    try:
-        # NumPyro's argument and support checks cannot judge tracers (the plain
-        # trace above ran them on concrete values); here they would only add
-        # operations to trace.
-        with numpyro.validation_enabled(False):
-            closed = jax.make_jaxpr(
-                lambda lv, ev: fn(lv, dict(zip(ev_names, ev, strict=True)))
-            )(lat_values, ev_values)
-    except jax.errors.ConcretizationTypeError as err:
-        raise CompileError(
-            "the model uses a latent value or evidence in Python control flow or as "
-            "a shape (an `if`, `int(...)`, a Python index); write it with array ops "
-            f"(jnp.where, Vindex) so every value can be enumerated ({err})"
-        ) from err
+    front = None
+    if ONE_TRACE:
+        try:
+            front = _front_one_trace(model, args, static, ev_names, ev_values)
+        except Exception:  # noqa: BLE001 - the two-trace path raises the real error
+            front = None
+    if front is None:
+        front = _front_two_traces(model, args, kwargs, static, ev_names, ev_values)
+    sample_sites, latent, supports, infos, nesting, closed, split, lat_values = (
+        front.sample_sites,
+        front.latent,
+        front.supports,
+        front.infos,
+        front.nesting,
+        front.closed,
+        front.split,
+        front.lat_values,
+    )
     n_sites = len(sample_sites)
     for n, aval in zip(sample_sites, closed.out_avals[:n_sites], strict=True):
-        _check_log_prob_shape(n, plain[n], tuple(aval.shape))
+        _check_log_prob_shape(n, front.sites[n], tuple(aval.shape))
     labels = [frozenset({("z", n)}) for n in latent] + [
         frozenset({("e", k)}) for k in ev_names
     ]
@@ -1384,6 +1605,8 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         tables = tuple(jax.device_put(host))  # one transfer, as the grouped path
     for g, t in zip(fgroups, tables, strict=True):
         _check_table(g.site, t)
+        if g.site in supports:
+            _check_normalised(g.site, front.sites[g.site], g.scope_sites, t)
     fg._static_tables = tables
     # Keep only the part of the jaxpr that new evidence can change.
     dynamic = [n for n in sample_sites if infos[n].evidence]
@@ -1488,6 +1711,38 @@ def _check_table(site: str, table: Array) -> None:
         raise CompileError(
             f"site '{site}' has +inf log-probabilities; only -inf (a hard zero) is "
             "allowed"
+        )
+
+
+def _check_normalised(
+    site: str, msg: Mapping, scope: Sequence[str], table: Array
+) -> None:
+    """A latent site's probabilities sum to one over its support at every state
+    of its parents (NumPyro's simplex tolerance, 1e-6; at least 16 ulps of the
+    table's dtype): a parameter outside its constraint (probs that do not sum to
+    one) would otherwise give a finite, wrong table. NumPyro's own argument
+    checks see only concrete values, and ``compile_model`` traces abstractly.
+    Sites under ``handlers.scale`` or ``mask`` are not normalised by design."""
+    if msg.get("scale") is not None or msg.get("mask") is not None:
+        return
+    if isinstance(msg["fn"], MaskedDistribution):
+        return
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim < 2 or t.size == 0:
+        return
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        total = np.exp(t).sum(axis=1)
+    tol = max(1e-6, 16 * float(np.finfo(np.asarray(table).dtype).eps))
+    bad = ~(np.abs(total - 1.0) <= tol)
+    if bad.any():
+        err = np.where(bad, np.abs(np.nan_to_num(total - 1, nan=np.inf)), 0)
+        worst = np.unravel_index(np.argmax(err), bad.shape)
+        parents = {s: int(i) for s, i in zip(scope[1:], worst[1:], strict=True)}
+        at = f" at parent state index {parents}" if parents else ""
+        raise CompileError(
+            f"latent site '{site}' ({_family_name(msg['fn'])}) has probabilities "
+            f"summing to {float(total[worst]):.9g}, not 1{at}: a parameter is outside "
+            "its constraint (e.g. probs that do not sum to one)"
         )
 
 
