@@ -63,6 +63,10 @@ from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, enum
 from numpyro.contrib.funsor import trace as packed_trace
 from numpyro.distributions import (
+    BernoulliLogits,
+    BernoulliProbs,
+    CategoricalLogits,
+    CategoricalProbs,
     ExpandedDistribution,
     Independent,
     MaskedDistribution,
@@ -402,6 +406,9 @@ def _check_observed_shape(name: str, site: Mapping) -> None:
 def support_values(fn: Any, name: str = "?") -> np.ndarray:
     """The support of a discrete distribution as a 1-d array (same for every plate
     instance), in ``enumerate_support`` order."""
+    k = _arange_support(fn)
+    if k is not None:  # NumPyro's own jnp.arange(k), without a device round trip
+        return np.arange(k, dtype=jax.dtypes.canonicalize_dtype(np.int64))
     sup = np.asarray(fn.enumerate_support(expand=False))
     k = sup.shape[0]
     sup = sup.reshape(k, -1)
@@ -411,6 +418,22 @@ def support_values(fn: Any, name: str = "?") -> np.ndarray:
             "every plate instance must share one support"
         )
     return sup[:, 0]
+
+
+def _arange_support(fn: Any) -> int | None:
+    """``k`` when ``fn``'s support is NumPyro's ``jnp.arange(k)`` read off a
+    shape (Bernoulli, Categorical, unwrapped from plates' expansion), else None.
+    Tested against ``enumerate_support`` itself."""
+    while isinstance(fn, ExpandedDistribution):
+        fn = fn.base_dist
+    method = getattr(type(fn), "enumerate_support", None)
+    if method in (BernoulliProbs.enumerate_support, BernoulliLogits.enumerate_support):
+        return 2
+    if method is CategoricalProbs.enumerate_support:
+        return int(jnp.shape(fn.probs)[-1])
+    if method is CategoricalLogits.enumerate_support:
+        return int(jnp.shape(fn.logits)[-1])
+    return None
 
 
 def _site_log_prob(

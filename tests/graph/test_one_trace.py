@@ -156,3 +156,34 @@ def test_scaled_latent_sites_are_not_held_to_sum_to_one():
     ref = brute_force(model)
     # float64 sums of two terms: 1e-12 is round-off.
     np.testing.assert_allclose(infer(fg, "sum").log_z, ref.log_z, atol=1e-12)
+
+
+@given(
+    family=st.sampled_from(["bern_p", "bern_l", "cat_p", "cat_l", "ordered"]),
+    k=st.integers(2, 6),
+    plate=st.sampled_from([(), (3,), (2, 3)]),
+    x64=st.booleans(),
+)
+def test_arange_supports_equal_enumerate_support(family, k, plate, x64):
+    import jax
+
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", x64)
+    try:
+        probs = jnp.full((k,), 1.0 / k)
+        fn = {
+            "bern_p": lambda: dist.BernoulliProbs(0.3),
+            "bern_l": lambda: dist.BernoulliLogits(0.3),
+            "cat_p": lambda: dist.CategoricalProbs(probs),
+            "cat_l": lambda: dist.CategoricalLogits(jnp.zeros(k)),
+            "ordered": lambda: dist.OrderedLogistic(0.0, jnp.arange(k - 1.0)),
+        }[family]()
+        if plate:
+            fn = fn.expand(plate)
+        assert compile_mod._arange_support(fn) is not None
+        fast = compile_mod.support_values(fn)
+        slow = np.asarray(fn.enumerate_support(expand=False)).reshape(len(fast), -1)
+        assert fast.dtype == slow.dtype
+        np.testing.assert_array_equal(fast, slow[:, 0])
+    finally:
+        jax.config.update("jax_enable_x64", old)
