@@ -54,7 +54,8 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
     """
     if not axes:
         return x
-    if isinstance(temperature, (int, float)):
+    if not isinstance(temperature, jax.core.Tracer):
+        temperature = float(temperature)  # Python, numpy or concrete JAX scalar
         if temperature == 0.0:
             return jnp.max(x, axis=axes)
         if temperature == 1.0:

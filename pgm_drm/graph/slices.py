@@ -274,12 +274,17 @@ def _eval_known(closed, n_lat, known_eqns, needed, evidence, rules=None) -> dict
     for eqn in known_eqns:
         ins = [read(a) for a in eqn.invars]
         rule = rules.get(eqn.primitive.name)
-        out = None if rule is None else rule(ins, eqn.params, eqn.outvars[0].aval)
+        out = None
+        if rule is not None and _numpy_safe(eqn):
+            # Each operand as its aval says (a Python-float literal is a float64
+            # in numpy but a float32 operand of a float32 comparison in XLA).
+            typed = [_np_cast(x, a.aval) for x, a in zip(ins, eqn.invars, strict=True)]
+            out = rule(typed, eqn.params, eqn.outvars[0].aval)
         if out is None:
             out = eqn.primitive.bind(*ins, **eqn.params)
             outs = out if eqn.primitive.multiple_results else [out]
         else:
-            outs = [out]
+            outs = [_np_cast(out, eqn.outvars[0].aval)]
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     needed = [v for v in needed if not isinstance(v, Literal)]
@@ -290,21 +295,26 @@ def _np_cast(x, aval):
     return np.asarray(x).astype(aval.dtype, copy=False)
 
 
-def _np_binary(op, arithmetic: bool):
-    """A binary rule; arithmetic runs in the result dtype, as XLA's does (lax
-    gives both operands one dtype, so comparisons need no cast)."""
+def _numpy_safe(eqn) -> bool:
+    """Whether numpy computes ``eqn`` exactly as XLA does: integer and boolean
+    arithmetic, and data movement of any dtype. Float arithmetic is left to XLA
+    (its CPU backend flushes subnormals to zero; numpy does not)."""
+    if eqn.primitive.name in _MOVES:
+        return True
+    return all(
+        np.dtype(a.aval.dtype).kind in "iub" for a in [*eqn.invars, *eqn.outvars]
+    )
 
+
+def _np_binary(op):
     def rule(ins, params, aval):
-        a, b = (np.asarray(x) for x in ins)
-        if arithmetic:
-            a, b = _np_cast(a, aval), _np_cast(b, aval)
-        return _np_cast(op(a, b), aval)
+        return op(ins[0], ins[1])
 
     return rule
 
 
 def _np_slice(ins, params, aval):
-    x = np.asarray(ins[0])
+    x = ins[0]
     strides = params.get("strides") or (1,) * x.ndim
     idx = tuple(
         slice(lo, hi, st)
@@ -315,8 +325,14 @@ def _np_slice(ins, params, aval):
     return x[idx]
 
 
+def _np_reshape(ins, params, aval):
+    if params.get("dimensions") is not None:  # transpose first: left to XLA
+        return None
+    return ins[0].reshape(aval.shape)
+
+
 def _np_broadcast_in_dim(ins, params, aval):
-    x = np.asarray(ins[0])
+    x = ins[0]
     shape = tuple(params["shape"])
     expanded = [1] * len(shape)
     for i, d in enumerate(params["broadcast_dimensions"]):
@@ -325,38 +341,40 @@ def _np_broadcast_in_dim(ins, params, aval):
 
 
 def _np_select_n(ins, params, aval):
-    which, *cases = (np.asarray(x) for x in ins)
+    which, *cases = ins
     if which.dtype != np.bool_ or len(cases) != 2:
         return None
-    return _np_cast(np.where(which, cases[1], cases[0]), aval)
+    return np.where(which, cases[1], cases[0])
 
 
 def _np_convert(ins, params, aval):
-    x = np.asarray(ins[0])
-    new = np.dtype(params["new_dtype"])
-    # Only conversions numpy and XLA agree on (float to int rounds NaN/inf
-    # differently); the rest go to JAX.
-    if x.dtype.kind == "f" and new.kind in "iub":
+    # Integers and booleans only (float to int rounds NaN and inf differently,
+    # and float to float may meet a subnormal): the rest go to XLA.
+    if ins[0].dtype.kind not in "iub":
         return None
-    return x.astype(new)
+    return ins[0].astype(np.dtype(params["new_dtype"]))
 
+
+#: Operations that only move data: exact in numpy for every dtype.
+_MOVES = frozenset({"slice", "squeeze", "reshape", "broadcast_in_dim", "select_n"})
 
 #: numpy twins of the latent-free operations a model makes per site; an
-#: operation not listed (or a rule returning None) runs in JAX.
+#: operation not listed, not numpy-safe (:func:`_numpy_safe`), or whose rule
+#: returns None runs in JAX.
 _NUMPY_RULES = {
     "slice": _np_slice,
-    "squeeze": lambda ins, p, aval: np.asarray(ins[0]).reshape(aval.shape),
-    "reshape": lambda ins, p, aval: np.asarray(ins[0]).reshape(aval.shape),
+    "squeeze": lambda ins, p, aval: ins[0].reshape(aval.shape),
+    "reshape": _np_reshape,
     "broadcast_in_dim": _np_broadcast_in_dim,
-    "add": _np_binary(np.add, True),
-    "sub": _np_binary(np.subtract, True),
-    "mul": _np_binary(np.multiply, True),
-    "lt": _np_binary(np.less, False),
-    "le": _np_binary(np.less_equal, False),
-    "gt": _np_binary(np.greater, False),
-    "ge": _np_binary(np.greater_equal, False),
-    "eq": _np_binary(np.equal, False),
     "select_n": _np_select_n,
+    "add": _np_binary(np.add),
+    "sub": _np_binary(np.subtract),
+    "mul": _np_binary(np.multiply),
+    "lt": _np_binary(np.less),
+    "le": _np_binary(np.less_equal),
+    "gt": _np_binary(np.greater),
+    "ge": _np_binary(np.greater_equal),
+    "eq": _np_binary(np.equal),
     "convert_element_type": _np_convert,
 }
 

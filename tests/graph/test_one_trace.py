@@ -187,3 +187,40 @@ def test_arange_supports_equal_enumerate_support(family, k, plate, x64):
         np.testing.assert_array_equal(fast, slow[:, 0])
     finally:
         jax.config.update("jax_enable_x64", old)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_valid_latents_pass_the_normalisation_check_in_float32(x64):
+    """Rounding in a log-prob grows with its terms (a float32 Binomial(100) sums
+    to 1 +- 3e-5): valid models must not be refused, in either precision."""
+    import jax
+
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", x64)
+    try:
+        logits = jnp.asarray([0.0, 100.0, -40.0, 3.0])
+
+        def model():
+            n = numpyro.sample("n", dist.Binomial(100, 0.3))
+            c = numpyro.sample("c", dist.Categorical(logits=logits))
+            numpyro.sample("y", dist.Normal(0.01 * n + c, 1.0), obs=0.3)
+
+        fg = compile_model(model)
+        assert np.isfinite(float(infer(fg, "sum", map=False).log_z))
+    finally:
+        jax.config.update("jax_enable_x64", old)
+
+
+def test_an_impossible_row_at_an_unreachable_parent_state_is_allowed():
+    # Row 1 of the table is all zero, but z is never 1: a hard zero, exact.
+    cpt = jnp.array([[0.3, 0.7], [0.0, 0.0]])
+
+    def model():
+        z = numpyro.sample("z", dist.Categorical(jnp.array([1.0, 0.0])))
+        w = numpyro.sample("w", dist.Categorical(cpt[z]))
+        numpyro.sample("y", dist.Normal(1.0 * w, 1.0), obs=0.3)
+
+    fg = compile_model(model)
+    ref = brute_force(model)
+    # float64 sums of a few terms: 1e-12 is round-off.
+    np.testing.assert_allclose(infer(fg, "sum").log_z, ref.log_z, atol=1e-12)

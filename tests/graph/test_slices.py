@@ -78,3 +78,42 @@ def test_latent_free_values_in_numpy_equal_jax(kind, seed):
     for a, b in zip(fast._static_tables, naive._static_tables, strict=True):
         # The same values into the same compiled programs: bit for bit.
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_numpy_rules_match_xla_on_edge_cases():
+    """Cases a reviewer found: an order-F reshape (a reshape with dimensions), a
+    float32 compared with a Python-float literal, a subnormal product, negative
+    and clamped indices, integer wrap-around."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3)
+    x32 = jnp.asarray([0.1, 0.2], jnp.float32)
+    tiny = jnp.asarray([1e-40, 1.0], jnp.float32)
+    big = jnp.asarray([2**31 - 1], jnp.int32)
+
+    def f():
+        return (
+            jnp.ravel(w, order="F"),
+            x32 > 0.1,
+            x32 == 0.1,
+            tiny * 1.5,
+            jnp.arange(5)[-2],
+            w[1],
+            w[:, ::2],
+            big + 1,
+            jnp.where(x32 > 0.15, x32, 0.5),
+            x32.astype(jnp.int32),
+            jnp.broadcast_to(x32[:, None], (2, 3)),
+        )
+
+    closed = jax.make_jaxpr(f)()
+    eqns, outs = closed.jaxpr.eqns, closed.jaxpr.outvars
+    fast = slices._eval_known(closed, 0, eqns, outs, [])
+    naive = slices._eval_known(closed, 0, eqns, outs, [], rules={})
+    for v in outs:
+        if isinstance(v, slices.Literal):
+            continue
+        a, b = np.asarray(fast[v]), np.asarray(naive[v])
+        assert a.dtype == b.dtype, v
+        np.testing.assert_array_equal(a, b)
