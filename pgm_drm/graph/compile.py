@@ -622,13 +622,16 @@ def _log_prob_fn(
     sites: Sequence[str],
     summed: Sequence[tuple[tuple[int, int], ...]],
     split: list[str] | None = None,
+    checks: list | None = None,
 ) -> Callable:
     """``(latent values, evidence) -> log-prob of every site`` (pure), in
     natural form, each summed over its data plates (``summed[i]``).
 
     With ``split`` (a list, filled while tracing): after the sites' log-probs
     come ``(mean part, scale part)`` of every site :func:`_split_log_prob`
-    splits, in the order of the names it appends to ``split``."""
+    splits, in the order of the names it appends to ``split``. With ``checks``
+    (a list, filled while tracing): then the observed sites' parameter checks
+    (:func:`_param_checks`), their ``(site, parameter, constraint)`` appended."""
 
     def fn(values, evidence):
         data = dict(zip(latent, values, strict=True))
@@ -636,7 +639,13 @@ def _log_prob_fn(
         tr = handlers.trace(seeded).get_trace(*args, **{**static, **evidence})
         if split is not None:
             split.clear()
-        return _score_sites(tr, sites, summed, split)
+        out = _score_sites(tr, sites, summed, split)
+        if checks is None:
+            return out
+        checks.clear()
+        found = _param_checks(tr, [n for n in sites if n not in latent])
+        checks.extend(c[:3] for c in found)
+        return out + [c[3] for c in found]
 
     return fn
 
@@ -732,6 +741,54 @@ def _concrete(fn: Callable, args: Sequence[Any]) -> Any:
         return fn(*args)
 
 
+def _split_by_evidence(
+    closed: ClosedJaxpr, n_lat: int
+) -> tuple[ClosedJaxpr, ClosedJaxpr, list]:
+    """``closed`` (latents..., evidence...) -> outputs, split equation by equation:
+    ``(known, data, residual avals)`` with ``known: latents -> residuals`` (every
+    equation that reads no evidence) and ``data: (residuals..., evidence...) ->
+    outputs``. The same contract as JAX's ``partial_eval_jaxpr_nounits`` with
+    every output instantiated, without re-tracing (which costs seconds on a
+    jaxpr of 100,000 equations); an equation that reads evidence is kept whole
+    (sub-jaxprs are not split), so custom derivative rules stay intact."""
+    from jax._src.interpreters import partial_eval as pe
+
+    jaxpr = closed.jaxpr
+    unknown = set(jaxpr.invars[n_lat:])
+    known_eqns, data_eqns = [], []
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in unknown for v in eqn.invars):
+            unknown.update(eqn.outvars)
+            data_eqns.append(eqn)
+        else:
+            known_eqns.append(eqn)
+    consts = set(jaxpr.constvars)
+    residuals: dict = {}
+    for eqn in data_eqns:
+        for v in eqn.invars:
+            if not isinstance(v, Literal) and v not in unknown and v not in consts:
+                residuals.setdefault(v, None)
+    for v in jaxpr.outvars:
+        if not isinstance(v, Literal) and v not in unknown and v not in consts:
+            residuals.setdefault(v, None)
+    res = list(residuals)
+    known = jaxpr.replace(
+        invars=list(jaxpr.invars[:n_lat]),
+        outvars=res,
+        eqns=known_eqns,
+        debug_info=None,
+    )
+    known, _ = pe.dce_jaxpr(known, [True] * len(res), instantiate=True)
+    data = jaxpr.replace(
+        invars=res + list(jaxpr.invars[n_lat:]), eqns=data_eqns, debug_info=None
+    )
+    return (
+        ClosedJaxpr(known, closed.consts),
+        ClosedJaxpr(data, closed.consts),
+        [v.aval for v in res],
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class _Evaluator:
     """Evaluates the model's jaxpr over every site's parents' supports.
@@ -804,14 +861,22 @@ class _Evaluator:
 
             n_lat = len(self.latent_fill)
             n_in = len(self.jaxpr.jaxpr.invars)
-            if _has_custom_rules(self.jaxpr.jaxpr):
-                # partial_eval inlines custom_jvp/vjp calls that meet the
-                # evidence and drops their derivative rules (xlogy, softplus):
-                # gradients of the tables w.r.t. evidence would change. Unstaged.
-                raise _NoStaging
-            known, data, _, res_avals = pe.partial_eval_jaxpr_nounits(
-                self.jaxpr, [False] * n_lat + [True] * (n_in - n_lat), instantiate=True
-            )
+            if len(self.jaxpr.jaxpr.eqns) > GROUP_EQNS:
+                # A big (loop-written) model: split equation by equation, which
+                # also keeps custom_jvp/vjp calls whole (see below).
+                known, data, res_avals = _split_by_evidence(self.jaxpr, n_lat)
+            else:
+                if _has_custom_rules(self.jaxpr.jaxpr):
+                    # partial_eval inlines custom_jvp/vjp calls that meet the
+                    # evidence and drops their derivative rules (xlogy,
+                    # softplus): gradients of the tables w.r.t. evidence would
+                    # change. Unstaged.
+                    raise _NoStaging
+                known, data, _, res_avals = pe.partial_eval_jaxpr_nounits(
+                    self.jaxpr,
+                    [False] * n_lat + [True] * (n_in - n_lat),
+                    instantiate=True,
+                )
             if len(known.jaxpr.outvars) == len(res_avals):
                 colour_of_input = {}
                 for c, positions in enumerate(self.colour_inputs):
@@ -826,21 +891,51 @@ class _Evaluator:
                 res_colours = tuple(
                     tuple(sorted(p)) for p in _jaxpr_provenance(known.jaxpr, labels)
                 )
-                f = jaxpr_as_fun(known)
-                n_col = len(self.colour_inputs)
-
-                def run(*coloured):
-                    return f(*self._latents(coloured))
-
-                fn = _colour_vmap(run, [(c,) for c in range(n_col)], res_colours, n_col)
-                if len(known.jaxpr.eqns) <= JIT_EQNS:
-                    fn = jax.jit(fn)
-                residuals = tuple(_concrete(fn, self.colour_values))
+                residuals = self._residuals(known, res_colours)
                 staged = (data, residuals, res_colours)
         except Exception:  # _NoStaging, or internal API moved: no split
             staged = None
         self._staged_cache["staged"] = staged
         return staged
+
+    def _residuals(self, known: ClosedJaxpr, res_colours) -> tuple:
+        """The evidence-free part's results, residual ``r`` over the colours
+        ``res_colours[r]``. A big part (a model written as a loop) is evaluated
+        slice by distinct slice (:func:`grouped_tables`); the rest, or all of a
+        small part, by the colour vmap (one XLA program when small)."""
+        n_col = len(self.colour_inputs)
+        out: list = [None] * len(res_colours)
+        todo = list(range(len(res_colours)))
+        if len(known.jaxpr.eqns) > GROUP_EQNS:
+            colour_of, grids = {}, list(self.latent_fill)
+            for c, (positions, values) in enumerate(
+                zip(self.colour_inputs, self.colour_values, strict=True)
+            ):
+                for pos, val in zip(positions, values, strict=True):
+                    colour_of[pos], grids[pos] = c, val
+            got, _ = _concrete(grouped_tables, [known, grids, []])
+            for k, st in got.items():
+                cols = [colour_of.get(p, -1) for p in st.latents]
+                if len(set(cols)) == len(cols) and sorted(cols) == list(res_colours[k]):
+                    order = tuple(int(a) for a in np.argsort(cols))
+                    rest = tuple(range(len(cols), st.table.ndim))
+                    out[k] = np.transpose(st.table, order + rest)
+            todo = [k for k in todo if out[k] is None]
+        if todo:
+            part = _keep_outputs(known, todo) if len(todo) < len(out) else known
+            f = jaxpr_as_fun(part)
+
+            def run(*coloured):
+                return f(*self._latents(coloured))
+
+            cols = [res_colours[k] for k in todo]
+            fn = _colour_vmap(run, [(c,) for c in range(n_col)], cols, n_col)
+            if len(part.jaxpr.eqns) <= JIT_EQNS:
+                fn = jax.jit(fn)
+            for k, r in zip(todo, _concrete(fn, self.colour_values), strict=True):
+                out[k] = r
+        # One transfer, kept on the device (concrete even under a user's jit).
+        return tuple(_concrete(jax.device_put, [out]))
 
     def __call__(self, evidence: Sequence[Array], outputs: Sequence[int]) -> list:
         """Tables of the chosen outputs, each ``(K_c for its colours, *lp_shape)``
@@ -1316,6 +1411,9 @@ class _Front(NamedTuple):
     closed: ClosedJaxpr  # (latent values..., evidence...) -> log-probs
     split: list[str]
     lat_values: list[Array]  # each latent at its first support value
+    # (site, parameter, constraint) of each parameter-check output, which follow
+    # the log-probs and split parts in ``closed`` (:func:`_param_checks`).
+    checks: tuple[tuple[str, str, str], ...] = ()
 
 
 def _site_infos(tr: Mapping[str, dict], supports: Mapping[str, tuple]) -> tuple:
@@ -1354,7 +1452,8 @@ def _front_two_traces(
     sample_sites, latent, infos, nesting = _site_infos(plain, supports)
     summed = [infos[n].summed for n in sample_sites]
     split: list[str] = []
-    fn = _log_prob_fn(model, args, static, latent, sample_sites, summed, split)
+    checks: list = []
+    fn = _log_prob_fn(model, args, static, latent, sample_sites, summed, split, checks)
     lat_values = [jnp.asarray(plain[n]["value"]) for n in latent]
     try:
         # NumPyro's argument and support checks cannot judge tracers (the plain
@@ -1367,7 +1466,16 @@ def _front_two_traces(
     except jax.errors.ConcretizationTypeError as err:
         raise _abstract_error(err) from err
     return _Front(
-        plain, sample_sites, latent, supports, infos, nesting, closed, split, lat_values
+        plain,
+        sample_sites,
+        latent,
+        supports,
+        infos,
+        nesting,
+        closed,
+        split,
+        lat_values,
+        tuple(checks),
     )
 
 
@@ -1466,6 +1574,7 @@ def _front_one_trace(
         scores = _score_sites(
             tr, sample_sites, [infos[n].summed for n in sample_sites], split
         )
+        checks = _param_checks(tr, [n for n in sample_sites if n not in supports])
         first = {n: marker.supports[n][0] for n in latent}
         found.update(
             tr=dict(tr),
@@ -1476,8 +1585,9 @@ def _front_one_trace(
             nesting=nesting,
             split=split,
             first=first,
+            checks=tuple(c[:3] for c in checks),
         )
-        return scores
+        return scores + [c[3] for c in checks]
 
     with numpyro.validation_enabled(False):
         closed = jax.make_jaxpr(fn)(ev_values)
@@ -1497,7 +1607,49 @@ def _front_one_trace(
         closed,
         found["split"],
         lat_values,
+        found["checks"],
     )
+
+
+# Constraints whose violation can give a finite, wrong table. A parameter outside
+# the others (a negative scale or rate, probs outside [0, 1]) makes the log-prob
+# NaN, which _check_table refuses by name.
+_SKIP_CONSTRAINTS = (
+    "_Real",
+    "_RealVector",
+    "_IndependentConstraint",
+    "_Dependent",
+)
+
+
+def _param_checks(tr: Mapping[str, dict], sites: Sequence[str]) -> list:
+    """``(site, parameter, constraint, bad)`` for each constrained parameter of
+    each observed site, ``bad`` a float array (1 where the constraint fails).
+
+    NumPyro validates a distribution's arguments only when they are concrete;
+    ``compile_model`` traces with latent markers, so a parameter that depends on a
+    latent (``Categorical(probs=P[z])``) is checked here instead, at every parent
+    state, with NumPyro's own ``constraint.check`` (and its tolerance).
+    """
+    out = []
+    for n in sites:
+        fn = tr[n]["fn"]
+        while isinstance(fn, Independent | ExpandedDistribution):
+            fn = fn.base_dist
+        if isinstance(fn, MaskedDistribution):
+            continue
+        for name, con in getattr(fn, "arg_constraints", {}).items():
+            base = con.base_constraint if hasattr(con, "base_constraint") else con
+            if type(base).__name__ in _SKIP_CONSTRAINTS or name not in fn.__dict__:
+                continue
+            value = fn.__dict__[name]
+            try:
+                ok = con.check(value)
+            except Exception:  # noqa: BLE001 - a constraint that cannot check
+                continue
+            bad = jnp.where(jnp.asarray(ok), 0.0, 1.0)
+            out.append((n, name, type(base).__name__.strip("_"), bad))
+    return out
 
 
 @_gc_paused()
@@ -1589,6 +1741,9 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     site_pos = {n: k for k, n in enumerate(sample_sites)}
     for n in split:  # mean part over the site's scope, scale part over none
         out_colours += [out_colours[site_pos[n]], ()]
+    n_main = len(out_colours)
+    for p in prov[n_main:]:  # parameter checks, over their own latents
+        out_colours.append(tuple(sorted(colour_of[s] for kind, s in p if kind == "z")))
     out_colours = tuple(out_colours)
     evaluator = _Evaluator(
         jaxpr=closed,
@@ -1629,8 +1784,11 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         _out_index={n: k for k, n in enumerate(sample_sites)},
         _static_tables=(),
     )
+    _check_params(fg, evaluator, front.checks, n_main, lat_values, ev_values)
     if len(closed.jaxpr.eqns) > GROUP_EQNS:
-        main = _keep_outputs(closed, range(n_sites)) if split else closed
+        main = closed
+        if len(closed.jaxpr.outvars) > n_sites:  # split parts, parameter checks
+            main = _keep_outputs(closed, range(n_sites))
         tables = _grouped_static_tables(fg, main, lat_values, ev_values)
     else:
         host = fg._evaluate(ev_values, range(len(fgroups)), xp=np)
@@ -1713,6 +1871,42 @@ def _grouped_static_tables(
         for k, t in zip(rest, fg._evaluate(ev_values, rest), strict=True):
             tables[k] = t
     return tuple(jax.device_put(tables))  # one transfer; jax arrays like the others
+
+
+def _check_params(
+    fg: FactorGraph,
+    evaluator: _Evaluator,
+    checks: Sequence[tuple[str, str, str]],
+    first: int,
+    lat_values: Sequence[Array],
+    ev_values: Sequence[Array],
+) -> None:
+    """Refuse an observed site whose parameter breaks its constraint at some state
+    of the latents it depends on (outputs ``first ..`` of ``evaluator``'s jaxpr,
+    see :func:`_param_checks`)."""
+    if not checks:
+        return
+    outs = list(range(first, first + len(checks)))
+    closed = _keep_outputs(evaluator.jaxpr, outs)
+    raw: dict[int, Any] = {}
+    if len(closed.jaxpr.eqns) > GROUP_EQNS:
+        grids = [
+            _support_grid(g.support, val, g.cardinality)
+            for g, val in zip(fg.variable_groups, lat_values, strict=True)
+        ]
+        got, rest = grouped_tables(closed, grids, ev_values)
+        raw = {k: st.table for k, st in got.items()}
+        outs = [first + k for k in rest]
+    if outs:
+        for o, r in zip(outs, evaluator(ev_values, outs), strict=True):
+            raw[o - first] = r
+    for k, (site, name, con) in enumerate(checks):
+        if np.any(np.asarray(raw[k]) != 0):
+            raise CompileError(
+                f"observed site '{site}': parameter '{name}' is outside its "
+                f"constraint ({con}) at some state of the latents it depends on "
+                "(e.g. probs that do not sum to one)"
+            )
 
 
 def _check_table_sizes(infos: Mapping[str, SiteInfo], supports: Mapping) -> None:
