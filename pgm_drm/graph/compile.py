@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import networkx as nx
 import numpy as np
 import numpyro
+from jax import lax
 from jax.extend.core import ClosedJaxpr, Literal, jaxpr_as_fun
 from numpyro import handlers
 from numpyro.contrib.funsor import config_enumerate, enum
@@ -463,8 +464,10 @@ def _site_log_prob(
     plain = site.get("scale") is not None or site.get("mask") is not None
     if site.get("intermediates"):
         lp = fn.log_prob(value, site["intermediates"])
-    elif not site["is_observed"] and type(fn) in _CATEGORICAL_LOG_PMF:
+    elif type(fn) in _CATEGORICAL_LOG_PMF:
         lp = _take_last(_CATEGORICAL_LOG_PMF[type(fn)](fn), value)
+        if site["is_observed"]:  # NumPyro scores out-of-support values as -inf
+            lp = jnp.where(fn.support(value), lp, -jnp.inf)
     elif natural and site["is_observed"]:
         dims = () if plain else _natural_sum_dims(fn, summed)
         lp = natural_log_prob(fn, value, dims)
@@ -499,11 +502,33 @@ def _probs_log_pmf(fn: CategoricalProbs) -> Array:
 
 def _logits_log_pmf(fn: CategoricalLogits) -> Array:
     """``CategoricalLogits.log_prob``'s normalised log-pmf, the same expression."""
-    return fn.logits - jax.nn.logsumexp(fn.logits, axis=-1, keepdims=True)
+    logits = jnp.asarray(fn.logits)
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return logits - _logsumexp_last(logits)
 
 
-#: Latent Categorical sites are scored by :func:`_take_last` (the same values as
-#: ``fn.log_prob``, tested against it), not through NumPyro's ``log_prob``.
+def _logsumexp_last(a: Array) -> Array:
+    """``jax.nn.logsumexp(a, axis=-1, keepdims=True)`` for a real floating ``a``:
+    its operations, in its order, written with ``lax`` (a third of the traced
+    calls: ``jnp``'s wrappers normalise axes and promote types at every call)."""
+    last = a.ndim - 1
+    amax = lax.reduce_max(a, (last,))
+    amax = lax.stop_gradient(
+        lax.select(lax.is_finite(amax), amax, jnp.zeros_like(amax))
+    )
+    amax = lax.expand_dims(amax, (last,))
+    sumexp = lax.reduce_sum(
+        lax.exp(lax.sub(a, lax.broadcast_in_dim(amax, a.shape, tuple(range(a.ndim))))),
+        (last,),
+    )
+    sumexp = lax.expand_dims(lax.abs(sumexp), (last,))
+    return lax.add(lax.log(sumexp), amax)
+
+
+#: Categorical sites are scored by :func:`_take_last` (the same values as
+#: ``fn.log_prob``, tested against it), not through NumPyro's ``log_prob`` (nor,
+#: observed, in natural form: with no event dims there is nothing to contract).
 _CATEGORICAL_LOG_PMF = {
     CategoricalProbs: _probs_log_pmf,
     CategoricalLogits: _logits_log_pmf,

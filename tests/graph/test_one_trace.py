@@ -340,14 +340,18 @@ def test_big_models_split_by_evidence_equal_partial_eval(seed):
     value_batch=st.sampled_from(["same", "scalar", "lead"]),
     logits=st.booleans(),
     zeros=st.booleans(),
+    observed=st.booleans(),
 )
-def test_latent_categorical_scoring_equals_numpyro_log_prob(
-    seed, k, batch, value_batch, logits, zeros
+def test_categorical_scoring_equals_numpyro_log_prob(
+    seed, k, batch, value_batch, logits, zeros, observed
 ):
-    # Latent Categorical sites are scored without NumPyro's take_along_axis
+    # Categorical sites are scored without NumPyro's take_along_axis
     # (_take_last): the same numbers, bit for bit, with NumPyro's broadcasting
     # of the value against the batch shape, and the same gradient with respect
-    # to the parameters (zero probs, i.e. -inf entries, included).
+    # to the parameters (zero probs, i.e. -inf entries, included). Observed
+    # values outside the support score -inf, as NumPyro's validated log_prob.
+    import warnings
+
     import jax
 
     rng = np.random.default_rng(seed)
@@ -356,7 +360,10 @@ def test_latent_categorical_scoring_equals_numpyro_log_prob(
         p[..., 0] = 0.0
         p = p / p.sum(-1, keepdims=True)
     vshape = {"same": batch, "scalar": (), "lead": (4,) + batch}[value_batch]
-    value = jnp.asarray(rng.integers(1 if zeros and k > 1 else 0, k, size=vshape))
+    value = rng.integers(1 if zeros and k > 1 else 0, k, size=vshape)
+    if observed:  # some values outside the support
+        value = np.where(rng.random(vshape) < 0.3, rng.choice([-1, k, k + 2]), value)
+    value = jnp.asarray(value)
 
     def make(x):
         return dist.Categorical(logits=x) if logits else dist.Categorical(probs=x)
@@ -365,11 +372,13 @@ def test_latent_categorical_scoring_equals_numpyro_log_prob(
     x0 = jnp.maximum(jnp.log(jnp.asarray(p)), -1e30) if logits else jnp.asarray(p)
 
     def ours(x):
-        site = {"value": value, "fn": make(x), "is_observed": False}
+        site = {"value": value, "fn": make(x), "is_observed": observed}
         return compile_mod._site_log_prob(site)
 
     def theirs(x):
-        return make(x).log_prob(value)
+        with numpyro.validation_enabled(observed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NumPyro warns on out-of-support
+            return make(x).log_prob(value)
 
     np.testing.assert_array_equal(ours(x0), theirs(x0))
     g_ours = jax.grad(lambda x: jnp.sum(ours(x)))(x0)
