@@ -20,7 +20,7 @@ before ``compile_model`` to the first result on the host (all tracing and XLA
 compilation included, imports excluded); "steady" is the min of >= 3 repeats after
 a warm-up. Writes ``bench/out/compiler.json`` and ``bench/out/compiler_scaling.png``.
 
-    python bench/bench_compiler.py [--quick] [--only rm,chain,ising,drm]
+    python bench/bench_compiler.py [--quick] [--only rm,chain,hmm,ising,drm]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ QUICK = {
     "rm_images": 500,
     "enum_images": 2,
     "chain_n": (100,),
+    "hmm_n": (100,),
     "ising_n": (10,),
     "drm_sizes": (8,),
     "repeats": 3,
@@ -59,6 +60,7 @@ QUICK = {
         "info": 60,
         "rm": 120,
         "chain": 150,
+        "hmm": 150,
         "ising": 180,
         "pgmax": 120,
         "drm": 150,
@@ -68,6 +70,7 @@ FULL = {
     "rm_images": 10_000,
     "enum_images": 50,
     "chain_n": (1000, 10_000),
+    "hmm_n": (1000, 4000),
     "ising_n": (10, 30, 100),
     "drm_sizes": (8, 16, 32, 64),
     "repeats": 5,
@@ -75,6 +78,7 @@ FULL = {
         "info": 60,
         "rm": 600,
         "chain": 600,
+        "hmm": 600,
         "ising": 900,
         "pgmax": 600,
         "drm": 600,
@@ -397,6 +401,75 @@ def case_chain(p: dict, rec: Recorder) -> None:
     )
 
 
+def hmm_loop_model(n: int, k: int = 4, m: int = 5, seed: int = 0):
+    """An HMM written as a loop: ``x_i ~ Cat(trans[i][x_{i-1}])`` and an observed
+    ``y_i ~ Cat(emit[i][x_i])`` per step (the observations are the evidence).
+
+    Returns the model, its parameters and the observations ``y`` ``(n,)``."""
+    import jax.numpy as jnp
+    import numpy as np
+    import numpyro
+    import numpyro.distributions as dist
+
+    rng = np.random.default_rng(seed)
+    params = {
+        "prior": rng.dirichlet(np.ones(k)),
+        "trans": rng.dirichlet(np.ones(k), size=(n - 1, k)),
+        "emit": rng.dirichlet(np.ones(m), size=(n, k)),
+    }
+    y = rng.integers(0, m, size=n)
+    prior, trans = jnp.asarray(params["prior"]), jnp.asarray(params["trans"])
+    emit = jnp.asarray(params["emit"])
+
+    def model(y=None):
+        x = numpyro.sample("x_0", dist.Categorical(prior))
+        numpyro.sample("y_0", dist.Categorical(emit[0][x]), obs=y[0])
+        for i in range(1, n):
+            x = numpyro.sample(f"x_{i}", dist.Categorical(trans[i - 1][x]))
+            numpyro.sample(f"y_{i}", dist.Categorical(emit[i][x]), obs=y[i])
+
+    return model, params, y
+
+
+def case_hmm(p: dict, rec: Recorder) -> None:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pgm_drm.graph import compile_model
+    from pgm_drm.inference import infer
+
+    n = p["n"]
+    model, params, y = hmm_loop_model(n, seed=0)
+    y = jnp.asarray(y)
+    t0 = time.perf_counter()
+    fg = compile_model(model, y=y)
+    t_compile = time.perf_counter() - t0
+    rec.update(compile_s=t_compile, **_graph_stats(fg))
+    t1 = time.perf_counter()
+    post = infer(fg, "sum", schedule="tree", map=False, y=y)
+    lm = jax.device_get(post.log_marginals)
+    log_z = float(post.log_z)
+    t_end = time.perf_counter()
+    rec.update(first_infer_s=t_end - t1, first_result_s=t_end - t0)
+    steady = _steady(
+        lambda: jax.block_until_ready(
+            infer(fg, "sum", schedule="tree", map=False, y=y)
+        ),
+        p["repeats"],
+    )
+    ours = np.exp(np.stack([np.asarray(lm[f"x_{i}"]) for i in range(n)]))
+    evidence = np.log(params["emit"][np.arange(n), :, np.asarray(y)])
+    twin, twin_log_z = _forward_backward(params["prior"], params["trans"], evidence)
+    rec.update(
+        steady_s=steady,
+        max_abs_marginal_diff=float(np.max(np.abs(ours - twin))),
+        abs_log_z_diff=abs(log_z - twin_log_z),
+    )
+
+
 def case_ising(p: dict, rec: Recorder) -> None:
     import jax
 
@@ -549,6 +622,7 @@ CASES = {
     "info": case_info,
     "rm": case_rm,
     "chain": case_chain,
+    "hmm": case_hmm,
     "ising": case_ising,
     "pgmax": case_pgmax,
     "drm": case_drm,
@@ -833,6 +907,25 @@ def _family_chain(ctx: dict, cases: dict) -> None:
         )
 
 
+def _family_hmm(ctx: dict, cases: dict) -> None:
+    cfg, reps, timeouts, work = ctx["cfg"], ctx["reps"], ctx["timeouts"], ctx["work"]
+    say(
+        "\n-- 2b. HMM as a Python loop, observed Categorical emissions: k=4, m=5, "
+        "float64, tree schedule, sum, map=False"
+    )
+    for n in cfg["hmm_n"]:
+        d = run_case("hmm", {"n": n, "repeats": reps}, timeouts["hmm"], work, f"hmm{n}")
+        cases[f"hmm{n}"] = d
+        say(f"   n={n}: {_size_str(d)} {_status_line(d)}")
+        say(
+            f"     compile_model {_fmt_s(d.get('compile_s'))} + first infer "
+            f"{_fmt_s(d.get('first_infer_s'))} = first result "
+            f"{_fmt_s(d.get('first_result_s'))}; steady "
+            f"{_fmt_s(d.get('steady_s'))}; max |marginal - forward-backward| "
+            f"{_fmt_e(d.get('max_abs_marginal_diff'))}"
+        )
+
+
 def _family_ising(ctx: dict, cases: dict) -> None:
     cfg, reps, timeouts, work = ctx["cfg"], ctx["reps"], ctx["timeouts"], ctx["work"]
     say(
@@ -966,6 +1059,7 @@ FAMILIES = {
     "rm": _family_rm,
     "drm": _family_drm,
     "chain": _family_chain,
+    "hmm": _family_hmm,
     "ising": _family_ising,
 }
 
@@ -974,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (< 3 min)")
     ap.add_argument(
-        "--only", default="rm,chain,ising,drm", help="comma-separated families"
+        "--only", default="rm,chain,hmm,ising,drm", help="comma-separated families"
     )
     ap.add_argument(
         "--max-case-s", type=float, default=None, help="cap every case's timeout"
