@@ -1011,6 +1011,8 @@ class _Evaluator:
         n_col = len(self.colour_inputs)
         if staged is not None:
             data, residuals, res_colours = staged
+            if GROUP_DATA and len(data.jaxpr.eqns) > GROUP_EQNS:
+                return self._call_grouped(evidence, outputs, staged)
         else:
             data, residuals, res_colours = self.jaxpr, None, ()
         jaxpr = data
@@ -1058,6 +1060,238 @@ class _Evaluator:
             fn = jax.jit(fn)
         outs = fn(*args)
         return [outs[k] for k in picked]
+
+    def _call_grouped(self, evidence: Sequence[Array], outputs: list, staged) -> list:
+        """:meth:`_call` for a big (loop-written) model's data part: outputs whose
+        slices share a structure are evaluated as one vmapped program per
+        structure (:func:`_data_groups`), the rest as :meth:`_call` does. One
+        XLA program per site would take seconds per thousand sites to compile."""
+        key = ("groups", tuple(sorted(set(outputs))))
+        if key not in self._staged_cache:
+            data, residuals, res_colours = staged
+            self._staged_cache[key] = _data_groups(
+                data,
+                residuals,
+                res_colours,
+                self.out_colours,
+                sorted(set(outputs)),
+                [len(self.colour_values[c][0]) for c in range(len(self.colour_inputs))],
+            )
+        groups, rest = self._staged_cache[key]
+        got: dict[int, Any] = {}
+        for members, runner in groups:
+            res = runner(evidence)
+            for g, o in enumerate(members):
+                got[o] = res[g]
+        if rest:
+            data, residuals, res_colours = staged
+            for o, r in zip(
+                rest, self._call_plain(evidence, rest, staged), strict=True
+            ):
+                got[o] = r
+        return [got[o] for o in outputs]
+
+    def _call_plain(self, evidence: Sequence[Array], outputs: list, staged) -> list:
+        """:meth:`_call` without the grouped path."""
+        old = globals()["GROUP_DATA"]
+        globals()["GROUP_DATA"] = False
+        try:
+            return self._call(evidence, outputs, staged)
+        finally:
+            globals()["GROUP_DATA"] = old
+
+
+#: The data part of a big model is evaluated group by group (:func:`_data_groups`);
+#: False evaluates it as one program (the naive twin the tests hold it to).
+GROUP_DATA = True
+
+#: Evidence data movement resolved to one gather per group (:func:`_data_groups`).
+_ACCESS = frozenset({"slice", "squeeze", "reshape", "broadcast_in_dim"})
+
+
+def _evidence_access(jaxpr, ev_pos: Mapping) -> tuple[dict, set]:
+    """Variables that are pure data movement of one evidence input (``y[i]``):
+    ``var -> (evidence position, int64 flat index array)``, found by running
+    the movement on index arrays (numpy twins, :mod:`pgm_drm.graph.slices`);
+    and the ids of those equations."""
+    from pgm_drm.graph.slices import _NUMPY_RULES
+
+    index: dict = {}
+    ids: set = set()
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name not in _ACCESS or len(eqn.invars) != 1 or len(eqn.outvars) != 1:
+            continue
+        if name == "reshape" and eqn.params.get("dimensions") is not None:
+            continue
+        src = eqn.invars[0]
+        if isinstance(src, Literal):
+            continue
+        if src in ev_pos:
+            size = int(np.prod(src.aval.shape, dtype=np.int64))
+            j, base = (
+                ev_pos[src],
+                np.arange(size, dtype=np.int64).reshape(src.aval.shape),
+            )
+        elif src in index:
+            j, base = index[src]
+        else:
+            continue
+        out = _NUMPY_RULES[name]([base], eqn.params, eqn.outvars[0].aval)
+        if out is None or np.shape(out) != tuple(eqn.outvars[0].aval.shape):
+            continue
+        index[eqn.outvars[0]] = (j, np.asarray(out, dtype=np.int64))
+        ids.add(id(eqn))
+    return index, ids
+
+
+def _data_groups(
+    data: ClosedJaxpr,
+    residuals: Sequence[Array],
+    res_colours: Sequence[tuple[int, ...]],
+    out_colours: Sequence[tuple[int, ...]],
+    outputs: Sequence[int],
+    colour_sizes: Sequence[int],
+    min_group: int = 2,
+) -> tuple[list, list[int]]:
+    """The data part ``(residuals..., evidence...) -> outputs`` as groups of
+    outputs that share a structure: ``([(outputs, runner)], rest)``, where
+    ``runner(evidence)`` returns the group's tables stacked on a leading axis.
+
+    Each output's *slice* (the equations only it needs) is keyed by its
+    structure (:func:`pgm_drm.graph.slices._signature`) and the kinds of its
+    inputs. Within a group, residual inputs are stacked once (here), evidence
+    reached by data movement alone (``y[i]``) is read by ONE gather whose
+    indices were found by running that movement on index arrays, and the slice
+    runs vmapped over the colours (as :meth:`_Evaluator._call`) and over the
+    group. Outputs with a slice shared with others, or alone in their group,
+    are left in ``rest``.
+    """
+    from jax._src import core
+
+    from pgm_drm.graph.slices import _SHARED, _signature
+
+    jaxpr = data.jaxpr
+    n_res = len(residuals)
+    n_col = len(colour_sizes)
+    res_pos = {v: i for i, v in enumerate(jaxpr.invars[:n_res])}
+    ev_pos = {v: j for j, v in enumerate(jaxpr.invars[n_res:])}
+    const_val = dict(zip(jaxpr.constvars, data.consts, strict=True))
+    index, access = _evidence_access(jaxpr, ev_pos)
+
+    owner: dict = {}
+
+    def claim(v, o) -> None:
+        prev = owner.get(v)
+        owner[v] = o if prev is None or prev == o else _SHARED
+
+    for o in outputs:
+        v = jaxpr.outvars[o]
+        if not isinstance(v, Literal):
+            claim(v, o)
+    eqn_owner: dict = {}
+    for eqn in reversed(jaxpr.eqns):
+        if id(eqn) in access:
+            continue
+        o = None
+        for v in eqn.outvars:
+            w = owner.get(v)
+            if w is not None:
+                o = w if o is None or o == w else _SHARED
+        if o is None:
+            continue
+        eqn_owner[id(eqn)] = o
+        for v in eqn.invars:
+            if not isinstance(v, Literal):
+                claim(v, o)
+    slices: dict[int, list] = {}
+    for eqn in jaxpr.eqns:
+        o = eqn_owner.get(id(eqn))
+        if o is not None and o != _SHARED:
+            slices.setdefault(o, []).append(eqn)
+
+    keyed: dict[tuple, list] = {}
+    rest: list[int] = []
+    for o in outputs:
+        v = jaxpr.outvars[o]
+        if isinstance(v, Literal) or owner.get(v) == _SHARED or o not in slices:
+            rest.append(o)
+            continue
+        sig, out, inputs = _signature(slices[o], v)
+        kinds = []
+        for a in inputs:
+            if a in res_pos:
+                kinds.append(("r", res_colours[res_pos[a]], str(a.aval)))
+            elif a in index:
+                kinds.append(("a", index[a][0], str(a.aval)))
+            elif a in ev_pos:
+                kinds.append(("e", ev_pos[a]))
+            elif a in const_val:
+                kinds.append(("c", a))
+            else:  # made by a shared equation
+                kinds = None
+                break
+        if kinds is None:
+            rest.append(o)
+            continue
+        keyed.setdefault((sig, out, tuple(kinds), out_colours[o]), []).append(
+            (o, inputs)
+        )
+
+    groups = []
+    dummies = [np.zeros(k) for k in colour_sizes]
+    for (_, _, kinds, ocol), members in keyed.items():
+        if len(members) < min_group:
+            rest.extend(o for o, _ in members)
+            continue
+        o0, ins0 = members[0]
+        sub = core.Jaxpr([], list(ins0), [jaxpr.outvars[o0]], slices[o0])
+        f = jaxpr_as_fun(ClosedJaxpr(sub, []))
+        arg_colours = [k[1] if k[0] == "r" else () for k in kinds]
+        n_in = len(ins0)
+
+        def one(*xs, f=f, n_in=n_in):
+            return f(*xs[:n_in])
+
+        member = _colour_vmap(
+            one, arg_colours + [(c,) for c in range(n_col)], [ocol], n_col
+        )
+        slots = []  # per input: (how, value)
+        for j, kind in enumerate(kinds):
+            column = [ins[j] for _, ins in members]
+            if kind[0] == "r":
+                rs = [res_pos[a] for a in column]
+                if all(r == rs[0] for r in rs):
+                    slots.append(("shared", residuals[rs[0]]))
+                else:
+                    slots.append(("stacked", jnp.stack([residuals[r] for r in rs])))
+            elif kind[0] == "a":
+                idx = np.stack([index[a][1] for a in column])
+                slots.append(("gather", (kind[1], jnp.asarray(idx))))
+            elif kind[0] == "e":
+                slots.append(("evidence", kind[1]))
+            else:
+                slots.append(("shared", const_val[column[0]]))
+        in_axes = [0 if how in ("stacked", "gather") else None for how, _ in slots]
+        grouped = jax.vmap(
+            lambda *xs, m=member: m(*xs)[0],
+            in_axes=tuple(in_axes) + (None,) * n_col,
+        )
+
+        def runner(evidence, slots=slots, grouped=grouped):
+            args = []
+            for how, val in slots:
+                if how == "gather":
+                    j, idx = val
+                    args.append(jnp.ravel(evidence[j])[idx])
+                elif how == "evidence":
+                    args.append(evidence[val])
+                else:
+                    args.append(val)
+            return grouped(*args, *dummies)
+
+        groups.append((tuple(o for o, _ in members), runner))
+    return groups, sorted(rest)
 
 
 def _rearrange(

@@ -235,10 +235,16 @@ def add_dynamic(
     """Complete :func:`static_inputs` with the evidence-dependent groups' tables."""
     dtype = jnp.result_type(static.unary, *dynamic.values())
     unary = static.unary.astype(dtype)
+    # Every evidence unary table in ONE scatter-add (padded to kmax: entries past
+    # a cardinality are masked later), not one per group: a loop-written model
+    # has thousands of them, and XLA compiles each scatter apart.
+    ids_all, rows = [], []
     for k, ids in plan.unary:
         if groups[k].evidence:
-            t = dynamic[k].astype(dtype)
-            unary = unary.at[ids, : t.shape[1]].add(t)
+            ids_all.append(np.asarray(ids))
+            rows.append(_pad(dynamic[k].astype(dtype), plan.kmax))
+    if rows:
+        unary = unary.at[np.concatenate(ids_all)].add(jnp.concatenate(rows))
     constant = static.constant.astype(dtype)
     for k in plan.constant:
         if groups[k].evidence:
