@@ -1007,11 +1007,13 @@ class _Evaluator:
                 self._staged_cache["staged"] = None
         return self._call(evidence, outputs, None)
 
-    def _call(self, evidence: Sequence[Array], outputs: list, staged) -> list:
+    def _call(
+        self, evidence: Sequence[Array], outputs: list, staged, grouped: bool = True
+    ) -> list:
         n_col = len(self.colour_inputs)
         if staged is not None:
             data, residuals, res_colours = staged
-            if GROUP_DATA and len(data.jaxpr.eqns) > GROUP_EQNS:
+            if grouped and GROUP_DATA and len(data.jaxpr.eqns) > GROUP_EQNS:
                 return self._call_grouped(evidence, outputs, staged)
         else:
             data, residuals, res_colours = self.jaxpr, None, ()
@@ -1061,11 +1063,8 @@ class _Evaluator:
         outs = fn(*args)
         return [outs[k] for k in picked]
 
-    def _call_grouped(self, evidence: Sequence[Array], outputs: list, staged) -> list:
-        """:meth:`_call` for a big (loop-written) model's data part: outputs whose
-        slices share a structure are evaluated as one vmapped program per
-        structure (:func:`_data_groups`), the rest as :meth:`_call` does. One
-        XLA program per site would take seconds per thousand sites to compile."""
+    def _groups_plan(self, outputs: Sequence[int], staged) -> tuple[list, list]:
+        """:func:`_data_groups` of ``outputs``, planned once per output set."""
         key = ("groups", tuple(sorted(set(outputs))))
         if key not in self._staged_cache:
             data, residuals, res_colours = staged
@@ -1077,28 +1076,105 @@ class _Evaluator:
                 sorted(set(outputs)),
                 [len(self.colour_values[c][0]) for c in range(len(self.colour_inputs))],
             )
-        groups, rest = self._staged_cache[key]
+        return self._staged_cache[key]
+
+    def _call_grouped(self, evidence: Sequence[Array], outputs: list, staged) -> list:
+        """:meth:`_call` for a big (loop-written) model's data part: outputs whose
+        slices share a structure are evaluated as one vmapped program per
+        structure (:func:`_data_groups`), the rest as :meth:`_call` does. One
+        XLA program per site would take seconds per thousand sites to compile."""
+        groups, rest = self._groups_plan(outputs, staged)
         got: dict[int, Any] = {}
         for members, runner in groups:
             res = runner(evidence)
             for g, o in enumerate(members):
                 got[o] = res[g]
         if rest:
-            data, residuals, res_colours = staged
             for o, r in zip(
                 rest, self._call_plain(evidence, rest, staged), strict=True
             ):
                 got[o] = r
         return [got[o] for o in outputs]
 
+    def blocks(self, evidence: Sequence[Array], outputs: Sequence[int]) -> list | None:
+        """The outputs as ``[(positions in outputs, stacked tables)]`` when the
+        data part runs group by group (:meth:`_call_grouped`), else ``None``.
+        ``outputs`` must be distinct."""
+        staged = self._staged() if self.stage else None
+        if staged is None or not GROUP_DATA or len(staged[0].jaxpr.eqns) <= GROUP_EQNS:
+            return None
+        outputs = list(outputs)
+        groups, rest = self._groups_plan(outputs, staged)
+        pos = {o: i for i, o in enumerate(outputs)}
+        out = [
+            ([pos[o] for o in members], runner(evidence)) for members, runner in groups
+        ]
+        if rest:
+            for o, r in zip(
+                rest, self._call_plain(evidence, rest, staged), strict=True
+            ):
+                out.append(([pos[o]], jnp.expand_dims(r, 0)))
+        return out
+
     def _call_plain(self, evidence: Sequence[Array], outputs: list, staged) -> list:
         """:meth:`_call` without the grouped path."""
-        old = globals()["GROUP_DATA"]
-        globals()["GROUP_DATA"] = False
-        try:
-            return self._call(evidence, outputs, staged)
-        finally:
-            globals()["GROUP_DATA"] = old
+        return self._call(evidence, outputs, staged, grouped=False)
+
+
+class TableBlocks:
+    """Evidence tables kept stacked as evaluated (:meth:`FactorGraph.evidence_blocks`):
+    ``blocks[b]`` is ``(G_b, n_instances, *cards)`` and ``where[k] = (b, g)``
+    places group ``k``'s table. :meth:`rows` concatenates many groups' tables
+    with one gather, where a dict of tables would cost one slice each and a
+    concatenation of thousands (XLA compiles that in minutes). A pytree."""
+
+    def __init__(self, blocks: Sequence[Array], where: Mapping[int, tuple[int, int]]):
+        self.blocks = tuple(blocks)
+        self.where = dict(where)
+
+    def __getitem__(self, k: int) -> Array:
+        b, g = self.where[k]
+        return self.blocks[b][g]
+
+    def __contains__(self, k: int) -> bool:
+        return k in self.where
+
+    def keys(self):
+        return self.where.keys()
+
+    def values(self):
+        return self.blocks
+
+    def rows(self, ks: Sequence[int], width: int | None = None) -> Array:
+        """``concatenate([table[k] for k in ks])`` (last axis padded with zeros
+        to ``width``), as one gather from the blocks involved."""
+        used = sorted({self.where[k][0] for k in ks})
+        flat, base, off = [], {}, 0
+        for b in used:
+            blk = self.blocks[b]
+            f = jnp.reshape(blk, (-1,) + blk.shape[2:])
+            if width is not None and f.shape[-1] < width:
+                pad = [(0, 0)] * (f.ndim - 1) + [(0, width - f.shape[-1])]
+                f = jnp.pad(f, pad)
+            base[b], off = off, off + f.shape[0]
+            flat.append(f)
+        big = flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+        idx = []
+        for k in ks:
+            b, g = self.where[k]
+            n = self.blocks[b].shape[1]
+            idx.append(base[b] + g * n + np.arange(n))
+        idx = np.concatenate(idx) if idx else np.zeros((0,), np.int64)
+        if len(idx) == big.shape[0] and np.array_equal(idx, np.arange(len(idx))):
+            return big
+        return big[idx]
+
+
+jax.tree_util.register_pytree_node(
+    TableBlocks,
+    lambda t: (t.blocks, tuple(sorted(t.where.items()))),
+    lambda aux, blocks: TableBlocks(blocks, dict(aux)),
+)
 
 
 #: The data part of a big model is evaluated group by group (:func:`_data_groups`);
@@ -1458,6 +1534,79 @@ class FactorGraph:
         values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         tables, offset = self._evaluate(values, dynamic, split=True)
         return dict(zip(dynamic, tables, strict=True)), offset
+
+    def evidence_blocks(
+        self, **evidence: Any
+    ) -> tuple[TableBlocks | dict[int, Array], Array]:
+        """:meth:`evidence_parts`, with the tables of a big model's groups of
+        sites kept stacked (:class:`TableBlocks`; a dict when the data part
+        runs as one program). Pure: jit/vmap it."""
+        dynamic = [k for k, g in enumerate(self.factor_groups) if g.evidence]
+        if not dynamic:
+            return {}, jnp.zeros(())
+        arrays, _ = split_evidence(self.kwargs)
+        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
+        got = self._evaluate_blocks(values, dynamic)
+        if got is None:
+            tables, offset = self._evaluate(values, dynamic, split=True)
+            return dict(zip(dynamic, tables, strict=True)), offset
+        return got
+
+    def _evaluate_blocks(self, evidence: Sequence[Array], groups: Sequence[int]):
+        """:meth:`_evaluate` (``split=True``) block by block: each block's
+        members that rearrange alike are rearranged as one vmapped call."""
+        cards = {g.site: g.cardinality for g in self.variable_groups}
+        sites = [self.factor_groups[k].site for k in groups]
+        free = [n for n in sites if n in self._split_index]
+        outs = [
+            self._split_index[n][0] if n in free else self._out_index[n] for n in sites
+        ] + [self._split_index[n][1] for n in free]
+        blocks = self._evaluator.blocks(evidence, outs)
+        if blocks is None:
+            return None
+        n_s = len(sites)
+        out_blocks, where = [], {}
+        offset = jnp.zeros(())
+        for positions, stacked in blocks:
+            subs: dict[tuple, list[int]] = {}
+            for j, p in enumerate(positions):
+                n = sites[p] if p < n_s else free[p - n_s]
+                info = self.sites[n]
+                if p >= n_s:
+                    info = dataclasses.replace(info, scope=())
+                colours = tuple(sorted(self._colour_of[s] for s in info.scope))
+                key = (
+                    p >= n_s,
+                    colours,
+                    tuple(self._colour_of[s] for s in info.scope),
+                    tuple(cards[s] for s in info.scope),
+                    info.plate_dims,
+                    info.plate_shape,
+                )
+                subs.setdefault(key, []).append(j)
+            for key, rows in subs.items():
+                j0 = rows[0]
+                p0 = positions[j0]
+                n0 = sites[p0] if p0 < n_s else free[p0 - n_s]
+                info = self.sites[n0]
+                if key[0]:
+                    info = dataclasses.replace(info, scope=())
+                part = stacked
+                if rows != list(range(stacked.shape[0])):
+                    part = stacked[np.asarray(rows)]
+                t = jax.vmap(
+                    lambda x, info=info, colours=key[1]: _rearrange(
+                        x, colours, info, self._colour_of, cards, jnp
+                    )
+                )(part)
+                if key[0]:  # scale parts: summed into the offset
+                    offset = offset + jnp.sum(t)
+                    continue
+                b = len(out_blocks)
+                out_blocks.append(t)
+                for g, j in enumerate(rows):
+                    where[groups[positions[j]]] = (b, g)
+        return TableBlocks(out_blocks, where), offset
 
     def group_parts(self, **evidence: Any) -> tuple[tuple[Array, ...], Array]:
         """:meth:`group_tables` split as in :meth:`evidence_parts`: every group's

@@ -190,7 +190,7 @@ def _compiled_flat(
     def single(ev, t, static):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
         # State-free scale parts go straight to log Z (FactorGraph.evidence_parts).
-        tables, offset = fg.evidence_parts(**ev)
+        tables, offset = fg.evidence_blocks(**ev)
         inputs = add_dynamic(plan, _cast(static, dtype), _cast(tables, dtype), groups)
         inputs = inputs._replace(
             constant=inputs.constant

@@ -238,13 +238,19 @@ def add_dynamic(
     # Every evidence unary table in ONE scatter-add (padded to kmax: entries past
     # a cardinality are masked later), not one per group: a loop-written model
     # has thousands of them, and XLA compiles each scatter apart.
-    ids_all, rows = [], []
-    for k, ids in plan.unary:
-        if groups[k].evidence:
-            ids_all.append(np.asarray(ids))
-            rows.append(_pad(dynamic[k].astype(dtype), plan.kmax))
-    if rows:
-        unary = unary.at[np.concatenate(ids_all)].add(jnp.concatenate(rows))
+    # A TableBlocks (FactorGraph.evidence_blocks) gathers many groups' tables
+    # at once; a plain dict of tables is concatenated group by group.
+    blocked = hasattr(dynamic, "rows")
+    ev_unary = [(k, ids) for k, ids in plan.unary if groups[k].evidence]
+    if ev_unary:
+        ids_all = np.concatenate([np.asarray(ids) for _, ids in ev_unary])
+        if blocked:
+            rows = dynamic.rows([k for k, _ in ev_unary], plan.kmax).astype(dtype)
+        else:
+            rows = jnp.concatenate(
+                [_pad(dynamic[k].astype(dtype), plan.kmax) for k, _ in ev_unary]
+            )
+        unary = unary.at[ids_all].add(rows)
     constant = static.constant.astype(dtype)
     for k in plan.constant:
         if groups[k].evidence:
@@ -253,8 +259,15 @@ def add_dynamic(
     for members, n_static, part in zip(
         plan.pairs, plan.n_static, static.tables, strict=True
     ):
-        rest = [dynamic[k].astype(dtype) for k in members[n_static:]]
-        out.append(jnp.concatenate([part.astype(dtype)] + rest) if rest else part)
+        ks = members[n_static:]
+        if not ks:
+            out.append(part)
+        elif blocked:
+            rest = dynamic.rows(ks).astype(dtype)
+            out.append(jnp.concatenate([part.astype(dtype), rest]))
+        else:
+            rest = [dynamic[k].astype(dtype) for k in ks]
+            out.append(jnp.concatenate([part.astype(dtype)] + rest))
     return FlatInputs(unary, constant, tuple(out))
 
 

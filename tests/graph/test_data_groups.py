@@ -24,8 +24,9 @@ from pgm_drm.inference import brute_force, infer, log_partition
 
 
 def _hmm(n: int, seed: int):
-    """Categorical and Normal emissions per step, a site reading the whole
-    Normal evidence, and one emission inside a plate of 2."""
+    """Categorical and Normal emissions per step, a Normal on each pair of
+    neighbours, a site reading the whole Normal evidence, and one emission
+    inside a plate of 2."""
     rng = np.random.default_rng(seed)
     trans = jnp.asarray(rng.dirichlet(np.ones(3), size=3))
     emit = jnp.asarray(rng.dirichlet(np.ones(4), size=(n, 3)))
@@ -35,7 +36,12 @@ def _hmm(n: int, seed: int):
         x = numpyro.sample("x_0", dist.Categorical(trans[0]))
         for i in range(n):
             if i:
+                prev = x
                 x = numpyro.sample(f"x_{i}", dist.Categorical(trans[x]))
+                # Evidence on a pair of latents: a pair class's tables.
+                numpyro.sample(
+                    f"u_{i}", dist.Normal(means[i][x] - 0.3 * prev, 1.0), obs=w[i]
+                )
             numpyro.sample(f"y_{i}", dist.Categorical(emit[i][x]), obs=y[i])
             numpyro.sample(f"w_{i}", dist.Normal(means[i][x], 0.8), obs=w[i])
         numpyro.factor("s", 0.1 * jnp.sum(w) * x)

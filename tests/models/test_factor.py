@@ -147,12 +147,18 @@ def test_model_is_a_pytree_of_its_parameters(key):
     flat = x.reshape(3, -1)
     assert len(jax.tree.leaves(a)) == 5  # mu, Lambda, Psi, pi_c, pi_g
 
+    traces = []
+
     @jax.jit
     def log_joint(m):  # the model is a traced argument
+        traces.append(1)  # runs once per trace, not per call
         mu, psi = m.flat_parameters()
         return fa_log_joint(flat, mu, m.loadings, psi, m.class_prior, m.nuisance_prior)
 
     for m in (a, b):
         # The same float64 operations jitted and not: ~1e-15; 1e-12 is slack.
         np.testing.assert_allclose(log_joint(m), m.log_joint(x), rtol=0, atol=1e-12)
-    assert log_joint._cache_size() == 1  # new parameter values: no new trace
+    # New parameter values: no new trace. (Counted by a Python side effect: jit's
+    # C++ cache size read 0 in some full-suite runs, cause not found, so it was a
+    # flaky proxy.)
+    assert len(traces) == 1

@@ -112,11 +112,18 @@ def test_model_is_a_pytree_of_its_parameters():
     plain = RenderingModel(default_templates(4), sigma=0.5)
     assert jax.tree.structure(plain) != jax.tree.structure(rm)
     # A traced argument of jit: new parameter values reuse the program.
-    natural = jax.jit(lambda m: m.natural_parameters())
+    traces = []
+
+    def _natural(m):
+        traces.append(1)  # runs once per trace, not per call
+        return m.natural_parameters()
+
+    natural = jax.jit(_natural)
     for m in (rm, rm.replace(sigma=0.25, switch_prior=0.5)):
         for got, want in zip(natural(m), m.natural_parameters(), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12)
-    assert natural._cache_size() == 1
+    # Counted by a side effect: jit's C++ cache size was a flaky proxy.
+    assert len(traces) == 1
     # Unflattening skips validation, so grad can put tracers in the leaves:
     # d/dsigma sum_cg b_cg = sum_cg ||mu_cg||^2 / sigma^3 and
     # d/dpi_a sum_cg b_cg = C G / pi_a (Eq. 8).
