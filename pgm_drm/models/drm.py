@@ -285,17 +285,33 @@ class DeepRenderingModel:
         w = self.windows[level - 1]
         if level == 1:
             s2 = self.sigma**2
-            patches = windows(below[..., None], w)[..., 0]  # (B,h,h,w*w)
-            match = jnp.einsum("bxyp,kgp->bxykg", patches, table / s2)
-            bias = -jnp.sum(table**2, axis=-1) / (2 * s2)
-            const = -jnp.sum(patches**2, axis=-1) / (2 * s2) - 0.5 * w * w * jnp.log(
-                2 * jnp.pi * s2
+            k, g, _ = table.shape
+            b, n = below.shape[0], below.shape[1] // w
+            # The template match as one strided convolution (HWIO kernel of the
+            # k*g placed templates): on CPU about 1.5x faster than gathering the
+            # windows and contracting them (measured, batch 1000, 32x32).
+            kernel = jnp.transpose(jnp.reshape(table / s2, (k * g, w, w)), (1, 2, 0))
+            match = jax.lax.conv_general_dilated(
+                below[..., None],
+                kernel[:, :, None, :],
+                (w, w),
+                "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=jax.lax.Precision.HIGHEST,
             )
+            match = jnp.reshape(match, (b, n, n, k, g))
+            bias = -jnp.sum(table**2, axis=-1) / (2 * s2)
+            sq = jnp.sum(jnp.reshape(below * below, (b, n, w, n, w)), axis=(2, 4))
+            const = -sq / (2 * s2) - 0.5 * w * w * jnp.log(2 * jnp.pi * s2)
             raw = match + bias + const[..., None, None]
         else:
             win = windows(below, w)  # (B,h,h,O,K'+1)
-            o = jnp.arange(table.shape[-1])
-            raw = jnp.sum(win[:, :, :, o, table], axis=-1)  # (B,h,h,K+1,G)
+            # One gather per window offset, summed in offset order: on CPU about
+            # 1.5x faster than one gather of (B,h,h,K+1,G,O) and a sum over O
+            # (measured, batch 1000, 32x32); the same values bit for bit there.
+            raw = win[:, :, :, 0, :][..., table[:, :, 0]]  # (B,h,h,K+1,G)
+            for o in range(1, table.shape[-1]):
+                raw = raw + win[:, :, :, o, :][..., table[:, :, o]]
         return raw + jnp.log(self.nuisance_priors[level - 1])
 
     def level_switch(self, level: int, pooled: Array, t: float) -> Array:
