@@ -63,6 +63,8 @@ def dcn_infer(
     images: ArrayLike,
     semiring: Semiring = "max",
     temperature: float | None = None,
+    *,
+    scores: bool = True,
 ) -> DCNOutput:
     """DCN-form bottom-up + top-down inference on one image or a batch (jitted,
     the model traced): ``drm.infer``, the pass of :mod:`pgm_drm.models.maxsum`.
@@ -72,11 +74,12 @@ def dcn_infer(
         images: ``image_shape`` or ``(B, *image_shape)``.
         semiring: "max" (max-sum: max-pooling, ReLU) or "sum" (sum-product).
         temperature: Overrides ``semiring`` (``T * logsumexp(x / T)``).
+        scores: Also return every level's pre-pooling scores (``False``: ``()``).
 
     Returns:
         :class:`DCNOutput` (batched; a single image gets ``B = 1``).
     """
-    return drm.infer(images, semiring, temperature)
+    return drm.infer(images, semiring, temperature, scores=scores)
 
 
 def naive_dcn_pass(

@@ -403,6 +403,8 @@ class DeepRenderingModel:
         images: ArrayLike,
         semiring: Semiring = "max",
         temperature: float | None = None,
+        *,
+        scores: bool = True,
     ) -> DCNOutput:
         """DCN-form bottom-up + top-down inference on one image or a batch (jitted,
         the model traced): :func:`pgm_drm.models.maxsum.dcn_pass`.
@@ -411,6 +413,8 @@ class DeepRenderingModel:
             images: ``image_shape`` or ``(B, *image_shape)``.
             semiring: "max" (max-sum: max-pooling, ReLU) or "sum" (sum-product).
             temperature: Overrides ``semiring`` (``T * logsumexp(x / T)``).
+            scores: Also return every level's pre-pooling scores (``False``:
+                ``scores = ()``, and the pass does not pay for writing them).
 
         Returns:
             :class:`pgm_drm.models.maxsum.DCNOutput` (batched; a single image
@@ -420,7 +424,7 @@ class DeepRenderingModel:
         x, _ = self.check_images(images)
         # Several devices: the batch is sharded over all of them (identity on one).
         xs, n = shard_batch(x)
-        out = dcn_pass(self, xs, t)
+        out = dcn_pass(self, xs, t, bool(scores))
         return out if xs is x else unpad(out, n)
 
     def render(self, latents: dict[str, ArrayLike]) -> Array:
