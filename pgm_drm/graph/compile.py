@@ -1068,13 +1068,22 @@ class _Evaluator:
         key = ("groups", tuple(sorted(set(outputs))))
         if key not in self._staged_cache:
             data, residuals, res_colours = staged
-            self._staged_cache[key] = _data_groups(
-                data,
-                residuals,
-                res_colours,
-                self.out_colours,
-                sorted(set(outputs)),
-                [len(self.colour_values[c][0]) for c in range(len(self.colour_inputs))],
+            # The plan is cached: its arrays (gather indices, stacked residuals)
+            # must be concrete even when the first call is under a JAX trace (a
+            # user's jit, or infer's own), or a later call would see a tracer.
+            self._staged_cache[key] = _concrete(
+                _data_groups,
+                [
+                    data,
+                    residuals,
+                    res_colours,
+                    self.out_colours,
+                    sorted(set(outputs)),
+                    [
+                        len(self.colour_values[c][0])
+                        for c in range(len(self.colour_inputs))
+                    ],
+                ],
             )
         return self._staged_cache[key]
 

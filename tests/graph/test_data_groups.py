@@ -116,3 +116,23 @@ def test_grouped_data_part_under_vmap_over_a_batch(small_groups):
         one = brute_force(model, **{k: v[b] for k, v in batch.items()})
         # float64: round-off.
         np.testing.assert_allclose(post.log_z[b], one.log_z, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_plan_cached_under_one_trace_serves_the_next(small_groups):
+    # The groups' plan is built during infer's first (jitted) call and cached;
+    # a second call with another semiring traces a new program that reuses it.
+    # Its arrays were once tracers of the first trace (UnexpectedTracerError in
+    # the pgmpy bench).
+    model, ev = _hmm(3, 0)
+    _, new = _hmm(3, 1)
+    fg = compile_model(model, **ev)
+    post = infer(fg, "sum", map=False, **new)
+    best = infer(fg, "max", **new)
+    lz = log_partition(fg)  # the pure log Z, under a user's jit
+    jitted = jax.jit(lambda w: lz({**new, "w": w}))
+    ref_sum = brute_force(model, **new)
+    ref_max = brute_force(model, semiring="max", **new)
+    # float64 sums of a few dozen terms: 1e-10 is round-off.
+    np.testing.assert_allclose(post.log_z, ref_sum.log_z, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(jitted(new["w"]), ref_sum.log_z, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(best.log_z, ref_max.log_z, rtol=1e-10, atol=1e-10)
