@@ -8,7 +8,7 @@ import numpy as np
 
 from pgm_drm._typing import Array, ArrayLike
 
-__all__ = ["check_images", "check_prior", "check_probability"]
+__all__ = ["check_finite_images", "check_images", "check_prior", "check_probability"]
 
 #: Tolerance on ``sum(prior) == 1``: priors typed by hand in float32 carry ~1e-7
 #: rounding per entry; 1e-5 accepts those and rejects real mistakes.
@@ -56,8 +56,14 @@ def _all_finite(x: Array) -> Array:
     return jnp.all(jnp.isfinite(x))
 
 
-def check_images(images: ArrayLike, image_shape: tuple[int, ...]) -> tuple[Array, bool]:
-    """One image or a batch: right shape and finite.
+def check_images(
+    images: ArrayLike, image_shape: tuple[int, ...], values: bool = True
+) -> tuple[Array, bool]:
+    """One image or a batch: right shape and (``values``) finite.
+
+    ``values=False`` checks the shape and dtype only, for a caller that checks the
+    values itself (``DeepRenderingModel.infer`` checks them only when a result
+    is not finite).
 
     Returns:
         The images as ``(N, *image_shape)`` and whether a single image was given.
@@ -76,6 +82,12 @@ def check_images(images: ArrayLike, image_shape: tuple[int, ...]) -> tuple[Array
         raise ValueError(f"image is complex ({x.dtype}); give real pixel values")
     # Values are checked when they are concrete; under jit (traced images) only the
     # shape can be, and the caller's concrete inputs were checked on the way in.
-    if not isinstance(x, jax.core.Tracer) and not bool(_all_finite(x)):
-        raise ValueError("image contains NaN or inf values")
+    if values and not isinstance(x, jax.core.Tracer):
+        check_finite_images(x)
     return x, single
+
+
+def check_finite_images(x: Array) -> None:
+    """Refuse images with a NaN or infinite pixel."""
+    if not bool(_all_finite(x)):
+        raise ValueError("image contains NaN or inf values")

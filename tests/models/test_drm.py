@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pgm_drm.models import DeepRenderingModel, grid_to_plates, plates_to_grid
 
@@ -79,6 +81,28 @@ def test_wrong_image_size_is_named(key):
         DeepRenderingModel.random(key, image_shape=(10, 10), levels=3)
     with pytest.raises(ValueError, match="prod"):
         DeepRenderingModel.random(key, image_shape=(8, 8), levels=2, windows=(2, 2))
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    t=st.sampled_from([0.0, 0.3, 1.0]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    levels=st.sampled_from([1, 2, 3]),
+)
+def test_one_bad_pixel_anywhere_is_refused(seed, bad, t, dtype, levels):
+    # drm.infer checks the pixels only when a log Z is not finite: one NaN or
+    # infinite pixel, in any image of the batch, must still be refused.
+    rng = np.random.default_rng(seed)
+    drm = DeepRenderingModel.random(
+        jax.random.PRNGKey(seed), image_shape=(8, 8), levels=levels
+    )
+    images = np.array(drm.sample(jax.random.PRNGKey(seed + 1), 3)[0], dtype)
+    images[rng.integers(3), rng.integers(8), rng.integers(8)] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        drm.infer(images, temperature=t)
+    images[np.isnan(images) | np.isinf(images)] = 0.0
+    assert np.all(np.isfinite(drm.infer(images, temperature=t).log_z))
 
 
 def test_sample_statistics():
