@@ -192,8 +192,8 @@ def main(argv=None) -> int:
                 fmt_x(t_lean / t_plain),
             ],
             [
-                "the same through `drm.infer` (+ input checks on the host: shape, "
-                "all finite)",
+                "the same through `drm.infer` (+ its checks: shape; pixels finite "
+                "when a log Z is not)",
                 fmt_s(t_full),
                 fmt_x(t_full / t_plain),
             ],
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         t_pass / t_plain,
         f"with the top-down MAP {fmt_x(t_pass / t_plain)} the plain forward "
         f"(jitted pass; {fmt_x(t_lean / t_plain)} with `scores=False`; "
-        f"{fmt_x(t_full / t_plain)} through `drm.infer` with its input checks)",
+        f"{fmt_x(t_full / t_plain)} through `drm.infer` with its checks)",
     )
 
     # (b) vs enumerate_exact, 8x8, 3 levels (quick: 2 levels).

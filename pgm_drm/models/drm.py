@@ -439,7 +439,7 @@ class DeepRenderingModel:
         # score, so a finite log Z vouches for its image. Checking every batch up
         # front cost half the pass (0.65 of 1.4 ms at 32x32, batch 1000, CPU).
         if not isinstance(out.log_z, jax.core.Tracer) and not bool(
-            jnp.all(jnp.isfinite(out.log_z))
+            np.isfinite(np.asarray(out.log_z)).all()
         ):
             check_finite_images(x)
         return out
