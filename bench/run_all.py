@@ -579,6 +579,7 @@ def render(run: dict, results: Path) -> str:
         body.append(
             f"*{job['status']}, {job['wall_s']:.0f} s wall"
             + (f", other processes {load:.2f} cores" if load is not None else "")
+            + (f"; {job['rerun']}" if job.get("rerun") else "")
             + "*"
         )
         body.append("")
