@@ -1,0 +1,233 @@
+"""Template matches against repeated templates, computed once (a jaxpr pass).
+
+A compiled graph scores evidence through its natural parameters (Eq. 8): one
+product ``T(x) . eta(z)`` over every latent state ``z``
+(:mod:`pgm_drm.graph.natural`). ``eta`` is known when the program is built (it
+depends on the model only), and along many latent axes its slices repeat or
+vanish: the Rendering Model's ``a = 0`` states render nothing (``eta = 0`` for
+half of its ``(c, g, a)`` states), and a DRM's level-1 patch templates do not
+depend on most of the higher levels' states (65 distinct of 768 per patch at
+32x32, 3 levels). :func:`dedupe_constant_gemms` rewrites every ``dot_general``
+with one known (concrete) operand into a product with that operand's distinct
+non-zero slices along each such axis (:func:`axis_recipe`), then restores the
+axis with broadcasts and selects, which XLA fuses into the product's consumers
+(a gather, or a concatenate, is written out whole and read back: on the CPU that
+cost more than the product it saved). The numbers are the same: every entry is
+the same inner product of the same two vectors, or an exact zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import core, source_info_util
+from jax.extend.core import Literal
+
+__all__ = ["axis_recipe", "count_factored", "dedupe_constant_gemms"]
+
+#: Off: :func:`pgm_drm.inference.infer` runs its programs as traced (an A/B switch
+#: for benchmarks; the results are the same either way).
+ENABLED = True
+#: A product is rewritten only when it keeps at most this fraction of its work.
+MAX_KEPT_FRACTION = 0.75
+#: Only free axes up to this size are cut.
+MAX_AXIS = 64
+#: At most this many distinct slices per cut axis (one select each).
+MAX_KEPT = 8
+#: Primitives inlined by the pass (their bodies may hold the products).
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr"}
+
+
+def _known(x: Any) -> bool:
+    return not isinstance(x, core.Tracer)
+
+
+def _canonical_rows(mat: np.ndarray) -> np.ndarray:
+    """The rows of the 2-D ``mat`` as bytes to compare, ``-0.0`` read as ``0.0``
+    (``a * template`` with ``a = 0`` renders ``-0.0`` where the template is
+    negative; a product with it differs at most in the sign of a zero, which no
+    log-potential can tell apart)."""
+    if np.issubdtype(mat.dtype, np.floating):
+        mat = mat + mat.dtype.type(0)
+    mat = np.ascontiguousarray(mat)
+    return mat.view(np.uint8).reshape(mat.shape[0], -1)
+
+
+def axis_recipe(const: np.ndarray, axis: int) -> tuple[list[int], list[int]] | None:
+    """How ``const``'s slices along ``axis`` repeat: ``(keep, source)`` with
+    ``keep`` the positions of its distinct non-zero slices and slice ``l`` equal
+    to slice ``keep[source[l]]``, or all zero where ``source[l] == -1``. ``None``
+    when every slice is distinct and non-zero (nothing to save)."""
+    k = const.shape[axis]
+    rows = _canonical_rows(np.moveaxis(const, axis, 0).reshape(k, -1))
+    zero = ~np.any(np.moveaxis(const, axis, 0).reshape(k, -1) != 0, axis=1)
+    seen: dict[bytes, int] = {}
+    keep: list[int] = []
+    source: list[int] = []
+    for pos in range(k):
+        if zero[pos]:
+            source.append(-1)
+            continue
+        b = rows[pos].tobytes()
+        if b not in seen:
+            seen[b] = len(keep)
+            keep.append(pos)
+        source.append(seen[b])
+    if len(keep) == k:
+        return None
+    if not keep:  # all zero: keep one slice so the product keeps its shape
+        keep = [0]
+    return keep, source
+
+
+def _expand(out, axis: int, source: list[int]):
+    """``out`` (the product over the kept slices) with ``axis`` restored to
+    ``len(source)`` slices: each kept slice broadcast along ``axis`` and selected
+    where ``source`` names it, zeros where it is ``-1``. Broadcasts and selects
+    are elementwise, so XLA fuses them into every consumer (a gather, or a
+    concatenate of slices, is written out whole first and read back)."""
+    src = np.asarray(source)
+    shape = list(out.shape)
+    shape[axis] = len(source)
+    pattern = [1] * len(shape)
+    pattern[axis] = len(source)
+
+    def slab(u: int):
+        piece = lax.slice_in_dim(out, u, u + 1, axis=axis)
+        return jnp.broadcast_to(piece, shape)
+
+    used = sorted(set(source) - {-1})
+    acc = slab(used[-1]) if -1 not in source else jnp.zeros(shape, out.dtype)
+    for u in used if -1 in source else used[:-1]:
+        acc = jnp.where((src == u).reshape(pattern), slab(u), acc)
+    return acc
+
+
+def _factored_dot(lhs, rhs, params: dict):
+    """``lax.dot_general(lhs, rhs, **params)`` with each free axis of its known
+    operand cut to that axis's distinct non-zero slices (:func:`axis_recipe`),
+    the result's axes restored by :func:`_expand`; ``None`` when the rewrite does
+    not apply or would save less than ``1 - MAX_KEPT_FRACTION`` of the work."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    if _known(lhs) == _known(rhs):
+        return None
+    side = 1 if _known(rhs) else 0
+    const = np.asarray(rhs if side else lhs)
+    other = lhs if side else rhs
+    contract, batch = (rc, rb) if side else (lc, lb)
+    other_contract, other_batch = (lc, lb) if side else (rc, rb)
+    free = [d for d in range(const.ndim) if d not in contract and d not in batch]
+    n_other_free = other.ndim - len(other_contract) - len(other_batch)
+    recipes = []
+    for d in free:
+        if not 2 <= const.shape[d] <= MAX_AXIS:
+            continue
+        recipe = axis_recipe(const, d)
+        if recipe is not None and len(recipe[0]) <= MAX_KEPT:
+            keep, source = recipe
+            const = np.take(const, keep, axis=d)
+            recipes.append((d, source))
+    before = math.prod(len(src) for _, src in recipes)
+    after = math.prod(const.shape[d] for d, _ in recipes)
+    if not recipes or after > MAX_KEPT_FRACTION * before:
+        return None
+    kw = {
+        "precision": params.get("precision"),
+        "preferred_element_type": params.get("preferred_element_type"),
+    }
+    # dot_general's result: batch dims, then lhs's free dims, then rhs's.
+    if side:
+        out = lax.dot_general(other, const, ((lc, rc), (lb, rb)), **kw)
+        at = {d: len(batch) + n_other_free + free.index(d) for d, _ in recipes}
+    else:
+        out = lax.dot_general(const, other, ((lc, rc), (lb, rb)), **kw)
+        at = {d: len(batch) + free.index(d) for d, _ in recipes}
+    for d, source in recipes:
+        out = _expand(out, at[d], source)
+    return out
+
+
+def _eval(jaxpr: core.Jaxpr, consts, args) -> tuple[list, int]:
+    """:func:`jax.core.eval_jaxpr` with products of a known operand factored
+    (:func:`_factored_dot`) and calls inlined.
+    Returns the outputs and how many products were rewritten."""
+    env: dict = {}
+    rewritten = 0
+
+    def read(v):
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args, strict=True):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        ans = None
+        call = _CALLS.get(name) in eqn.params
+        if call:
+            inner = eqn.params[_CALLS[name]]
+            closed = inner if hasattr(inner, "consts") else core.ClosedJaxpr(inner, ())
+            ans, n = _eval(closed.jaxpr, closed.consts, invals)
+            rewritten += n
+        elif name == "dot_general":
+            ans = _factored_dot(*invals, eqn.params)
+            if ans is not None:
+                rewritten += 1
+        if ans is None:
+            bind_params = eqn.primitive.get_bind_params(eqn.params)
+            with (
+                source_info_util.user_context(eqn.source_info.traceback),
+                eqn.ctx.manager,
+            ):
+                ans = eqn.primitive.bind(*invals, **bind_params)
+        if eqn.primitive.multiple_results or call:
+            for v, a in zip(eqn.outvars, ans, strict=True):
+                env[v] = a
+        else:
+            env[eqn.outvars[0]] = ans
+    return [read(v) for v in jaxpr.outvars], rewritten
+
+
+def dedupe_constant_gemms(fn: Callable) -> Callable:
+    """``fn`` with every matrix product against a known matrix computed on that
+    matrix's distinct rows (see the module docstring); the same results.
+
+    ``fn`` must be pure and traceable; the returned function traces it once per
+    call (so wrap it in ``jax.jit``, which then traces both once). Products whose
+    known operand has few repeats, both operands known or batch dimensions are
+    left as they are.
+    """
+
+    def wrapped(*args):
+        return _run(fn, args)[0]
+
+    return wrapped
+
+
+def count_factored(fn: Callable, *args: Any) -> int:
+    """How many products :func:`dedupe_constant_gemms` rewrites in ``fn(*args)``
+    (traced, as under ``jax.jit``: concrete ``args`` would make every operand
+    known)."""
+    counts: list[int] = []
+
+    def probe(*a):
+        out, n = _run(fn, a)
+        counts.append(n)
+        return out
+
+    jax.make_jaxpr(probe)(*args)
+    return counts[0]
+
+
+def _run(fn: Callable, args: tuple) -> tuple[Any, int]:
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    outs, n = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    return jax.tree.unflatten(jax.tree.structure(shape), outs), n
