@@ -147,6 +147,22 @@ def _numpyro_run_s(model, **kwargs) -> float:
     return best
 
 
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Min wall time of each function (its result blocked on) over ``rounds``
+    round-robin rounds after one warm-up each (as ``bench/common.interleaved``)."""
+    import jax
+
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(max(rounds, 3)):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def _graph_stats(fg) -> dict:
     return {
         "n_variables": int(fg.n_variables),
@@ -609,25 +625,26 @@ def case_drm(p: dict, rec: Recorder) -> None:
         is_tree=bool(fg.is_tree()),
         largest_table=list(max((t.shape for t in fg.group_tables()), key=np.prod)),
     )
-    rec["steady_s"] = _steady(
-        lambda: jax.block_until_ready(infer(fg, "max", image=images)), reps
-    )
-    rec["steady_nomap_s"] = _steady(
-        lambda: jax.block_until_ready(infer(fg, "max", map=False, image=images)), reps
-    )
-    # MAP and log Z only, no max-marginal of every latent: closest to what
-    # drm.infer returns (it adds the class's max-marginal alone).
-    rec["steady_map_only_s"] = _steady(
-        lambda: jax.block_until_ready(infer(fg, "max", marginals=False, image=images)),
-        reps,
-    )
     t1 = time.perf_counter()
     out = drm.infer(images)
     ref = np.asarray(out.log_z)
     rec["dcn_first_result_s"] = time.perf_counter() - t1
-    rec["dcn_steady_s"] = _steady(
-        lambda: jax.block_until_ready(drm.infer(images)), reps
+    # Round-robin, so that every ratio to drm.infer (half a millisecond at batch
+    # 64) shares the machine's load of the same moments.
+    best = _interleaved(
+        {
+            "steady_s": lambda: infer(fg, "max", image=images),
+            "steady_nomap_s": lambda: infer(fg, "max", map=False, image=images),
+            # MAP and log Z only, no max-marginal of every latent: closest to
+            # what drm.infer returns (it adds the class's max-marginal alone).
+            "steady_map_only_s": lambda: infer(
+                fg, "max", marginals=False, image=images
+            ),
+            "dcn_steady_s": lambda: drm.infer(images),
+        },
+        4 * max(reps, 10),
     )
+    rec.update(**best)
     diff = np.abs(log_z - ref)
     rec.update(
         max_abs_log_score_diff=float(diff.max()),
@@ -1380,16 +1397,27 @@ def _targets(cases: dict, cfg: dict, quick: bool) -> list[tuple[str, str, str]]:
 
     out = []
     rm = cases.get("rm", {}).get("us_per_image", {})
-    r1 = _ratio(rm.get("numpyro_log_density"), rm.get("ours_sum_nomap"))
-    r2 = _ratio(rm.get("ours_sum_nomap"), rm.get("numpy_matmul"))
+    # NumPyro's log_density computes log Z only: the same job is ours with
+    # marginals=False. With every marginal (more work) it is reported beside.
+    r1 = _ratio(rm.get("numpyro_log_density"), rm.get("ours_sum_logz_only"))
+    r1m = _ratio(rm.get("numpyro_log_density"), rm.get("ours_sum_nomap"))
+    r2 = _ratio(rm.get("ours_sum_logz_only"), rm.get("numpy_matmul"))
     if r1 is None or r2 is None:
         out.append(("RM infer sum", "n/a", missing("rm", "times")))
     else:
         out.append(
             (
-                "RM infer sum >= 5x faster than NumPyro and <= 3x matmul",
-                verdict(r1 >= 5 and r2 <= 3),
-                f"{r1:.2f}x faster than NumPyro, {r2:.2f}x matmul",
+                "RM log Z (infer sum, marginals=False) >= 5x faster than NumPyro",
+                verdict(r1 >= 5),
+                f"{r1:.2f}x (with every marginal, more work than NumPyro's "
+                f"log Z: {r1m:.2f}x)",
+            )
+        )
+        out.append(
+            (
+                "RM log Z <= 3x the numpy template-match matmul",
+                verdict(r2 <= 3),
+                f"{r2:.2f}x",
             )
         )
     d = cases.get("drm32", {})

@@ -197,13 +197,15 @@ def _eval(jaxpr: core.Jaxpr, consts, args) -> tuple[list, int]:
 
 
 def dedupe_constant_gemms(fn: Callable) -> Callable:
-    """``fn`` with every matrix product against a known matrix computed on that
-    matrix's distinct rows (see the module docstring); the same results.
+    """``fn`` with every ``dot_general`` that has one known (concrete) operand
+    computed over that operand's distinct non-zero slices along each of its free
+    axes (see the module docstring): the same results.
 
-    ``fn`` must be pure and traceable; the returned function traces it once per
-    call (so wrap it in ``jax.jit``, which then traces both once). Products whose
-    known operand has few repeats, both operands known or batch dimensions are
-    left as they are.
+    ``fn`` must be pure and traceable; the returned function traces it, then
+    replays its jaxpr with the rewrite (nested ``jit`` calls inlined), once per
+    call, so wrap it in ``jax.jit``. Products with both operands known or both
+    traced, and those the rewrite would save less than a quarter of
+    (``MAX_KEPT_FRACTION``), are left as they are.
     """
 
     def wrapped(*args):
