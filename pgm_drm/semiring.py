@@ -46,11 +46,17 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
 
     Paper §6.2.1 (soft inference): T=1 is sum-product, T->0 is max-sum. A Python
     ``temperature`` picks the branch statically; a traced one (one compiled
-    program serving every T > 0) always takes the logsumexp branch. ``x / T`` is
-    computed as ``x * (1 / T)``: one division per call instead of one per entry,
-    which on XLA's CPU backend halved the time of the compiled kernel's
-    sum-product on the rendering model (10 x 16 x 2 states, 8x8 pixels); the two
-    differ by at most one rounding (none at T = 1).
+    program serving every T > 0) always takes the logsumexp branch.
+
+    Off T in {0, 1} it is computed as ``m + T * log(sum(exp((x - m) * (1 / T))))``
+    with ``m`` the max over ``axes``: the shift comes before the scaling, so
+    ``x - m <= 0`` and no ``x / T`` can overflow, whatever the level of ``x``
+    (the compiled kernel reduces tables at their own level) and down to
+    ``MIN_TEMPERATURE``; ``(x / T)`` first turned a float32 entry of ``-1e10`` at
+    ``T = 1e-29`` into ``-inf``. It is the same two passes as
+    ``jax.nn.logsumexp``. ``1 / T`` is one division per call instead of one per
+    entry, which on XLA's CPU backend halved the time of the compiled kernel's
+    sum-product on the rendering model (10 x 16 x 2 states, 8x8 pixels).
     """
     if not axes:
         return x
@@ -60,7 +66,12 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
             return jnp.max(x, axis=axes)
         if temperature == 1.0:
             return jax.nn.logsumexp(x, axis=axes)
-    return temperature * jax.nn.logsumexp(x * (1.0 / temperature), axis=axes)
+    # The shift carries no gradient (as in jax.nn.logsumexp); an all -inf row
+    # (max -inf) is shifted by 0 and reduces to -inf.
+    m = jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    total = jnp.sum(jnp.exp((x - m) * (1.0 / temperature)), axis=axes)
+    return jnp.squeeze(m, axis=axes) + temperature * jnp.log(total)
 
 
 def switch_reduce(pooled: Array, p_on: float, t: float) -> Array:

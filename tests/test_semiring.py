@@ -30,6 +30,26 @@ def test_reduce_t_is_temperature_logsumexp(x, t):
     np.testing.assert_allclose(got, want, atol=1e-10)
 
 
+@given(
+    level=st.floats(1e3, 1e12),
+    t=st.sampled_from([1e-29, 0.3, 0.7, 2.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_reduce_t_at_a_traced_temperature_holds_at_any_level(level, t, seed):
+    """The compiled kernel reduces float32 tables at their own level and any
+    T >= MIN_TEMPERATURE: ``x / T`` must not overflow (``-1e10 / 1e-29`` is
+    ``-inf`` in float32, which made the whole reduction ``-inf``). The reference
+    is float64 on the same float32 values; the result, near ``-level``, is good
+    to float32 spacing there (``eps * level``) plus the float32 rounding of the
+    O(1) log-sum (1e-5)."""
+    rng = np.random.default_rng(seed)
+    x = (-level + rng.normal(size=(2, 6))).astype(np.float32)
+    got = jax.jit(lambda x, t: reduce_t(x, (1,), t))(jnp.asarray(x), jnp.float32(t))
+    want = t * logsumexp(x.astype(np.float64) / t, axis=1)
+    tol = np.finfo(np.float32).eps * level + 1e-5
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=tol)
+
+
 def test_reduce_t_tends_to_max_as_t_falls():
     x = jnp.array([0.0, -1.0, -3.0])
     gaps = [float(reduce_t(x, (0,), t) - 0.0) for t in (1.0, 0.5, 0.25)]
