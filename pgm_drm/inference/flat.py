@@ -14,10 +14,11 @@ once per variable (a scatter-add) and each outgoing message subtracts its own
 incoming one. ``-inf`` (hard zeros) is exact there: beliefs are kept as the sum
 of finite parts and the count of ``-inf`` parts.
 
-Numerics: every table row, unary term and message is shifted by its own max as
-it is computed and the shifts are added to log Z, so no belief ever holds the
-absolute log joint (a float32 image of large magnitude keeps normalised
-marginals).
+Numerics: every unary term and message is shifted by its own max as it is
+computed, and every table row by its max (loopy) or by its first entry (tree and
+junction tree: their reductions shift by their own max, see ``_setup``); the
+shifts are added to log Z, so no belief holds the absolute log joint (a float32
+image of large magnitude keeps normalised marginals).
 
 On a DRM tree these steps are the paper's Eqs. 12-13: the reduction over a
 child's nuisance is the max-pool, over its switch the ReLU, and the table is the
