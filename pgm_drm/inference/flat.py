@@ -91,10 +91,11 @@ def _level(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     """``x`` less its first entry over ``axes`` (``0`` where that entry is
     ``-inf``), and that level: :func:`_shift` without its pass over ``x``.
 
-    It brings a table near 0, where the O(1) terms added to it (priors, messages)
-    keep their float32 precision, for the price of a slice: the subtraction
-    fuses into the table's consumers. Those reduce through ``reduce_t``, which
-    shifts by its own max, so nothing needs the max here.
+    It removes the table's common level (a state-free term of every entry) for
+    the price of a slice: the subtraction fuses into the table's consumers. The
+    entries keep their spread, which a max shift keeps too; the consumers reduce
+    through ``reduce_t``, which shifts by its own max, so nothing needs the max
+    here.
     """
     first = x[(slice(None),) * (x.ndim - len(axes)) + (slice(0, 1),) * len(axes)]
     first = jax.lax.stop_gradient(first)
