@@ -147,20 +147,27 @@ def _numpyro_run_s(model, **kwargs) -> float:
     return best
 
 
-def _interleaved(fns: dict, rounds: int) -> dict:
-    """Min wall time of each function (its result blocked on) over ``rounds``
-    round-robin rounds after one warm-up each (as ``bench/common.interleaved``)."""
+def _interleaved_blocked(fns: dict, rounds: int) -> dict:
+    """``bench/common.interleaved`` (round-robin min wall times) of functions
+    whose JAX results it blocks on."""
     import jax
 
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    best = dict.fromkeys(fns, math.inf)
-    for _ in range(max(rounds, 3)):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+    sys.path.insert(0, str(BENCH_DIR))
+    from common import interleaved
+
+    return interleaved(
+        {k: (lambda fn=fn: jax.block_until_ready(fn())) for k, fn in fns.items()},
+        rounds,
+    )
+
+
+def _floor_row(label: str, first_s, numpyro_s) -> tuple[str, float | None, str]:
+    """A ratio row: a loop-written model's first result over one NumPyro run."""
+    return (
+        f"{label}: first result / one NumPyro run of the model",
+        _ratio(first_s, numpyro_s),
+        f"first {_fmt_s(first_s)}, NumPyro run {_fmt_s(numpyro_s)}",
+    )
 
 
 def _graph_stats(fg) -> dict:
@@ -318,7 +325,7 @@ def case_rm(p: dict, rec: Recorder) -> None:
     rec.update(us_per_image=us, map_agreement_numpyro=float(same.mean()))
     # The headline ratios again, round-robin: each figure above was timed on its
     # own, at a different moment of the machine's load (ratios moved by 20%).
-    best = _interleaved(
+    best = _interleaved_blocked(
         {
             "ours_sum_logz_only": lambda: (
                 infer(fg, "sum", map=False, marginals=False, image=images).log_z
@@ -648,7 +655,7 @@ def case_drm(p: dict, rec: Recorder) -> None:
     rec["dcn_first_result_s"] = time.perf_counter() - t1
     # Round-robin, so that every ratio to drm.infer (half a millisecond at batch
     # 64) shares the machine's load of the same moments.
-    best = _interleaved(
+    best = _interleaved_blocked(
         {
             "steady_s": lambda: infer(fg, "max", image=images),
             "steady_nomap_s": lambda: infer(fg, "max", map=False, image=images),
@@ -1326,11 +1333,7 @@ def _ratios(cases: dict, cfg: dict) -> list[tuple[str, float | None, str]]:
             )
         )
         out.append(
-            (
-                f"chain n={n}: first result / one NumPyro run of the model",
-                _ratio(d.get("first_result_s"), d.get("numpyro_run_s")),
-                f"NumPyro run {_fmt_s(d.get('numpyro_run_s'))}",
-            )
+            _floor_row(f"chain n={n}", d.get("first_result_s"), d.get("numpyro_run_s"))
         )
     for n in cfg["ising_n"]:
         d = cases.get(f"ising{n}", {})
@@ -1351,21 +1354,16 @@ def _ratios(cases: dict, cfg: dict) -> list[tuple[str, float | None, str]]:
                 )
             )
         out.append(
-            (
-                f"Ising N={n} sum: first result / one NumPyro run of the model",
-                _ratio(d.get("sum", {}).get("first_result_s"), d.get("numpyro_run_s")),
-                f"NumPyro run {_fmt_s(d.get('numpyro_run_s'))}",
+            _floor_row(
+                f"Ising N={n} sum",
+                d.get("sum", {}).get("first_result_s"),
+                d.get("numpyro_run_s"),
             )
         )
     for n in cfg["hmm_n"]:
         d = cases.get(f"hmm{n}", {})
         out.append(
-            (
-                f"HMM n={n}: first result / one NumPyro run of the model",
-                _ratio(d.get("first_result_s"), d.get("numpyro_run_s")),
-                f"first {_fmt_s(d.get('first_result_s'))}, NumPyro run "
-                f"{_fmt_s(d.get('numpyro_run_s'))}",
-            )
+            _floor_row(f"HMM n={n}", d.get("first_result_s"), d.get("numpyro_run_s"))
         )
     for s in cfg["drm_sizes"]:
         d = cases.get(f"drm{s}", {})

@@ -65,8 +65,9 @@ def axis_recipe(const: np.ndarray, axis: int) -> tuple[list[int], list[int]] | N
     to slice ``keep[source[l]]``, or all zero where ``source[l] == -1``. ``None``
     when every slice is distinct and non-zero (nothing to save)."""
     k = const.shape[axis]
-    rows = _canonical_rows(np.moveaxis(const, axis, 0).reshape(k, -1))
-    zero = ~np.any(np.moveaxis(const, axis, 0).reshape(k, -1) != 0, axis=1)
+    slices = np.moveaxis(const, axis, 0).reshape(k, -1)
+    rows = _canonical_rows(slices)
+    zero = ~np.any(slices != 0, axis=1)
     seen: dict[bytes, int] = {}
     keep: list[int] = []
     source: list[int] = []

@@ -12,7 +12,6 @@ import numpy as np
 from pgm_drm._typing import Array, Semiring
 from pgm_drm.graph import gemm
 from pgm_drm.graph.compile import FactorGraph, check_evidence_values
-from pgm_drm.graph.gemm import dedupe_constant_gemms
 from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
@@ -212,7 +211,7 @@ def _compiled_flat(
     if any(a == 0 for a in axes.values()):
         fn = jax.vmap(single, in_axes=(dict(axes), None, None))
     # Template matches against repeated natural parameters, computed once each.
-    jitted = jax.jit(dedupe_constant_gemms(fn) if gemm.ENABLED else fn)
+    jitted = jax.jit(gemm.dedupe_constant_gemms(fn) if gemm.ENABLED else fn)
     # Keep the plan alive with the cache entry (the key holds its id).
     fg._cache[key] = (plan, lambda ev, t: jitted(ev, t, static))
     return fg._cache[key][1]

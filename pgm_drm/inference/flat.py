@@ -304,7 +304,9 @@ def _setup(plan: FlatPlan, inputs: FlatInputs, dtype) -> _Setup:
     ``reduce_t``, which shifts by its own max, and shifts every message it makes:
     its tables are shifted by their first entry (:func:`_level`), which costs no
     pass over the largest arrays (a max did: a tenth to a quarter of the RM's
-    and the DRM's runs).
+    and the DRM's runs); a junction tree's tables are left as they are, because
+    :func:`_cluster_potentials` levels each cluster, tables and unary terms
+    together.
     """
     kmax = plan.kmax
     valid = np.arange(kmax)[None, :] < plan.cards[:, None]
@@ -314,9 +316,11 @@ def _setup(plan: FlatPlan, inputs: FlatInputs, dtype) -> _Setup:
     offset = inputs.constant.astype(dtype) + jnp.sum(off_u)
     pair_tables = []
     for t0, cards in zip(inputs.tables, plan.pair_cards, strict=True):
-        axes = tuple(range(1, len(cards) + 1))
-        t, off = (_shift if plan.kind == "loopy" else _level)(t0.astype(dtype), axes)
-        offset = offset + jnp.sum(off)
+        t = t0.astype(dtype)
+        if plan.kind != "exact":  # a junction tree levels its clusters instead
+            axes = tuple(range(1, len(cards) + 1))
+            t, off = (_shift if plan.kind == "loopy" else _level)(t, axes)
+            offset = offset + jnp.sum(off)
         pair_tables.append(jnp.concatenate([t, jnp.zeros((1,) + t.shape[1:], dtype)]))
     return _Setup(u, tuple(pair_tables), offset)
 
