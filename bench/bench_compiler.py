@@ -42,7 +42,8 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 BENCH_DIR = Path(__file__).resolve().parent
-OUT_DIR = BENCH_DIR / "out"
+# BENCH_OUT_DIR: where the raw JSON, logs and plots go (gpu.sh keeps its own).
+OUT_DIR = Path(os.environ.get("BENCH_OUT_DIR") or BENCH_DIR / "out")
 
 # --------------------------------------------------------------------------- #
 # Configuration

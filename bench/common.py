@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-OUT_DIR = BENCH_DIR / "out"
+# BENCH_OUT_DIR: where the raw JSON, logs and plots go (gpu.sh keeps its own).
+OUT_DIR = Path(os.environ.get("BENCH_OUT_DIR") or BENCH_DIR / "out")
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

@@ -62,14 +62,18 @@ else
     export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
     export XLA_PYTHON_CLIENT_PREALLOCATE=false
 fi
-mkdir -p bench/out/gpu
+# Raw JSON, logs and plots go to bench/out/gpu/ (BENCH_OUT_DIR), never over the CPU
+# run's bench/out/ that RESULTS.md is rendered from.
+export BENCH_OUT_DIR="$ROOT/bench/out/gpu"
+mkdir -p "$BENCH_OUT_DIR"
 "$PY" -c "import jax; d = jax.devices()[0]; print('device:', d.platform, d.device_kind, 'x', len(jax.devices()), '| jax', jax.__version__)"
 timeout 290 "$PY" bench/run_all.py "${ARGS[@]}" || echo "gpu.sh: run_all exited $?"
 RES=${BENCH_GPU_RESULTS:-bench/out/gpu/RESULTS.md}
 if [[ -f "$RES" ]]; then
     cat "$RES"
     if [[ -n "${OUT:-}" ]]; then
-        cp -r "$RES" "$(dirname "$RES")/figures" "$OUT"/ 2>/dev/null || true
-        cp bench/out/*.json bench/out/*.log "$OUT"/ 2>/dev/null || true
+        # Two files back: the page, and one archive of its figures and raw JSON/logs.
+        cp "$RES" "$OUT"/
+        tar -czf "$OUT/gpu_raw.tar.gz" -C "$BENCH_OUT_DIR" . 2>/dev/null || true
     fi
 fi

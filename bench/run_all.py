@@ -36,7 +36,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-OUT_DIR = BENCH_DIR / "out"
+# BENCH_OUT_DIR: where the raw JSON, logs and plots go (gpu.sh keeps its own).
+OUT_DIR = Path(os.environ.get("BENCH_OUT_DIR") or BENCH_DIR / "out")
 RESULTS = BENCH_DIR / "RESULTS.md"
 GPU_RUNS = BENCH_DIR / "gpu_runs.md"
 sys.path.insert(0, str(BENCH_DIR))
