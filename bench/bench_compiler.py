@@ -366,7 +366,7 @@ def case_rm(p: dict, rec: Recorder) -> None:
 
     # float32 vs float64 (x64 stays on: the float32 run is the dtype given).
     rm32 = RenderingModel(templates.astype(np.float32), sigma=0.5, switch_prior=0.9)
-    im32 = np.asarray(images, np.float32)
+    im32 = jax.numpy.asarray(images, "float32")  # on the device, like `images`
     fg32 = compile_model(rm32.model, image=im32[0])
     post32 = infer(fg32, "sum", map=False, image=im32)
     post32_max = infer(fg32, "max", marginals=False, image=im32)

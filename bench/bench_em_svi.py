@@ -65,26 +65,35 @@ def main(argv=None) -> int:
         f"device {jax.devices()[0]}, N={args.n}, image {args.size}x{args.size}, "
         f"C={c}, G={g}, switch on"
     )
-    rows = []
+    rows, failed = [], {}
     for name, fn in (("EM (soft)", em), ("SVI (Adam)", svi)):
-        _, first = _timed(fn)
-        fit, t = _timed(fn)
+        try:
+            _, first = _timed(fn)
+            fit, t = _timed(fn)
+        except Exception as err:  # e.g. NumPyro 0.21 + JAX 0.11: provenance assertion
+            if not rows:  # EM itself failed: nothing to compare against
+                raise
+            first_line = (str(err).splitlines() or [""])[0]
+            msg = f"{type(err).__name__}: {first_line}"
+            failed[name] = msg
+            print(f"{name:11s} FAILED ({msg})")
+            continue
         ll = float(log_likelihood(fit.model, test).mean())
         rows.append((name, t, first, fit.n_iter, ll))
         print(
             f"{name:11s} wall {t:7.3f} s (first run, with compile: {first:7.3f} s), "
             f"{fit.n_iter} iterations, held-out log-lik/image {ll:.4f}"
         )
-    print(
-        f"truth       held-out log-lik/image "
-        f"{float(log_likelihood(truth, test).mean()):.4f}"
-    )
-    print(
-        f"SVI / EM wall-time ratio: {rows[1][1] / rows[0][1]:.1f}x "
-        f"(with compile: {rows[1][2] / rows[0][2]:.1f}x); "
-        f"held-out gap {rows[0][4] - rows[1][4]:+.4f} nats/image"
-    )
-    rep.data["raw"] = {"rows": rows}
+    truth_ll = float(log_likelihood(truth, test).mean())
+    print(f"truth       held-out log-lik/image {truth_ll:.4f}")
+    ok = len(rows) == 2
+    if ok:
+        print(
+            f"SVI / EM wall-time ratio: {rows[1][1] / rows[0][1]:.1f}x "
+            f"(with compile: {rows[1][2] / rows[0][2]:.1f}x); "
+            f"held-out gap {rows[0][4] - rows[1][4]:+.4f} nats/image"
+        )
+    rep.data["raw"] = {"rows": rows, "failed": failed}
     rep.table(
         f"EM vs SVI (TraceEnum_ELBO, Adam lr {args.lr}) on one RM: {args.n} "
         f"{args.size}x{args.size} images, C={c}, G={g}, switch, "
@@ -97,15 +106,19 @@ def main(argv=None) -> int:
             "held-out log-lik / image",
         ],
         [[n, fmt_s(t), fmt_s(f), str(k), f"{ll:.4f}"] for n, t, f, k, ll in rows]
-        + [["truth", "", "", "", f"{float(log_likelihood(truth, test).mean()):.4f}"]],
-        f"SVI / EM wall time {fmt_x(rows[1][1] / rows[0][1])}",
+        + [[n, f"failed: {m}", "", "", ""] for n, m in failed.items()]
+        + [["truth", "", "", "", f"{truth_ll:.4f}"]],
+        f"SVI / EM wall time {fmt_x(rows[1][1] / rows[0][1])}"
+        if ok
+        else "no ratio: SVI failed on this machine's NumPyro/JAX (see the row)",
     )
-    rep.headline(
-        "svi_vs_em",
-        rows[1][1] / rows[0][1],
-        f"EM fits an RM {faster(rows[1][1] / rows[0][1])} than SVI "
-        f"(held-out log-lik {rows[0][4]:.3f} vs {rows[1][4]:.3f})",
-    )
+    if ok:
+        rep.headline(
+            "svi_vs_em",
+            rows[1][1] / rows[0][1],
+            f"EM fits an RM {faster(rows[1][1] / rows[0][1])} than SVI "
+            f"(held-out log-lik {rows[0][4]:.3f} vs {rows[1][4]:.3f})",
+        )
     return 0
 
 

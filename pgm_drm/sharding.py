@@ -66,6 +66,8 @@ def shard_batch(tree: Any, mesh: Mesh | None = None) -> tuple[Any, int]:
     n = int(jnp.shape(leaves[0])[0])
     if any(int(jnp.shape(x)[0]) != n for x in leaves):
         raise ValueError("every batched input must have the same leading size")
+    if mesh is None and jax.device_count() == 1:  # the common case: no mesh built
+        return tree, n
     mesh = batch_mesh() if mesh is None else mesh
     n_dev = mesh.devices.size
     if n_dev == 1:

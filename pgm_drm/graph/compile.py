@@ -86,6 +86,7 @@ from numpyro.primitives import Messenger
 from pgm_drm._typing import Array, ScheduleKind
 from pgm_drm.graph.natural import natural_log_prob, natural_log_prob_parts
 from pgm_drm.graph.slices import grouped_tables
+from pgm_drm.models.validation import all_finite
 
 __all__ = [
     "CompileError",
@@ -656,10 +657,18 @@ def check_evidence_values(name: str, x: Any) -> None:
     """Refuse evidence that no likelihood can score: complex, NaN or infinite
     values (each would otherwise surface as "probability zero" or deep inside JAX).
     Shapes are checked against the model by :func:`model_sites`."""
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    if np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(f"evidence {name!r} is complex ({dtype}); give real values")
+    if not np.issubdtype(dtype, np.inexact):
+        return
+    if isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()):
+        # On an accelerator, reduce there: np.asarray would copy the whole batch
+        # to the host on every call (most of infer's time for an RM on a GPU).
+        if bool(all_finite(x)):
+            return
     x = np.asarray(x)
-    if np.iscomplexobj(x):
-        raise ValueError(f"evidence {name!r} is complex ({x.dtype}); give real values")
-    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+    if not np.all(np.isfinite(x)):
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise ValueError(
             f"evidence {name!r} contains NaN or inf values ({bad} of {x.size} entries)"

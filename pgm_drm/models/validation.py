@@ -50,7 +50,7 @@ def check_probability(p: float, name: str) -> float:
 
 
 @jax.jit
-def _all_finite(x: Array) -> Array:
+def all_finite(x: Array) -> Array:
     """``all(isfinite(x))`` as one fused reduction (eager ``jnp`` would
     materialise the whole boolean mask first)."""
     return jnp.all(jnp.isfinite(x))
@@ -89,5 +89,5 @@ def check_images(
 
 def check_finite_images(x: Array) -> None:
     """Refuse images with a NaN or infinite pixel."""
-    if not bool(_all_finite(x)):
+    if not bool(all_finite(x)):
         raise ValueError("image contains NaN or inf values")
