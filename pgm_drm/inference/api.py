@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -66,8 +67,13 @@ class Posterior(NamedTuple):
         return bool(np.all(np.asarray(self.deltas)[..., -1] < 1e-6))
 
 
-def _check_evidence(fg: FactorGraph, evidence: dict[str, Any]):
-    """Validate evidence; return (arrays, in_axes, batch size or None)."""
+def _check_evidence(fg: FactorGraph, evidence: dict[str, Any], values: bool = True):
+    """Validate evidence; return (arrays, in_axes, batch size or None).
+
+    ``values=False`` checks names, shapes and dtypes only: the flat path checks
+    the values for NaN/inf inside its program (:func:`_all_finite_evidence`) and
+    reads the verdict with log Z, one device-to-host transfer per call.
+    """
     arrays, axes, batch = {}, {}, None
     for name, value in evidence.items():
         if name not in fg.kwargs:
@@ -76,7 +82,7 @@ def _check_evidence(fg: FactorGraph, evidence: dict[str, Any]):
                 f"arguments {sorted(fg.kwargs)}"
             )
         ref = np.shape(fg.kwargs[name])
-        x = jnp.asarray(value)
+        x = value if isinstance(value, jax.Array) else jnp.asarray(value)
         if x.shape == ref:
             axes[name] = None
         elif x.shape[1:] == ref:
@@ -91,7 +97,10 @@ def _check_evidence(fg: FactorGraph, evidence: dict[str, Any]):
                 f"evidence {name!r} has shape {x.shape}; the graph was compiled for "
                 f"shape {ref} (or a batch of shape (B, *{ref}))"
             )
-        check_evidence_values(name, x)
+        if values:
+            check_evidence_values(name, x)
+        elif jnp.iscomplexobj(x):  # the dtype alone: no pass over the values
+            check_evidence_values(name, x)
         arrays[name] = x
     return arrays, axes, batch
 
@@ -111,7 +120,7 @@ def _to_compiled_dtypes(fg: FactorGraph, arrays: Mapping[str, Any]) -> dict:
     dtype cannot hold exactly (wider, or bfloat16 vs float16) is refused."""
     out = {}
     for name, x in arrays.items():
-        ref = jnp.asarray(fg.kwargs[name]).dtype
+        ref = _compiled_dtype(fg, name)
         floats = jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(
             ref, jnp.floating
         )
@@ -125,6 +134,31 @@ def _to_compiled_dtypes(fg: FactorGraph, arrays: Mapping[str, Any]) -> dict:
             x = x.astype(ref)
         out[name] = x
     return out
+
+
+def _compiled_dtype(fg: FactorGraph, name: str):
+    """The dtype evidence ``name`` was compiled with (read once per graph: the
+    conversion of the compile-time value is a host-to-device copy)."""
+    key = ("evidence dtype", name)
+    if key not in fg._cache:
+        fg._cache[key] = jnp.asarray(fg.kwargs[name]).dtype
+    return fg._cache[key]
+
+
+@functools.lru_cache(maxsize=64)
+def _temperature_arg(t: float, x64: bool) -> Array:
+    """The traced temperature argument, made once per value (and x64 mode)."""
+    return jnp.asarray(t)
+
+
+def _all_finite_evidence(ev: Mapping[str, Array]) -> Array:
+    """Inside the program: whether every floating evidence value is finite (one
+    fused reduction each; read on the host with log Z)."""
+    ok = jnp.bool_(True)
+    for x in ev.values():
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
 
 
 def _cast(tree: Any, dtype) -> Any:
@@ -210,8 +244,12 @@ def _compiled_flat(
     fn = single
     if any(a == 0 for a in axes.values()):
         fn = jax.vmap(single, in_axes=(dict(axes), None, None))
+
+    def checked(ev, t, static):
+        return fn(ev, t, static), _all_finite_evidence(ev)
+
     # Template matches against repeated natural parameters, computed once each.
-    jitted = jax.jit(gemm.dedupe_constant_gemms(fn) if gemm.ENABLED else fn)
+    jitted = jax.jit(gemm.dedupe_constant_gemms(checked) if gemm.ENABLED else checked)
     # Keep the plan alive with the cache entry (the key holds its id).
     fg._cache[key] = (plan, lambda ev, t: jitted(ev, t, static))
     return fg._cache[key][1]
@@ -380,22 +418,29 @@ def infer(
     """
     t = resolve_temperature(semiring, temperature)
     sched = _resolve_schedule(fg, schedule)
-    arrays, axes, batch = _check_evidence(fg, evidence)
+    flat = isinstance(sched, FlatPlan)
+    # The flat program checks the values itself (one transfer with log Z).
+    arrays, axes, batch = _check_evidence(fg, evidence, values=not flat)
     dtype = _evidence_dtype(arrays)
     arrays = _to_compiled_dtypes(fg, arrays)
     lead = () if batch is None else (batch,)
     if batch is not None:  # spread the batch over every device (identity on one)
         batched = {k: v for k, v in arrays.items() if axes[k] == 0}
         arrays = {**arrays, **shard_batch(batched)[0]}
-    if isinstance(sched, FlatPlan):
+    if flat:
         fn = _compiled_flat(
             fg, sched, t == 0.0, bool(map), bool(marginals), axes, dtype
         )
-        out = fn(arrays, jnp.asarray(t if t > 0 else 1.0))
+        t_arg = _temperature_arg(t if t > 0 else 1.0, jax.config.jax_enable_x64)
+        out, finite = fn(arrays, t_arg)
         log_z, flat_margs, flat_map, deltas = (
             out if batch is None else unpad(out, batch)
         )
-        _check_log_z(log_z, fg, arrays, axes)
+        host_log_z, finite = jax.device_get((log_z, finite))
+        if not finite:  # names the evidence and counts its NaN/inf entries
+            for name, x in arrays.items():
+                check_evidence_values(name, x)
+        _check_log_z(host_log_z, fg, arrays, axes)
         if len(fg.variable_groups) <= HOST_SPLIT_SITES:  # split in the program
             margs, maps = flat_margs or {}, flat_map or {}
         else:

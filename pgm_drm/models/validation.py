@@ -68,7 +68,7 @@ def check_images(
     Returns:
         The images as ``(N, *image_shape)`` and whether a single image was given.
     """
-    x = jnp.asarray(images)
+    x = images if isinstance(images, jax.Array) else jnp.asarray(images)
     if x.shape == image_shape:
         x, single = x[None], True
     elif x.shape[1:] == image_shape:
