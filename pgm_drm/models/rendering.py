@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -166,20 +168,7 @@ class RenderingModel:
         """
         t = resolve_temperature(semiring, None)
         x, single = check_images(images, self.image_shape)
-        w, b = self.natural_parameters()
-        d = int(np.prod(self.image_shape))
-        u = jnp.einsum(
-            "nd,cgd->ncg", x.reshape(x.shape[0], d), w.reshape(*w.shape[:2], d)
-        )
-        u = u + b
-        if self.switch_prior is not None:
-            off = (
-                jnp.log1p(-self.switch_prior)
-                + jnp.log(self.class_prior)[:, None]
-                + jnp.log(self.nuisance_prior)[None, :]
-            )
-            u = reduce_t(jnp.stack([u, jnp.broadcast_to(off, u.shape)]), (0,), t)
-        scores = reduce_t(u, (2,), t)
+        scores = _class_log_scores(self, x, t)
         return scores[0] if single else scores
 
     def classify(self, images: ArrayLike, semiring: Semiring = "max") -> Array:
@@ -218,3 +207,22 @@ def default_templates(size: int = 6) -> Array:
         for g, (dy, dx) in enumerate(offsets):
             out[c, g, dy : dy + k, dx : dx + k] = shapes[c]
     return jnp.asarray(out)
+
+
+@partial(jax.jit, static_argnums=(2,))
+def _class_log_scores(rm: RenderingModel, x: Array, t: float) -> Array:
+    """:meth:`RenderingModel.class_log_scores` of checked images ``(N, *image_shape)``
+    as one compiled program (the model is traced: one compilation per shapes and
+    ``t``): Eqs. 5-7 and 9."""
+    w, b = rm.natural_parameters()
+    d = int(np.prod(rm.image_shape))
+    u = jnp.einsum("nd,cgd->ncg", x.reshape(x.shape[0], d), w.reshape(*w.shape[:2], d))
+    u = u + b
+    if rm.switch_prior is not None:
+        off = (
+            jnp.log1p(-rm.switch_prior)
+            + jnp.log(rm.class_prior)[:, None]
+            + jnp.log(rm.nuisance_prior)[None, :]
+        )
+        u = reduce_t(jnp.stack([u, jnp.broadcast_to(off, u.shape)]), (0,), t)
+    return reduce_t(u, (2,), t)
