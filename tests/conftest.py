@@ -28,10 +28,20 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+FUZZING = int(os.environ.get("PGM_DRM_EXAMPLES", "2")) >= 50
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     np.random.seed(0)
     yield
+    if FUZZING:
+        # A fuzzing run compiles tens of thousands of programs in one process;
+        # each compiled CPU program holds memory maps, and at the kernel's limit
+        # (vm.max_map_count, 65530 here) XLA's next compile segfaults. Dropping
+        # JAX's caches after each test frees them (make test keeps its caches:
+        # its tests share programs).
+        jax.clear_caches()
 
 
 @pytest.fixture
