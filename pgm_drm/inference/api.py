@@ -17,6 +17,7 @@ from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
 from pgm_drm.inference.kernel import make_plan, naive_run_plan
+from pgm_drm.models.validation import all_finite
 from pgm_drm.semiring import resolve_temperature
 from pgm_drm.sharding import shard_batch, unpad
 
@@ -97,9 +98,7 @@ def _check_evidence(fg: FactorGraph, evidence: dict[str, Any], values: bool = Tr
                 f"evidence {name!r} has shape {x.shape}; the graph was compiled for "
                 f"shape {ref} (or a batch of shape (B, *{ref}))"
             )
-        if values:
-            check_evidence_values(name, x)
-        elif jnp.iscomplexobj(x):  # the dtype alone: no pass over the values
+        if values or jnp.iscomplexobj(x):  # complex: refused on its dtype alone
             check_evidence_values(name, x)
         arrays[name] = x
     return arrays, axes, batch
@@ -157,7 +156,7 @@ def _all_finite_evidence(ev: Mapping[str, Array]) -> Array:
     ok = jnp.bool_(True)
     for x in ev.values():
         if jnp.issubdtype(x.dtype, jnp.floating):
-            ok = ok & jnp.all(jnp.isfinite(x))
+            ok = ok & all_finite(x)
     return ok
 
 
