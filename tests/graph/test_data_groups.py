@@ -136,3 +136,18 @@ def test_grouped_plan_cached_under_one_trace_serves_the_next(small_groups):
     np.testing.assert_allclose(post.log_z, ref_sum.log_z, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(jitted(new["w"]), ref_sum.log_z, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(best.log_z, ref_max.log_z, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_stacked_residuals_equal_jnp_stack_on_host_and_under_trace(dtype):
+    """Concrete residuals are stacked on the host (an eager ``jnp.stack`` of a
+    loop-written model's thousand residuals compiled one concatenate of a
+    thousand operands); traced ones by ``jnp.stack``: the same array and dtype."""
+    xs = [jnp.asarray(np.arange(6).reshape(2, 3) + i, dtype) for i in range(5)]
+    expected = jnp.stack(xs)
+    got = compile_mod._stack(xs)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    traced = jax.jit(lambda *a: compile_mod._stack(list(a)))(*xs)
+    assert traced.dtype == expected.dtype
+    np.testing.assert_array_equal(traced, expected)
