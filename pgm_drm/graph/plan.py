@@ -358,19 +358,40 @@ def _centre_rooting(n: int, edges) -> tuple[np.ndarray, np.ndarray]:
     return parent, depth
 
 
+def _breadth_first(parent: np.ndarray, depth: np.ndarray) -> list[int]:
+    """The nodes of a rooted forest by depth, each parent's children adjacent and
+    in their parents' order (then by node id)."""
+    order = list(np.nonzero(parent < 0)[0])
+    children: dict[int, list[int]] = {}
+    for b in np.nonzero(parent >= 0)[0]:
+        children.setdefault(int(parent[b]), []).append(int(b))
+    level = [int(b) for b in order]
+    out: list[int] = []
+    while level:
+        out.extend(level)
+        level = [c for b in level for c in children.get(b, [])]
+    assert len(out) == len(parent)
+    return out
+
+
 def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     """The ``"exact"`` schedule's junction tree as a :class:`JunctionTree`."""
     sched = fg.schedule("exact")
     bags = sched.clusters
     cards = fg.cardinalities
     nb = len(bags)
-    # Cluster classes by cardinality tuple; rows in cluster order.
+    parent, depth = _centre_rooting(nb, sched.edges)
+    # Cluster classes by cardinality tuple; rows in breadth-first order (by depth,
+    # the children of one parent adjacent and in their parents' order), so that a
+    # step's child rows are a contiguous run (a slice, not a gather) and its
+    # parent rows are sorted (children's messages summed by a reshape).
     class_of: dict[tuple[int, ...], int] = {}
     classes = np.zeros(nb, np.int64)
     rows = np.zeros(nb, np.int64)
     sizes: list[int] = []
     shapes: list[tuple[int, ...]] = []
-    for b, bag in enumerate(bags):
+    for b in _breadth_first(parent, depth):
+        bag = bags[b]
         shape = tuple(int(cards[v]) for v in bag)
         if shape not in class_of:
             class_of[shape] = len(shapes)
@@ -390,12 +411,13 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     home_t = []
     for (k, axis), (vs, rs) in home.items():
         stride = int(np.prod(shapes[k][axis + 1 :], dtype=np.int64))
+        by_row = np.argsort(rs, kind="stable")  # rows in order: a slice, no gather
         home_t.append(
             (
                 k,
                 axis,
-                _frozen(np.asarray(vs, np.int32)),
-                _frozen(np.asarray(rs, np.int32)),
+                _frozen(np.asarray(vs, np.int32)[by_row]),
+                _frozen(np.asarray(rs, np.int32)[by_row]),
                 stride,
             )
         )
@@ -425,12 +447,12 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
             key = (int(classes[b]), c, perm, shape)
             moves.setdefault(key, ([], []))[0].append(i)
             moves[key][1].append(int(rows[b]))
-    moves_t = tuple(
-        (k, c, perm, shape, _frozen(np.asarray(ins, np.int32)), _frozen(np.asarray(rs)))
-        for (k, c, perm, shape), (ins, rs) in moves.items()
-    )
+    moves_t = []
+    for (k, c, perm, shape), (ins, rs) in moves.items():
+        by_row = np.argsort(rs, kind="stable")  # rows in order: an add, no scatter
+        ins_a, rs_a = np.asarray(ins, np.int32)[by_row], np.asarray(rs)[by_row]
+        moves_t.append((k, c, perm, shape, _frozen(ins_a), _frozen(rs_a)))
 
-    parent, depth = _centre_rooting(nb, sched.edges)
     roots: dict[int, list] = {}
     for b in np.nonzero(parent < 0)[0]:
         roots.setdefault(int(classes[b]), []).append(int(rows[b]))
@@ -483,7 +505,7 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
         shapes=tuple(shapes),
         sizes=tuple(sizes),
         home=tuple(home_t),
-        moves=moves_t,
+        moves=tuple(moves_t),
         roots=tuple((k, _frozen(np.asarray(r, np.int32))) for k, r in roots.items()),
         steps=tuple(out_steps),
     )

@@ -489,9 +489,29 @@ def _inverse(rows: np.ndarray, n: int) -> np.ndarray:
     return inv
 
 
+def _run_of(rows: np.ndarray) -> tuple[int, int] | None:
+    """``(start, stride)`` when the static ``rows`` are an increasing arithmetic
+    run (a slice), else None."""
+    if len(rows) == 0:
+        return None
+    if len(rows) == 1:
+        return int(rows[0]), 1
+    d = np.diff(rows)
+    return (int(rows[0]), int(d[0])) if d[0] > 0 and np.all(d == d[0]) else None
+
+
 def _take(x: Array, rows: np.ndarray) -> Array:
-    """``x[rows]`` for static rows; no gather when they are all rows in order."""
-    return x if _all_rows(rows, x.shape[0]) else x[rows]
+    """``x[rows]`` for static rows: ``x`` itself when they are all rows in order, a
+    strided slice when they are a run (fused into its consumers, where a gather
+    is written out), else a gather."""
+    if _all_rows(rows, x.shape[0]):
+        return x
+    run = _run_of(rows)
+    if run is not None:
+        start, stride = run
+        stop = start + stride * (len(rows) - 1) + 1
+        return jax.lax.slice_in_dim(x, start, stop, stride)
+    return x[rows]
 
 
 def _add_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
@@ -633,18 +653,33 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
 
 
 def _junction_marginals(plan: FlatPlan, beliefs: list, t, dtype) -> Array:
+    """Every variable's normalised log (max-)marginal, read at its home cluster.
+
+    The variables homed at the same rows of one class share one pass over those
+    beliefs: it reduces away every axis none of them sits on, and the small
+    result is shifted by its max (no belief is far from 0 when it is normalised,
+    where ``x - logsumexp(x)`` would cancel), then reduced to each variable.
+    ``reduce_T`` over a union of axes is the reduction over each in turn.
+    """
     jt = plan.junction
     out = jnp.full((plan.n_vars, plan.kmax), -jnp.inf, dtype)
-    # Each belief shifted by its max once (a belief may be far below 0, where
-    # `x - logsumexp(x)` would cancel), then reduced to each home variable.
-    shifted = [_shift(b, tuple(range(1, b.ndim)))[0] for b in beliefs]
+    shared: dict[tuple[int, bytes], list] = {}
     for k, axis, var_ids, rows, _ in jt.home:
-        b = _take(shifted[k], rows)
-        axes = tuple(a + 1 for a in range(b.ndim - 1) if a != axis)
-        m = _reduce(b, axes, t)
-        norm = _reduce(m, (1,), t)
-        m = m - jnp.where(jnp.isfinite(norm), norm, 0.0)[:, None]
-        out = _set_rows(out, var_ids, _pad(m, plan.kmax, -jnp.inf))
+        shared.setdefault((k, rows.tobytes()), []).append((axis, var_ids, rows))
+    for (k, _), entries in shared.items():
+        rows = entries[0][2]
+        keep = sorted({axis for axis, _, _ in entries})
+        b = _take(beliefs[k], rows)
+        other = tuple(a + 1 for a in range(b.ndim - 1) if a not in keep)
+        pre = _reduce(b, other, t) if other else b  # (n, *cards at keep)
+        pre, _ = _shift(pre, tuple(range(1, pre.ndim)))
+        for axis, var_ids, _ in entries:
+            j = keep.index(axis)
+            rest = tuple(a + 1 for a in range(len(keep)) if a != j)
+            m = _reduce(pre, rest, t) if rest else pre
+            norm = _reduce(m, (1,), t)
+            m = m - jnp.where(jnp.isfinite(norm), norm, 0.0)[:, None]
+            out = _set_rows(out, var_ids, _pad(m, plan.kmax, -jnp.inf))
     return out
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from pgm_drm.graph import compile_model
 from pgm_drm.graph.plan import UNROLL_STEPS
-from pgm_drm.inference import brute_force, enumerate_exact, infer, run_flat_plan
+from pgm_drm.inference import brute_force, enumerate_exact, flat, infer, run_flat_plan
 from pgm_drm.inference.flat import flat_inputs
 from pgm_drm.testing import (
     assert_posteriors_close,
@@ -119,6 +119,34 @@ def test_junction_plan_is_batched_by_depth_whatever_the_plate_sizes():
     # The same depths and batches of edges (one op each) at 6 and 30 leaves.
     assert shapes[0] == shapes[1]
     assert len(shapes[0]) <= 3
+
+
+def test_junction_rows_are_laid_out_for_slices():
+    """Clusters are numbered breadth-first within each class, so every step's
+    child rows are a run (a slice in the kernel, not a gather) and its parent
+    rows are sorted; pair tables and home variables are listed by row."""
+    model, y = _global_and_plates(6, 5)
+    jt = compile_model(model, y=y).plan("exact").junction
+    for step in jt.steps:
+        for e in step:
+            assert flat._run_of(e.child_rows) == (int(e.child_rows[0]), 1)
+            assert np.all(np.diff(e.parent_rows) >= 0)
+    for *_, rows in jt.moves:
+        assert np.all(np.diff(rows) > 0)
+    for _, _, _, rows, _ in jt.home:
+        assert np.all(np.diff(rows) > 0)
+
+
+@given(rows=st.lists(st.integers(0, 9), min_size=1, max_size=12))
+def test_take_of_static_rows_equals_a_gather(rows):
+    """The kernel's row selection (slice for runs, else gather) equals ``x[rows]``."""
+    x = jnp.arange(10 * 3, dtype=jnp.float32).reshape(10, 3)
+    r = np.asarray(rows, np.int32)
+    np.testing.assert_array_equal(flat._take(x, r), x[r])
+    for start, stride, n in [(2, 3, 3), (0, 1, 10), (9, 1, 1), (1, 2, 5)]:
+        r = np.arange(start, start + stride * n, stride, dtype=np.int32)
+        assert flat._run_of(r) == (start, stride if n > 1 else 1)
+        np.testing.assert_array_equal(flat._take(x, r), x[r])
 
 
 @given(seed=st.integers(0, 100_000), semiring=st.sampled_from(["sum", "max"]))
