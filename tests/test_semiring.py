@@ -12,6 +12,7 @@ from scipy.special import logsumexp
 from pgm_drm.semiring import (
     MIN_TEMPERATURE,
     reduce_t,
+    reduce_t_unrolled,
     resolve_temperature,
     switch_reduce,
 )
@@ -28,6 +29,28 @@ def test_reduce_t_is_temperature_logsumexp(x, t):
     got = np.asarray(reduce_t(jnp.asarray(x), (1,), t))
     want = x.max(axis=1) if t == 0 else t * logsumexp(x / t, axis=1)
     np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+@given(
+    x=hnp.arrays(np.float64, (2, 3, 2), elements=st.one_of(finite, st.just(-np.inf))),
+    axes=st.sampled_from([(0,), (2,), (0, 2), (1,), (-1,)]),
+    t=st.sampled_from([0.0, 0.3, 1.0, 2.5, "traced"]),
+)
+def test_reduce_t_unrolled_equals_reduce_t(x, axes, t):
+    """The elementwise form (few states) against the reduction itself, with -inf
+    entries and all -inf rows; the same shift and operations, so float64
+    round-off only (1e-12). Gradients too (T > 0): the same softmax weights."""
+    xs = jnp.asarray(x)
+    if t == "traced":
+        got = jax.jit(lambda a, tt: reduce_t_unrolled(a, axes, tt))(xs, 0.7)
+        want = reduce_t(xs, axes, 0.7)
+    else:
+        got, want = reduce_t_unrolled(xs, axes, t), reduce_t(xs, axes, t)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-12)
+    if t in (0.3, 1.0) and np.all(np.isfinite(x)):
+        g1 = jax.grad(lambda a: jnp.sum(reduce_t_unrolled(a, axes, t)))(xs)
+        g2 = jax.grad(lambda a: jnp.sum(reduce_t(a, axes, t)))(xs)
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-12)
 
 
 @given(

@@ -37,7 +37,7 @@ from jax.scipy.special import entr
 
 from pgm_drm._typing import Array
 from pgm_drm.graph.plan import FlatPlan
-from pgm_drm.semiring import reduce_t
+from pgm_drm.semiring import reduce_t, reduce_t_unrolled
 
 __all__ = [
     "FlatInputs",
@@ -47,6 +47,11 @@ __all__ = [
     "run_flat_plan",
     "static_inputs",
 ]
+
+
+#: A factor-to-variable message reducing over at most this many states is
+#: computed elementwise (:func:`pgm_drm.semiring.reduce_t_unrolled`).
+UNROLL_STATES = 4
 
 
 class FlatResult(NamedTuple):
@@ -186,7 +191,10 @@ def _factor_message(
     its max (``shift=False``: unshifted, for a caller that shifts later)."""
     x = _joint(table, v_in, cards, j)
     axes = tuple(i + 1 for i in range(len(cards)) if i != j)
-    m = _reduce(x, axes, t)
+    if np.prod([cards[a - 1] for a in axes]) <= UNROLL_STATES:
+        m = reduce_t_unrolled(x, axes, 0.0 if t is None else t)
+    else:
+        m = _reduce(x, axes, t)
     if not shift:
         return _pad(m, kmax), jnp.zeros(m.shape[:1], m.dtype)
     m, off = _shift(m, (1,))
