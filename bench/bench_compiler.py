@@ -660,11 +660,10 @@ def case_drm(p: dict, rec: Recorder) -> None:
         {
             "steady_s": lambda: infer(fg, "max", image=images),
             "steady_nomap_s": lambda: infer(fg, "max", map=False, image=images),
-            # MAP and log Z only, no max-marginal of every latent: closest to
-            # what drm.infer returns (it adds the class's max-marginal alone).
-            "steady_map_only_s": lambda: infer(
-                fg, "max", marginals=False, image=images
-            ),
+            # The job drm.infer does: MAP, log Z and the class's max-marginal
+            # (the class sits in the root cluster: no downward pass). drm.infer
+            # also returns its per-level messages, which this does not.
+            "steady_same_job_s": lambda: infer(fg, "max", marginals="c", image=images),
             "dcn_steady_s": lambda: drm.infer(images),
         },
         4 * max(reps, 10),
@@ -1109,8 +1108,8 @@ def _family_drm(ctx: dict, cases: dict) -> None:
             f"{_fmt_s(d.get('first_infer_s'))} = first result "
             f"{_fmt_s(d.get('first_result_s'))}; steady "
             f"{_fmt_s(d.get('steady_s'))} (map=False "
-            f"{_fmt_s(d.get('steady_nomap_s'))}, MAP + log Z only "
-            f"{_fmt_s(d.get('steady_map_only_s'))}) | drm.infer first "
+            f"{_fmt_s(d.get('steady_nomap_s'))}, MAP + log Z + class posterior "
+            f"{_fmt_s(d.get('steady_same_job_s'))}) | drm.infer first "
             f"{_fmt_s(d.get('dcn_first_result_s'))}, steady "
             f"{_fmt_s(d.get('dcn_steady_s'))}"
         )
@@ -1384,8 +1383,8 @@ def _ratios(cases: dict, cfg: dict) -> list[tuple[str, float | None, str]]:
         )
         out.append(
             (
-                f"DRM {s}x{s}: ours infer(max, marginals=False) / drm.infer steady",
-                _ratio(d.get("steady_map_only_s"), d.get("dcn_steady_s")),
+                f"DRM {s}x{s}: ours infer(max, marginals='c') / drm.infer steady",
+                _ratio(d.get("steady_same_job_s"), d.get("dcn_steady_s")),
                 "",
             )
         )
@@ -1437,15 +1436,18 @@ def _targets(cases: dict, cfg: dict, quick: bool) -> list[tuple[str, str, str]]:
             )
         )
     d = cases.get("drm32", {})
-    r = _ratio(d.get("steady_s"), d.get("dcn_steady_s"))
-    if r is None or d.get("first_result_s") is None:
+    r = _ratio(d.get("steady_same_job_s"), d.get("dcn_steady_s"))
+    r_all = _ratio(d.get("steady_s"), d.get("dcn_steady_s"))
+    if r is None or r_all is None or d.get("first_result_s") is None:
         out.append(("DRM 32x32", "n/a", missing("drm32", "times")))
     else:
         out.append(
             (
                 "DRM 32x32 first result <= 10 s and steady <= 2x drm.infer",
                 verdict(d["first_result_s"] <= 10 and r <= 2),
-                f"first {_fmt_s(d['first_result_s'])}, steady {r:.2f}x drm.infer",
+                f"first {_fmt_s(d['first_result_s'])}, steady {r:.2f}x drm.infer "
+                f"for its job (MAP, log Z, class posterior); {r_all:.2f}x with "
+                "every max-marginal",
             )
         )
     d = cases.get("ising100", {})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -198,7 +198,7 @@ def _compiled_flat(
     plan: FlatPlan,
     hard: bool,
     want_map: bool,
-    want_margs: bool,
+    want_margs: bool | tuple[str, ...],
     axes,
     dtype=None,
 ):
@@ -231,13 +231,15 @@ def _compiled_flat(
             + _cast(offset, dtype).astype(inputs.constant.dtype)
         )
         t = t if dtype is None else t.astype(dtype)
-        out = run_flat_plan(plan, inputs, None if hard else t, want_map)
+        out = run_flat_plan(
+            plan, inputs, None if hard else t, want_map, _marginal_vars(fg, want_margs)
+        )
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
         map_index = out.map_index if want_map else None
         if len(fg.variable_groups) <= HOST_SPLIT_SITES:
             # Per-site arrays inside the program: one dispatch, not a few per site.
-            margs, map_index = _flat_posterior(fg, margs, map_index, ())
+            margs, map_index = _flat_posterior(fg, margs, map_index, (), want_margs)
         return out.log_z, margs, map_index, out.deltas
 
     fn = single
@@ -367,7 +369,7 @@ def infer(
     temperature: float | None = None,
     schedule: str | Schedule | FlatPlan = "auto",
     map: bool = True,  # noqa: A002 - the natural name for "decode the MAP"
-    marginals: bool = True,
+    marginals: bool | str | Sequence[str] = True,
     **evidence: Any,
 ) -> Posterior:
     """Run max-sum, sum-product or tempered message passing on a compiled graph.
@@ -389,8 +391,13 @@ def infer(
             max_iters=100)``).
         map: Decode the joint MAP. ``False`` skips the backtracking (and, for
             T > 0, the extra max-sum pass); ``Posterior.map`` is then empty.
-        marginals: ``False`` returns ``log_z`` (and the MAP) only; on a tree the
-            downward pass is skipped. ``Posterior.log_marginals`` is then empty.
+        marginals: ``True``: every latent site's marginals. ``False``: ``log_z``
+            (and the MAP) only; on a tree the downward pass is skipped, and
+            ``Posterior.log_marginals`` is empty. A site name or a list of them:
+            those sites' marginals only; when each of their variables sits in
+            a root (on a tree its root variable; on a junction tree any variable
+            of a root cluster, such as a DRM's class ``c``), the upward pass
+            alone gives them exactly and the downward pass is skipped too.
         **evidence: New values for the array keyword arguments the graph was
             compiled with; a leading extra axis is a batch (vmapped; the graph is
             traced and jitted once per schedule and batching pattern). With
@@ -416,6 +423,7 @@ def infer(
         0.8808
     """
     t = resolve_temperature(semiring, temperature)
+    want_margs = _marginal_sites(fg, marginals)
     sched = _resolve_schedule(fg, schedule)
     flat = isinstance(sched, FlatPlan)
     # The flat program checks the values itself (one transfer with log Z).
@@ -427,9 +435,7 @@ def infer(
         batched = {k: v for k, v in arrays.items() if axes[k] == 0}
         arrays = {**arrays, **shard_batch(batched)[0]}
     if flat:
-        fn = _compiled_flat(
-            fg, sched, t == 0.0, bool(map), bool(marginals), axes, dtype
-        )
+        fn = _compiled_flat(fg, sched, t == 0.0, bool(map), want_margs, axes, dtype)
         t_arg = _temperature_arg(t if t > 0 else 1.0, jax.config.jax_enable_x64)
         out, finite = fn(arrays, t_arg)
         log_z, flat_margs, flat_map, deltas = (
@@ -443,7 +449,7 @@ def infer(
         if len(fg.variable_groups) <= HOST_SPLIT_SITES:  # split in the program
             margs, maps = flat_margs or {}, flat_map or {}
         else:
-            margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead)
+            margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead, want_margs)
         deltas = None if sched.is_exact else deltas
         return Posterior(margs, maps, log_z, t, sched.kind, deltas)
     out = _compiled_naive(fg, sched, t, axes, dtype)(arrays)
@@ -452,6 +458,8 @@ def infer(
     margs: dict[str, Array] = {}
     maps: dict[str, Array] = {}
     for site in fg.latent_sites:
+        if want_margs is not True and site not in (want_margs or ()) and not map:
+            continue
         info = fg.sites[site]
         ids = [k for k, v in enumerate(fg.variables) if v.site == site]
         m = jnp.stack([out.log_marginals[k] for k in ids], axis=len(lead))
@@ -461,7 +469,9 @@ def infer(
             support = jnp.asarray(np.asarray(info.support))
             maps[site] = jnp.reshape(support[idx], lead + info.plate_shape)
     deltas = None if sched.is_exact else out.deltas
-    return Posterior(margs if marginals else {}, maps, out.log_z, t, sched.kind, deltas)
+    if want_margs is not True:
+        margs = {k: v for k, v in margs.items() if k in (want_margs or ())}
+    return Posterior(margs, maps, out.log_z, t, sched.kind, deltas)
 
 
 def _where(bad: np.ndarray) -> str:
@@ -526,8 +536,36 @@ def _check_log_z(
 HOST_SPLIT_SITES = 64
 
 
-def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple):
-    """Per-site arrays from the flat ``(.., n_vars, kmax)`` / ``(.., n_vars)`` ones."""
+def _marginal_sites(fg: FactorGraph, marginals) -> bool | tuple[str, ...]:
+    """``infer``'s ``marginals`` argument as True, False or a sorted tuple of
+    latent site names (checked)."""
+    if isinstance(marginals, (bool, np.bool_)):
+        return bool(marginals)
+    names = (marginals,) if isinstance(marginals, str) else tuple(marginals)
+    unknown = [n for n in names if n not in fg.latent_sites]
+    if unknown:
+        raise ValueError(
+            f"marginals: no latent site named {unknown}; the graph's latent sites "
+            f"are {list(fg.latent_sites)}"
+        )
+    return tuple(sorted(set(names)))
+
+
+def _marginal_vars(fg: FactorGraph, want) -> bool | tuple[int, ...]:
+    """The flat variable ids of the sites in ``want`` (or ``want`` itself)."""
+    if isinstance(want, bool):
+        return want
+    return tuple(
+        i
+        for g in fg.variable_groups
+        if g.site in want
+        for i in range(g.offset, g.offset + g.size)
+    )
+
+
+def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple, sites=True):
+    """Per-site arrays from the flat ``(.., n_vars, kmax)`` / ``(.., n_vars)``
+    ones; marginals only of ``sites`` (True: all)."""
     groups = fg.variable_groups
     host = len(groups) > HOST_SPLIT_SITES
     xp = np if host else jnp
@@ -539,7 +577,7 @@ def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple):
     out_map: dict[str, Array] = {}
     for g in groups:
         sl = slice(g.offset, g.offset + g.size)
-        if margs is not None:
+        if margs is not None and (sites is True or g.site in sites):
             m = margs[(slice(None),) * b + (sl, slice(0, g.cardinality))]
             out_m[g.site] = xp.reshape(m, lead + g.plate_shape + (g.cardinality,))
         if map_index is not None:

@@ -462,16 +462,21 @@ def _marginals(u: Array, b: Array, n: int, t) -> Array:
     return shifted - jnp.where(jnp.isfinite(norm), norm, 0.0)[:, None]
 
 
-def _run_tree(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult:
+def _run_tree(
+    plan: FlatPlan, s: _Setup, t, want_map: bool, dtype, at_roots: bool
+) -> FlatResult:
     n = plan.n_vars
     up = _tree_up(plan, s, t, dtype)
     roots = plan.roots
     root_b = s.unary[roots] + _total(up.b, roots)
     log_z = up.log_z + jnp.sum(_reduce(root_b, (1,), t))
-    down = _run_steps(
-        plan, lambda st, step: _down_step(plan, s, t, st, step), up, reverse=False
-    )
-    margs = _marginals(s.unary, down.b, n, t)
+    if at_roots:  # the asked-for variables are roots: no downward pass
+        margs = _marginals(s.unary, up.b, n, t)
+    else:
+        down = _run_steps(
+            plan, lambda st, step: _down_step(plan, s, t, st, step), up, reverse=False
+        )
+        margs = _marginals(s.unary, down.b, n, t)
     if want_map:
         max_up = up if t is None else _tree_up(plan, s, None, dtype)
         map_index = _backtrack(plan, s, max_up)
@@ -660,7 +665,44 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
     ]
 
 
-def _junction_marginals(plan: FlatPlan, beliefs: list, t, dtype) -> Array:
+def _root_homes(plan: FlatPlan) -> tuple:
+    """Every variable of a root cluster, as :attr:`JunctionTree.home` entries
+    ``(class, axis, var_ids, rows, stride)`` at the roots: after the upward pass
+    alone a root's belief is already its exact marginal."""
+    jt = plan.junction
+    at = {
+        (int(k), int(r)): i
+        for i, (k, r) in enumerate(zip(jt.classes, jt.rows, strict=True))
+    }
+    found: dict[tuple[int, int], tuple[list, list]] = {}
+    seen: set[int] = set()
+    for k, rows in jt.roots:
+        for r in rows:
+            for axis, v in enumerate(jt.clusters[at[(int(k), int(r))]]):
+                if v not in seen:
+                    seen.add(v)
+                    entry = found.setdefault((int(k), axis), ([], []))
+                    entry[0].append(int(v))
+                    entry[1].append(int(r))
+    return tuple(
+        (k, axis, np.asarray(vs, np.int32), np.asarray(rs, np.int32), 0)
+        for (k, axis), (vs, rs) in found.items()
+    )
+
+
+def _readable_at_roots(plan: FlatPlan) -> np.ndarray:
+    """The variables whose marginals the upward pass alone gives exactly: a
+    tree's roots, or every variable of a junction tree's root clusters."""
+    if plan.kind == "tree":
+        return np.asarray(plan.roots, np.int64)
+    if plan.kind == "exact":
+        return np.concatenate([h[2] for h in _root_homes(plan)] + [np.zeros(0, int)])
+    return np.zeros(0, np.int64)
+
+
+def _junction_marginals(
+    plan: FlatPlan, beliefs: list, t, dtype, homes: tuple | None = None
+) -> Array:
     """Every variable's normalised log (max-)marginal, read at its home cluster.
 
     The variables homed at the same rows of one class share one pass over those
@@ -672,7 +714,7 @@ def _junction_marginals(plan: FlatPlan, beliefs: list, t, dtype) -> Array:
     jt = plan.junction
     out = jnp.full((plan.n_vars, plan.kmax), -jnp.inf, dtype)
     shared: dict[tuple[int, bytes], list] = {}
-    for k, axis, var_ids, rows, _ in jt.home:
+    for k, axis, var_ids, rows, _ in jt.home if homes is None else homes:
         shared.setdefault((k, rows.tobytes()), []).append((axis, var_ids, rows))
     for (k, _), entries in shared.items():
         rows = entries[0][2]
@@ -720,10 +762,18 @@ def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
     return x
 
 
-def _run_junction(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResult:
+def _run_junction(
+    plan: FlatPlan, s: _Setup, t, want_map: bool, dtype, at_roots: bool
+) -> FlatResult:
     psi, offset = _cluster_potentials(plan, s, dtype)
     up = _junction_up(plan, psi, t, offset)
-    margs = _junction_marginals(plan, _junction_down(plan, psi, up, t), t, dtype)
+    if at_roots:  # the asked-for variables sit in root clusters: no downward pass
+        beliefs = [
+            _with_children(p, f, c) for p, f, c in zip(psi, up.fin, up.cnt, strict=True)
+        ]
+        margs = _junction_marginals(plan, beliefs, t, dtype, _root_homes(plan))
+    else:
+        margs = _junction_marginals(plan, _junction_down(plan, psi, up, t), t, dtype)
     if want_map:
         max_up = up if t is None else _junction_up(plan, psi, None, offset)
         map_index = _junction_map(plan, psi, max_up)
@@ -862,6 +912,7 @@ def run_flat_plan(
     inputs: FlatInputs,
     temperature: Array | None,
     want_map: bool = True,
+    marginals: bool | Sequence[int] = True,
 ) -> FlatResult:
     """Run a flat plan on one set of inputs (pure; jit/vmap it).
 
@@ -876,6 +927,12 @@ def run_flat_plan(
         want_map: Also decode the joint MAP (tree and junction tree:
             backtracking, with a second max-sum upward pass when T > 0; loopy: a
             max-product run when T > 0).
+        marginals: ``True``: every variable's marginal. A sequence of variable
+            ids: those rows only, the others ``NaN``; when every one sits in a
+            root (a tree's root variable, or any variable of a junction tree's
+            root cluster) the upward pass alone gives them, exactly, and the
+            downward pass is not run. ``False``: every row ``NaN`` (XLA drops
+            the downward pass when its result is not used).
 
     Returns:
         :class:`FlatResult`. Tree and junction-tree ("exact") plans are exact;
@@ -886,8 +943,24 @@ def run_flat_plan(
         dtype = jnp.float32
     s = _setup(plan, inputs, dtype)
     t = None if temperature is None else jnp.asarray(temperature, dtype)
+    if marginals is True:
+        want = None
+    else:
+        want = np.asarray([] if marginals is False else list(marginals), np.int64)
+        if want.size and (want.min() < 0 or want.max() >= plan.n_vars):
+            raise ValueError(
+                f"marginals: variable ids must be in [0, {plan.n_vars}), got "
+                f"{want.min()}..{want.max()}"
+            )
+    at_roots = want is not None and bool(np.isin(want, _readable_at_roots(plan)).all())
     if plan.kind == "tree":
-        return _run_tree(plan, s, t, want_map, dtype)
-    if plan.kind == "exact":
-        return _run_junction(plan, s, t, want_map, dtype)
-    return _run_loopy(plan, s, t, want_map, dtype)
+        out = _run_tree(plan, s, t, want_map, dtype, at_roots)
+    elif plan.kind == "exact":
+        out = _run_junction(plan, s, t, want_map, dtype, at_roots)
+    else:
+        out = _run_loopy(plan, s, t, want_map, dtype)
+    if want is None:
+        return out
+    keep = np.zeros((plan.n_vars, 1), bool)
+    keep[want] = True
+    return out._replace(log_marginals=jnp.where(keep, out.log_marginals, jnp.nan))

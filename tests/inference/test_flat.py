@@ -7,6 +7,7 @@ suite's 1e-6 where ``assert_posteriors_close`` is used) leaves room for
 logsumexp's rescaling.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -119,6 +120,75 @@ def test_junction_plan_is_batched_by_depth_whatever_the_plate_sizes():
     # The same depths and batches of edges (one op each) at 6 and 30 leaves.
     assert shapes[0] == shapes[1]
     assert len(shapes[0]) <= 3
+
+
+@given(
+    seed=st.integers(0, 100_000),
+    kind=st.sampled_from(["tree", "loopy"]),
+    t=st.sampled_from([0.0, 1.0, 0.4]),
+    n_sites=st.integers(1, 3),
+)
+def test_marginals_of_some_sites_equal_those_of_all(seed, kind, t, n_sites):
+    """``marginals=[sites]``: those sites' marginals, equal to the full run's
+    (float64: the root read and the downward pass differ in rounding only, 1e-10);
+    the other sites are absent, log Z and the MAP unchanged."""
+    model, kwargs = random_factor_model(seed, n_vars=5, kind=kind)
+    fg = compile_model(model, **kwargs)
+    full = infer(fg, temperature=t, **kwargs)
+    rng = np.random.default_rng(seed)
+    sites = list(rng.choice(fg.latent_sites, size=n_sites, replace=False))
+    some = infer(fg, temperature=t, marginals=sites, **kwargs)
+    assert sorted(some.log_marginals) == sorted(sites)
+    for site in sites:
+        np.testing.assert_allclose(
+            some.log_marginals[site], full.log_marginals[site], atol=1e-10
+        )
+    np.testing.assert_allclose(some.log_z, full.log_z, atol=1e-10)
+    for site, v in full.map.items():
+        np.testing.assert_array_equal(some.map[site], v)
+
+
+def test_root_marginals_skip_the_downward_pass():
+    """Asked only for root variables (a tree's root; a junction tree's root
+    cluster), the kernel runs the upward pass alone: a smaller program, the
+    same rows, and NaN in the rows not asked for."""
+    for kind, schedule in [("tree", "tree"), ("loopy", "exact")]:
+        model, kwargs = random_factor_model(7, n_vars=6, kind=kind)
+        fg = compile_model(model, **kwargs)
+        plan = fg.plan(schedule)
+        inputs = flat_inputs(plan, fg.group_tables(), fg.factor_groups)
+        roots = [int(v) for v in flat._readable_at_roots(plan)]
+        assert 0 < len(roots) < plan.n_vars
+
+        def size(marg, plan=plan, inputs=inputs):
+            return len(
+                jax.make_jaxpr(lambda i: run_flat_plan(plan, i, 1.0, False, marg))(
+                    inputs
+                ).eqns
+            )
+
+        assert size(roots) < size(True)
+        got = run_flat_plan(plan, inputs, 1.0, False, roots).log_marginals
+        want = run_flat_plan(plan, inputs, 1.0, False).log_marginals
+        r = np.asarray(roots)
+        np.testing.assert_allclose(got[r], want[r], atol=1e-10)
+        others = np.setdiff1d(np.arange(plan.n_vars), roots)
+        assert np.all(np.isnan(np.asarray(got)[others]))
+
+
+def test_marginals_of_an_unknown_site_are_refused():
+    model, kwargs = random_factor_model(0, n_vars=3)
+    fg = compile_model(model, **kwargs)
+    with pytest.raises(ValueError, match="no latent site named \\['nope'\\]"):
+        infer(fg, marginals=["nope"], **kwargs)
+    with pytest.raises(ValueError, match="variable ids must be in"):
+        run_flat_plan(
+            fg.plan("tree"),
+            flat_inputs(fg.plan("tree"), fg.group_tables(), fg.factor_groups),
+            1.0,
+            False,
+            [99],
+        )
 
 
 def test_junction_rows_are_laid_out_for_slices():
