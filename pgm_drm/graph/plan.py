@@ -82,8 +82,10 @@ class JunctionTree:
     """A junction tree as frozen index arrays, for the flat kernel.
 
     Attributes:
-        clusters: Variable ids (sorted) of every cluster, in class-row order:
-            ``clusters[i]`` is row ``rows[i]`` of class ``classes[i]``.
+        clusters: Variable ids (sorted) of every cluster: ``clusters[i]`` is row
+            ``rows[i]`` of class ``classes[i]``. Rows are numbered breadth-first
+            within each class (roots first), and ``home`` and ``moves`` list their
+            entries by row.
         classes, rows: Each cluster's class and row within its class.
         shapes: Per class, the cardinality tuple of its clusters.
         sizes: Per class, its number of clusters.
@@ -358,7 +360,7 @@ def _centre_rooting(n: int, edges) -> tuple[np.ndarray, np.ndarray]:
     return parent, depth
 
 
-def _breadth_first(parent: np.ndarray, depth: np.ndarray) -> list[int]:
+def _breadth_first(parent: np.ndarray) -> list[int]:
     """The nodes of a rooted forest by depth, each parent's children adjacent and
     in their parents' order (then by node id)."""
     order = list(np.nonzero(parent < 0)[0])
@@ -383,14 +385,15 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     parent, depth = _centre_rooting(nb, sched.edges)
     # Cluster classes by cardinality tuple; rows in breadth-first order (by depth,
     # the children of one parent adjacent and in their parents' order), so that a
-    # step's child rows are a contiguous run (a slice, not a gather) and its
+    # step's child rows are usually a contiguous run (a slice, not a gather: not
+    # when edges of other shapes interleave with them at that depth) and its
     # parent rows are sorted (children's messages summed by a reshape).
     class_of: dict[tuple[int, ...], int] = {}
     classes = np.zeros(nb, np.int64)
     rows = np.zeros(nb, np.int64)
     sizes: list[int] = []
     shapes: list[tuple[int, ...]] = []
-    for b in _breadth_first(parent, depth):
+    for b in _breadth_first(parent):
         bag = bags[b]
         shape = tuple(int(cards[v]) for v in bag)
         if shape not in class_of:

@@ -34,7 +34,9 @@ class Posterior(NamedTuple):
     Attributes:
         log_marginals: ``site -> (*plate_shape, K)`` normalised log-marginals
             (sum-product), max-marginals minus the max (max-sum), or the tempered
-            marginals ``T*logsumexp``-normalised at temperature T.
+            marginals ``T*logsumexp``-normalised at temperature T; only the
+            sites asked for (``infer(..., marginals=[...])``; none with
+            ``marginals=False``).
         map: ``site -> (*plate_shape,)`` the *joint* MAP assignment in support
             values (by backtracking; loopy: argmax of loopy max-product beliefs).
         log_z: Log partition at the temperature: ``log p(evidence)`` for
@@ -394,10 +396,12 @@ def infer(
         marginals: ``True``: every latent site's marginals. ``False``: ``log_z``
             (and the MAP) only; on a tree the downward pass is skipped, and
             ``Posterior.log_marginals`` is empty. A site name or a list of them:
-            those sites' marginals only; when each of their variables sits in
-            a root (on a tree its root variable; on a junction tree any variable
-            of a root cluster, such as a DRM's class ``c``), the upward pass
-            alone gives them exactly and the downward pass is skipped too.
+            those sites' marginals only; with a tree or junction-tree (flat)
+            plan, when each of their variables sits in a root (on a tree its
+            root variable; on a junction tree any variable of a root cluster,
+            such as a DRM's class ``c``), the upward pass alone gives them
+            exactly and the downward pass is skipped too (loopy plans and an
+            explicit ``Schedule`` run in full and keep the sites asked for).
         **evidence: New values for the array keyword arguments the graph was
             compiled with; a leading extra axis is a batch (vmapped; the graph is
             traced and jitted once per schedule and batching pattern). With
@@ -538,10 +542,13 @@ HOST_SPLIT_SITES = 64
 
 def _marginal_sites(fg: FactorGraph, marginals) -> bool | tuple[str, ...]:
     """``infer``'s ``marginals`` argument as True, False or a sorted tuple of
-    latent site names (checked)."""
-    if isinstance(marginals, (bool, np.bool_)):
+    latent site names (checked); a name, or a list, tuple or set of names."""
+    if isinstance(marginals, str):
+        names: tuple = (marginals,)
+    elif isinstance(marginals, (list, tuple, set, frozenset)):
+        names = tuple(marginals)
+    else:  # True / False / None / a 0-d boolean array, as before
         return bool(marginals)
-    names = (marginals,) if isinstance(marginals, str) else tuple(marginals)
     unknown = [n for n in names if n not in fg.latent_sites]
     if unknown:
         raise ValueError(

@@ -61,7 +61,8 @@ class FlatResult(NamedTuple):
         log_z: Scalar log partition at the temperature (T=0: max log joint). Loopy
             T>0: the Bethe estimate; loopy T=0: the log joint of the decoded MAP.
         log_marginals: ``(n_vars, kmax)`` normalised log (max-)marginals; states
-            past a variable's cardinality are ``-inf``.
+            past a variable's cardinality are ``-inf``; rows not asked for
+            (``run_flat_plan(marginals=ids)``) are ``NaN``.
         map_index: ``(n_vars,)`` joint MAP state indices (``-1`` when not asked).
         deltas: Loopy: max message change per iteration ``(max_iters,)``; else
             ``(0,)``.
@@ -665,6 +666,26 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
     ]
 
 
+def _reduce_shifted(x: Array, axes: tuple[int, ...], t) -> Array:
+    """``reduce_T(x - M)`` over ``axes``, with ``M`` the max of each row of ``x``
+    (every axis but the first): as precise as shifting ``x`` first, without the
+    pass over ``x`` that costs. Reducing first and shifting the result after
+    would round the reduction at the belief's own level (float32 marginals off
+    by ~1e-3 at a level of 1e4); inside, the shift is the max each reduction
+    takes anyway, less its row max. ``-inf`` rows stay ``-inf``."""
+    rest = tuple(range(1, x.ndim))
+    if not axes:
+        return _shift(x, rest)[0]
+    raw = jnp.max(x, axis=axes, keepdims=True)
+    big = jax.lax.stop_gradient(jnp.max(raw, axis=rest, keepdims=True))
+    big = jnp.where(jnp.isfinite(big), big, 0.0)
+    if t is None:
+        return jnp.squeeze(raw - big, axis=axes)
+    mo = jax.lax.stop_gradient(jnp.where(jnp.isfinite(raw), raw, 0.0))
+    total = jnp.sum(jnp.exp((x - mo) * (1.0 / t)), axis=axes)
+    return jnp.squeeze(mo - big, axis=axes) + t * jnp.log(total)
+
+
 def _root_homes(plan: FlatPlan) -> tuple:
     """Every variable of a root cluster, as :attr:`JunctionTree.home` entries
     ``(class, axis, var_ids, rows, stride)`` at the roots: after the upward pass
@@ -706,10 +727,11 @@ def _junction_marginals(
     """Every variable's normalised log (max-)marginal, read at its home cluster.
 
     The variables homed at the same rows of one class share one pass over those
-    beliefs: it reduces away every axis none of them sits on, and the small
-    result is shifted by its max (no belief is far from 0 when it is normalised,
-    where ``x - logsumexp(x)`` would cancel), then reduced to each variable.
-    ``reduce_T`` over a union of axes is the reduction over each in turn.
+    beliefs: it reduces away every axis none of them sits on, shifted by the
+    belief's max (:func:`_reduce_shifted`: a belief may sit far from 0, where
+    ``x - logsumexp(x)`` would cancel), then the small result is reduced to
+    each variable. ``reduce_T`` over a union of axes is the reduction over each
+    in turn.
     """
     jt = plan.junction
     out = jnp.full((plan.n_vars, plan.kmax), -jnp.inf, dtype)
@@ -721,8 +743,7 @@ def _junction_marginals(
         keep = sorted({axis for axis, _, _ in entries})
         b = _take(beliefs[k], rows)
         other = tuple(a + 1 for a in range(b.ndim - 1) if a not in keep)
-        pre = _reduce(b, other, t) if other else b  # (n, *cards at keep)
-        pre, _ = _shift(pre, tuple(range(1, pre.ndim)))
+        pre = _reduce_shifted(b, other, t)  # (n, *cards at keep), max 0
         for axis, var_ids, _ in entries:
             j = keep.index(axis)
             rest = tuple(a + 1 for a in range(len(keep)) if a != j)
