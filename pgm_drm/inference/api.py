@@ -238,6 +238,9 @@ def _compiled_flat(
         )
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
+        if margs is not None and want_margs is not True:
+            # Only the rows asked for leave the program (sites in group order).
+            margs = margs[np.asarray(_marginal_vars(fg, want_margs), np.int32)]
         map_index = out.map_index if want_map else None
         if len(fg.variable_groups) <= HOST_SPLIT_SITES:
             # Per-site arrays inside the program: one dispatch, not a few per site.
@@ -572,7 +575,8 @@ def _marginal_vars(fg: FactorGraph, want) -> bool | tuple[int, ...]:
 
 def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple, sites=True):
     """Per-site arrays from the flat ``(.., n_vars, kmax)`` / ``(.., n_vars)``
-    ones; marginals only of ``sites`` (True: all)."""
+    ones; marginals only of ``sites`` (True: all; else ``margs`` holds only
+    their rows, in group order, as the program returns them)."""
     groups = fg.variable_groups
     host = len(groups) > HOST_SPLIT_SITES
     xp = np if host else jnp
@@ -582,10 +586,13 @@ def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple, sites=True):
     b = len(lead)
     out_m: dict[str, Array] = {}
     out_map: dict[str, Array] = {}
+    row = 0  # where the next asked-for site's rows start in ``margs``
     for g in groups:
         sl = slice(g.offset, g.offset + g.size)
         if margs is not None and (sites is True or g.site in sites):
-            m = margs[(slice(None),) * b + (sl, slice(0, g.cardinality))]
+            at = sl if sites is True else slice(row, row + g.size)
+            row += g.size
+            m = margs[(slice(None),) * b + (at, slice(0, g.cardinality))]
             out_m[g.site] = xp.reshape(m, lead + g.plate_shape + (g.cardinality,))
         if map_index is not None:
             idx = map_index[(slice(None),) * b + (sl,)]

@@ -227,6 +227,24 @@ def test_belief_reduction_is_shifted_at_any_level(t, level):
     np.testing.assert_allclose(got, want, atol=2e-6)
 
 
+def test_marginals_of_some_sites_on_a_model_split_on_the_host():
+    """Past ``HOST_SPLIT_SITES`` sites the per-site arrays are cut on the host;
+    only the rows asked for leave the program, and they are the full run's
+    (float64 rounding: 1e-10)."""
+    from pgm_drm.inference.api import HOST_SPLIT_SITES
+
+    model, _ = chain_loop_model(HOST_SPLIT_SITES + 6, k=3)
+    fg = compile_model(model)
+    sites = [fg.latent_sites[-1], fg.latent_sites[2], fg.latent_sites[40]]
+    full = infer(fg, "sum", schedule="tree")
+    some = infer(fg, "sum", schedule="tree", marginals=sites)
+    assert sorted(some.log_marginals) == sorted(sites)
+    for site in sites:
+        np.testing.assert_allclose(
+            some.log_marginals[site], full.log_marginals[site], atol=1e-10
+        )
+
+
 def test_marginals_argument_forms():
     """A name, a list with repeats, ``None`` (= False) and bools."""
     model, kwargs = random_factor_model(1, n_vars=3)
