@@ -72,7 +72,7 @@ def _params_key(params: dict) -> tuple:
 
 def _literal_key(v: Literal) -> tuple:
     val = np.asarray(v.val)
-    return ("L", str(v.aval), val.dtype.str, val.tobytes())
+    return ("L", v.aval.shape, v.aval.dtype, val.dtype.str, val.tobytes())
 
 
 def grouped_tables(
@@ -174,7 +174,7 @@ def grouped_tables(
                 ok = False
                 break
             else:
-                kinds.append(("x", str(a.aval)))
+                kinds.append(("x", a.aval.shape, a.aval.dtype))
         if not ok:
             rest.add(k)
             continue
@@ -248,7 +248,7 @@ def _signature(eqns: Sequence, outvar) -> tuple[tuple, tuple, list]:
                 eqn.primitive,
                 ins,
                 _params_key(eqn.params),
-                tuple(str(a.aval) for a in eqn.outvars),
+                tuple((a.aval.shape, a.aval.dtype) for a in eqn.outvars),
             )
         )
     return tuple(sig), atom(outvar), inputs
@@ -257,9 +257,14 @@ def _signature(eqns: Sequence, outvar) -> tuple[tuple, tuple, list]:
 def _eval_known(closed, n_lat, known_eqns, needed, evidence, rules=None) -> dict:
     """Values of the ``needed`` latent-free variables (one pass, in numpy for
     the index and slicing operations a loop-written model makes per site, else
-    op by op in JAX: one eager JAX op costs tens of microseconds, and a chain
-    of 10,000 sites makes about 60,000 of them). ``rules={}``: all in JAX, the
-    naive twin the tests hold it to."""
+    in JAX: one eager JAX op costs tens of microseconds, and a chain of 10,000
+    sites makes about 60,000 of them). The JAX ones are run level by level
+    (:func:`_batched`): the same operation on same-shaped operands at one
+    dependency level, made once per site by a loop (a ``Categorical(logits)``'s
+    normalisation: ten ops per site), runs as one ``vmap`` of it on their
+    stacked operands. ``rules={}``: all in JAX, op by op, the naive twin the
+    tests hold it to."""
+    naive = rules is not None and not rules
     rules = _NUMPY_RULES if rules is None else rules
     jaxpr = closed.jaxpr
     env: dict = {}
@@ -271,24 +276,117 @@ def _eval_known(closed, n_lat, known_eqns, needed, evidence, rules=None) -> dict
     def read(a):
         return a.val if isinstance(a, Literal) else env[a]
 
-    for eqn in known_eqns:
-        ins = [read(a) for a in eqn.invars]
+    def numpy_rule(eqn, ins):
         rule = rules.get(eqn.primitive.name)
-        out = None
-        if rule is not None and _numpy_safe(eqn):
-            # Each operand as its aval says (a Python-float literal is a float64
-            # in numpy but a float32 operand of a float32 comparison in XLA).
-            typed = [_np_cast(x, a.aval) for x, a in zip(ins, eqn.invars, strict=True)]
-            out = rule(typed, eqn.params, eqn.outvars[0].aval)
-        if out is None:
-            out = eqn.primitive.bind(*ins, **eqn.params)
-            outs = out if eqn.primitive.multiple_results else [out]
-        else:
-            outs = [_np_cast(out, eqn.outvars[0].aval)]
-        for v, x in zip(eqn.outvars, outs, strict=True):
-            env[v] = x
+        if rule is None or not _numpy_safe(eqn):
+            return None
+        # Each operand as its aval says (a Python-float literal is a float64
+        # in numpy but a float32 operand of a float32 comparison in XLA).
+        typed = [_np_cast(x, a.aval) for x, a in zip(ins, eqn.invars, strict=True)]
+        out = rule(typed, eqn.params, eqn.outvars[0].aval)
+        return None if out is None else [_np_cast(out, eqn.outvars[0].aval)]
+
+    def bind(eqn, ins):
+        out = eqn.primitive.bind(*ins, **eqn.params)
+        return out if eqn.primitive.multiple_results else [out]
+
+    if naive:
+        for eqn in known_eqns:
+            for v, x in zip(
+                eqn.outvars, bind(eqn, [read(a) for a in eqn.invars]), strict=True
+            ):
+                env[v] = x
+    else:
+        for level in _levels(known_eqns):
+            pending: dict[tuple, list] = {}
+            for eqn in level:
+                ins = [read(a) for a in eqn.invars]
+                outs = numpy_rule(eqn, ins)
+                if outs is None and _batchable(eqn):
+                    pending.setdefault(_op_key(eqn), []).append((eqn, ins))
+                    continue
+                if outs is None:
+                    outs = bind(eqn, ins)
+                for v, x in zip(eqn.outvars, outs, strict=True):
+                    env[v] = x
+            for items in pending.values():
+                for (eqn, _), outs in zip(items, _batched(items, bind), strict=True):
+                    for v, x in zip(eqn.outvars, outs, strict=True):
+                        env[v] = x
     needed = [v for v in needed if not isinstance(v, Literal)]
     return {v: env[v] for v in needed}
+
+
+def _levels(eqns: Sequence) -> list[list]:
+    """``eqns`` (in order) by dependency level: each one after every equation
+    that makes one of its operands."""
+    depth: dict = {}
+    out: list[list] = []
+    for eqn in eqns:
+        d = 1 + max(
+            (depth.get(a, 0) for a in eqn.invars if not isinstance(a, Literal)),
+            default=0,
+        )
+        for v in eqn.outvars:
+            depth[v] = d
+        while len(out) < d:
+            out.append([])
+        out[d - 1].append(eqn)
+    return out
+
+
+def _batchable(eqn) -> bool:
+    """A plain primitive (no sub-jaxpr, no effects) with array operands."""
+    if eqn.effects or any(
+        hasattr(v, "eqns") or hasattr(v, "jaxpr") for v in eqn.params.values()
+    ):
+        return False
+    return bool(eqn.invars) and not all(isinstance(a, Literal) for a in eqn.invars)
+
+
+def _op_key(eqn) -> tuple:
+    """Equations with equal keys apply the same operation to operands of the
+    same shapes and dtypes (literals equal)."""
+    ins = tuple(
+        _literal_key(a) if isinstance(a, Literal) else ("x", a.aval.shape, a.aval.dtype)
+        for a in eqn.invars
+    )
+    return (eqn.primitive, _params_key(eqn.params), ins)
+
+
+def _batched(items: list, bind) -> list[list]:
+    """The outputs of every ``(eqn, operands)`` in ``items`` (one ``_op_key``):
+    one op by itself; several as one ``vmap`` of the operation over their
+    stacked (non-literal) operands, the results split back in numpy. ``vmap``
+    of an XLA operation is the same function on each row (at XLA's default
+    optimisation a batch's ``exp`` and ``log`` may round an ulp apart from one
+    small op's; the tables' exactness tests are at 1e-10)."""
+    if len(items) < _MIN_BATCH:
+        return [bind(eqn, ins) for eqn, ins in items]
+    eqn = items[0][0]
+    lit = [isinstance(a, Literal) for a in eqn.invars]
+    stacked = [
+        None if is_lit else np.stack([np.asarray(ins[j]) for _, ins in items])
+        for j, is_lit in enumerate(lit)
+    ]
+    consts = [
+        a.val if is_lit else None for a, is_lit in zip(eqn.invars, lit, strict=True)
+    ]
+
+    def one(*xs):
+        it = iter(xs)
+        args = [
+            c if is_lit else next(it) for c, is_lit in zip(consts, lit, strict=True)
+        ]
+        return bind(eqn, args)
+
+    outs = jax.vmap(one)(*[x for x in stacked if x is not None])
+    outs = [np.asarray(o) for o in outs]
+    return [[o[i] for o in outs] for i in range(len(items))]
+
+
+#: Fewer equal operations than this at one level run one by one.
+_MIN_BATCH = 4
 
 
 def _np_cast(x, aval):
