@@ -347,7 +347,12 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
                 "bench); first result = compile_model + plan + first infer vs "
                 "PGMax's graph build + first run; one NumPyro run = one eager "
                 "seeded trace of the same loop-written model (the faster of two), "
-                "the floor for anything that runs the user's loop once"
+                "the floor for anything that runs the user's loop once. Each side "
+                "runs in its own process; on the 2-core dev machine a per-run "
+                "time moved by 30% and more between processes with the same "
+                "compiled program (2026-12-04: ours/PGMax 0.45-0.81x for sum in "
+                "one full run, 0.80-1.11x in the next), so read one run's ratio "
+                "with that spread"
                 + ("" if pgv.get("ok", True) else f"; PGMax: {pgv.get('error')}"),
             }
         )
