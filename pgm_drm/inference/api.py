@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.dtypes import canonicalize_dtype
 
 from pgm_drm._typing import Array, Semiring
 from pgm_drm.graph import gemm
@@ -573,29 +574,49 @@ def _marginal_vars(fg: FactorGraph, want) -> bool | tuple[int, ...]:
     )
 
 
+def _site_layout(fg: FactorGraph) -> tuple:
+    """Per latent site, once per graph: ``(site, offset, size, cardinality,
+    plate_shape, support as numpy, support is 0..K-1)``."""
+    key = ("site_layout",)
+    if key not in fg._cache:
+        out = []
+        for g in fg.variable_groups:
+            sup = np.asarray(g.support)
+            ident = bool(
+                np.issubdtype(sup.dtype, np.integer)
+                and np.array_equal(sup, np.arange(len(sup)))
+            )
+            out.append(
+                (g.site, g.offset, g.size, g.cardinality, g.plate_shape, sup, ident)
+            )
+        fg._cache[key] = tuple(out)
+    return fg._cache[key]
+
+
 def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple, sites=True):
     """Per-site arrays from the flat ``(.., n_vars, kmax)`` / ``(.., n_vars)``
     ones; marginals only of ``sites`` (True: all; else ``margs`` holds only
     their rows, in group order, as the program returns them)."""
-    groups = fg.variable_groups
-    host = len(groups) > HOST_SPLIT_SITES
-    xp = np if host else jnp
+    layout = _site_layout(fg)
+    host = len(layout) > HOST_SPLIT_SITES
     if host:
         margs = None if margs is None else np.asarray(margs)
         map_index = None if map_index is None else np.asarray(map_index)
-    b = len(lead)
+    b = (slice(None),) * len(lead)
     out_m: dict[str, Array] = {}
     out_map: dict[str, Array] = {}
     row = 0  # where the next asked-for site's rows start in ``margs``
-    for g in groups:
-        sl = slice(g.offset, g.offset + g.size)
-        if margs is not None and (sites is True or g.site in sites):
-            at = sl if sites is True else slice(row, row + g.size)
-            row += g.size
-            m = margs[(slice(None),) * b + (at, slice(0, g.cardinality))]
-            out_m[g.site] = xp.reshape(m, lead + g.plate_shape + (g.cardinality,))
+    for site, off, size, card, plate_shape, sup, ident in layout:
+        if margs is not None and (sites is True or site in sites):
+            at = slice(off, off + size) if sites is True else slice(row, row + size)
+            row += size
+            m = margs[(*b, at, slice(0, card))]
+            out_m[site] = m.reshape(lead + plate_shape + (card,))
         if map_index is not None:
-            idx = map_index[(slice(None),) * b + (sl,)]
-            support = xp.asarray(np.asarray(g.support))
-            out_map[g.site] = xp.reshape(support[idx], lead + g.plate_shape)
+            idx = map_index[(*b, slice(off, off + size))]
+            if ident:  # support 0..K-1: the index is the value
+                val = idx.astype(sup.dtype if host else canonicalize_dtype(sup.dtype))
+            else:
+                val = (sup if host else jnp.asarray(sup))[idx]
+            out_map[site] = val.reshape(lead + plate_shape)
     return out_m, out_map
