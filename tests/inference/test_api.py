@@ -329,3 +329,49 @@ def test_non_finite_evidence_is_refused_on_every_path(bad, schedule):
             infer(fg, schedule=sched, x=x)
     with pytest.raises(ValueError, match="evidence 'x' is complex"):
         infer(fg, schedule=sched, x=good.astype(jnp.complex64))
+
+
+def test_host_split_by_runs_equals_a_split_site_by_site():
+    """Past HOST_SPLIT_SITES sites the per-site arrays are cut on the host a run
+    of alike sites at a time: the same arrays (type, dtype, shape, values) as
+    cutting each site from the flat results by its own offset, batched or not,
+    with Bernoulli (float support), Categorical and plated sites."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    from pgm_drm.inference import api
+
+    def model():
+        xs = [
+            numpyro.sample(f"b{i}", dist.Bernoulli(0.3 + 0.005 * i)) for i in range(40)
+        ]
+        ys = [
+            numpyro.sample(f"c{i}", dist.Categorical(jnp.array([0.2, 0.3, 0.5])))
+            for i in range(30)
+        ]
+        for i in range(39):
+            numpyro.factor(f"f{i}", jnp.where(xs[i] == xs[i + 1], 0.5, -0.2))
+        numpyro.factor("g", jnp.where(ys[0] == xs[0], 0.3, 0.0))
+        with numpyro.plate("p", 3):
+            numpyro.sample("z", dist.Categorical(jnp.array([0.2, 0.3, 0.5])))
+
+    fg = compile_model(model)
+    assert len(fg.variable_groups) > api.HOST_SPLIT_SITES
+    rng = np.random.default_rng(0)
+    n, kmax = sum(g.size for g in fg.variable_groups), 3
+    for lead in [(), (2,)]:
+        margs = rng.normal(size=lead + (n, kmax))
+        idx = rng.integers(0, 2, size=lead + (n,)).astype(np.int32)
+        got_m, got_map = api._host_posterior(fg, margs, idx, lead, True)
+        b = (slice(None),) * len(lead)
+        for g in fg.variable_groups:
+            sl = slice(g.offset, g.offset + g.size)
+            want_m = margs[(*b, sl, slice(0, g.cardinality))].reshape(
+                lead + g.plate_shape + (g.cardinality,)
+            )
+            sup = np.asarray(g.support)
+            want_map = sup[idx[(*b, sl)]].reshape(lead + g.plate_shape)
+            for got, want in [(got_m[g.site], want_m), (got_map[g.site], want_map)]:
+                assert type(got) is np.ndarray and got.dtype == want.dtype
+                assert got.shape == want.shape
+                np.testing.assert_array_equal(got, want)
