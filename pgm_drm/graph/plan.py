@@ -363,11 +363,10 @@ def _centre_rooting(n: int, edges) -> tuple[np.ndarray, np.ndarray]:
 def _breadth_first(parent: np.ndarray) -> list[int]:
     """The nodes of a rooted forest by depth, each parent's children adjacent and
     in their parents' order (then by node id)."""
-    order = list(np.nonzero(parent < 0)[0])
     children: dict[int, list[int]] = {}
     for b in np.nonzero(parent >= 0)[0]:
         children.setdefault(int(parent[b]), []).append(int(b))
-    level = [int(b) for b in order]
+    level = [int(b) for b in np.nonzero(parent < 0)[0]]
     out: list[int] = []
     while level:
         out.extend(level)

@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.dtypes import canonicalize_dtype
 
 from pgm_drm._typing import Array, Semiring
 from pgm_drm.graph import gemm
@@ -234,14 +233,13 @@ def _compiled_flat(
             + _cast(offset, dtype).astype(inputs.constant.dtype)
         )
         t = t if dtype is None else t.astype(dtype)
-        out = run_flat_plan(
-            plan, inputs, None if hard else t, want_map, _marginal_vars(fg, want_margs)
-        )
+        var_ids = _marginal_vars(fg, want_margs)
+        out = run_flat_plan(plan, inputs, None if hard else t, want_map, var_ids)
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
         if margs is not None and want_margs is not True:
             # Only the rows asked for leave the program (sites in group order).
-            margs = margs[np.asarray(_marginal_vars(fg, want_margs), np.int32)]
+            margs = margs[np.asarray(var_ids, np.int32)]
         map_index = out.map_index if want_map else None
         if len(fg.variable_groups) <= HOST_SPLIT_SITES:
             # Per-site arrays inside the program: one dispatch, not a few per site.
@@ -463,22 +461,21 @@ def infer(
     out = _compiled_naive(fg, sched, t, axes, dtype)(arrays)
     out = out if batch is None else unpad(out, batch)
     _check_log_z(out.log_z, fg, arrays, axes)
+    want = fg.latent_sites if want_margs is True else (want_margs or ())
     margs: dict[str, Array] = {}
     maps: dict[str, Array] = {}
     for site in fg.latent_sites:
-        if want_margs is not True and site not in (want_margs or ()) and not map:
-            continue
         info = fg.sites[site]
         ids = [k for k, v in enumerate(fg.variables) if v.site == site]
-        m = jnp.stack([out.log_marginals[k] for k in ids], axis=len(lead))
-        margs[site] = jnp.reshape(m, lead + info.plate_shape + (len(info.support),))
+        if site in want:
+            m = jnp.stack([out.log_marginals[k] for k in ids], axis=len(lead))
+            shape = lead + info.plate_shape + (len(info.support),)
+            margs[site] = jnp.reshape(m, shape)
         if map:
             idx = jnp.stack([out.map_index[k] for k in ids], axis=len(lead))
             support = jnp.asarray(np.asarray(info.support))
             maps[site] = jnp.reshape(support[idx], lead + info.plate_shape)
     deltas = None if sched.is_exact else out.deltas
-    if want_margs is not True:
-        margs = {k: v for k, v in margs.items() if k in (want_margs or ())}
     return Posterior(margs, maps, out.log_z, t, sched.kind, deltas)
 
 
@@ -661,7 +658,7 @@ def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple, sites=True):
     out_m: dict[str, Array] = {}
     out_map: dict[str, Array] = {}
     row = 0  # where the next asked-for site's rows start in ``margs``
-    for site, off, size, card, plate_shape, sup, ident in layout:
+    for site, off, size, card, plate_shape, sup, _ in layout:
         if margs is not None and (sites is True or site in sites):
             at = slice(off, off + size) if sites is True else slice(row, row + size)
             row += size
@@ -669,9 +666,5 @@ def _flat_posterior(fg: FactorGraph, margs, map_index, lead: tuple, sites=True):
             out_m[site] = m.reshape(lead + plate_shape + (card,))
         if map_index is not None:
             idx = map_index[(*b, slice(off, off + size))]
-            if ident:  # support 0..K-1: the index is the value
-                val = idx.astype(sup.dtype if host else canonicalize_dtype(sup.dtype))
-            else:
-                val = (sup if host else jnp.asarray(sup))[idx]
-            out_map[site] = val.reshape(lead + plate_shape)
+            out_map[site] = jnp.asarray(sup)[idx].reshape(lead + plate_shape)
     return out_m, out_map
