@@ -83,15 +83,16 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
 def reduce_t_unrolled(
     x: Array, axes: tuple[int, ...], temperature: float | Array
 ) -> Array:
-    """:func:`reduce_t` written as elementwise operations on the slices along
-    ``axes``: for a few states (a factor-to-variable message of binary
-    variables reduces over 2). The same numbers: the same max shift, ``exp`` and
-    ``log``; XLA fuses them with their producers and consumers, where a
-    reduction over 2 is its own kernel on the CPU (JAX 0.10's XLA hands it to
-    YNNPACK, with its input written out first): on the 100x100 Ising grid's
-    loopy sweep that halved the sum-product's time. Reductions over many states
-    or inside the DCN pass were no faster or slower (measured), so only callers
-    that reduce over a few states use it.
+    """:func:`reduce_t` (paper §6.2.1: ``T * logsumexp(x / T)``, max at T=0)
+    written as elementwise operations on the slices along ``axes``: for a few
+    states (a factor-to-variable message of binary variables reduces over 2).
+    The same numbers: the same max shift, ``exp`` and ``log``; XLA fuses them
+    with their producers and consumers, where a reduction over 2 is its own
+    kernel on the CPU (JAX 0.10's XLA hands it to YNNPACK, with its input
+    written out first): on the 100x100 Ising grid's loopy sweep that halved the
+    sum-product's time. Reductions over many states or inside the DCN pass
+    were no faster or slower (measured), so only callers that reduce over a
+    few states use it.
     """
     if not axes:
         return x
