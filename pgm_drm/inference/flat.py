@@ -93,6 +93,17 @@ def _shift(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     return x - safe, jnp.squeeze(m, axis=axes)
 
 
+def _shift_message(m: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """:func:`_shift` of a message just reduced from a cluster belief.
+
+    The barrier keeps the shift's max reading the message. Without it XLA's
+    simplifier merges ``max(reduce(b))`` into one reduction over the whole
+    belief, a second read of it, so the cluster table feeding ``b`` is written
+    out for two consumers (DRM 32x32: a 3 MB table read twice per call).
+    """
+    return _shift(jax.lax.optimization_barrier(m), axes)
+
+
 def _level(x: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
     """``x`` less its first entry over ``axes`` (``0`` where that entry is
     ``-inf``), and that level: :func:`_shift` without its pass over ``x``.
@@ -626,7 +637,8 @@ def _junction_up(plan: FlatPlan, psi: list, t, offset: Array) -> _JunctionUp:
             b = _up_belief(psi, fin, cnt, e.child, r)
             nd = len(jt.shapes[e.child])
             axes = tuple(a + 1 for a in range(nd) if a not in e.child_sep)
-            m, off = _shift(_reduce(b, axes, t), tuple(range(1, len(e.child_sep) + 1)))
+            m = _reduce(b, axes, t)
+            m, off = _shift_message(m, tuple(range(1, len(e.child_sep) + 1)))
             log_z = log_z + jnp.sum(off)
             msgs[(d, e_i)] = m
             sends.append((e, m))
@@ -657,7 +669,8 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
             x = _take(psi[e.parent], r) + _take(down[e.parent], r) + others
             nd = len(jt.shapes[e.parent])
             axes = tuple(a + 1 for a in range(nd) if a not in e.parent_sep)
-            m, _ = _shift(_reduce(x, axes, t), tuple(range(1, len(e.parent_sep) + 1)))
+            m = _reduce(x, axes, t)
+            m, _ = _shift_message(m, tuple(range(1, len(e.parent_sep) + 1)))
             m = _expand(m, jt.shapes[e.child], e.child_sep)
             down[e.child] = _set_rows(down[e.child], e.child_rows, m)
     return [
@@ -677,6 +690,8 @@ def _reduce_shifted(x: Array, axes: tuple[int, ...], t) -> Array:
     if not axes:
         return _shift(x, rest)[0]
     raw = jnp.max(x, axis=axes, keepdims=True)
+    if t is None:  # max of max: one read of x (see _shift_message)
+        raw = jax.lax.optimization_barrier(raw)
     big = jax.lax.stop_gradient(jnp.max(raw, axis=rest, keepdims=True))
     big = jnp.where(jnp.isfinite(big), big, 0.0)
     if t is None:
