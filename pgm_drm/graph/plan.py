@@ -360,13 +360,16 @@ def _centre_rooting(n: int, edges) -> tuple[np.ndarray, np.ndarray]:
     return parent, depth
 
 
-def _breadth_first(parent: np.ndarray) -> list[int]:
+def _breadth_first(parent: np.ndarray, key: np.ndarray | None = None) -> list[int]:
     """The nodes of a rooted forest by depth, each parent's children adjacent and
-    in their parents' order (then by node id)."""
+    in their parents' order, siblings (and roots) by ``key`` then node id."""
+    key = np.zeros(len(parent), np.int64) if key is None else key
     children: dict[int, list[int]] = {}
-    for b in np.nonzero(parent >= 0)[0]:
+    for b in sorted(np.nonzero(parent >= 0)[0], key=lambda b: (key[b], b)):
         children.setdefault(int(parent[b]), []).append(int(b))
-    level = [int(b) for b in np.nonzero(parent < 0)[0]]
+    level = sorted(
+        (int(b) for b in np.nonzero(parent < 0)[0]), key=lambda b: (key[b], b)
+    )
     out: list[int] = []
     while level:
         out.extend(level)
@@ -392,7 +395,12 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     rows = np.zeros(nb, np.int64)
     sizes: list[int] = []
     shapes: list[tuple[int, ...]] = []
-    for b in _breadth_first(parent):
+    # Siblings in the order of the first factor instance each hosts: plate order,
+    # so a factor group's instances usually land on its class's rows in order, or
+    # in an order that is a transpose of it (a reshape, not a gather; see
+    # flat._take), where BFS by node id scattered them.
+    first = np.array([min(f, default=np.iinfo(np.int64).max) for f in sched.factors])
+    for b in _breadth_first(parent, first):
         bag = bags[b]
         shape = tuple(int(cards[v]) for v in bag)
         if shape not in class_of:
@@ -471,8 +479,9 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     for step in steps:
         edges = []
         for (kc, kp, cs, ps), (crs, prs) in step.items():
-            # By parent row, so that the children of one parent are adjacent.
-            order = np.argsort(prs, kind="stable")
+            # By parent row, so that the children of one parent are adjacent,
+            # then by child row (a run where the rows allow).
+            order = np.lexsort((crs, prs))
             crs, prs = np.asarray(crs)[order], np.asarray(prs)[order]
             pshape, cshape = shapes[kp], shapes[kc]
             digits = np.indices(pshape).reshape(len(pshape), -1)

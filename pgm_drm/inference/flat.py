@@ -525,10 +525,27 @@ def _run_of(rows: np.ndarray) -> tuple[int, int] | None:
     return (int(rows[0]), int(d[0])) if d[0] > 0 and np.all(d == d[0]) else None
 
 
+def _transposed_rows(rows: np.ndarray) -> tuple[int, int] | None:
+    """``(a, b)`` when the static ``rows`` are ``0..n-1`` (``n = len(rows)``)
+    read as an ``(a, b)`` grid column by column
+    (``arange(n).reshape(a, b).T.ravel()``), else None."""
+    n = len(rows)
+    if n < 4 or rows[0] != 0:
+        return None
+    b = int(rows[1])  # the stride down a column
+    if b < 2 or n % b or n == b:
+        return None
+    a = n // b
+    expect = np.arange(n).reshape(a, b).T.ravel()
+    return (a, b) if np.array_equal(rows, expect) else None
+
+
 def _take(x: Array, rows: np.ndarray) -> Array:
     """``x[rows]`` for static rows: ``x`` itself when they are all rows in order, a
     strided slice when they are a run (fused into its consumers, where a gather
-    is written out), else a gather."""
+    is written out), a reshape and transpose when they are a grid's rows read
+    column by column (plate instances hosted window by window, as a DRM's
+    patches are), else a gather."""
     if _all_rows(rows, x.shape[0]):
         return x
     run = _run_of(rows)
@@ -536,6 +553,12 @@ def _take(x: Array, rows: np.ndarray) -> Array:
         start, stride = run
         stop = start + stride * (len(rows) - 1) + 1
         return jax.lax.slice_in_dim(x, start, stop, stride)
+    grid = _transposed_rows(rows)
+    if grid is not None:
+        a, b = grid
+        y = jax.lax.slice_in_dim(x, 0, a * b) if a * b < x.shape[0] else x
+        y = jnp.swapaxes(jnp.reshape(y, (a, b) + x.shape[1:]), 0, 1)
+        return jnp.reshape(y, (a * b,) + x.shape[1:])
     return x[rows]
 
 
