@@ -444,7 +444,7 @@ def _backtrack(plan: FlatPlan, s: _Setup, up: _TreeState) -> Array:
     roots = plan.roots
     x = jnp.zeros((n + 1,), jnp.int32)
     root_b = s.unary[roots] + _total(up.b, roots)
-    x = x.at[roots].set(jnp.argmax(root_b, axis=1).astype(jnp.int32))
+    x = x.at[roots].set(_argmax_last(root_b).astype(jnp.int32))
 
     def step_fn(x, step):
         for (k, p), inst in step:
@@ -457,7 +457,7 @@ def _backtrack(plan: FlatPlan, s: _Setup, up: _TreeState) -> Array:
             scores = jnp.take_along_axis(scores, idx, axis=p + 1)
             scores = jnp.squeeze(scores, axis=p + 1)
             rest = [c for i, c in enumerate(cards) if i != p]
-            flat = jnp.argmax(jnp.reshape(scores, (scores.shape[0], -1)), axis=1)
+            flat = _argmax_last(jnp.reshape(scores, (scores.shape[0], -1)))
             states = jnp.unravel_index(flat, tuple(rest))
             others = [i for i in range(len(cards)) if i != p]
             for i, st in zip(others, states, strict=True):
@@ -792,6 +792,23 @@ def _junction_marginals(
     return out
 
 
+#: From this many states on, :func:`_argmax_last` takes a max and then the first
+#: index that hits it (two plain reductions) instead of XLA's variadic
+#: (value, index) reduction, which the CPU backend runs unvectorised: 2x faster on
+#: (64, 768); on 8 states the variadic one is faster.
+ARGMAX_SPLIT = 64
+
+
+def _argmax_last(x: Array) -> Array:
+    """``jnp.argmax(x, axis=-1)`` (the first maximum), for arrays without NaN."""
+    k = x.shape[-1]
+    if k < ARGMAX_SPLIT:
+        return jnp.argmax(x, axis=-1)
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == m, iota, k), axis=-1)
+
+
 def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
     """Joint MAP: each root's argmax, then each child's argmax with the separator
     fixed by its parent's state (max-sum upward messages ``up``)."""
@@ -799,7 +816,7 @@ def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
     assign = [jnp.zeros((n,), jnp.int32) for n in jt.sizes]
     for k, rows in jt.roots:
         b = _up_belief(psi, up.fin, up.cnt, k, rows)
-        flat = jnp.argmax(jnp.reshape(b, (len(rows), -1)), axis=1)
+        flat = _argmax_last(jnp.reshape(b, (len(rows), -1)))
         assign[k] = _set_rows(assign[k], rows, flat)
     for d in range(jt.depth):
         for e in jt.steps[d]:
@@ -811,7 +828,7 @@ def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
             b = jnp.transpose(b, (0,) + tuple(a + 1 for a in e.child_sep + rest))
             b = jnp.reshape(b, (len(r),) + e.compose.shape)
             b = jnp.take_along_axis(b, sep[:, None, None], axis=1)[:, 0]
-            flat = jnp.asarray(e.compose)[sep, jnp.argmax(b, axis=1)]
+            flat = jnp.asarray(e.compose)[sep, _argmax_last(b)]
             assign[e.child] = _set_rows(assign[e.child], r, flat)
     x = jnp.zeros((plan.n_vars,), jnp.int32)
     for k, axis, var_ids, rows, stride in jt.home:
@@ -950,7 +967,7 @@ def _run_loopy(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResul
     else:
         max_margs = None
     if max_margs is not None:
-        map_index = jnp.argmax(max_margs, axis=1).astype(jnp.int32)
+        map_index = _argmax_last(max_margs).astype(jnp.int32)
     else:
         map_index = jnp.full((n,), -1, jnp.int32)
     if t is None:

@@ -302,6 +302,22 @@ def test_take_of_static_rows_equals_a_gather(rows):
         np.testing.assert_array_equal(flat._take(x, r), x[r])
 
 
+@given(
+    k=st.sampled_from([1, 3, flat.ARGMAX_SPLIT, 100]),
+    seed=st.integers(0, 10_000),
+    levels=st.integers(1, 4),
+)
+def test_argmax_last_is_the_first_maximum(k, seed, levels):
+    """The kernel's argmax (two reductions from ARGMAX_SPLIT states on) equals
+    ``jnp.argmax``: the first of tied maxima, 0 on an all ``-inf`` row."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, size=(7, 3, k)).astype(np.float32)  # many ties
+    x[rng.random(x.shape) < 0.3] = -np.inf
+    x[0, 0] = -np.inf
+    got = jax.jit(flat._argmax_last)(jnp.asarray(x))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+
+
 @given(a=st.integers(2, 6), b=st.integers(2, 6), extra=st.integers(0, 2))
 def test_take_of_grid_rows_is_a_transpose_equal_to_a_gather(a, b, extra):
     """Rows ``0..ab-1`` read column by column of an ``(a, b)`` grid are taken by
