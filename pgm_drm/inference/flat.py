@@ -800,13 +800,13 @@ ARGMAX_SPLIT = 64
 
 
 def _argmax_last(x: Array) -> Array:
-    """``jnp.argmax(x, axis=-1)`` (the first maximum), for arrays without NaN."""
+    """``jnp.argmax(x, axis=-1)``: the first maximum, or the first NaN."""
     k = x.shape[-1]
     if k < ARGMAX_SPLIT:
         return jnp.argmax(x, axis=-1)
-    m = jnp.max(x, axis=-1, keepdims=True)
+    m = jnp.max(x, axis=-1, keepdims=True)  # NaN where a NaN is
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == m, iota, k), axis=-1)
+    return jnp.min(jnp.where((x == m) | jnp.isnan(x), iota, k), axis=-1)
 
 
 def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:

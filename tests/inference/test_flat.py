@@ -309,11 +309,13 @@ def test_take_of_static_rows_equals_a_gather(rows):
 )
 def test_argmax_last_is_the_first_maximum(k, seed, levels):
     """The kernel's argmax (two reductions from ARGMAX_SPLIT states on) equals
-    ``jnp.argmax``: the first of tied maxima, 0 on an all ``-inf`` row."""
+    ``jnp.argmax``: the first of tied maxima, 0 on an all ``-inf`` row, the
+    first NaN on a row with NaN."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, levels, size=(7, 3, k)).astype(np.float32)  # many ties
     x[rng.random(x.shape) < 0.3] = -np.inf
     x[0, 0] = -np.inf
+    x[1, 1, rng.integers(0, k, size=2)] = np.nan  # argmax: the first NaN
     got = jax.jit(flat._argmax_last)(jnp.asarray(x))
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
