@@ -579,20 +579,36 @@ def _add_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
         x = jnp.sum(jnp.reshape(x, (len(uniq), int(counts[0])) + x.shape[1:]), axis=1)
         rows, m = uniq, len(uniq)
     if len(np.unique(rows)) == m:
-        pad = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
-        return acc + pad[_inverse(rows, n)]
+        return acc + _placed(x, rows, n)
     return acc.at[rows].add(x)
 
 
+def _placed(x: Array, rows: np.ndarray, n: int) -> Array:
+    """``(n, ...)`` zeros with ``x``'s rows at the distinct static ``rows``: an
+    (interior) pad when the rows are a run, elementwise and fused into the
+    consumers; else a gather from ``x`` padded with a zero row (which XLA
+    writes out, in a transposed layout under vmap)."""
+    run = _run_of(rows)
+    if run is not None:
+        start, stride = run
+        last = start + stride * (len(rows) - 1)
+        config = [(start, n - 1 - last, stride - 1)] + [(0, 0, 0)] * (x.ndim - 1)
+        return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+    pad = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+    return pad[_inverse(rows, n)]
+
+
 def _set_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
-    """``acc.at[rows].set(x)`` for distinct static rows, as a gather."""
+    """``acc.at[rows].set(x)`` for distinct static rows (:func:`_placed`)."""
     n, m = acc.shape[0], len(rows)
     x = jnp.broadcast_to(x, (m,) + acc.shape[1:]).astype(acc.dtype)
     if _all_rows(rows, n):
         return x
-    inv = _inverse(rows, n)
-    pad = jnp.concatenate([x, jnp.zeros((1,) + acc.shape[1:], acc.dtype)])
-    return jnp.where(jnp.reshape(inv < m, (n,) + (1,) * (acc.ndim - 1)), pad[inv], acc)
+    hit = np.zeros(n, bool)
+    hit[rows] = True
+    return jnp.where(
+        jnp.reshape(hit, (n,) + (1,) * (acc.ndim - 1)), _placed(x, rows, n), acc
+    )
 
 
 def _cluster_potentials(plan: FlatPlan, s: _Setup, dtype) -> tuple[list, Array]:
@@ -680,7 +696,11 @@ def _junction_up(plan: FlatPlan, psi: list, t, offset: Array) -> _JunctionUp:
 def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
     """Downward pass, shallowest first; returns every cluster's full belief."""
     jt = plan.junction
-    down = [jnp.zeros_like(p) for p in psi]
+    # Each cluster gets one message from its parent, on its separator's axes:
+    # zeros of shape (n, 1, ..., 1) plus each message placed at its rows, which
+    # broadcasts only as far as the separators reach (a DRM's leaf messages stay
+    # (n, sep, 1, 1), not written out over the whole cluster).
+    down = [jnp.zeros((p.shape[0],) + (1,) * (p.ndim - 1), p.dtype) for p in psi]
     for d in range(jt.depth):
         for e_i, e in enumerate(jt.steps[d]):
             r = e.parent_rows
@@ -695,7 +715,8 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
             m = _reduce(x, axes, t)
             m, _ = _shift_message(m, tuple(range(1, len(e.parent_sep) + 1)))
             m = _expand(m, jt.shapes[e.child], e.child_sep)
-            down[e.child] = _set_rows(down[e.child], e.child_rows, m)
+            n_k = down[e.child].shape[0]
+            down[e.child] = down[e.child] + _placed(m, e.child_rows, n_k)
     return [
         _with_children(p, f, c) + dn
         for p, f, c, dn in zip(psi, up.fin, up.cnt, down, strict=True)

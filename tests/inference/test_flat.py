@@ -320,6 +320,37 @@ def test_argmax_last_is_the_first_maximum(k, seed, levels):
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
+@given(
+    rows=st.one_of(
+        st.lists(st.integers(0, 9), min_size=1, max_size=10, unique=True),
+        st.tuples(st.integers(0, 9), st.integers(1, 4), st.integers(1, 5)).map(
+            lambda t: [r for r in range(t[0], 10, t[1])][: t[2]]
+        ),
+    )
+)
+def test_rows_placed_added_and_set_equal_scatters(rows):
+    """Rows placed into zeros (an interior pad for runs, else a gather), added
+    to and set in an accumulator equal NumPy's scatters, -inf entries kept, and
+    a run is placed without a gather."""
+    r = np.asarray(rows, np.int32)
+    rng = np.random.default_rng(len(rows))
+    x = rng.normal(size=(len(r), 2, 3)).astype(np.float32)
+    x[0, 0, 0] = -np.inf
+    acc = rng.normal(size=(10, 2, 3)).astype(np.float32)
+    want = np.zeros_like(acc)
+    want[r] = x
+    np.testing.assert_array_equal(flat._placed(jnp.asarray(x), r, 10), want)
+    added = acc.copy()
+    added[r] += x
+    np.testing.assert_array_equal(flat._add_rows(jnp.asarray(acc), r, x), added)
+    put = acc.copy()
+    put[r] = x
+    np.testing.assert_array_equal(flat._set_rows(jnp.asarray(acc), r, x), put)
+    if flat._run_of(r) is not None:
+        jaxpr = jax.make_jaxpr(lambda x: flat._placed(x, r, 10))(x)
+        assert "gather" not in str(jaxpr)
+
+
 @given(a=st.integers(2, 6), b=st.integers(2, 6), extra=st.integers(0, 2))
 def test_take_of_grid_rows_is_a_transpose_equal_to_a_gather(a, b, extra):
     """Rows ``0..ab-1`` read column by column of an ``(a, b)`` grid are taken by
