@@ -199,7 +199,11 @@ def main(argv=None) -> int:
             ],
         ],
         "issue 14 goal with the MAP: <= 1.5x. The five are timed round-robin, "
-        f"{4 * reps} rounds, min of each (the machine's load moves all alike)",
+        f"{4 * reps} rounds, min of each (the machine's load moves all alike"
+        " within one process; between processes the same code moved far more on "
+        "the 2-core dev machine: 2026-12-04, with the MAP, 1.37x in one full run, "
+        "2.41x in the next, 1.44x run alone; bottom-up 1.15x, 2.26x, 1.05x), so "
+        "read one run's ratio with that spread",
     )
     rep.headline(
         "drm_up_vs_plain",
