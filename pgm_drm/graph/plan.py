@@ -466,6 +466,7 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     roots: dict[int, list] = {}
     for b in np.nonzero(parent < 0)[0]:
         roots.setdefault(int(classes[b]), []).append(int(rows[b]))
+    roots = {k: sorted(r) for k, r in roots.items()}  # a run of rows: slices
     steps: list[dict] = [dict() for _ in range(int(depth.max(initial=0)))]
     for b in np.nonzero(parent >= 0)[0]:
         p = int(parent[b])

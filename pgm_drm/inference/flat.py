@@ -565,8 +565,9 @@ def _take(x: Array, rows: np.ndarray) -> Array:
 def _add_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
     """``acc.at[rows].add(x)`` for static rows (``x`` broadcast over ``acc``'s
     trailing axes), without XLA's scatter where the rows allow (CPU scatters run
-    one row at a time): all rows in order is an add; distinct rows a gather from
-    ``x`` padded with a zero row; sorted rows hit equally often a reshape-sum."""
+    one row at a time): all rows in order is an add; distinct rows are placed
+    by :func:`_placed` (a pad for a run, else a gather); sorted rows hit equally
+    often a reshape-sum."""
     n, m = acc.shape[0], len(rows)
     if m == 0:
         return acc
@@ -824,7 +825,7 @@ def _argmax_last(x: Array) -> Array:
     """``jnp.argmax(x, axis=-1)``: the first maximum, or the first NaN."""
     k = x.shape[-1]
     if k < ARGMAX_SPLIT:
-        return jnp.argmax(x, axis=-1)
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)  # one dtype both ways
     m = jnp.max(x, axis=-1, keepdims=True)  # NaN where a NaN is
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return jnp.min(jnp.where((x == m) | jnp.isnan(x), iota, k), axis=-1)
