@@ -8,6 +8,8 @@ anything in between is the relaxation.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,14 +72,52 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
         temperature = float(temperature)  # Python, numpy or concrete JAX scalar
         if temperature == 0.0:
             return jnp.max(x, axis=axes)
-        if temperature == 1.0:
-            return jax.nn.logsumexp(x, axis=axes)
     # The shift carries no gradient (as in jax.nn.logsumexp); an all -inf row
     # (max -inf) is shifted by 0 and reduces to -inf.
     m = jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    if _is_one(temperature):  # sum-product
+        return _logsumexp(x, axes)
     total = jnp.sum(jnp.exp((x - m) * (1.0 / temperature)), axis=axes)
-    return jnp.squeeze(m, axis=axes) + temperature * jnp.log(total)
+    return jnp.squeeze(m, axis=axes) + temperature * safe_log(total)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _logsumexp(x: Array, axes: tuple[int, ...]) -> Array:
+    """``jax.nn.logsumexp`` (its forward program, the fastest here at T=1) with
+    the derivative ``sum(softmax(x) * dx)`` taken as 0 on an all ``-inf`` row,
+    where ``jax.nn.logsumexp``'s is ``0 * inf = NaN``."""
+    return jax.nn.logsumexp(x, axis=axes)
+
+
+@_logsumexp.defjvp
+def _logsumexp_jvp(axes, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    out = _logsumexp(x, axes)
+    level = jnp.expand_dims(jnp.where(jnp.isfinite(out), out, 0.0), axes)
+    p = jnp.exp(x - level)  # the softmax; 0 on an all -inf row
+    return out, jnp.sum(jnp.where(p > 0, p * dx, 0.0), axis=axes)
+
+
+def _is_one(temperature: float | Array) -> bool:
+    return not isinstance(temperature, jax.core.Tracer) and temperature == 1.0
+
+
+@jax.custom_jvp
+def safe_log(total: Array) -> Array:
+    """``log(total)`` for a sum of ``exp`` terms, with a zero derivative where
+    ``total`` is 0 (an all ``-inf`` row, whose log is ``-inf``): there ``d log /
+    d total`` is ``inf`` and the row's cotangent 0, and ``0 * inf`` made the
+    gradient NaN. The forward pass is a plain ``log``; elsewhere the derivative
+    is ``1 / total``."""
+    return jnp.log(total)
+
+
+@safe_log.defjvp
+def _safe_log_jvp(primals, tangents):
+    (total,), (dt,) = primals, tangents
+    pos = total > 0
+    return jnp.log(total), jnp.where(pos, dt / jnp.where(pos, total, 1.0), 0.0)
 
 
 def reduce_t_unrolled(
@@ -113,7 +153,7 @@ def reduce_t_unrolled(
     total = jnp.exp((parts[0] - m) * inv)
     for p in parts[1:]:
         total = total + jnp.exp((p - m) * inv)
-    return m + temperature * jnp.log(total)
+    return m + temperature * safe_log(total)
 
 
 def switch_reduce(pooled: Array, p_on: float, t: float) -> Array:

@@ -37,7 +37,7 @@ from jax.scipy.special import entr
 
 from pgm_drm._typing import Array
 from pgm_drm.graph.plan import FlatPlan
-from pgm_drm.semiring import reduce_t, reduce_t_unrolled
+from pgm_drm.semiring import reduce_t, reduce_t_unrolled, safe_log
 
 __all__ = [
     "FlatInputs",
@@ -743,7 +743,7 @@ def _reduce_shifted(x: Array, axes: tuple[int, ...], t) -> Array:
         return jnp.squeeze(raw - big, axis=axes)
     mo = jax.lax.stop_gradient(jnp.where(jnp.isfinite(raw), raw, 0.0))
     total = jnp.sum(jnp.exp((x - mo) * (1.0 / t)), axis=axes)
-    return jnp.squeeze(mo - big, axis=axes) + t * jnp.log(total)
+    return jnp.squeeze(mo - big, axis=axes) + t * safe_log(total)
 
 
 def _root_homes(plan: FlatPlan) -> tuple:
