@@ -72,12 +72,12 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
         temperature = float(temperature)  # Python, numpy or concrete JAX scalar
         if temperature == 0.0:
             return jnp.max(x, axis=axes)
+        if temperature == 1.0:  # sum-product
+            return _logsumexp(x, axes)
     # The shift carries no gradient (as in jax.nn.logsumexp); an all -inf row
     # (max -inf) is shifted by 0 and reduces to -inf.
     m = jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    if _is_one(temperature):  # sum-product
-        return _logsumexp(x, axes)
     total = jnp.sum(jnp.exp((x - m) * (1.0 / temperature)), axis=axes)
     return jnp.squeeze(m, axis=axes) + temperature * safe_log(total)
 
@@ -97,10 +97,6 @@ def _logsumexp_jvp(axes, primals, tangents):
     level = jnp.expand_dims(jnp.where(jnp.isfinite(out), out, 0.0), axes)
     p = jnp.exp(x - level)  # the softmax; 0 on an all -inf row
     return out, jnp.sum(jnp.where(p > 0, p * dx, 0.0), axis=axes)
-
-
-def _is_one(temperature: float | Array) -> bool:
-    return not isinstance(temperature, jax.core.Tracer) and temperature == 1.0
 
 
 @jax.custom_jvp

@@ -444,7 +444,7 @@ def _backtrack(plan: FlatPlan, s: _Setup, up: _TreeState) -> Array:
     roots = plan.roots
     x = jnp.zeros((n + 1,), jnp.int32)
     root_b = s.unary[roots] + _total(up.b, roots)
-    x = x.at[roots].set(_argmax_last(root_b).astype(jnp.int32))
+    x = x.at[roots].set(_argmax_last(root_b))
 
     def step_fn(x, step):
         for (k, p), inst in step:
@@ -989,7 +989,7 @@ def _run_loopy(plan: FlatPlan, s: _Setup, t, want_map: bool, dtype) -> FlatResul
     else:
         max_margs = None
     if max_margs is not None:
-        map_index = _argmax_last(max_margs).astype(jnp.int32)
+        map_index = _argmax_last(max_margs)
     else:
         map_index = jnp.full((n,), -1, jnp.int32)
     if t is None:
