@@ -80,6 +80,7 @@ from numpyro.distributions import (
     ExpandedDistribution,
     Independent,
     MaskedDistribution,
+    constraints,
 )
 from numpyro.primitives import Messenger
 
@@ -465,10 +466,13 @@ def _site_log_prob(
     plain = site.get("scale") is not None or site.get("mask") is not None
     if site.get("intermediates"):
         lp = fn.log_prob(value, site["intermediates"])
-    elif type(fn) in _CATEGORICAL_LOG_PMF:
-        lp = _take_last(_CATEGORICAL_LOG_PMF[type(fn)](fn), value)
-        if site["is_observed"]:  # NumPyro scores out-of-support values as -inf
-            lp = jnp.where(fn.support(value), lp, -jnp.inf)
+    elif type(fn) in _CATEGORICAL_PARAM:
+        lp = _categorical_score(
+            getattr(fn, _CATEGORICAL_PARAM[type(fn)]),
+            value,
+            logits=_CATEGORICAL_PARAM[type(fn)] == "logits",
+            observed=bool(site["is_observed"]),
+        )
     elif natural and site["is_observed"]:
         dims = () if plain else _natural_sum_dims(fn, summed)
         lp = natural_log_prob(fn, value, dims)
@@ -493,17 +497,17 @@ def _take_last(log_pmf: Array, value: Array) -> Array:
     return jnp.sum(jnp.where(hit, log_pmf, 0.0), axis=-1)
 
 
-def _probs_log_pmf(fn: CategoricalProbs) -> Array:
+def _probs_log_pmf(probs: Array) -> Array:
     """``CategoricalProbs.logits`` as NumPyro computes them (a zero prob is
     ``-inf``, with a gradient-safe ``log``)."""
-    probs = jnp.asarray(fn.probs)
+    probs = jnp.asarray(probs)
     pos = probs > 0
     return jnp.where(pos, jnp.log(jnp.where(pos, probs, 1.0)), -jnp.inf)
 
 
-def _logits_log_pmf(fn: CategoricalLogits) -> Array:
+def _logits_log_pmf(logits: Array) -> Array:
     """``CategoricalLogits.log_prob``'s normalised log-pmf, the same expression."""
-    logits = jnp.asarray(fn.logits)
+    logits = jnp.asarray(logits)
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     return logits - _logsumexp_last(logits)
@@ -527,13 +531,28 @@ def _logsumexp_last(a: Array) -> Array:
     return lax.add(lax.log(sumexp), amax)
 
 
-#: Categorical sites are scored by :func:`_take_last` (the same values as
-#: ``fn.log_prob``, tested against it), not through NumPyro's ``log_prob`` (nor,
-#: observed, in natural form: with no event dims there is nothing to contract).
-_CATEGORICAL_LOG_PMF = {
-    CategoricalProbs: _probs_log_pmf,
-    CategoricalLogits: _logits_log_pmf,
-}
+@functools.partial(jax.jit, static_argnames=("logits", "observed"))
+def _categorical_score(param: Array, value: Array, logits: bool, observed: bool):
+    """A Categorical site's log-prob at ``value`` from its ``probs`` or ``logits``
+    (:func:`_take_last` of the normalised log-pmf; observed, ``-inf`` outside
+    the support ``0..K-1``, as NumPyro's ``CategoricalProbs.support`` judges).
+
+    Jitted, so a model's trace holds ONE call per site, its body traced once per
+    shape: a loop-written model has thousands of these sites, and tracing the
+    twenty-odd operations of each inline was half the scoring of a 100x100 grid
+    (and its known part was then evaluated per site again)."""
+    lp = _take_last(_logits_log_pmf(param) if logits else _probs_log_pmf(param), value)
+    if observed:  # NumPyro scores out-of-support values as -inf
+        k = jnp.shape(param)[-1]
+        lp = jnp.where(constraints.integer_interval(0, k - 1)(value), lp, -jnp.inf)
+    return lp
+
+
+#: Categorical sites are scored by :func:`_categorical_score` (the same values
+#: as ``fn.log_prob``, tested against it), not through NumPyro's ``log_prob``
+#: (nor, observed, in natural form: with no event dims there is nothing to
+#: contract); the value is each class's parameter attribute.
+_CATEGORICAL_PARAM = {CategoricalProbs: "probs", CategoricalLogits: "logits"}
 
 
 def _natural_sum_dims(fn: Any, summed: Sequence[tuple[int, int]]) -> tuple[int, ...]:
