@@ -80,6 +80,7 @@ def grouped_tables(
     grids: Sequence[np.ndarray],
     evidence: Sequence[Any],
     min_group: int = 2,
+    eager_eqns: int = 64,
 ) -> tuple[dict[int, SiteTable], list[int]]:
     """Every output's table over its latent inputs, evaluated by structure.
 
@@ -88,13 +89,17 @@ def grouped_tables(
         grids: Per latent input, its support values broadcast to the input's
             shape on a new leading axis ``(K, *value_shape)``.
         evidence: The remaining inputs' values.
-        min_group: Slices shared by fewer sites than this are left to the caller
-            (one compile each would cost more than op-by-op evaluation).
+        min_group: Slices shared by fewer sites than this are not compiled (one
+            compile each would cost more than op-by-op evaluation): those of at
+            most ``eager_eqns`` equations are run op by op here, longer ones are
+            left to the caller. (Left to the caller, even a loop's one-off first
+            site cost a pass over the whole jaxpr: 0.7 s for a chain of 10,000.)
+        eager_eqns: See ``min_group``.
 
     Returns:
         ``(tables, rest)``: :class:`SiteTable` per output index handled, and the
-        output indices left to the caller (shared slices, small groups, outputs
-        that are latent values).
+        output indices left to the caller (shared slices, small groups of long
+        slices, outputs that are latent values).
     """
     jaxpr = closed.jaxpr
     n_lat = len(grids)
@@ -180,10 +185,15 @@ def grouped_tables(
             continue
         groups.setdefault((sig, out, tuple(kinds)), []).append((k, inputs))
 
-    # Small groups go back to the caller (unless latent-free: no compile needed).
+    # Small groups are run op by op (no compile), or, when their slice is long,
+    # go back to the caller; latent-free ones need neither.
+    eager: set = set()
     for key in list(groups):
         if key[0] != "known" and len(groups[key]) < min_group:
-            rest.update(k for k, _ in groups.pop(key))
+            if len(key[0]) <= eager_eqns:
+                eager.add(key)
+            else:
+                rest.update(k for k, _ in groups.pop(key))
 
     # 4. The known part, once (only the values the kept groups read).
     needed_known = {
@@ -210,10 +220,11 @@ def grouped_tables(
             else:
                 args.append(np.stack([np.asarray(known_vals[c]) for c in column]))
                 axes.append(0)
+        run = (lambda f: f) if key in eager else jax.jit
         if 0 in axes:
-            res = np.asarray(jax.jit(jax.vmap(fn, in_axes=tuple(axes)))(*args))
+            res = np.asarray(run(jax.vmap(fn, in_axes=tuple(axes)))(*args))
         else:  # every site reads the same inputs: one table serves all
-            one = np.asarray(jax.jit(fn)(*args))
+            one = np.asarray(run(fn)(*args))
             res = np.broadcast_to(one, (len(members),) + one.shape)
         for g, (k, inp) in enumerate(members):
             lats = tuple(lat_pos[a] for a in inp if a in lat_pos)

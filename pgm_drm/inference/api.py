@@ -220,7 +220,7 @@ def _compiled_flat(
     # Evidence-free inputs are built once per plan, shared by every variant.
     skey = ("static", id(plan))
     if skey not in fg._cache:
-        fg._cache[skey] = static_inputs(plan, fg.group_tables(), groups)
+        fg._cache[skey] = static_inputs(plan, fg.host_tables(), groups)
     static = fg._cache[skey]
 
     def single(ev, t, static):
@@ -305,7 +305,7 @@ def log_partition_tables(
         )
     groups = fg.factor_groups
     if isinstance(sched, FlatPlan):
-        static = static_inputs(sched, fg.group_tables(), groups)
+        static = static_inputs(sched, fg.host_tables(), groups)
 
         def flat(tables: Mapping[int, Array]) -> Array:
             inputs = add_dynamic(sched, static, dict(tables), groups)

@@ -234,7 +234,7 @@ def static_inputs(plan: FlatPlan, tables: Sequence[Array], groups) -> FlatInputs
 
     Args:
         plan: The flat plan.
-        tables: Every group's table (``fg.group_tables()``).
+        tables: Every group's table (``fg.host_tables()`` or ``fg.group_tables()``).
         groups: The compiled graph's factor groups (to read evidence dependence).
     """
     dtype = (

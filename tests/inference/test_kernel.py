@@ -179,3 +179,31 @@ def test_small_temperature_approaches_max_sum(seed):
         a, b = np.asarray(hot.log_marginals[site]), np.asarray(cold.log_marginals[site])
         finite = np.isfinite(b)
         np.testing.assert_allclose(a[finite], b[finite], atol=1e-2)
+
+
+def test_tables_first_asked_under_a_jit_stay_concrete():
+    # The compile-time tables move to the device when first asked. The naive
+    # path asks first inside its jitted function: a cached tracer there made the
+    # next call (another temperature) raise UnexpectedTracerError.
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(x=None):  # found by a review (its repro, as it wrote it)
+        a = numpyro.sample("a", dist.Categorical(jnp.array([0.2, 0.5, 0.3])))
+        b = numpyro.sample("b", dist.Bernoulli(0.3))
+        c = numpyro.sample(
+            "c", dist.Categorical(jnp.array([[0.5, 0.5], [0.1, 0.9]])[b])
+        )
+        d = numpyro.sample("d", dist.Bernoulli(0.6))
+        numpyro.sample("x", dist.Normal(a - b + 2.0 * c * d, 0.7), obs=x)
+
+    fg = compile_model(model, x=jnp.array(1.1))
+    sched = fg.schedule("auto")
+    x = jnp.array(-0.4)
+    for t in (0.0, 1.0):
+        got = infer(fg, temperature=t, schedule=sched, x=x)
+        want = infer(fg, temperature=t, x=x)
+        # float64, three terms per state: the same sums in another order.
+        np.testing.assert_allclose(got.log_z, want.log_z, rtol=1e-12)
+    assert all(isinstance(t, jax.Array) for t in fg.group_tables())
+    assert not any(isinstance(t, jax.core.Tracer) for t in fg.group_tables())
