@@ -250,9 +250,41 @@ def test_observed_probs_not_summing_to_one_are_refused_at_every_parent_state(
     # plain trace's concrete values would pass; the compiler checks every state.
     model = _hmm_with_observed_categorical(3, _BAD_EMISSION)
     y = jnp.array([0, 1, 1])
-    msg = r"observed site 'y_0': parameter 'probs'.*Simplex"
+    msg = r"site 'y_0': parameter 'probs'.*Simplex"
     with pytest.raises(CompileError, match=msg):
         compile_model(model, y=y) if one_trace else _two_traces(model, y=y)
+
+
+@pytest.mark.parametrize("one_trace", [True, False])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("bernoulli", 1.5, r"site 'b': parameter 'probs'.*UnitInterval"),
+        ("bernoulli", -0.5, r"site 'b': parameter 'probs'.*UnitInterval"),
+        ("categorical", -0.1, r"site 'z' has NaN"),
+    ],
+)
+def test_latent_parameters_outside_their_constraint_are_refused(one_trace, case):
+    # Found by a review: NumPyro clamps Bernoulli(1.5) to probability 1 and
+    # scores a negative Categorical prob -inf, so those tables summed to one and
+    # compiled. A latent Bernoulli's probs are checked with NumPyro's own
+    # constraint; a latent Categorical's negative prob scores NaN, refused.
+    family, bad, msg = case
+
+    def model(x=None):
+        pz = jnp.array([bad, 0.6, 0.4]) if family == "categorical" else jnp.ones(3) / 3
+        z = numpyro.sample("z", dist.Categorical(pz))
+        pb = bad if family == "bernoulli" else 0.3
+        b = numpyro.sample("b", dist.Bernoulli(pb))
+        numpyro.sample("x", dist.Normal(z - b, 1.0), obs=x)
+
+    x = jnp.array(0.5)
+    if one_trace:
+        with pytest.raises(CompileError, match=msg):
+            compile_model(model, x=x)
+    else:  # the plain trace runs NumPyro's own check on the concrete value
+        with pytest.raises(ValueError, match="got invalid probs parameter"):
+            _two_traces(model, x=x)
 
 
 def test_observed_parameter_checks_on_the_grouped_path(monkeypatch):
@@ -260,7 +292,7 @@ def test_observed_parameter_checks_on_the_grouped_path(monkeypatch):
     monkeypatch.setattr(compile_mod, "GROUP_EQNS", 10)
     y = jnp.array([0, 1, 1, 0, 1])
     bad = _BAD_EMISSION.at[0, 0].set(0.4)  # now row 0 is wrong as well
-    with pytest.raises(CompileError, match=r"observed site 'y_\d'.*'probs'"):
+    with pytest.raises(CompileError, match=r"site 'y_\d'.*'probs'"):
         compile_model(_hmm_with_observed_categorical(5, bad), y=y)
     good = jnp.array([[0.5, 0.5], [0.1, 0.9]])
     model = _hmm_with_observed_categorical(5, good)
