@@ -1507,6 +1507,8 @@ class FactorGraph:
     #: Site -> evaluator outputs of its (mean part, state-free scale part), for
     #: the sites whose scale part is kept out of the tables (new evidence only).
     _split_index: dict = field(default_factory=dict, repr=False)
+    #: What new evidence can fail (an ``_EvidenceChecks``; None: nothing).
+    _evidence_checks: Any = field(default=None, repr=False)
 
     # ---- sizes -------------------------------------------------------------
     @property
@@ -1540,6 +1542,93 @@ class FactorGraph:
     def n_traces(self) -> int:
         """How many times ``infer`` traced (and so jitted) a kernel for this graph."""
         return self._cache.get("n_traces", 0)
+
+    def check_new_evidence(
+        self, evidence: Mapping[str, Any], batched: Mapping[str, bool] | None = None
+    ) -> None:
+        """Refuse new evidence the graph cannot take as it was compiled, as
+        ``compile_model`` refused it at the compile-time values (``infer`` calls
+        this; a review found each case returning finite, wrong answers):
+
+        - a new value of evidence that sets a latent's support (the states are
+          the graph's variables);
+        - evidence that makes a latent site's probabilities not sum to one, at
+          some state of its parents;
+        - evidence that puts a site's parameter outside its constraint
+          (NumPyro's own check).
+
+        Args:
+            evidence: Name -> new value (validated names and shapes).
+            batched: Name -> whether the value has a leading batch axis.
+
+        Raises:
+            ValueError: Naming the evidence, the site and the parameter.
+        """
+        checks = self._evidence_checks
+        if checks is None or not evidence:
+            return
+        if any(isinstance(x, jax.core.Tracer) for x in evidence.values()):
+            return  # abstract values: nothing to read
+        batched = dict(batched or {})
+        for name, sites in checks.supports.items():
+            if name in evidence and not np.all(
+                np.asarray(evidence[name]) == np.asarray(self.kwargs[name])
+            ):
+                raise ValueError(
+                    f"evidence {name!r} sets the support of latent site(s) "
+                    f"{list(sites)}: their states were fixed when the graph was "
+                    "compiled (they are its variables), and this value changes "
+                    "them; compile the model again with it"
+                )
+        given = set(evidence)
+        groups = [
+            c
+            for c in checks.normalised
+            if given & set(self.factor_groups[c[0]].evidence)
+        ]
+        params = [c for c in checks.params if given & set(c[1])]
+        if not groups and not params:
+            return
+        lead = any(batched.get(k) for k in evidence)
+        key = (
+            "evidence_checks",
+            tuple(c[0] for c in groups),
+            tuple(c[0] for c in params),
+            tuple(sorted(evidence)),
+            tuple(sorted(k for k in evidence if batched.get(k))),
+        )
+        fn = self._cache.get(key)
+        if fn is None:
+            compiled = split_evidence(self.kwargs)[0]
+            gk, outs = [c[0] for c in groups], [c[0] for c in params]
+
+            def run(ev):
+                values = [jnp.asarray(ev.get(k, v)) for k, v in compiled.items()]
+                tables = self._evaluate(values, gk) if gk else []
+                return tables, (self._evaluator(values, outs) if outs else [])
+
+            if lead:
+                axes = {k: (0 if batched.get(k) else None) for k in evidence}
+                run = jax.vmap(run, in_axes=(axes,))
+            fn = self._cache[key] = jax.jit(run)
+        tables, bads = jax.device_get(fn(dict(evidence)))
+        for (k, site, family), t in zip(groups, tables, strict=True):
+            t = np.asarray(t)
+            if lead:  # batch rows as more instances
+                t = t.reshape((-1,) + t.shape[2:])
+            scope = self.factor_groups[k].scope_sites
+            try:
+                _refuse_unnormalised(site, family, scope, t, " with the evidence given")
+            except CompileError as err:  # nothing is compiled here
+                raise ValueError(str(err)) from None
+        for (_, names, site, name, con), bad in zip(params, bads, strict=True):
+            if np.any(np.asarray(bad) != 0):
+                raise ValueError(
+                    f"site '{site}': parameter '{name}' is outside its constraint "
+                    f"({con}) with the evidence given ({', '.join(names)}), at some "
+                    "state of the latents it depends on (e.g. probs that do not "
+                    "sum to one)"
+                )
 
     # ---- grouped tables ----------------------------------------------------
     def host_tables(self) -> tuple[np.ndarray, ...]:
@@ -1931,6 +2020,9 @@ class _Front(NamedTuple):
     # (site, parameter, constraint) of each parameter-check output, which follow
     # the log-probs and split parts in ``closed`` (:func:`_param_checks`).
     checks: tuple[tuple[str, str, str], ...] = ()
+    # Evidence name -> the latent sites whose support it sets (two-trace path
+    # only: the one trace fails on such a support, see _support_evidence).
+    support_evidence: Mapping[str, tuple[str, ...]] = {}
 
 
 def _site_infos(tr: Mapping[str, dict], supports: Mapping[str, tuple]) -> tuple:
@@ -1993,7 +2085,63 @@ def _front_two_traces(
         split,
         lat_values,
         tuple(checks),
+        _support_evidence(model, args, static, plain, latent, ev_names, ev_values),
     )
+
+
+def _support_bounds(fn: Any) -> list:
+    """The bounds of a latent distribution's support (``integer_interval``'s
+    ``lower_bound`` and ``upper_bound``), through the plate and event wrappers."""
+    while isinstance(fn, (ExpandedDistribution, Independent, MaskedDistribution)):
+        fn = fn.base_dist
+    con = fn.support
+    while hasattr(con, "base_constraint"):
+        con = con.base_constraint
+    return [getattr(con, a) for a in ("lower_bound", "upper_bound") if hasattr(con, a)]
+
+
+def _support_evidence(
+    model: Callable,
+    args: tuple,
+    static: Mapping[str, Any],
+    plain: Mapping[str, dict],
+    latent: Sequence[str],
+    ev_names: Sequence[str],
+    ev_values: Sequence[Array],
+) -> dict[str, tuple[str, ...]]:
+    """Evidence name -> the latent sites whose support it sets
+    (``DiscreteUniform(0, h)`` with ``h`` a keyword array): the support is read
+    once, at compile time, and is the graph's variables, so ``infer`` must refuse
+    a new value of that evidence (a review found it silently kept the old
+    states). Found by provenance: the model is traced with the latents at their
+    plain-trace values and the evidence abstract, and the bounds of each
+    array-bounded support are its outputs."""
+    cand = [
+        n
+        for n in latent
+        if any(not isinstance(b, (int, float)) for b in _support_bounds(plain[n]["fn"]))
+    ]
+    if not cand or not ev_names:
+        return {}
+    data = {n: plain[n]["value"] for n in latent}
+
+    def bounds(ev):
+        seeded = handlers.seed(handlers.substitute(model, data=data), 0)
+        tr = handlers.trace(seeded).get_trace(
+            *args, **{**static, **dict(zip(ev_names, ev, strict=True))}
+        )
+        return [[jnp.asarray(b) for b in _support_bounds(tr[n]["fn"])] for n in cand]
+
+    with numpyro.validation_enabled(False):
+        closed, shape = jax.make_jaxpr(bounds, return_shape=True)(list(ev_values))
+    prov = _jaxpr_provenance(closed.jaxpr, [frozenset({k}) for k in ev_names])
+    out: dict[str, list[str]] = {}
+    pos = 0
+    for n, bs in zip(cand, shape, strict=True):
+        for name in frozenset().union(*prov[pos : pos + len(bs)]):
+            out.setdefault(name, []).append(n)
+        pos += len(bs)
+    return {k: tuple(v) for k, v in out.items()}
 
 
 class _OneTraceUnfit(Exception):
@@ -2333,6 +2481,13 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     for n in dynamic:
         o = split_out.get(n)
         wanted += [site_pos[n]] if o is None else [site_pos[n], o, o + 1]
+    # Parameter checks that new evidence can fail, kept for infer to run.
+    ev_checks = []
+    for i, check in enumerate(front.checks):
+        names = tuple(k for kind, k in prov[n_main + i] if kind == "e")
+        if names:
+            wanted.append(n_main + i)
+            ev_checks.append((n_main + i, names, check))
     fg._evaluator = evaluator.restrict(wanted)
     if wanted and _trace_clean():
         # Stage the evidence-free part now, as one XLA program: at a first call
@@ -2345,7 +2500,33 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         for n in dynamic
         if n in split_out
     }
+    fg._evidence_checks = _EvidenceChecks(
+        supports=front.support_evidence,
+        normalised=tuple(
+            (k, g.site, _family_name(front.sites[g.site]["fn"]))
+            for k, g in enumerate(fgroups)
+            if g.site in supports and g.evidence and _normalised(front.sites[g.site])
+        ),
+        params=tuple((rank[o], names, *check) for o, names, check in ev_checks),
+    )
     return fg
+
+
+class _EvidenceChecks(NamedTuple):
+    """What ``compile_model`` checked at the compile-time evidence that new
+    evidence can change (:meth:`FactorGraph.check_new_evidence`).
+
+    Attributes:
+        supports: Evidence name -> the latent sites whose support it sets.
+        normalised: ``(group, site, family)`` of each latent site whose table
+            depends on evidence (it must sum to one over the site's states).
+        params: ``(evaluator output, evidence names, site, parameter,
+            constraint)`` of each parameter check that depends on evidence.
+    """
+
+    supports: Mapping[str, tuple[str, ...]] = {}
+    normalised: tuple = ()
+    params: tuple = ()
 
 
 def _keep_outputs(closed: ClosedJaxpr, keep: Sequence[int]) -> ClosedJaxpr:
@@ -2485,10 +2666,23 @@ def _check_normalised(
     is a hard zero, and exact inference handles it. Sites under
     ``handlers.scale`` or ``mask`` are not normalised by design.
     """
+    if _normalised(msg):
+        _refuse_unnormalised(site, _family_name(msg["fn"]), scope, table)
+
+
+def _normalised(msg: Mapping) -> bool:
+    """Whether a latent site's table must sum to one (not under ``scale`` or a
+    mask, which re-weight it by design)."""
     if msg.get("scale") is not None or msg.get("mask") is not None:
-        return
-    if isinstance(msg["fn"], MaskedDistribution):
-        return
+        return False
+    return not isinstance(msg["fn"], MaskedDistribution)
+
+
+def _refuse_unnormalised(
+    site: str, family: str, scope: Sequence[str], table: Array, given: str = ""
+) -> None:
+    """:func:`_check_normalised`'s test and error (``given``: where the values
+    came from, appended to the message)."""
     t = np.asarray(table, dtype=np.float64)
     if t.ndim < 2 or t.size == 0:
         return
@@ -2504,8 +2698,8 @@ def _check_normalised(
         parents = {s: int(i) for s, i in zip(scope[1:], worst[1:], strict=True)}
         at = f" at parent state index {parents}" if parents else ""
         raise CompileError(
-            f"latent site '{site}' ({_family_name(msg['fn'])}) has probabilities "
-            f"summing to {float(total[worst]):.9g}, not 1{at}: a parameter is outside "
+            f"latent site '{site}' ({family}) has probabilities summing to "
+            f"{float(total[worst]):.9g}, not 1{at}{given}: a parameter is outside "
             "its constraint (e.g. probs that do not sum to one)"
         )
 

@@ -436,6 +436,7 @@ def infer(
     arrays, axes, batch = _check_evidence(fg, evidence, values=not flat)
     dtype = _evidence_dtype(arrays)
     arrays = _to_compiled_dtypes(fg, arrays)
+    fg.check_new_evidence(arrays, {k: axes[k] == 0 for k in arrays})
     lead = () if batch is None else (batch,)
     if batch is not None:  # spread the batch over every device (identity on one)
         batched = {k: v for k, v in arrays.items() if axes[k] == 0}

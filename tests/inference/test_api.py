@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgm_drm.graph import compile_model
+from pgm_drm.graph import Schedule, compile_model
 from pgm_drm.inference import (
     brute_force,
     enumerate_exact,
@@ -399,3 +399,59 @@ def test_host_split_by_runs_equals_a_split_site_by_site():
                 assert type(got) is np.ndarray and got.dtype == want.dtype
                 assert got.shape == want.shape
                 np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- #
+# New evidence is checked as compile_model checked the compile-time values
+# (each case returned finite, wrong answers before; found by a review).
+# --------------------------------------------------------------------------- #
+
+
+def _support_model(h=None, x=None):
+    z = numpyro.sample("z", dist.DiscreteUniform(0, h))
+    numpyro.sample("x", dist.Normal(z * 1.0, 1.0), obs=x)
+
+
+def test_evidence_that_sets_a_support_cannot_change_it():
+    fg = compile_model(_support_model, h=jnp.array(2), x=jnp.array(3.0))
+    # The same value (alone or as a batch) is fine, and exact.
+    for h, x in [(jnp.array(2), jnp.array(0.5)), (jnp.array([2, 2]), jnp.array(0.5))]:
+        post = infer(fg, "sum", h=h, x=x)
+        ref = brute_force(_support_model, h=jnp.array(2), x=x)
+        # float64, three states: round-off.
+        np.testing.assert_allclose(post.log_z, ref.log_z, rtol=1e-12)
+    for h in (jnp.array(4), jnp.array(1), jnp.array([2, 4])):
+        with pytest.raises(ValueError, match="'h' sets the support of latent site"):
+            infer(fg, "sum", h=h)
+
+
+def _param_model(pz=None, pk=None, x=None, c=None):
+    z = numpyro.sample("z", dist.Categorical(pz))
+    numpyro.sample("x", dist.Normal(z * 1.0, 1.0), obs=x)
+    numpyro.sample("c", dist.Categorical(pk[z]), obs=c)
+
+
+_GOOD = {
+    "pz": jnp.array([0.2, 0.3, 0.5]),
+    "pk": jnp.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]),
+    "x": jnp.array(0.5),
+    "c": jnp.array(1),
+}
+
+
+@pytest.mark.parametrize("schedule", ["tree", "exact", Schedule])
+def test_parameters_given_as_evidence_are_checked_at_infer(schedule):
+    fg = compile_model(_param_model, **_GOOD)
+    sched = fg.schedule("auto") if schedule is Schedule else schedule
+    new = {"pz": jnp.array([0.5, 0.25, 0.25]), "pk": jnp.array([[0.5, 0.5]] * 3)}
+    post = infer(fg, "sum", schedule=sched, **new)
+    ref = brute_force(_param_model, **{**_GOOD, **new})
+    np.testing.assert_allclose(post.log_z, ref.log_z, rtol=1e-12)  # float64
+    with pytest.raises(ValueError, match="'z'.*summing to 1.8.*evidence given"):
+        infer(fg, "sum", schedule=sched, pz=jnp.array([0.5, 0.6, 0.7]))
+    batch = jnp.stack([_GOOD["pz"], jnp.array([0.2, 0.3, 0.4])])  # row 1: 0.9
+    with pytest.raises(ValueError, match="'z'.*summing to 0.9"):
+        infer(fg, "sum", schedule=sched, pz=batch)
+    bad_pk = jnp.array([[0.2, 0.3], [0.6, 0.4], [0.5, 0.5]])  # row 0: 0.5
+    with pytest.raises(ValueError, match=r"'c': parameter 'probs'.*\(pk\)"):
+        infer(fg, "sum", schedule=sched, pk=bad_pk)
