@@ -115,10 +115,13 @@ def _evidence_dtype(arrays: Mapping[str, Any]):
 
 
 def _to_compiled_dtypes(fg: FactorGraph, arrays: Mapping[str, Any]) -> dict:
-    """Floating evidence in the dtype the graph was compiled with: its tables are
-    a jaxpr specialised to that dtype (the kernel still computes in the
-    evidence's own dtype, :func:`_evidence_dtype`). Evidence the compile-time
-    dtype cannot hold exactly (wider, or bfloat16 vs float16) is refused."""
+    """Evidence in the dtype the graph was compiled with: its tables are a jaxpr
+    specialised to that dtype (the kernel still computes in the floating
+    evidence's own dtype, :func:`_evidence_dtype`). Floating evidence the
+    compile-time dtype cannot hold exactly (wider, or bfloat16 vs float16) is
+    refused; other evidence (an int64 or uint8 index compiled as int32, a float
+    for an integer) is converted when its values survive the conversion, and
+    refused by name when they do not."""
     out = {}
     for name, x in arrays.items():
         ref = _compiled_dtype(fg, name)
@@ -133,6 +136,17 @@ def _to_compiled_dtypes(fg: FactorGraph, arrays: Mapping[str, Any]) -> dict:
                     f"with {x.dtype} evidence"
                 )
             x = x.astype(ref)
+        elif x.dtype != ref and not floats:  # integer, bool, or across kinds
+            y = x.astype(ref)
+            if not isinstance(x, jax.core.Tracer) and not np.array_equal(
+                np.asarray(y), np.asarray(x)
+            ):
+                raise ValueError(
+                    f"evidence {name!r} is {x.dtype}, but the graph was compiled "
+                    f"with {ref} evidence, which cannot hold its values exactly: "
+                    f"give {ref} values or compile the model with {x.dtype} evidence"
+                )
+            x = y
         out[name] = x
     return out
 

@@ -455,3 +455,22 @@ def test_parameters_given_as_evidence_are_checked_at_infer(schedule):
     bad_pk = jnp.array([[0.2, 0.3], [0.6, 0.4], [0.5, 0.5]])  # row 0: 0.5
     with pytest.raises(ValueError, match=r"'c': parameter 'probs'.*\(pk\)"):
         infer(fg, "sum", schedule=sched, pk=bad_pk)
+
+
+def test_integer_evidence_in_another_dtype_is_converted_or_refused_by_name():
+    # Found by a review: an int64, uint8 or float index for a graph compiled
+    # with int32 evidence failed inside JAX ("lax.eq requires the same dtypes").
+    def model(k=None):
+        z = numpyro.sample("z", dist.Categorical(jnp.array([0.25, 0.25, 0.5])))
+        probs = jnp.array([[0.7, 0.3], [0.4, 0.6], [0.1, 0.9]])[z]
+        numpyro.sample("k", dist.Categorical(probs), obs=k)
+
+    fg = compile_model(model, k=jnp.array(1, jnp.int32))
+    want = infer(fg, "sum", k=jnp.array(0, jnp.int32))
+    for k in (np.array(0, np.int64), np.array(0, np.uint8), jnp.array(0.0)):
+        for schedule in ("auto", fg.schedule("auto")):
+            got = infer(fg, "sum", schedule=schedule, k=k)
+            np.testing.assert_allclose(got.log_z, want.log_z, rtol=1e-12)  # float64
+    for k in (jnp.array(0.5), np.array(2**40, np.int64)):
+        with pytest.raises(ValueError, match="'k' is .*cannot hold its values"):
+            infer(fg, "sum", k=k)
