@@ -429,8 +429,12 @@ def infer(
         A :class:`Posterior`.
 
     Raises:
-        ValueError: Unknown evidence names, wrong shapes, NaN/inf evidence, bad
-            semiring or temperature, evidence of probability zero, NaN tables.
+        ValueError: Unknown evidence names, wrong shapes, NaN/inf evidence,
+            evidence the compiled dtype cannot hold, bad semiring or temperature,
+            evidence of probability zero, NaN tables; new evidence that changes
+            a latent's support, makes a latent's probabilities not sum to one or
+            puts a parameter outside its constraint
+            (:meth:`~pgm_drm.graph.FactorGraph.check_new_evidence`).
 
     Example:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
