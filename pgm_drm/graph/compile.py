@@ -269,6 +269,20 @@ class _first_value(Messenger):
             # slice, not a dispatched gather (most of a plain loop's trace time).
             first = support_values(msg["fn"], msg["name"])[0]
             msg["value"] = np.broadcast_to(first, msg["fn"].batch_shape)
+        _refuse_control_flow(msg)
+
+
+def _refuse_control_flow(msg: Mapping) -> None:
+    """NumPyro's ``scan`` and ``cond`` (``numpyro.contrib.control_flow``) trace
+    their sites inside a ``lax`` loop or branch, one site for every step: the
+    compiler needs one site per node (its error about an undeclared batch
+    dimension named the wrong cause)."""
+    if msg["type"] == "control_flow":
+        raise CompileError(
+            "the model uses numpyro.contrib.control_flow (scan or cond), which "
+            "compile_model does not support; write the loop as a plain Python loop "
+            "(compile_model has no limit on the number of sites)"
+        )
 
 
 def _plain_trace(model: Callable, args: tuple, kwargs: dict) -> dict:
@@ -2174,6 +2188,7 @@ class _marked_latents(Messenger):
         super().__init__(fn)
 
     def process_message(self, msg):
+        _refuse_control_flow(msg)
         if msg["type"] != "sample" or msg["is_observed"]:
             return
         if msg["value"] is not None:

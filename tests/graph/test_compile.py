@@ -112,6 +112,25 @@ def test_continuous_latent_is_rejected_by_name():
         compile_model(model, x=jnp.array(0.0))
 
 
+def test_numpyro_scan_is_refused_naming_it():
+    # NumPyro's scan traces one site for every step inside a lax loop; the error
+    # used to blame an undeclared batch dimension (found by a review).
+    from numpyro.contrib.control_flow import scan
+
+    def model(x=None):
+        def step(prev, xt):
+            z = numpyro.sample(
+                "z", dist.Categorical(jnp.array([[0.8, 0.2], [0.3, 0.7]])[prev])
+            )
+            numpyro.sample("x", dist.Normal(z * 1.0, 1.0), obs=xt)
+            return z, None
+
+        scan(step, 0, x)
+
+    with pytest.raises(CompileError, match="control_flow.*plain Python loop"):
+        compile_model(model, x=jnp.array([0.1, 0.9, 1.2]))
+
+
 def test_undeclared_batch_dimension_is_rejected():
     def model(x=None):
         with numpyro.plate("p", 2):
