@@ -507,7 +507,7 @@ def _take_last(log_pmf: Array, value: Array) -> Array:
     the same number), a handful of traced operations where ``take_along_axis``
     normalises its indices in thirty (a loop-written model scores thousands)."""
     k = jnp.shape(log_pmf)[-1]
-    hit = jnp.expand_dims(value, -1) == np.arange(k, dtype=np.int32)
+    hit = jnp.expand_dims(value, -1) == lax.iota(np.int32, k)  # no constant
     return jnp.sum(jnp.where(hit, log_pmf, 0.0), axis=-1)
 
 
@@ -783,6 +783,60 @@ def _greedy_colours(scopes: Sequence[Sequence[str]], latent: Sequence[str]) -> d
     return nx.greedy_color(g, strategy="largest_first") if latent else {}
 
 
+#: Jitted scorers whose calls a restricted evaluator inlines (:func:`_inline_scorers`).
+_INLINED = frozenset({"_categorical_score", "_constraint_bad"})
+
+
+def _inline_scorers(closed: ClosedJaxpr) -> ClosedJaxpr:
+    """``closed`` with every call of :func:`_categorical_score` and
+    :func:`_constraint_bad` replaced by the equations of its body.
+
+    A call is one equation while the model is traced (cheap to trace and to
+    group by slice), but a call that reads evidence is kept whole when the
+    evidence-free part is split off (:func:`_split_by_evidence`): a site's
+    normalisation then ran, and compiled, with every new evidence (HMM of 300
+    steps: first ``infer`` 1.05 -> 5-6 s). The evaluator a graph keeps for new
+    evidence holds the plain operations, as before the calls."""
+
+    eqns, changed = [], False
+    for e in closed.jaxpr.eqns:
+        body = _scorer_body(e)
+        changed |= body is not None
+        eqns.extend([e] if body is None else body)
+    return (
+        ClosedJaxpr(closed.jaxpr.replace(eqns=eqns), closed.consts)
+        if changed
+        else closed
+    )
+
+
+def _scorer_body(e) -> list | None:
+    """The equations of a scorer call ``e`` (see :func:`_inline_scorers`), its
+    variables renamed and its outputs written to ``e``'s; None for any other
+    equation, or a body this cannot copy (constants, an input passed through)."""
+    from jax._src import core
+
+    if e.primitive.name not in ("jit", "pjit") or e.params.get("name") not in _INLINED:
+        return None
+    inner = e.params["jaxpr"]
+    made = {v for ie in inner.jaxpr.eqns for v in ie.outvars}
+    outs = inner.jaxpr.outvars
+    if inner.consts or len(set(outs)) != len(outs) or not all(v in made for v in outs):
+        return None
+    env = dict(zip(inner.jaxpr.invars, e.invars, strict=True))
+    env.update(zip(outs, e.outvars, strict=True))
+    body = []
+    for ie in inner.jaxpr.eqns:
+        ins = [a if isinstance(a, Literal) else env[a] for a in ie.invars]
+        new = []
+        for v in ie.outvars:
+            if v not in env:
+                env[v] = core.Var(v.aval)
+            new.append(env[v])
+        body.append(ie.replace(invars=ins, outvars=new))
+    return body
+
+
 class _NoStaging(Exception):
     """The evaluator keeps the whole jaxpr (see ``_Evaluator._staged``)."""
 
@@ -942,7 +996,7 @@ class _Evaluator:
         if wanted:
             used = [i in wanted for i in range(len(self.jaxpr.jaxpr.outvars))]
             dced, _ = pe.dce_jaxpr(self.jaxpr.jaxpr, used, instantiate=True)
-            closed = ClosedJaxpr(dced, self.jaxpr.consts)
+            closed = _inline_scorers(ClosedJaxpr(dced, self.jaxpr.consts))
         else:  # nothing kept: no pass over the jaxpr (0.35 s for a 10,000 chain)
             empty = self.jaxpr.jaxpr.replace(
                 constvars=[], eqns=[], outvars=[], effects=frozenset(), debug_info=None
@@ -1583,7 +1637,17 @@ class FactorGraph:
             return
         if any(isinstance(x, jax.core.Tracer) for x in evidence.values()):
             return  # abstract values: nothing to read
-        batched = dict(batched or {})
+        try:
+            self._check_new_evidence(checks, evidence, dict(batched or {}))
+        except ValueError:
+            # NaN or inf evidence fails these checks too; name it as such.
+            for name, x in evidence.items():
+                check_evidence_values(name, x)
+            raise
+
+    def _check_new_evidence(
+        self, checks: Any, evidence: Mapping[str, Any], batched: dict
+    ) -> None:
         for name, sites in checks.supports.items():
             if name in evidence and not np.all(
                 np.asarray(evidence[name]) == np.asarray(self.kwargs[name])
@@ -1604,45 +1668,70 @@ class FactorGraph:
         if not groups and not params:
             return
         lead = any(batched.get(k) for k in evidence)
-        key = (
-            "evidence_checks",
-            tuple(c[0] for c in groups),
-            tuple(c[0] for c in params),
-            tuple(sorted(evidence)),
-            tuple(sorted(k for k in evidence if batched.get(k))),
-        )
+        axes = {k: (0 if batched.get(k) else None) for k in evidence}
+        gk, outs = [c[0] for c in groups], [c[0] for c in params]
+        on_batch = tuple(sorted(k for k in evidence if lead and batched.get(k)))
+        key = ("evidence_checks", tuple(gk), tuple(outs), tuple(sorted(evidence)))
+        key += (on_batch,)
         fn = self._cache.get(key)
-        if fn is None:
-            compiled = split_evidence(self.kwargs)[0]
-            gk, outs = [c[0] for c in groups], [c[0] for c in params]
-
-            def run(ev):
-                values = [jnp.asarray(ev.get(k, v)) for k, v in compiled.items()]
-                tables = self._evaluate(values, gk) if gk else []
-                return tables, (self._evaluator(values, outs) if outs else [])
-
-            if lead:
-                axes = {k: (0 if batched.get(k) else None) for k in evidence}
-                run = jax.vmap(run, in_axes=(axes,))
-            fn = self._cache[key] = jax.jit(run)
-        tables, bads = jax.device_get(fn(dict(evidence)))
-        for (k, site, family), t in zip(groups, tables, strict=True):
-            t = np.asarray(t)
-            if lead:  # batch rows as more instances
-                t = t.reshape((-1,) + t.shape[2:])
-            scope = self.factor_groups[k].scope_sites
-            try:
-                _refuse_unnormalised(site, family, scope, t, " with the evidence given")
-            except CompileError as err:  # nothing is compiled here
-                raise ValueError(str(err)) from None
-        for (_, names, site, name, con), bad in zip(params, bads, strict=True):
-            if np.any(np.asarray(bad) != 0):
+        if fn is None:  # one program per pattern: verdicts only, one transfer
+            fn = self._cache[key] = jax.jit(self._evidence_fn(gk, outs, axes, lead))
+        bad_table, bad_params = jax.device_get(fn(dict(evidence)))
+        if bad_table:  # the error path: every table on the host, for the message
+            raw = jax.jit(self._evidence_fn(gk, [], axes, lead, raw=True))
+            tables, _ = jax.device_get(raw(dict(evidence)))
+            for (k, site, family), t in zip(groups, tables, strict=True):
+                t = np.asarray(t)
+                if lead:  # batch rows as more instances
+                    t = t.reshape((-1,) + t.shape[2:])
+                scope = self.factor_groups[k].scope_sites
+                given = " with the evidence given"
+                try:
+                    _refuse_unnormalised(site, family, scope, t, given)
+                except CompileError as err:  # nothing is compiled here
+                    raise ValueError(str(err)) from None
+        for (_, names, site, name, con), bad in zip(params, bad_params, strict=True):
+            if bad:
                 raise ValueError(
                     f"site '{site}': parameter '{name}' is outside its constraint "
                     f"({con}) with the evidence given ({', '.join(names)}), at some "
                     "state of the latents it depends on (e.g. probs that do not "
                     "sum to one)"
                 )
+
+    def _evidence_fn(
+        self, gk: list, outs: list, axes: dict, lead: bool, raw: bool = False
+    ) -> Callable:
+        """``evidence -> (tables verdict, parameter verdicts)`` of groups ``gk``
+        and check outputs ``outs`` (``raw``: the tables and check arrays). The
+        tables' verdict is :func:`_refuse_unnormalised`'s test, in their dtype,
+        over every table at once: a loop's groups come stacked as evaluated
+        (:meth:`_evaluate_blocks`), one test per block."""
+        compiled = split_evidence(self.kwargs)[0]
+
+        def run(ev):
+            values = [jnp.asarray(ev.get(k, v)) for k, v in compiled.items()]
+            checks = self._evaluator(values, outs) if outs else []
+            got = None if raw or not gk else self._evaluate_blocks(values, gk)
+            if got is not None:
+                tables = [b.reshape((-1,) + b.shape[2:]) for b in got[0].blocks]
+            else:
+                tables = self._evaluate(values, gk) if gk else []
+            if raw:
+                return tables, checks
+            bad = [_unnormalised_anywhere(t) for t in tables]
+            return jnp.any(jnp.stack(bad)) if bad else jnp.array(False), [
+                jnp.any(c != 0) for c in checks
+            ]
+
+        if not lead:
+            return run
+
+        def batched_run(ev):
+            got = jax.vmap(run, in_axes=(axes,))(ev)
+            return got if raw else jax.tree.map(jnp.any, got)
+
+        return batched_run
 
     # ---- grouped tables ----------------------------------------------------
     def host_tables(self) -> tuple[np.ndarray, ...]:
@@ -2691,6 +2780,18 @@ def _normalised(msg: Mapping) -> bool:
     if msg.get("scale") is not None or msg.get("mask") is not None:
         return False
     return not isinstance(msg["fn"], MaskedDistribution)
+
+
+def _unnormalised_anywhere(table: Array) -> Array:
+    """Whether :func:`_refuse_unnormalised` would refuse ``table`` ``(n, K,
+    *parents)``, computed in its dtype (jit-friendly; a scalar bool)."""
+    if table.ndim < 2 or table.size == 0:
+        return jnp.array(False)
+    total = jnp.sum(jnp.exp(table), axis=1)
+    scale = jnp.max(jnp.where(jnp.isfinite(table), jnp.abs(table), 0.0), axis=1)
+    eps = float(jnp.finfo(table.dtype).eps)
+    tol = jnp.maximum(1e-6, 64 * eps * jnp.maximum(scale, 1.0))
+    return ~jnp.all((jnp.abs(total - 1.0) <= tol) | (total == 0.0))
 
 
 def _refuse_unnormalised(

@@ -141,6 +141,7 @@ def _to_compiled_dtypes(fg: FactorGraph, arrays: Mapping[str, Any]) -> dict:
             if not isinstance(x, jax.core.Tracer) and not np.array_equal(
                 np.asarray(y), np.asarray(x)
             ):
+                check_evidence_values(name, x)  # NaN or inf: named as such
                 raise ValueError(
                     f"evidence {name!r} is {x.dtype}, but the graph was compiled "
                     f"with {ref} evidence, which cannot hold its values exactly: "

@@ -474,3 +474,31 @@ def test_integer_evidence_in_another_dtype_is_converted_or_refused_by_name():
     for k in (jnp.array(0.5), np.array(2**40, np.int64)):
         with pytest.raises(ValueError, match="'k' is .*cannot hold its values"):
             infer(fg, "sum", k=k)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_loops_transition_tables_given_as_evidence_are_checked(grouped, monkeypatch):
+    # A chain written as a loop, its transitions a keyword array: new ones are
+    # checked site by site (stacked, when the data part runs group by group).
+    import pgm_drm.graph.compile as compile_mod
+
+    if grouped:
+        monkeypatch.setattr(compile_mod, "GROUP_EQNS", 0)
+    n, k = 10, 2
+    rng = np.random.default_rng(0)
+
+    def model(trans=None):
+        x = numpyro.sample("x_0", dist.Categorical(jnp.ones(k) / k))
+        for i in range(1, n):
+            x = numpyro.sample(f"x_{i}", dist.Categorical(trans[i - 1][x]))
+
+    fg = compile_model(model, trans=jnp.asarray(rng.dirichlet(np.ones(k), (n - 1, k))))
+    new = jnp.asarray(rng.dirichlet(np.ones(k), (n - 1, k)))
+    got = infer(fg, "max", trans=new)
+    ref = brute_force(model, semiring="max", trans=new)
+    np.testing.assert_allclose(got.log_z, ref.log_z, rtol=1e-12)  # float64
+    bad = new.at[6, 1].multiply(1.01)  # site x_7's row for x_6 = 1
+    with pytest.raises(ValueError, match=r"'x_7'.*\{'x_6': 1\}.*evidence given"):
+        infer(fg, "max", trans=bad)
+    with pytest.raises(ValueError, match=r"'x_7'.*evidence given"):
+        infer(fg, "max", trans=jnp.stack([new, bad]))
