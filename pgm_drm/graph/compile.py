@@ -1658,7 +1658,17 @@ class FactorGraph:
                     "compiled (they are its variables), and this value changes "
                     "them; compile the model again with it"
                 )
-        given = set(evidence)
+        # The evidence these checks read; values equal to the compile-time ones
+        # passed them there.
+        read = {n for c in checks.params for n in c[1]}
+        read.update(
+            n for c in checks.normalised for n in self.factor_groups[c[0]].evidence
+        )
+        given = {
+            k
+            for k in read & set(evidence)
+            if not np.all(np.asarray(evidence[k]) == np.asarray(self.kwargs[k]))
+        }
         groups = [
             c
             for c in checks.normalised
