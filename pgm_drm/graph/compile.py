@@ -298,13 +298,17 @@ def _frames(site: Mapping) -> list:
     )
 
 
-def _family_name(fn: Any) -> str:
-    """The distribution family's name: ``fn`` unwrapped from the wrappers that
-    plates, ``.to_event`` and ``.mask`` put around it (``Normal``, not
-    ``ExpandedDistribution``)."""
+def _base_dist(fn: Any) -> Any:
+    """``fn`` unwrapped from the wrappers that plates, ``.to_event`` and
+    ``.mask`` put around it."""
     while isinstance(fn, (ExpandedDistribution, Independent, MaskedDistribution)):
         fn = fn.base_dist
-    return type(fn).__name__
+    return fn
+
+
+def _family_name(fn: Any) -> str:
+    """The distribution family's name (``Normal``, not ``ExpandedDistribution``)."""
+    return type(_base_dist(fn)).__name__
 
 
 def model_sites(model: Callable, *args: Any, **kwargs: Any) -> dict[str, dict]:
@@ -1648,10 +1652,13 @@ class FactorGraph:
     def _check_new_evidence(
         self, checks: Any, evidence: Mapping[str, Any], batched: dict
     ) -> None:
-        for name, sites in checks.supports.items():
-            if name in evidence and not np.all(
+        def changed(name: str) -> bool:  # every row, when batched
+            return not np.all(
                 np.asarray(evidence[name]) == np.asarray(self.kwargs[name])
-            ):
+            )
+
+        for name, sites in checks.supports.items():
+            if name in evidence and changed(name):
                 raise ValueError(
                     f"evidence {name!r} sets the support of latent site(s) "
                     f"{list(sites)}: their states were fixed when the graph was "
@@ -1664,11 +1671,7 @@ class FactorGraph:
         read.update(
             n for c in checks.normalised for n in self.factor_groups[c[0]].evidence
         )
-        given = {
-            k
-            for k in read & set(evidence)
-            if not np.all(np.asarray(evidence[k]) == np.asarray(self.kwargs[k]))
-        }
+        given = {k for k in read & set(evidence) if changed(k)}
         groups = [
             c
             for c in checks.normalised
@@ -1680,9 +1683,14 @@ class FactorGraph:
         lead = any(batched.get(k) for k in evidence)
         axes = {k: (0 if batched.get(k) else None) for k in evidence}
         gk, outs = [c[0] for c in groups], [c[0] for c in params]
-        on_batch = tuple(sorted(k for k in evidence if lead and batched.get(k)))
-        key = ("evidence_checks", tuple(gk), tuple(outs), tuple(sorted(evidence)))
-        key += (on_batch,)
+        on_batch = tuple(sorted(k for k in evidence if batched.get(k)))
+        key = (
+            "evidence_checks",
+            tuple(gk),
+            tuple(outs),
+            tuple(sorted(evidence)),
+            on_batch,
+        )
         fn = self._cache.get(key)
         if fn is None:  # one program per pattern: verdicts only, one transfer
             fn = self._cache[key] = jax.jit(self._evidence_fn(gk, outs, axes, lead))
@@ -1695,9 +1703,10 @@ class FactorGraph:
                 if lead:  # batch rows as more instances
                     t = t.reshape((-1,) + t.shape[2:])
                 scope = self.factor_groups[k].scope_sites
-                given = " with the evidence given"
                 try:
-                    _refuse_unnormalised(site, family, scope, t, given)
+                    _refuse_unnormalised(
+                        site, family, scope, t, " with the evidence given"
+                    )
                 except CompileError as err:  # nothing is compiled here
                     raise ValueError(str(err)) from None
         for (_, names, site, name, con), bad in zip(params, bad_params, strict=True):
@@ -2205,9 +2214,7 @@ def _front_two_traces(
 def _support_bounds(fn: Any) -> list:
     """The bounds of a latent distribution's support (``integer_interval``'s
     ``lower_bound`` and ``upper_bound``), through the plate and event wrappers."""
-    while isinstance(fn, (ExpandedDistribution, Independent, MaskedDistribution)):
-        fn = fn.base_dist
-    con = fn.support
+    con = _base_dist(fn).support
     while hasattr(con, "base_constraint"):
         con = con.base_constraint
     return [getattr(con, a) for a in ("lower_bound", "upper_bound") if hasattr(con, a)]
@@ -2792,16 +2799,24 @@ def _normalised(msg: Mapping) -> bool:
     return not isinstance(msg["fn"], MaskedDistribution)
 
 
+def _unnormalised_rows(t: Array, eps: float, xp: Any = np) -> tuple[Array, Array]:
+    """``(bad, total)`` of a table ``t`` ``(n, K, *parents)``: each row's sum of
+    probabilities over the site's states (axis 1), and where it is neither one
+    (to :func:`_check_normalised`'s tolerance, ``eps`` that of the table's
+    dtype) nor zero. ``xp``: numpy on the host, ``jax.numpy`` in a program."""
+    total = xp.sum(xp.exp(t), axis=1)
+    scale = xp.max(xp.where(xp.isfinite(t), xp.abs(t), 0.0), axis=1)
+    tol = xp.maximum(1e-6, 64 * eps * xp.maximum(scale, 1.0))
+    return ~((xp.abs(total - 1.0) <= tol) | (total == 0.0)), total
+
+
 def _unnormalised_anywhere(table: Array) -> Array:
-    """Whether :func:`_refuse_unnormalised` would refuse ``table`` ``(n, K,
-    *parents)``, computed in its dtype (jit-friendly; a scalar bool)."""
+    """Whether :func:`_refuse_unnormalised` would refuse ``table``, computed in
+    its dtype (jit-friendly; a scalar bool)."""
     if table.ndim < 2 or table.size == 0:
         return jnp.array(False)
-    total = jnp.sum(jnp.exp(table), axis=1)
-    scale = jnp.max(jnp.where(jnp.isfinite(table), jnp.abs(table), 0.0), axis=1)
     eps = float(jnp.finfo(table.dtype).eps)
-    tol = jnp.maximum(1e-6, 64 * eps * jnp.maximum(scale, 1.0))
-    return ~jnp.all((jnp.abs(total - 1.0) <= tol) | (total == 0.0))
+    return jnp.any(_unnormalised_rows(table, eps, jnp)[0])
 
 
 def _refuse_unnormalised(
@@ -2814,10 +2829,7 @@ def _refuse_unnormalised(
         return
     eps = float(np.finfo(np.asarray(table).dtype).eps)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        total = np.exp(t).sum(axis=1)
-        scale = np.where(np.isfinite(t), np.abs(t), 0.0).max(axis=1)
-    tol = np.maximum(1e-6, 64 * eps * np.maximum(scale, 1.0))
-    bad = ~((np.abs(total - 1.0) <= tol) | (total == 0.0))
+        bad, total = _unnormalised_rows(t, eps)
     if bad.any():
         err = np.where(bad, np.abs(np.nan_to_num(total - 1, nan=np.inf)), 0)
         worst = np.unravel_index(np.argmax(err), bad.shape)
