@@ -43,6 +43,7 @@ __all__ = [
     "JunctionTree",
     "instance_forest",
     "make_flat_plan",
+    "split_classes",
 ]
 
 #: Tree plans with more steps than this run the steps inside ``lax.scan``
@@ -521,6 +522,100 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
         roots=tuple((k, _frozen(np.asarray(r, np.int32))) for k, r in roots.items()),
         steps=tuple(out_steps),
     )
+
+
+def split_classes(
+    jt: JunctionTree, moving: dict[int, np.ndarray]
+) -> tuple[JunctionTree, dict[int, int]]:
+    """``jt`` with rows ``moving[k]`` of each class ``k`` moved to a new class of
+    the same shape (appended; rows renumbered in order in both classes).
+
+    Every entry that lists rows (``home``, ``moves``, ``roots``, the edges of each
+    step) is split by the classes its rows land in, so the tree is the same with
+    more, smaller classes: the flat kernel then builds a class's potentials
+    without the moved rows (their leaf messages come from keyed tables,
+    ``pgm_drm.inference.flat``).
+
+    Returns:
+        The new tree and, per class that lost rows, the class they moved to.
+    """
+    shapes, sizes = list(jt.shapes), list(jt.sizes)
+    cls, row, new_class = [], [], {}
+    for k in range(len(jt.shapes)):
+        c = np.full(jt.sizes[k], k, np.int64)
+        r = np.arange(jt.sizes[k], dtype=np.int64)
+        rows = np.asarray(moving.get(k, ()), np.int64)
+        if rows.size:
+            hit = np.zeros(jt.sizes[k], bool)
+            hit[rows] = True
+            new_class[k] = len(shapes)
+            c[hit] = len(shapes)
+            r[hit] = np.arange(int(hit.sum()))
+            r[~hit] = np.arange(int((~hit).sum()))
+            shapes.append(jt.shapes[k])
+            sizes[k] = int((~hit).sum())
+            sizes.append(int(hit.sum()))
+        cls.append(c)
+        row.append(r)
+
+    def parts(k: int, rows: np.ndarray):
+        """``(new class, mask)`` for each class the rows ``rows`` of ``k`` go to."""
+        where = cls[k][rows]
+        return [(int(kk), where == kk) for kk in dict.fromkeys(where.tolist())]
+
+    home = tuple(
+        (kk, axis, _frozen(v[m]), _frozen(row[k][rs[m]].astype(np.int32)), stride)
+        for k, axis, v, rs, stride in jt.home
+        for kk, m in parts(k, rs)
+    )
+    moves = tuple(
+        (kk, c, perm, shape, _frozen(inst[m]), _frozen(row[k][rs[m]]))
+        for k, c, perm, shape, inst, rs in jt.moves
+        for kk, m in parts(k, rs)
+    )
+    roots = tuple(
+        (kk, _frozen(row[k][rs[m]].astype(np.int32)))
+        for k, rs in jt.roots
+        for kk, m in parts(k, rs)
+    )
+    steps = []
+    for step in jt.steps:
+        edges = []
+        for e in step:
+            for kc, mc in parts(e.child, e.child_rows):
+                for kp, mp in parts(e.parent, e.parent_rows[mc]):
+                    sel = np.nonzero(mc)[0][mp]
+                    edges.append(
+                        JunctionEdges(
+                            child=kc,
+                            parent=kp,
+                            child_rows=_frozen(
+                                row[e.child][e.child_rows[sel]].astype(np.int32)
+                            ),
+                            parent_rows=_frozen(
+                                row[e.parent][e.parent_rows[sel]].astype(np.int32)
+                            ),
+                            child_sep=e.child_sep,
+                            parent_sep=e.parent_sep,
+                            sep_of_parent=e.sep_of_parent,
+                            compose=e.compose,
+                        )
+                    )
+        steps.append(tuple(edges))
+    classes = np.array([cls[k][r] for k, r in zip(jt.classes, jt.rows, strict=True)])
+    rows_ = np.array([row[k][r] for k, r in zip(jt.classes, jt.rows, strict=True)])
+    out = JunctionTree(
+        clusters=jt.clusters,
+        classes=_frozen(classes.astype(jt.classes.dtype)),
+        rows=_frozen(rows_.astype(jt.rows.dtype)),
+        shapes=tuple(shapes),
+        sizes=tuple(sizes),
+        home=home,
+        moves=moves,
+        roots=roots,
+        steps=tuple(steps),
+    )
+    return out, new_class
 
 
 def _find_cycle(fg: FactorGraph) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 from pgm_drm._typing import Array, Semiring
 from pgm_drm.graph import gemm
 from pgm_drm.graph.compile import FactorGraph, _gc_paused, check_evidence_values
+from pgm_drm.graph.keys import equality_keys, value_keys
 from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
@@ -249,7 +250,10 @@ def _compiled_flat(
         )
         t = t if dtype is None else t.astype(dtype)
         var_ids = _marginal_vars(fg, want_margs)
-        out = run_flat_plan(plan, inputs, None if hard else t, want_map, var_ids)
+        keys = None
+        if plan.kind == "exact" and want_margs is not True:
+            keys = _table_keys(fg, plan, ev)
+        out = run_flat_plan(plan, inputs, None if hard else t, want_map, var_ids, keys)
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
         if margs is not None and want_margs is not True:
@@ -273,6 +277,27 @@ def _compiled_flat(
     # Keep the plan alive with the cache entry (the key holds its id).
     fg._cache[key] = (plan, lambda ev, t: jitted(ev, t, static))
     return fg._cache[key][1]
+
+
+def _table_keys(
+    fg: FactorGraph, plan: FlatPlan, ev: Mapping[str, Any]
+) -> tuple[np.ndarray, ...] | None:
+    """Per pair class of ``plan``, static equality keys ``(n_c, *cards)`` of its
+    tables for new evidence ``ev`` (one example's arrays or tracers): an
+    evidence table's from its program (:func:`pgm_drm.graph.keys.equality_keys`),
+    an evidence-free one's from its values. ``None`` when the evidence tables
+    come in blocks (loop-written models) or their program is too long to read."""
+    specs = {
+        k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for k, v in ev.items()
+    }
+    got = equality_keys(lambda e: fg.evidence_blocks(**e)[0], specs)
+    if not isinstance(got, dict):
+        return None
+    host = fg.host_tables()
+    return tuple(
+        np.concatenate([got[k] if k in got else value_keys(host[k]) for k in members])
+        for members in plan.pairs
+    )
 
 
 def _resolve_schedule(fg: FactorGraph, schedule: str | Schedule | FlatPlan):

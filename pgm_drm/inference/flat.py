@@ -27,6 +27,7 @@ template match.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -36,7 +37,7 @@ import numpy as np
 from jax.scipy.special import entr
 
 from pgm_drm._typing import Array
-from pgm_drm.graph.plan import FlatPlan
+from pgm_drm.graph.plan import FlatPlan, split_classes
 from pgm_drm.semiring import reduce_t, reduce_t_unrolled, safe_log
 
 __all__ = [
@@ -312,6 +313,11 @@ class _Setup(NamedTuple):
     unary: Array  # (n_vars + 1, kmax), max-shifted, -inf past each cardinality
     tables: tuple[Array, ...]  # per class (n_c + 1, *cards), max-shifted
     offset: Array  # log Z so far (constants and shifts)
+    # Junction trees: per class (n_c, *cards) as given, with no sink row. A
+    # keyed leaf gathers from these: a gather fuses the elementwise producers
+    # of its operand (a DRM's template match), the sink's concatenate does not,
+    # and the whole table was written out for it.
+    raw: tuple[Array, ...] = ()
 
 
 def _setup(plan: FlatPlan, inputs: FlatInputs, dtype) -> _Setup:
@@ -334,15 +340,18 @@ def _setup(plan: FlatPlan, inputs: FlatInputs, dtype) -> _Setup:
     u, off_u = _shift(u, (1,))
     u = jnp.concatenate([u, jnp.zeros((1, kmax), dtype)])
     offset = inputs.constant.astype(dtype) + jnp.sum(off_u)
-    pair_tables = []
+    pair_tables, raw = [], []
     for t0, cards in zip(inputs.tables, plan.pair_cards, strict=True):
         t = t0.astype(dtype)
+        raw.append(t)
         if plan.kind != "exact":  # a junction tree levels its clusters instead
             axes = tuple(range(1, len(cards) + 1))
             t, off = (_shift if plan.kind == "loopy" else _level)(t, axes)
             offset = offset + jnp.sum(off)
         pair_tables.append(jnp.concatenate([t, jnp.zeros((1,) + t.shape[1:], dtype)]))
-    return _Setup(u, tuple(pair_tables), offset)
+    return _Setup(
+        u, tuple(pair_tables), offset, tuple(raw) if plan.kind == "exact" else ()
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -612,25 +621,250 @@ def _set_rows(acc: Array, rows: np.ndarray, x: Array) -> Array:
     )
 
 
-def _cluster_potentials(plan: FlatPlan, s: _Setup, dtype) -> tuple[list, Array]:
+#: Off: junction trees ignore ``table_keys`` (an A/B switch for benchmarks and
+#: the naive twin of the keyed leaves in tests; the results are the same).
+KEYED_LEAVES = True
+#: A leaf cluster's message is computed from keyed tables (:func:`_keyed_plan`)
+#: when its distinct separator blocks are at most this fraction of its
+#: separator's states.
+KEYED_FRACTION = 0.5
+
+
+#: Up to this many blocks per leaf, a keyed message picks each separator
+#: state's value by selects (elementwise); past it, by a gather.
+KEYED_SELECTS = 8
+
+
+class _KeyedEdge(NamedTuple):
+    """Static data of one batch of leaf clusters' keyed messages.
+
+    A leaf cluster ``C = S + E`` (separator ``S``, the rest ``E``) sends
+    ``m(s) = reduce_T over e of psi(s, e)``. Its potential is a sum of unary
+    terms, each on one axis, and of pair tables whose entries are equal wherever
+    their equality keys are (:func:`pgm_drm.graph.keys.equality_keys`). Two
+    separator states whose blocks ``psi(s, .)`` have the same keys, table by
+    table, have the same block but for the unary terms on ``S`` axes, which are
+    constant over ``E``: so ``m(s) = U_S(s) + R[key(s)]`` with ``R[k]`` reduced
+    over ``E`` once per distinct block ``k``.
+
+    Attributes:
+        s_shape, e_shape: The separator's and the rest's cardinalities (cluster
+            order).
+        sep_key: ``(n_e, |S|)`` each separator state's block.
+        gathers: ``(pair class, index, has)``: flat indices ``(n_e, nk,
+            *e_shape)`` into that class's tables, one per table slot, and
+            ``(n_e,)`` whether each cluster has a table in that slot (``None``:
+            all have); ``R`` is their sum plus the ``E`` terms.
+        unary_e, unary_s: ``(position, var_ids)``: the unary term of variable
+            ``var_ids[i]`` (``n_vars``, the zero row, where none is homed) on
+            axis ``position`` of ``E`` or of ``S``.
+    """
+
+    s_shape: tuple[int, ...]
+    e_shape: tuple[int, ...]
+    sep_key: np.ndarray
+    gathers: tuple[tuple[int, np.ndarray, np.ndarray | None], ...]
+    unary_e: tuple[tuple[int, np.ndarray], ...]
+    unary_s: tuple[tuple[int, np.ndarray], ...]
+
+
+class _Keyed(NamedTuple):
+    plan: FlatPlan  # the junction tree with keyed leaves in classes of their own
+    edges: dict  # (depth, edge index) of ``plan.junction.steps`` -> _KeyedEdge
+    classes: frozenset  # the keyed leaves' classes
+
+
+def _row_tables(jt) -> dict:
+    """``(class, row) -> [(pair class, instance, perm, move shape)]``."""
+    out: dict = {}
+    for k, c, perm, shape, inst, rows in jt.moves:
+        for i, r in zip(inst, rows, strict=True):
+            out.setdefault((k, int(r)), []).append((c, int(i), perm, shape))
+    return out
+
+
+def _blocks(plan, jt, tabs, k: int, row: int, cs, table_keys):
+    """One leaf cluster's separator blocks: ``(key of each separator state,
+    representative state of each key, [(pair class, instance, index (|S|, |E|))])``."""
+    shape = jt.shapes[k]
+    rest = tuple(a for a in range(len(shape)) if a not in cs)
+    n_s = int(np.prod([shape[a] for a in cs], dtype=np.int64))
+    found = []
+    for c, inst, perm, mshape in tabs.get((k, row), ()):
+        cards = plan.pair_cards[c]
+        idx = np.transpose(np.arange(int(np.prod(cards))).reshape(cards), perm)
+        idx = np.broadcast_to(idx.reshape(mshape), shape)
+        found.append((c, inst, np.transpose(idx, cs + rest).reshape(n_s, -1)))
+    if not found:
+        return np.zeros(n_s, np.int64), np.zeros(1, np.int64), found
+    blocks = np.concatenate(
+        [np.asarray(table_keys[c][i]).reshape(-1)[ix] for c, i, ix in found], axis=1
+    )
+    _, reps, key = np.unique(blocks, axis=0, return_index=True, return_inverse=True)
+    return key.reshape(-1), reps, found
+
+
+def _keyed_edge(plan, jt, tabs, e, table_keys) -> _KeyedEdge:
+    """:class:`_KeyedEdge` of the edge batch ``e`` (every child a leaf)."""
+    k, cs = e.child, e.child_sep
+    shape = jt.shapes[k]
+    rest = tuple(a for a in range(len(shape)) if a not in cs)
+    got = [_blocks(plan, jt, tabs, k, int(r), cs, table_keys) for r in e.child_rows]
+    nk = max(len(reps) for _, reps, _ in got)
+    e_shape = tuple(shape[a] for a in rest)
+    n_e = len(e.child_rows)
+    slots: dict = {}  # (pair class, q) -> index (n_e, nk, |E|)
+    for i, (_, reps, found) in enumerate(got):
+        reps = np.concatenate([reps, np.full(nk - len(reps), reps[0])])
+        seen: dict = {}
+        for c, inst, ix in found:
+            q = seen.get(c, 0)
+            seen[c] = q + 1
+            size = int(np.prod(plan.pair_cards[c]))
+            if (c, q) not in slots:
+                slots[(c, q)] = (
+                    np.zeros((n_e, nk, ix.shape[1]), np.int64),
+                    np.zeros(n_e, bool),
+                )
+            slots[(c, q)][0][i] = inst * size + ix[reps]
+            slots[(c, q)][1][i] = True
+    gathers = []
+    for (c, _), (idx, has) in slots.items():
+        dt = np.int32 if idx.max(initial=0) < np.iinfo(np.int32).max else np.int64
+        idx = idx.reshape((n_e, nk) + e_shape).astype(dt)
+        gathers.append((c, idx, None if has.all() else has))
+    at = {int(r): i for i, r in enumerate(e.child_rows)}
+    unary_e, unary_s = {}, {}
+    for kk, axis, var_ids, rows, _ in jt.home:
+        if kk != k:
+            continue
+        side, pos = (
+            (unary_s, cs.index(axis)) if axis in cs else (unary_e, rest.index(axis))
+        )
+        for v, r in zip(var_ids, rows, strict=True):
+            if int(r) in at:
+                side.setdefault(pos, np.full(n_e, plan.n_vars, np.int32))[
+                    at[int(r)]
+                ] = v
+    return _KeyedEdge(
+        s_shape=tuple(shape[a] for a in cs),
+        e_shape=e_shape,
+        sep_key=np.stack([key for key, _, _ in got]).astype(np.int32),
+        gathers=tuple(gathers),
+        unary_e=tuple(sorted(unary_e.items())),
+        unary_s=tuple(sorted(unary_s.items())),
+    )
+
+
+def _keyed_plan(plan: FlatPlan, table_keys: Sequence[np.ndarray]) -> _Keyed | None:
+    """The leaf clusters whose messages keyed tables make cheaper (see
+    :class:`_KeyedEdge`), moved to classes of their own; ``None`` when none.
+
+    ``table_keys``: per pair class, ``(n_c, *cards)`` equality keys of its tables.
+    """
+    jt = plan.junction
+    parents = {
+        (e.parent, int(r)) for step in jt.steps for e in step for r in e.parent_rows
+    }
+    tabs = _row_tables(jt)
+    moving: dict[int, list] = {}
+    for step in jt.steps:
+        for e in step:
+            shape = jt.shapes[e.child]
+            n_s = int(np.prod([shape[a] for a in e.child_sep], dtype=np.int64))
+            if n_s < 2 or len(e.child_sep) == len(shape):
+                continue
+            leaves = [int(r) for r in e.child_rows if (e.child, int(r)) not in parents]
+            nk = [
+                len(_blocks(plan, jt, tabs, e.child, r, e.child_sep, table_keys)[1])
+                for r in leaves
+            ]
+            if leaves and max(nk) <= KEYED_FRACTION * n_s:
+                moving.setdefault(e.child, []).extend(leaves)
+    if not moving:
+        return None
+    jt2, new_class = split_classes(jt, {k: np.asarray(r) for k, r in moving.items()})
+    keyed_classes = frozenset(new_class.values())
+    tabs2 = _row_tables(jt2)
+    edges = {
+        (d, i): _keyed_edge(plan, jt2, tabs2, e, table_keys)
+        for d, step in enumerate(jt2.steps)
+        for i, e in enumerate(step)
+        if e.child in keyed_classes
+    }
+    return _Keyed(dataclasses.replace(plan, junction=jt2), edges, keyed_classes)
+
+
+def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array]:
+    """A batch of leaf messages from keyed tables: ``(m (n_e, *S), R (n_e, nk,
+    *E))`` (:class:`_KeyedEdge`)."""
+    n_e, nk = ke.sep_key.shape[0], 1
+    r = None
+    for c, idx, has in ke.gathers:
+        nk = idx.shape[1]
+        g = jnp.reshape(s.raw[c], (-1,)).at[idx].get(mode="promise_in_bounds")
+        if has is not None:  # clusters without a table in this slot
+            g = jnp.where(np.reshape(has, (n_e,) + (1,) * (g.ndim - 1)), g, 0.0)
+        r = g if r is None else r + g
+    for pos, var_ids in ke.unary_e:
+        card = ke.e_shape[pos]
+        shape = [n_e, 1] + [1] * len(ke.e_shape)
+        shape[pos + 2] = card
+        u = jnp.reshape(s.unary[var_ids, :card], shape)
+        r = u if r is None else r + u
+    dtype = s.unary.dtype
+    r = jnp.broadcast_to(
+        jnp.zeros((), dtype) if r is None else r, (n_e, nk) + ke.e_shape
+    )
+    red = _reduce(r, tuple(range(2, r.ndim)), t)
+    if nk <= KEYED_SELECTS:
+        # Each separator state picks its block's value by a chain of selects:
+        # elementwise, fused into the message's consumers. A gather under vmap
+        # came out batch-minor, and its transpose back cost as much again.
+        m = jnp.broadcast_to(red[:, :1], (n_e, ke.sep_key.shape[1]))
+        for k in range(1, nk):
+            m = jnp.where(ke.sep_key == k, red[:, k : k + 1], m)
+    else:  # one gather of whole entries by flat index
+        at = ke.sep_key + nk * np.arange(n_e, dtype=np.int32)[:, None]
+        m = jnp.reshape(red, (-1,)).at[at].get(mode="promise_in_bounds")
+    m = jnp.reshape(m, (n_e,) + ke.s_shape)
+    for pos, var_ids in ke.unary_s:
+        card = ke.s_shape[pos]
+        shape = [n_e] + [1] * len(ke.s_shape)
+        shape[pos + 1] = card
+        m = m + jnp.reshape(s.unary[var_ids, :card], shape)
+    return m, r
+
+
+def _cluster_potentials(
+    plan: FlatPlan, s: _Setup, dtype, skip: frozenset = frozenset()
+) -> tuple[list, Array]:
     """Per cluster class ``(n_k, *shape)``: the unary terms and pair tables
     assigned to each cluster, each brought near 0 by :func:`_level` (the levels
-    go into log Z's offset)."""
+    go into log Z's offset). Classes in ``skip`` (keyed leaves, whose messages
+    read the tables themselves) get an unused ``(n_k, 1, ..., 1)`` of zeros."""
     jt = plan.junction
     psi = [
         jnp.zeros((n,) + sh, dtype) for n, sh in zip(jt.sizes, jt.shapes, strict=True)
     ]
     for k, axis, var_ids, rows, _ in jt.home:
+        if k in skip:
+            continue
         card = jt.shapes[k][axis]
         shape = [len(rows)] + [1] * len(jt.shapes[k])
         shape[axis + 1] = card
         psi[k] = _add_rows(psi[k], rows, jnp.reshape(s.unary[var_ids, :card], shape))
     for k, c, perm, shape, inst, rows in jt.moves:
+        if k in skip:
+            continue
         t = jnp.transpose(_take(s.tables[c], inst), (0,) + tuple(p + 1 for p in perm))
         psi[k] = _add_rows(psi[k], rows, jnp.reshape(t, (len(rows),) + shape))
     offset = s.offset
     out = []
-    for p in psi:
+    for k, p in enumerate(psi):
+        if k in skip:
+            out.append(jnp.zeros((p.shape[0],) + (1,) * (p.ndim - 1), dtype))
+            continue
         p, off = _level(p, tuple(range(1, p.ndim)))
         offset = offset + jnp.sum(off)
         out.append(p)
@@ -660,24 +894,35 @@ class _JunctionUp(NamedTuple):
     cnt: list  # per class: number of -inf children's messages
     msgs: dict  # (depth, edge batch) -> (n_e, *separator) upward message
     log_z: Array
+    keyed: dict  # (depth, edge batch) -> R (n_e, nk, *E) of keyed leaves
 
 
-def _junction_up(plan: FlatPlan, psi: list, t, offset: Array) -> _JunctionUp:
+def _junction_up(
+    plan: FlatPlan,
+    psi: list,
+    t,
+    offset: Array,
+    s: _Setup | None = None,
+    keyed: Mapping | None = None,
+) -> _JunctionUp:
     """Upward pass, deepest clusters first: each sends
-    ``reduce_T over C \\ S of [psi_C + its children's messages]`` to its parent."""
+    ``reduce_T over C \\ S of [psi_C + its children's messages]`` to its parent
+    (keyed leaves ``keyed``, :class:`_KeyedEdge`: from the tables in ``s``)."""
     jt = plan.junction
     fin = [jnp.zeros_like(p) for p in psi]
     cnt = [jnp.zeros_like(p) for p in psi]
-    msgs = {}
+    msgs, rs = {}, {}
     log_z = offset
     for d in reversed(range(jt.depth)):
         sends = []
         for e_i, e in enumerate(jt.steps[d]):
-            r = e.child_rows
-            b = _up_belief(psi, fin, cnt, e.child, r)
-            nd = len(jt.shapes[e.child])
-            axes = tuple(a + 1 for a in range(nd) if a not in e.child_sep)
-            m = _reduce(b, axes, t)
+            if keyed and (d, e_i) in keyed:
+                m, rs[(d, e_i)] = _keyed_message(s, keyed[(d, e_i)], t)
+            else:
+                b = _up_belief(psi, fin, cnt, e.child, e.child_rows)
+                nd = len(jt.shapes[e.child])
+                axes = tuple(a + 1 for a in range(nd) if a not in e.child_sep)
+                m = _reduce(b, axes, t)
             m, off = _shift_message(m, tuple(range(1, len(e.child_sep) + 1)))
             log_z = log_z + jnp.sum(off)
             msgs[(d, e_i)] = m
@@ -691,7 +936,7 @@ def _junction_up(plan: FlatPlan, psi: list, t, offset: Array) -> _JunctionUp:
     for k, rows in jt.roots:
         b = _up_belief(psi, fin, cnt, k, rows)
         log_z = log_z + jnp.sum(_reduce(b, tuple(range(1, b.ndim)), t))
-    return _JunctionUp(fin, cnt, msgs, log_z)
+    return _JunctionUp(fin, cnt, msgs, log_z, rs)
 
 
 def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
@@ -831,9 +1076,12 @@ def _argmax_last(x: Array) -> Array:
     return jnp.min(jnp.where((x == m) | jnp.isnan(x), iota, k), axis=-1)
 
 
-def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
+def _junction_map(
+    plan: FlatPlan, psi: list, up: _JunctionUp, keyed: Mapping | None = None
+) -> Array:
     """Joint MAP: each root's argmax, then each child's argmax with the separator
-    fixed by its parent's state (max-sum upward messages ``up``)."""
+    fixed by its parent's state (max-sum upward messages ``up``; a keyed leaf's
+    from its blocks, the argmax of each block of ``up.keyed``)."""
     jt = plan.junction
     assign = [jnp.zeros((n,), jnp.int32) for n in jt.sizes]
     for k, rows in jt.roots:
@@ -841,9 +1089,19 @@ def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
         flat = _argmax_last(jnp.reshape(b, (len(rows), -1)))
         assign[k] = _set_rows(assign[k], rows, flat)
     for d in range(jt.depth):
-        for e in jt.steps[d]:
+        for e_i, e in enumerate(jt.steps[d]):
             sep = jnp.asarray(e.sep_of_parent)[_take(assign[e.parent], e.parent_rows)]
             r = e.child_rows
+            if keyed and (d, e_i) in keyed:
+                blocks = up.keyed[(d, e_i)]
+                best = _argmax_last(jnp.reshape(blocks, blocks.shape[:2] + (-1,)))
+                key = jnp.take_along_axis(
+                    jnp.asarray(keyed[(d, e_i)].sep_key), sep[:, None], axis=1
+                )
+                rest = jnp.take_along_axis(best, key, axis=1)[:, 0]
+                flat = jnp.asarray(e.compose)[sep, rest]
+                assign[e.child] = _set_rows(assign[e.child], r, flat)
+                continue
             b = _up_belief(psi, up.fin, up.cnt, e.child, r)
             nd = b.ndim - 1
             rest = tuple(a for a in range(nd) if a not in e.child_sep)
@@ -861,10 +1119,20 @@ def _junction_map(plan: FlatPlan, psi: list, up: _JunctionUp) -> Array:
 
 
 def _run_junction(
-    plan: FlatPlan, s: _Setup, t, want_map: bool, dtype, at_roots: bool
+    plan: FlatPlan,
+    s: _Setup,
+    t,
+    want_map: bool,
+    dtype,
+    at_roots: bool,
+    keyed: _Keyed | None = None,
 ) -> FlatResult:
-    psi, offset = _cluster_potentials(plan, s, dtype)
-    up = _junction_up(plan, psi, t, offset)
+    edges: dict = {}
+    skip: frozenset = frozenset()
+    if keyed is not None and at_roots:  # no downward pass reads a leaf's belief
+        plan, edges, skip = keyed
+    psi, offset = _cluster_potentials(plan, s, dtype, skip)
+    up = _junction_up(plan, psi, t, offset, s, edges)
     if at_roots:  # the asked-for variables sit in root clusters: no downward pass
         beliefs = [
             _with_children(p, f, c) for p, f, c in zip(psi, up.fin, up.cnt, strict=True)
@@ -873,8 +1141,8 @@ def _run_junction(
     else:
         margs = _junction_marginals(plan, _junction_down(plan, psi, up, t), t, dtype)
     if want_map:
-        max_up = up if t is None else _junction_up(plan, psi, None, offset)
-        map_index = _junction_map(plan, psi, max_up)
+        max_up = up if t is None else _junction_up(plan, psi, None, offset, s, edges)
+        map_index = _junction_map(plan, psi, max_up, edges)
     else:
         map_index = jnp.full((plan.n_vars,), -1, jnp.int32)
     return FlatResult(up.log_z, margs, map_index, jnp.zeros((0,), dtype))
@@ -1011,6 +1279,7 @@ def run_flat_plan(
     temperature: Array | None,
     want_map: bool = True,
     marginals: bool | Sequence[int] = True,
+    table_keys: Sequence[np.ndarray] | None = None,
 ) -> FlatResult:
     """Run a flat plan on one set of inputs (pure; jit/vmap it).
 
@@ -1031,6 +1300,12 @@ def run_flat_plan(
             root cluster) the upward pass alone gives them, exactly, and the
             downward pass is not run. ``False``: every row ``NaN`` (XLA drops
             the downward pass when its result is not used).
+        table_keys: Junction trees, when no downward pass is run: per pair
+            class, ``(n_c, *cards)`` static equality keys of its tables
+            (entries with equal keys are equal,
+            :func:`pgm_drm.graph.keys.equality_keys`). Leaf clusters then send
+            their messages from their distinct blocks only (:class:`_KeyedEdge`):
+            a DRM's leaf reduces about 16 blocks, not 96 separator states.
 
     Returns:
         :class:`FlatResult`. Tree and junction-tree ("exact") plans are exact;
@@ -1054,7 +1329,10 @@ def run_flat_plan(
     if plan.kind == "tree":
         out = _run_tree(plan, s, t, want_map, dtype, at_roots)
     elif plan.kind == "exact":
-        out = _run_junction(plan, s, t, want_map, dtype, at_roots)
+        keyed = None
+        if KEYED_LEAVES and table_keys is not None and at_roots:
+            keyed = _keyed_plan(plan, table_keys)
+        out = _run_junction(plan, s, t, want_map, dtype, at_roots, keyed)
     else:
         out = _run_loopy(plan, s, t, want_map, dtype)
     if want is None:

@@ -82,12 +82,19 @@ def test_dcn_pass_equals_compiled_schedule_and_numpyro(seed):
         np.testing.assert_allclose(
             out.class_log_posterior, post.log_marginals["c"], atol=ATOL
         )
+        # The class alone: no downward pass, leaf messages from keyed tables.
+        post_c = infer(fg, semiring, marginals="c", image=images)
+        np.testing.assert_allclose(out.log_z, post_c.log_z, atol=ATOL)
+        np.testing.assert_allclose(
+            out.class_log_posterior, post_c.log_marginals["c"], atol=ATOL
+        )
         for b in range(images.shape[0]):
-            compiled = _plates_map(drm, post.map, b)
-            for site, v in compiled.items():
-                np.testing.assert_array_equal(
-                    np.asarray(out.map[site][b]), v, err_msg=site
-                )
+            for got in (post, post_c):
+                compiled = _plates_map(drm, got.map, b)
+                for site, v in compiled.items():
+                    np.testing.assert_array_equal(
+                        np.asarray(out.map[site][b]), v, err_msg=site
+                    )
         # NumPyro's enumeration of this model compiles for ~10 s: each seed
         # checks one semiring against it (both seeds share the structure), the
         # compiled schedule above checks both.

@@ -1,0 +1,285 @@
+"""Equality keys: which entries of a program's outputs are equal for *every* input.
+
+A compiled graph's evidence tables are computed by a traced program from the
+evidence (:meth:`pgm_drm.graph.FactorGraph.evidence_blocks`). Many of their entries
+are equal whatever the evidence: a DRM's leaf table over ``(c, g3, g2, a2, g1, a1)``
+depends on those 768 states only through the level-1 unit's state and ``g1``
+(Eq. 8: ``T(x) . eta(z) - A(z)``, and ``eta`` repeats), about 20 distinct values
+per patch. :func:`equality_keys` finds such equalities *statically*, by reading
+the program: each output gets an integer array of its shape, and two entries with
+the same key are equal for every value of the inputs (the converse need not hold:
+distinct keys may happen to hold equal values).
+
+The reading is an abstract interpretation of the jaxpr, sound by construction:
+
+- an input's entries all get distinct keys; a constant's entries are keyed by
+  their exact bytes (a constant-only equation is evaluated);
+- an elementwise equation keys each entry by the tuple of its operands' keys
+  there (same operands in, same result out);
+- data movement (reshape, transpose, broadcast, slice, concatenate, ...) moves
+  the keys as it moves the data;
+- a reduction keys each result by the sequence of keys it reduces;
+- ``dot_general`` keys each result by the two key sequences it contracts, with a
+  constant operand's ``-0.0`` read as ``0.0`` (a product with it differs at most
+  in the sign of a zero; see :mod:`pgm_drm.graph.gemm`);
+- any other equation, or one whose keys would pass :data:`MAX_KEYS` entries, gives
+  every entry of its result a distinct key (nothing is claimed).
+
+Pure numpy after the trace: nothing is run on the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax._src import core
+from jax.extend.core import Literal
+
+__all__ = ["MAX_EQNS", "MAX_KEYS", "equality_keys", "value_keys"]
+
+#: Programs with more equations than this (calls included) are not read: keys
+#: matter for junction-tree models, whose evidence programs are short.
+MAX_EQNS = 4000
+#: No key array (nor a reduction's or product's key rows) past this many entries.
+MAX_KEYS = 1 << 24
+
+_ELEMENTWISE = frozenset(
+    """abs acos acosh add and asin asinh atan atan2 cbrt ceil clamp conj
+    convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp
+    exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma log log1p logistic
+    lt max min mul ne neg nextafter not or pow real reduce_precision rem round
+    rsqrt select_n sign sin sinh sqrt square sub tan tanh xor""".split()
+)
+_REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or "
+    "reduce_xor argmax argmin".split()
+)
+_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
+
+
+class _Keys:
+    """A traced value's entry keys (equal key => equal entry, for every input)."""
+
+    __slots__ = ("k",)
+
+    def __init__(self, k: np.ndarray):
+        self.k = k
+
+
+def _compress(k: np.ndarray) -> np.ndarray:
+    """``k`` renumbered ``0 .. n_distinct - 1`` (same shape)."""
+    if k.size == 0:
+        return k.astype(np.int64)
+    _, inv = np.unique(k.reshape(-1), return_inverse=True)
+    return inv.reshape(k.shape).astype(np.int64)
+
+
+def _value_ids(a: np.ndarray, signed_zero: bool = True) -> np.ndarray:
+    """A constant's entries keyed by their exact bytes (``-0.0`` as ``0.0``
+    unless ``signed_zero``)."""
+    a = np.asarray(a)
+    if not signed_zero and np.issubdtype(a.dtype, np.floating):
+        a = a + a.dtype.type(0)  # -0.0 + 0.0 = 0.0
+    flat = np.ascontiguousarray(a).reshape(-1)
+    size = flat.dtype.itemsize
+    if size in (1, 2, 4, 8):
+        view = flat.view(np.dtype(f"u{size}"))
+    else:
+        view = _rows(flat.view(np.uint8).reshape(flat.size, size))
+    return _compress(view).reshape(a.shape)
+
+
+def value_keys(a: np.ndarray) -> np.ndarray:
+    """A concrete array's equality keys: its entries keyed by their exact bytes."""
+    return _value_ids(np.asarray(a))
+
+
+def _rows(m: np.ndarray) -> np.ndarray:
+    """Each row of the 2-D key array ``m`` keyed by its sequence of keys."""
+    n, w = m.shape
+    if w == 0 or n == 0:
+        return np.zeros(n, np.int64)
+    _, inv = np.unique(m, axis=0, return_inverse=True)
+    return inv.reshape(n).astype(np.int64)
+
+
+def _joint(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Each entry keyed by the tuple of ``parts``' keys there (broadcast)."""
+    acc = np.zeros(shape, np.int64)
+    for p in parts:
+        p = _compress(np.broadcast_to(p, shape))
+        acc = _compress(acc * (int(p.max(initial=0)) + 1) + p)
+    return acc
+
+
+def _distinct(aval) -> _Keys:
+    return _Keys(np.arange(math.prod(aval.shape), dtype=np.int64).reshape(aval.shape))
+
+
+def _as_keys(x, signed_zero: bool = True) -> np.ndarray:
+    return x.k if isinstance(x, _Keys) else _value_ids(np.asarray(x), signed_zero)
+
+
+def _dot_keys(lhs, rhs, params: dict, out_shape) -> np.ndarray:
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    lk, rk = _as_keys(lhs, False), _as_keys(rhs, False)
+    lf = [d for d in range(lk.ndim) if d not in lc and d not in lb]
+    rf = [d for d in range(rk.ndim) if d not in rc and d not in rb]
+    nb = math.prod(lk.shape[d] for d in lb)
+    nc = math.prod(lk.shape[d] for d in lc)
+    nlf = math.prod(lk.shape[d] for d in lf)
+    nrf = math.prod(rk.shape[d] for d in rf)
+    lrow = _rows(np.transpose(lk, list(lb) + lf + list(lc)).reshape(nb * nlf, nc))
+    rrow = _rows(np.transpose(rk, list(rb) + rf + list(rc)).reshape(nb * nrf, nc))
+    lrow, rrow = lrow.reshape(nb, nlf, 1), rrow.reshape(nb, 1, nrf)
+    return _joint([lrow, rrow], (nb, nlf, nrf)).reshape(out_shape)
+
+
+def _reduce_keys(k: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    keep = [d for d in range(k.ndim) if d not in axes]
+    shape = tuple(k.shape[d] for d in keep)
+    m = np.transpose(k, keep + list(axes)).reshape(math.prod(shape), -1)
+    return _rows(m).reshape(shape)
+
+
+def _broadcast_in_dim(k: np.ndarray, shape, dims) -> np.ndarray:
+    src = [1] * len(shape)
+    for i, d in enumerate(dims):
+        src[d] = k.shape[i]
+    return np.broadcast_to(k.reshape(src), shape)
+
+
+def _move(name: str, k: np.ndarray, params: dict) -> np.ndarray | None:
+    """Data movement applied to keys; ``None`` when not handled."""
+    if name == "reshape" and params.get("dimensions") is None:
+        return k.reshape(params["new_sizes"])
+    if name == "transpose":
+        return np.transpose(k, params["permutation"])
+    if name == "squeeze":
+        return np.squeeze(k, tuple(params["dimensions"]))
+    if name == "expand_dims":
+        return np.expand_dims(k, tuple(params["dimensions"]))
+    if name == "broadcast_in_dim":
+        return _broadcast_in_dim(k, params["shape"], params["broadcast_dimensions"])
+    if name == "rev":
+        return np.flip(k, tuple(params["dimensions"]))
+    if name == "slice":
+        strides = params.get("strides") or (1,) * k.ndim
+        idx = tuple(
+            slice(s, e, st)
+            for s, e, st in zip(
+                params["start_indices"], params["limit_indices"], strides, strict=True
+            )
+        )
+        return k[idx]
+    return None
+
+
+def _keys_of(eqn, invals: list) -> list:
+    """One equation's outputs: concrete values or :class:`_Keys`."""
+    name = eqn.primitive.name
+    outs = eqn.outvars
+    if not any(isinstance(v, _Keys) for v in invals):
+        bind_params = eqn.primitive.get_bind_params(eqn.params)
+        ans = eqn.primitive.bind(*invals, **bind_params)
+        ans = ans if eqn.primitive.multiple_results else [ans]
+        return [np.asarray(a) for a in ans]
+    if name in _CALLS and _CALLS[name] in eqn.params:
+        inner = eqn.params[_CALLS[name]]
+        closed = inner if hasattr(inner, "consts") else core.ClosedJaxpr(inner, ())
+        return _interpret(closed.jaxpr, closed.consts, invals)
+    shape = tuple(outs[0].aval.shape) if len(outs) == 1 else None
+    if shape is not None and math.prod(shape) > MAX_KEYS:
+        return [_distinct(v.aval) for v in outs]
+    got = None
+    if name in _ELEMENTWISE:
+        got = _joint([_as_keys(v) for v in invals], shape)
+    elif name in _REDUCTIONS:
+        k = _as_keys(invals[0])
+        if k.size <= MAX_KEYS:
+            got = _reduce_keys(k, tuple(eqn.params["axes"]))
+    elif name == "dot_general":
+        lhs, rhs = invals
+        width = math.prod(np.shape(lhs)) + math.prod(np.shape(rhs))
+        if width <= MAX_KEYS:
+            got = _dot_keys(lhs, rhs, eqn.params, shape)
+    elif name == "concatenate":
+        parts, top = [], 0
+        for v in invals:
+            k = _compress(_as_keys(v))
+            parts.append(k + top)
+            top += int(k.max(initial=-1)) + 1
+        got = np.concatenate(parts, axis=eqn.params["dimension"])
+    elif name == "optimization_barrier":
+        return list(invals)
+    elif len(invals) == 1:
+        got = _move(name, _as_keys(invals[0]), eqn.params)
+    if got is None:
+        return [_distinct(v.aval) for v in outs]
+    return [_Keys(np.asarray(got, np.int64))]
+
+
+def _count(jaxpr: core.Jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        name = eqn.primitive.name
+        if name in _CALLS and _CALLS[name] in eqn.params:
+            inner = eqn.params[_CALLS[name]]
+            n += _count(inner.jaxpr if hasattr(inner, "consts") else inner)
+    return n
+
+
+def _interpret(jaxpr: core.Jaxpr, consts, args) -> list:
+    env: dict = {}
+
+    def read(v):
+        return np.asarray(v.val) if isinstance(v, Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        # A value closed over from an enclosing trace is free, like an input.
+        env[v] = _distinct(v.aval) if isinstance(c, core.Tracer) else np.asarray(c)
+    for v, a in zip(jaxpr.invars, args, strict=True):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        got = _keys_of(eqn, [read(v) for v in eqn.invars])
+        for v, a in zip(eqn.outvars, got, strict=True):
+            env[v] = a
+    return [read(v) for v in jaxpr.outvars]
+
+
+def equality_keys(fn: Callable, *args: Any) -> Any | None:
+    """Static equality keys of ``fn(*args)``'s outputs (see the module docstring).
+
+    Args:
+        fn: A pure, traceable function.
+        *args: Its arguments, arrays or ``jax.ShapeDtypeStruct``; only their
+            shapes and dtypes are read. Every entry of every argument is taken
+            as free.
+
+    Returns:
+        The outputs' pytree with an ``int64`` array of each output's shape in
+        place of each leaf: entries with equal keys are equal for every value of
+        ``args``. ``None`` when the program is longer than :data:`MAX_EQNS`.
+    """
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    if _count(closed.jaxpr) > MAX_EQNS:
+        return None
+    ins = [_distinct(v.aval) for v in closed.jaxpr.invars]
+    # Constant-only equations are evaluated now, even under an enclosing trace.
+    with jax.ensure_compile_time_eval():
+        outs = _interpret(closed.jaxpr, closed.consts, ins)
+    keys = [_as_keys(o) for o in outs]
+    return jax.tree.unflatten(jax.tree.structure(shape), keys)
