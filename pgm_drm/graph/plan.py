@@ -379,13 +379,66 @@ def _breadth_first(parent: np.ndarray, key: np.ndarray | None = None) -> list[in
     return out
 
 
+def _split_hubs(bags, factors, edges, home, cards):
+    """Each cluster whose separators span at most half of its states becomes a
+    *hub* over their union, with the cluster hung from it as a leaf (its factors
+    stay with it; a variable of the hub is homed there, the smallest cluster
+    that holds it).
+
+    The tree is still a junction tree (a variable shared with any other cluster
+    is in a separator, so in the hub), with the same factors. A DRM's junction
+    tree has one cluster of 768 states, ``(c, g3, g2, a2, g1, a1)`` of the first
+    patch, where the other patches' clusters meet: it becomes a hub of 96 states
+    ``(c, g3, g2, a2)`` and a leaf, so every patch is a leaf (whose message keyed
+    tables compute from its few distinct blocks, ``pgm_drm.inference.flat``) and
+    no cluster of 768 states is reduced whole.
+
+    Returns:
+        ``(bags, factors, edges, home, key)``: ``key[b]`` the cluster a new hub
+        was split from (its place among siblings), else ``b``.
+    """
+    bags, factors, edges = list(bags), list(factors), list(edges)
+    home = np.asarray(home).copy()
+    nbrs: dict[int, list[int]] = {}
+    for i, j in edges:
+        nbrs.setdefault(i, []).append(j)
+        nbrs.setdefault(j, []).append(i)
+    origin = list(range(len(bags)))
+
+    def states(vs) -> int:
+        return int(np.prod([int(cards[v]) for v in vs], dtype=np.int64))
+
+    for b in range(len(bags)):
+        if len(nbrs.get(b, ())) < 2:
+            continue
+        span = sorted({v for n in nbrs[b] for v in set(bags[b]) & set(bags[n])})
+        if 2 * states(span) > states(bags[b]):
+            continue
+        u = len(bags)
+        bags.append(tuple(span))
+        factors.append(())
+        origin.append(b)
+        edges = [(u if i == b else i, u if j == b else j) for i, j in edges] + [(b, u)]
+        nbrs = {}
+        for i, j in edges:
+            nbrs.setdefault(i, []).append(j)
+            nbrs.setdefault(j, []).append(i)
+        for v in span:  # each variable at its smallest cluster
+            if states(span) < states(bags[home[v]]):
+                home[v] = u
+    return bags, factors, edges, home, np.asarray(origin)
+
+
 def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
-    """The ``"exact"`` schedule's junction tree as a :class:`JunctionTree`."""
+    """The ``"exact"`` schedule's junction tree as a :class:`JunctionTree`
+    (hubs split off, :func:`_split_hubs`)."""
     sched = fg.schedule("exact")
-    bags = sched.clusters
     cards = fg.cardinalities
+    bags, factors, edges, homes, origin = _split_hubs(
+        sched.clusters, sched.factors, sched.edges, sched.home, cards
+    )
     nb = len(bags)
-    parent, depth = _centre_rooting(nb, sched.edges)
+    parent, depth = _centre_rooting(nb, edges)
     # Cluster classes by cardinality tuple; rows in breadth-first order (by depth,
     # the children of one parent adjacent and in their parents' order), so that a
     # step's child rows are usually a contiguous run (a slice, not a gather: not
@@ -400,7 +453,8 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     # so a factor group's instances usually land on its class's rows in order, or
     # in an order that is a transpose of it (a reshape, not a gather; see
     # flat._take), where BFS by node id scattered them.
-    first = np.array([min(f, default=np.iinfo(np.int64).max) for f in sched.factors])
+    first = np.array([min(f, default=np.iinfo(np.int64).max) for f in factors])
+    first = first[origin]  # a hub among its siblings where its leaf was
     for b in _breadth_first(parent, first):
         bag = bags[b]
         shape = tuple(int(cards[v]) for v in bag)
@@ -415,7 +469,7 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
 
     # Unary terms and marginals: each variable at its smallest cluster.
     home: dict[tuple[int, int], tuple[list, list]] = {}
-    for v, b in enumerate(sched.home):
+    for v, b in enumerate(homes):
         key = (int(classes[b]), pos[b][v])
         home.setdefault(key, ([], []))[0].append(v)
         home[key][1].append(int(rows[b]))
@@ -443,7 +497,7 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
             start += fg.factor_groups[k].size
     group_of = np.searchsorted(flat_start, np.arange(flat_start[-1]), side="right") - 1
     moves: dict[tuple, tuple[list, list]] = {}
-    for b, fids in enumerate(sched.factors):
+    for b, fids in enumerate(factors):
         bag = bags[b]
         for fi in fids:
             gk = int(group_of[fi])

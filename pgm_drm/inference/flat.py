@@ -795,9 +795,16 @@ def _keyed_plan(plan: FlatPlan, table_keys: Sequence[np.ndarray]) -> _Keyed | No
     return _Keyed(dataclasses.replace(plan, junction=jt2), edges, keyed_classes)
 
 
-def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array]:
-    """A batch of leaf messages from keyed tables: ``(m (n_e, *S), R (n_e, nk,
-    *E))`` (:class:`_KeyedEdge`)."""
+def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array, Array]:
+    """A batch of leaf messages from keyed tables, shifted as
+    :func:`_shift_message` shifts a message: ``(m (n_e, *S), shift (n_e,), R
+    (n_e, nk, *E))`` (:class:`_KeyedEdge`).
+
+    The shift is the max over the blocks, not over the message: every block is
+    some separator state's, so it is the message's max but for the unary terms
+    on ``S`` (each already shifted to a max of 0). Taken from the blocks, it
+    leaves the message to be computed where it is used: the selects fuse into
+    the parent's sums, where a max over the message wrote it out first."""
     n_e, nk = ke.sep_key.shape[0], 1
     r = None
     for c, idx, has in ke.gathers:
@@ -816,7 +823,7 @@ def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array]:
     r = jnp.broadcast_to(
         jnp.zeros((), dtype) if r is None else r, (n_e, nk) + ke.e_shape
     )
-    red = _reduce(r, tuple(range(2, r.ndim)), t)
+    red, shift = _shift(_reduce(r, tuple(range(2, r.ndim)), t), (1,))
     if nk <= KEYED_SELECTS:
         # Each separator state picks its block's value by a chain of selects:
         # elementwise, fused into the message's consumers. A gather under vmap
@@ -833,7 +840,7 @@ def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array]:
         shape = [n_e] + [1] * len(ke.s_shape)
         shape[pos + 1] = card
         m = m + jnp.reshape(s.unary[var_ids, :card], shape)
-    return m, r
+    return m, shift, r
 
 
 def _cluster_potentials(
@@ -917,13 +924,13 @@ def _junction_up(
         sends = []
         for e_i, e in enumerate(jt.steps[d]):
             if keyed and (d, e_i) in keyed:
-                m, rs[(d, e_i)] = _keyed_message(s, keyed[(d, e_i)], t)
+                m, off, rs[(d, e_i)] = _keyed_message(s, keyed[(d, e_i)], t)
             else:
                 b = _up_belief(psi, fin, cnt, e.child, e.child_rows)
                 nd = len(jt.shapes[e.child])
                 axes = tuple(a + 1 for a in range(nd) if a not in e.child_sep)
                 m = _reduce(b, axes, t)
-            m, off = _shift_message(m, tuple(range(1, len(e.child_sep) + 1)))
+                m, off = _shift_message(m, tuple(range(1, len(e.child_sep) + 1)))
             log_z = log_z + jnp.sum(off)
             msgs[(d, e_i)] = m
             sends.append((e, m))

@@ -76,3 +76,55 @@ def test_a_tree_plan_on_a_loopy_graph_names_a_cycle():
         fg.plan("tree")
     # auto falls back to the exact junction tree.
     assert infer(fg, "sum").schedule == "exact"
+
+
+def _assert_junction_tree(jt, n_vars: int) -> None:
+    """Running intersection: the clusters holding each variable are connected
+    by edges whose separators hold it too."""
+    import networkx as nx
+
+    at = {
+        (int(k), int(r)): i
+        for i, (k, r) in enumerate(zip(jt.classes, jt.rows, strict=True))
+    }
+    g = nx.Graph()
+    g.add_nodes_from(range(len(jt.clusters)))
+    for step in jt.steps:
+        for e in step:
+            for c, p in zip(e.child_rows, e.parent_rows, strict=True):
+                g.add_edge(at[(e.child, int(c))], at[(e.parent, int(p))])
+    assert nx.is_forest(g)
+    for v in range(n_vars):
+        holding = [i for i, bag in enumerate(jt.clusters) if v in bag]
+        assert holding
+        assert nx.is_connected(g.subgraph(holding))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_split_hubs_keep_a_junction_tree(seed):
+    model, kwargs = random_factor_model(seed, n_vars=7, kind="loopy")
+    fg = compile_model(model, **kwargs)
+    plan = make_flat_plan(fg, "exact")
+    _assert_junction_tree(plan.junction, plan.n_vars)
+
+
+def test_a_drm_patch_cluster_is_split_into_a_hub_and_a_leaf():
+    """The first patch's cluster (768 states), where the others meet, becomes
+    a hub of 96 states with the patch hung from it: the root is a hub and every
+    patch cluster is a leaf."""
+    import jax
+
+    from pgm_drm.models import DeepRenderingModel
+
+    drm = DeepRenderingModel.random(jax.random.PRNGKey(0), image_shape=(8, 8), levels=3)
+    images, _ = drm.sample(jax.random.PRNGKey(1), 1)
+    fg = compile_model(drm.model, image=images[0])
+    plan = make_flat_plan(fg, "exact")
+    jt = plan.junction
+    _assert_junction_tree(jt, plan.n_vars)
+    big = [k for k, sh in enumerate(jt.shapes) if int(np.prod(sh)) == 768]
+    assert len(big) == 1 and jt.sizes[big[0]] == 16
+    ((root_class, rows),) = jt.roots
+    assert int(np.prod(jt.shapes[root_class])) == 96
+    parents = {(e.parent, int(r)) for st in jt.steps for e in st for r in e.parent_rows}
+    assert not any((big[0], r) in parents for r in range(16))
