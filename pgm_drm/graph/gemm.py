@@ -154,10 +154,107 @@ def _factored_dot(lhs, rhs, params: dict):
     return out
 
 
-def _eval(jaxpr: core.Jaxpr, consts, args) -> tuple[list, int]:
+#: Row dedupe (:func:`_row_dot`) reads at most this many batch entries of the
+#: known operand on the host.
+MAX_ROW_BATCH = 4096
+
+
+def _distinct_rows(m: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """``(keep, source)`` of the 2-D ``m``'s rows: ``keep`` its distinct non-zero
+    rows, ``source[f]`` the index in ``keep`` of row ``f`` (``-1``: all zero)."""
+    rows = _canonical_rows(m)
+    zero = ~np.any(m != 0, axis=1)
+    seen: dict[bytes, int] = {}
+    keep: list[int] = []
+    source = np.full(m.shape[0], -1, np.int64)
+    for f in range(m.shape[0]):
+        if zero[f]:
+            continue
+        b = rows[f].tobytes()
+        if b not in seen:
+            seen[b] = len(keep)
+            keep.append(f)
+        source[f] = seen[b]
+    return keep, source
+
+
+def _row_dot(lhs, rhs, params: dict):
+    """``lax.dot_general(lhs, rhs, **params)`` over the known operand's distinct
+    non-zero *rows*: at each of its batch entries, its free dims flattened hold
+    at most :data:`MAX_KEPT` distinct vectors (a DRM's leaf templates: 5 per
+    patch of 768 states, where the free axes one by one kept 64). The product
+    runs over those; the result's free dims are restored by a chain of selects
+    on a static source map (elementwise: fused into the consumers, a gather of
+    a keyed leaf included). The same numbers as the plain product: every entry
+    is the same inner product of the same two vectors, or an exact zero.
+    ``None`` when the rewrite does not apply or saves too little."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    if _known(lhs) == _known(rhs):
+        return None
+    side = 1 if _known(rhs) else 0
+    const = np.asarray(rhs if side else lhs)
+    other = lhs if side else rhs
+    contract, batch = (rc, rb) if side else (lc, lb)
+    o_contract, o_batch = (lc, lb) if side else (rc, rb)
+    free = [d for d in range(const.ndim) if d not in contract and d not in batch]
+    if not free:
+        return None
+    bshape = tuple(const.shape[d] for d in batch)
+    fshape = tuple(const.shape[d] for d in free)
+    cshape = tuple(const.shape[d] for d in contract)
+    nb, nf, nc = math.prod(bshape), math.prod(fshape), math.prod(cshape)
+    if nb > MAX_ROW_BATCH or nf < 2:
+        return None
+    m = np.transpose(const, list(batch) + free + list(contract)).reshape(nb, nf, nc)
+    if np.issubdtype(m.dtype, np.floating):
+        m = m + m.dtype.type(0)  # -0.0 as 0.0 (see _canonical_rows)
+    found = [_distinct_rows(m[b]) for b in range(nb)]
+    width = max(max(len(k) for k, _ in found), 1)
+    if width > MAX_KEPT or width > MAX_KEPT_FRACTION * nf:
+        return None
+    kept = np.zeros((nb, width, nc), m.dtype)
+    source = np.stack([src for _, src in found])  # (nb, nf)
+    for b, (keep, _) in enumerate(found):
+        if keep:
+            kept[b, : len(keep)] = m[b, keep]
+            kept[b, len(keep) :] = m[b, keep[0]]
+    kept = kept.reshape(bshape + (width,) + cshape)
+    k_batch = tuple(range(len(bshape)))
+    k_contract = tuple(range(len(bshape) + 1, kept.ndim))
+    kw = {
+        "precision": params.get("precision"),
+        "preferred_element_type": params.get("preferred_element_type"),
+    }
+    n_o = other.ndim - len(o_contract) - len(o_batch)
+    nbd = len(bshape)
+    if side:  # (batch, other's free dims, width)
+        out = lax.dot_general(other, kept, ((lc, k_contract), (lb, k_batch)), **kw)
+        at = nbd + n_o
+    else:  # (batch, width, other's free dims)
+        out = lax.dot_general(kept, other, ((k_contract, rc), (k_batch, rb)), **kw)
+        at = nbd
+    # Restore the width axis to the flattened free dims by selects.
+    shape = list(out.shape)
+    shape[at] = nf
+    pattern = [1] * len(shape)
+    pattern[:nbd] = bshape
+    pattern[at] = nf
+    src = source.reshape(pattern)
+
+    def slab(j: int):
+        return jnp.broadcast_to(lax.slice_in_dim(out, j, j + 1, axis=at), shape)
+
+    acc = jnp.zeros(shape, out.dtype) if (source < 0).any() else slab(0)
+    for j in range(width):
+        if j or (source < 0).any():
+            acc = jnp.where(src == j, slab(j), acc)
+    return jnp.reshape(acc, tuple(shape[:at]) + fshape + tuple(shape[at + 1 :]))
+
+
+def _eval(jaxpr: core.Jaxpr, consts, args, rows: bool = False) -> tuple[list, int]:
     """:func:`jax.core.eval_jaxpr` with products of a known operand factored
-    (:func:`_factored_dot`) and calls inlined.
-    Returns the outputs and how many products were rewritten."""
+    (:func:`_factored_dot`; first :func:`_row_dot` with ``rows``) and calls
+    inlined. Returns the outputs and how many products were rewritten."""
     env: dict = {}
     rewritten = 0
 
@@ -176,10 +273,12 @@ def _eval(jaxpr: core.Jaxpr, consts, args) -> tuple[list, int]:
         if call:
             inner = eqn.params[_CALLS[name]]
             closed = inner if hasattr(inner, "consts") else core.ClosedJaxpr(inner, ())
-            ans, n = _eval(closed.jaxpr, closed.consts, invals)
+            ans, n = _eval(closed.jaxpr, closed.consts, invals, rows)
             rewritten += n
         elif name == "dot_general":
-            ans = _factored_dot(*invals, eqn.params)
+            ans = _row_dot(*invals, eqn.params) if rows else None
+            if ans is None:
+                ans = _factored_dot(*invals, eqn.params)
             if ans is not None:
                 rewritten += 1
         if ans is None:
@@ -197,10 +296,16 @@ def _eval(jaxpr: core.Jaxpr, consts, args) -> tuple[list, int]:
     return [read(v) for v in jaxpr.outvars], rewritten
 
 
-def dedupe_constant_gemms(fn: Callable) -> Callable:
+def dedupe_constant_gemms(fn: Callable, rows: bool = False) -> Callable:
     """``fn`` with every ``dot_general`` that has one known (concrete) operand
     computed over that operand's distinct non-zero slices along each of its free
     axes (see the module docstring): the same results.
+
+    With ``rows``, a product whose known operand holds few distinct vectors over
+    all its free dims at once is computed over those (:func:`_row_dot`). Its
+    restore costs a few selects per entry read: a win when the consumers read
+    few entries (a junction tree's keyed leaves), a loss when they read the
+    whole table several times (a DRM's every max-marginal: 2.5x slower).
 
     ``fn`` must be pure and traceable; the returned function traces it, then
     replays its jaxpr with the rewrite (nested ``jit`` calls inlined), once per
@@ -210,7 +315,7 @@ def dedupe_constant_gemms(fn: Callable) -> Callable:
     """
 
     def wrapped(*args):
-        return _run(fn, args)[0]
+        return _run(fn, args, rows)[0]
 
     return wrapped
 
@@ -230,7 +335,7 @@ def count_factored(fn: Callable, *args: Any) -> int:
     return counts[0]
 
 
-def _run(fn: Callable, args: tuple) -> tuple[Any, int]:
+def _run(fn: Callable, args: tuple, rows: bool = False) -> tuple[Any, int]:
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    outs, n = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    outs, n = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args), rows)
     return jax.tree.unflatten(jax.tree.structure(shape), outs), n

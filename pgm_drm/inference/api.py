@@ -16,7 +16,12 @@ from pgm_drm.graph.compile import FactorGraph, _gc_paused, check_evidence_values
 from pgm_drm.graph.keys import equality_keys, value_keys
 from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
-from pgm_drm.inference.flat import add_dynamic, run_flat_plan, static_inputs
+from pgm_drm.inference.flat import (
+    add_dynamic,
+    run_flat_plan,
+    runs_keyed,
+    static_inputs,
+)
 from pgm_drm.inference.kernel import make_plan, naive_run_plan
 from pgm_drm.models.validation import all_finite
 from pgm_drm.semiring import resolve_temperature
@@ -239,6 +244,11 @@ def _compiled_flat(
         fg._cache[skey] = static_inputs(plan, fg.host_tables(), groups)
     static = fg._cache[skey]
 
+    var_ids = _marginal_vars(fg, want_margs)
+    # Leaf messages from keyed tables (flat.run_flat_plan's table_keys), whose
+    # template matches then run over each patch's distinct templates only.
+    keyed = runs_keyed(plan, var_ids)
+
     def single(ev, t, static):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
         # State-free scale parts go straight to log Z (FactorGraph.evidence_parts).
@@ -249,10 +259,7 @@ def _compiled_flat(
             + _cast(offset, dtype).astype(inputs.constant.dtype)
         )
         t = t if dtype is None else t.astype(dtype)
-        var_ids = _marginal_vars(fg, want_margs)
-        keys = None
-        if plan.kind == "exact" and want_margs is not True:
-            keys = _table_keys(fg, plan, ev)
+        keys = _table_keys(fg, plan, ev) if keyed else None
         out = run_flat_plan(plan, inputs, None if hard else t, want_map, var_ids, keys)
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
@@ -273,7 +280,9 @@ def _compiled_flat(
         return fn(ev, t, static), _all_finite_evidence(ev)
 
     # Template matches against repeated natural parameters, computed once each.
-    jitted = jax.jit(gemm.dedupe_constant_gemms(checked) if gemm.ENABLED else checked)
+    jitted = jax.jit(
+        gemm.dedupe_constant_gemms(checked, rows=keyed) if gemm.ENABLED else checked
+    )
     # Keep the plan alive with the cache entry (the key holds its id).
     fg._cache[key] = (plan, lambda ev, t: jitted(ev, t, static))
     return fg._cache[key][1]

@@ -1280,6 +1280,21 @@ def flat_inputs(plan: FlatPlan, tables: Sequence[Array], groups) -> FlatInputs:
     return add_dynamic(plan, static_inputs(plan, tables, groups), dynamic, groups)
 
 
+def _at_roots(plan: FlatPlan, want: np.ndarray | None) -> bool:
+    """Whether the upward pass alone gives the marginals of variables ``want``
+    (``None``: every variable)."""
+    return want is not None and bool(np.isin(want, _readable_at_roots(plan)).all())
+
+
+def runs_keyed(plan: FlatPlan, marginals: bool | Sequence[int]) -> bool:
+    """Whether :func:`run_flat_plan` with these ``marginals`` reads keyed leaf
+    tables when given ``table_keys``: a junction tree with no downward pass."""
+    if not KEYED_LEAVES or plan.kind != "exact" or marginals is True:
+        return False
+    want = np.asarray([] if marginals is False else list(marginals), np.int64)
+    return _at_roots(plan, want)
+
+
 def run_flat_plan(
     plan: FlatPlan,
     inputs: FlatInputs,
@@ -1332,12 +1347,12 @@ def run_flat_plan(
                 f"marginals: variable ids must be in [0, {plan.n_vars}), got "
                 f"{want.min()}..{want.max()}"
             )
-    at_roots = want is not None and bool(np.isin(want, _readable_at_roots(plan)).all())
+    at_roots = _at_roots(plan, want)
     if plan.kind == "tree":
         out = _run_tree(plan, s, t, want_map, dtype, at_roots)
     elif plan.kind == "exact":
         keyed = None
-        if KEYED_LEAVES and table_keys is not None and at_roots:
+        if table_keys is not None and runs_keyed(plan, marginals):
             keyed = _keyed_plan(plan, table_keys)
         out = _run_junction(plan, s, t, want_map, dtype, at_roots, keyed)
     else:

@@ -75,6 +75,53 @@ def test_factored_product_equals_the_plain_one(case):
     assert count_factored(f, x) == (1 if kept <= gemm.MAX_KEPT_FRACTION else 0)
 
 
+@given(products(), st.integers(1, 4))
+def test_row_deduped_product_equals_the_plain_one(case, n_rows):
+    """Known operand's free dims holding ``n_rows`` distinct vectors (and zero
+    ones) per batch entry: the product over those, restored by selects
+    (``rows=True``), equals the plain product."""
+    k1, k2, p, nb, _, _, seed, known_rhs = case
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(2,) * nb + (n_rows, p))
+    pick = rng.integers(-1, n_rows, size=(2,) * nb + (k1, k2))  # -1: zero
+    w = np.where(
+        (pick >= 0)[..., None],
+        np.take_along_axis(
+            base[..., None, :, :],
+            np.maximum(pick, 0).reshape(pick.shape[:-2] + (-1, 1, 1)),
+            axis=-2,
+        ).reshape(pick.shape + (p,)),
+        -0.0,
+    )
+    x = jnp.asarray(rng.normal(size=(2,) * nb + (3, p)))
+    batch = tuple(range(nb))
+    if known_rhs:
+        dims = (((nb + 1,), (nb + 2,)), (batch, batch))
+
+        def f(x):
+            return lax.dot_general(x, w, dims, precision=lax.Precision.HIGHEST)
+    else:
+        dims = (((nb + 2,), (nb + 1,)), (batch, batch))
+
+        def f(x):
+            return lax.dot_general(w, x, dims, precision=lax.Precision.HIGHEST)
+
+    want = np.asarray(f(x))
+    got = np.asarray(jax.jit(dedupe_constant_gemms(f, rows=True))(x))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    if k1 * k2 >= 8:  # at most 4 distinct rows of 8 or more: rewritten by rows
+        seen = []
+
+        def probe(x):
+            args = (x, w) if known_rhs else (w, x)
+            seen.append(gemm._row_dot(*args, {"dimension_numbers": dims}))
+            return x
+
+        jax.make_jaxpr(probe)(x)
+        assert seen[0] is not None
+
+
 def test_axis_recipe_reads_minus_zero_as_zero_and_keeps_first_copies():
     w = np.array([[1.0, -2.0], [-0.0, 0.0], [1.0, -2.0], [3.0, 0.0], [0.0, -0.0]])
     assert axis_recipe(w, 0) == ([0, 3], [0, -1, 0, 1, -1])
