@@ -86,12 +86,10 @@ def _compress(k: np.ndarray) -> np.ndarray:
     return inv.reshape(k.shape).astype(np.int64)
 
 
-def _value_ids(a: np.ndarray, signed_zero: bool = True) -> np.ndarray:
-    """A constant's entries keyed by their exact bytes (``-0.0`` as ``0.0``
-    unless ``signed_zero``)."""
+def _value_ids(a: np.ndarray) -> np.ndarray:
+    """A constant's entries keyed by their exact bytes (``-0.0`` apart from
+    ``0.0``: ``1 / x`` tells them apart)."""
     a = np.asarray(a)
-    if not signed_zero and np.issubdtype(a.dtype, np.floating):
-        a = a + a.dtype.type(0)  # -0.0 + 0.0 = 0.0
     flat = np.ascontiguousarray(a).reshape(-1)
     size = flat.dtype.itemsize
     if size in (1, 2, 4, 8):
@@ -107,11 +105,14 @@ def value_keys(a: np.ndarray) -> np.ndarray:
 
 
 def _rows(m: np.ndarray) -> np.ndarray:
-    """Each row of the 2-D key array ``m`` keyed by its sequence of keys."""
+    """Each row of the 2-D array ``m`` keyed by its bytes (one opaque item per
+    row: a sort of ``n`` items, where ``np.unique(axis=0)`` sorted columns)."""
     n, w = m.shape
     if w == 0 or n == 0:
         return np.zeros(n, np.int64)
-    _, inv = np.unique(m, axis=0, return_inverse=True)
+    m = np.ascontiguousarray(m)
+    rows = m.view(np.dtype((np.void, m.dtype.itemsize * w))).reshape(n)
+    _, inv = np.unique(rows, return_inverse=True)
     return inv.reshape(n).astype(np.int64)
 
 
@@ -128,13 +129,22 @@ def _distinct(aval) -> _Keys:
     return _Keys(np.arange(math.prod(aval.shape), dtype=np.int64).reshape(aval.shape))
 
 
-def _as_keys(x, signed_zero: bool = True) -> np.ndarray:
-    return x.k if isinstance(x, _Keys) else _value_ids(np.asarray(x), signed_zero)
+def _as_keys(x) -> np.ndarray:
+    return x.k if isinstance(x, _Keys) else _value_ids(np.asarray(x))
+
+
+def _row_operand(x) -> np.ndarray:
+    """A product's operand as rows to compare: keys, or a constant's values
+    with ``-0.0`` read as ``0.0``."""
+    if isinstance(x, _Keys):
+        return x.k
+    x = np.asarray(x)
+    return x + x.dtype.type(0) if np.issubdtype(x.dtype, np.floating) else x
 
 
 def _dot_keys(lhs, rhs, params: dict, out_shape) -> np.ndarray:
     (lc, rc), (lb, rb) = params["dimension_numbers"]
-    lk, rk = _as_keys(lhs, False), _as_keys(rhs, False)
+    lk, rk = _row_operand(lhs), _row_operand(rhs)
     lf = [d for d in range(lk.ndim) if d not in lc and d not in lb]
     rf = [d for d in range(rk.ndim) if d not in rc and d not in rb]
     nb = math.prod(lk.shape[d] for d in lb)

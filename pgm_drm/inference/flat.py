@@ -630,6 +630,8 @@ KEYED_LEAVES = True
 KEYED_FRACTION = 0.5
 
 
+#: Leaf clusters of fewer states are reduced whole (no keys read for them).
+KEYED_MIN_STATES = 32
 #: Up to this many blocks per leaf, a keyed message picks each separator
 #: state's value by selects (elementwise); past it, by a gather.
 KEYED_SELECTS = 8
@@ -756,6 +758,21 @@ def _keyed_edge(plan, jt, tabs, e, table_keys) -> _KeyedEdge:
     )
 
 
+def _keyed_candidates(jt) -> list:
+    """The edge batches whose children may be keyed leaves: clusters of at least
+    :data:`KEYED_MIN_STATES` states with a separator of at least 2 states and
+    other axes (smaller ones are reduced whole for less than keys cost)."""
+    out = []
+    for step in jt.steps:
+        for e in step:
+            shape = jt.shapes[e.child]
+            n_s = int(np.prod([shape[a] for a in e.child_sep], dtype=np.int64))
+            if n_s >= 2 and len(e.child_sep) < len(shape):
+                if int(np.prod(shape, dtype=np.int64)) >= KEYED_MIN_STATES:
+                    out.append(e)
+    return out
+
+
 def _keyed_plan(plan: FlatPlan, table_keys: Sequence[np.ndarray]) -> _Keyed | None:
     """The leaf clusters whose messages keyed tables make cheaper (see
     :class:`_KeyedEdge`), moved to classes of their own; ``None`` when none.
@@ -768,19 +785,18 @@ def _keyed_plan(plan: FlatPlan, table_keys: Sequence[np.ndarray]) -> _Keyed | No
     }
     tabs = _row_tables(jt)
     moving: dict[int, list] = {}
-    for step in jt.steps:
-        for e in step:
-            shape = jt.shapes[e.child]
-            n_s = int(np.prod([shape[a] for a in e.child_sep], dtype=np.int64))
-            if n_s < 2 or len(e.child_sep) == len(shape):
-                continue
-            leaves = [int(r) for r in e.child_rows if (e.child, int(r)) not in parents]
-            nk = [
-                len(_blocks(plan, jt, tabs, e.child, r, e.child_sep, table_keys)[1])
-                for r in leaves
-            ]
-            if leaves and max(nk) <= KEYED_FRACTION * n_s:
-                moving.setdefault(e.child, []).extend(leaves)
+    for e in _keyed_candidates(jt):
+        leaves = [int(r) for r in e.child_rows if (e.child, int(r)) not in parents]
+        shape = jt.shapes[e.child]
+        n_s = int(np.prod([shape[a] for a in e.child_sep], dtype=np.int64))
+        # Stop at the first leaf with too many blocks: a model whose leaves do
+        # not compress pays for one leaf's look, not for every leaf's.
+        if leaves and all(
+            len(_blocks(plan, jt, tabs, e.child, r, e.child_sep, table_keys)[1])
+            <= KEYED_FRACTION * n_s
+            for r in leaves
+        ):
+            moving.setdefault(e.child, []).extend(leaves)
     if not moving:
         return None
     jt2, new_class = split_classes(jt, {k: np.asarray(r) for k, r in moving.items()})
@@ -911,10 +927,17 @@ def _junction_up(
     offset: Array,
     s: _Setup | None = None,
     keyed: Mapping | None = None,
+    count: bool = True,
 ) -> _JunctionUp:
     """Upward pass, deepest clusters first: each sends
     ``reduce_T over C \\ S of [psi_C + its children's messages]`` to its parent
-    (keyed leaves ``keyed``, :class:`_KeyedEdge`: from the tables in ``s``)."""
+    (keyed leaves ``keyed``, :class:`_KeyedEdge`: from the tables in ``s``).
+
+    ``count``: keep the children's ``-inf`` entries apart (``cnt``), as the
+    downward pass needs to take one message back out. Without it they are
+    summed into ``fin``: no entry is ``+inf``, so ``-inf`` stays ``-inf``, and
+    each message is read once, where it is made (a keyed leaf's selects fuse
+    into its parent's sum)."""
     jt = plan.junction
     fin = [jnp.zeros_like(p) for p in psi]
     cnt = [jnp.zeros_like(p) for p in psi]
@@ -936,8 +959,11 @@ def _junction_up(
             sends.append((e, m))
         for e, m in sends:
             x = _expand(m, jt.shapes[e.parent], e.parent_sep)
-            neg = jnp.isneginf(x)
             rows = e.parent_rows
+            if not count:
+                fin[e.parent] = _add_rows(fin[e.parent], rows, x)
+                continue
+            neg = jnp.isneginf(x)
             fin[e.parent] = _add_rows(fin[e.parent], rows, jnp.where(neg, 0.0, x))
             cnt[e.parent] = _add_rows(cnt[e.parent], rows, neg.astype(x.dtype))
     for k, rows in jt.roots:
@@ -1139,7 +1165,7 @@ def _run_junction(
     if keyed is not None and at_roots:  # no downward pass reads a leaf's belief
         plan, edges, skip = keyed
     psi, offset = _cluster_potentials(plan, s, dtype, skip)
-    up = _junction_up(plan, psi, t, offset, s, edges)
+    up = _junction_up(plan, psi, t, offset, s, edges, count=not at_roots)
     if at_roots:  # the asked-for variables sit in root clusters: no downward pass
         beliefs = [
             _with_children(p, f, c) for p, f, c in zip(psi, up.fin, up.cnt, strict=True)
@@ -1148,7 +1174,11 @@ def _run_junction(
     else:
         margs = _junction_marginals(plan, _junction_down(plan, psi, up, t), t, dtype)
     if want_map:
-        max_up = up if t is None else _junction_up(plan, psi, None, offset, s, edges)
+        max_up = (
+            up
+            if t is None
+            else _junction_up(plan, psi, None, offset, s, edges, count=False)
+        )
         map_index = _junction_map(plan, psi, max_up, edges)
     else:
         map_index = jnp.full((plan.n_vars,), -1, jnp.int32)
@@ -1290,6 +1320,8 @@ def runs_keyed(plan: FlatPlan, marginals: bool | Sequence[int]) -> bool:
     """Whether :func:`run_flat_plan` with these ``marginals`` reads keyed leaf
     tables when given ``table_keys``: a junction tree with no downward pass."""
     if not KEYED_LEAVES or plan.kind != "exact" or marginals is True:
+        return False
+    if not _keyed_candidates(plan.junction):
         return False
     want = np.asarray([] if marginals is False else list(marginals), np.int64)
     return _at_roots(plan, want)
