@@ -12,12 +12,18 @@ import numpy as np
 
 from pgm_drm._typing import Array, Semiring
 from pgm_drm.graph import gemm
-from pgm_drm.graph.compile import FactorGraph, _gc_paused, check_evidence_values
+from pgm_drm.graph.compile import (
+    FactorGraph,
+    _gc_paused,
+    check_evidence_values,
+    split_evidence,
+)
 from pgm_drm.graph.keys import equality_keys, value_keys
 from pgm_drm.graph.plan import FlatPlan
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import (
     add_dynamic,
+    dense_reads_evidence,
     run_flat_plan,
     runs_keyed,
     static_inputs,
@@ -245,9 +251,18 @@ def _compiled_flat(
     static = fg._cache[skey]
 
     var_ids = _marginal_vars(fg, want_margs)
-    # Leaf messages from keyed tables (flat.run_flat_plan's table_keys), whose
-    # template matches then run over each patch's distinct templates only.
-    keyed = runs_keyed(plan, var_ids)
+    # Leaf messages from keyed tables (flat.run_flat_plan's table_keys); when
+    # no other cluster reads an evidence table whole, the template matches run
+    # over each patch's distinct templates only.
+    keys = None
+    if runs_keyed(plan):
+        shapes = {
+            k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v))
+            for k, v in split_evidence(fg.kwargs)[0].items()
+            if k in axes
+        }
+        keys = _table_keys(fg, plan, shapes)
+    rows = keys is not None and not dense_reads_evidence(plan, keys)
 
     def single(ev, t, static):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
@@ -259,7 +274,6 @@ def _compiled_flat(
             + _cast(offset, dtype).astype(inputs.constant.dtype)
         )
         t = t if dtype is None else t.astype(dtype)
-        keys = _table_keys(fg, plan, ev) if keyed else None
         out = run_flat_plan(plan, inputs, None if hard else t, want_map, var_ids, keys)
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
@@ -281,7 +295,7 @@ def _compiled_flat(
 
     # Template matches against repeated natural parameters, computed once each.
     jitted = jax.jit(
-        gemm.dedupe_constant_gemms(checked, rows=keyed) if gemm.ENABLED else checked
+        gemm.dedupe_constant_gemms(checked, rows=rows) if gemm.ENABLED else checked
     )
     # Keep the plan alive with the cache entry (the key holds its id).
     fg._cache[key] = (plan, lambda ev, t: jitted(ev, t, static))
@@ -292,7 +306,7 @@ def _table_keys(
     fg: FactorGraph, plan: FlatPlan, ev: Mapping[str, Any]
 ) -> tuple[np.ndarray, ...] | None:
     """Per pair class of ``plan``, static equality keys ``(n_c, *cards)`` of its
-    tables for new evidence ``ev`` (one example's arrays or tracers): an
+    tables for new evidence ``ev`` (one example's arrays, tracers or shapes): an
     evidence table's from its program (:func:`pgm_drm.graph.keys.equality_keys`),
     an evidence-free one's from its values. ``None`` when the evidence tables
     come in blocks (loop-written models) or their program is too long to read."""

@@ -917,7 +917,7 @@ class _JunctionUp(NamedTuple):
     cnt: list  # per class: number of -inf children's messages
     msgs: dict  # (depth, edge batch) -> (n_e, *separator) upward message
     log_z: Array
-    keyed: dict  # (depth, edge batch) -> R (n_e, nk, *E) of keyed leaves
+    keyed: dict  # (depth, edge batch) -> keyed leaves' (R (n_e, nk, *E), shift)
 
 
 def _junction_up(
@@ -947,7 +947,8 @@ def _junction_up(
         sends = []
         for e_i, e in enumerate(jt.steps[d]):
             if keyed and (d, e_i) in keyed:
-                m, off, rs[(d, e_i)] = _keyed_message(s, keyed[(d, e_i)], t)
+                m, off, r = _keyed_message(s, keyed[(d, e_i)], t)
+                rs[(d, e_i)] = (r, off)
             else:
                 b = _up_belief(psi, fin, cnt, e.child, e.child_rows)
                 nd = len(jt.shapes[e.child])
@@ -972,8 +973,10 @@ def _junction_up(
     return _JunctionUp(fin, cnt, msgs, log_z, rs)
 
 
-def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
-    """Downward pass, shallowest first; returns every cluster's full belief."""
+def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> tuple[list, list]:
+    """Downward pass, shallowest first; returns every cluster's full belief and
+    the message each got from its parent (``(n_k, *shape)`` with 1 off its
+    separator's axes)."""
     jt = plan.junction
     # Each cluster gets one message from its parent, on its separator's axes:
     # zeros of shape (n, 1, ..., 1) plus each message placed at its rows, which
@@ -996,10 +999,76 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> list:
             m = _expand(m, jt.shapes[e.child], e.child_sep)
             n_k = down[e.child].shape[0]
             down[e.child] = down[e.child] + _placed(m, e.child_rows, n_k)
-    return [
+    beliefs = [
         _with_children(p, f, c) + dn
         for p, f, c, dn in zip(psi, up.fin, up.cnt, down, strict=True)
     ]
+    return beliefs, down
+
+
+def _unary_on(s: _Setup, terms, shape: tuple[int, ...], n: int) -> Array:
+    """``(n, *shape)``: the sum of the unary ``terms`` ``(position, var_ids)``,
+    each on its axis of ``shape``."""
+    acc = jnp.zeros((n,) + (1,) * len(shape), s.unary.dtype)
+    for pos, var_ids in terms:
+        card = shape[pos]
+        out = [n] + [1] * len(shape)
+        out[pos + 1] = card
+        acc = acc + jnp.reshape(s.unary[var_ids, :card], out)
+    return acc
+
+
+def _keyed_marginals(
+    plan: FlatPlan, keyed: Mapping, s: _Setup, up: _JunctionUp, down: list, t
+) -> dict:
+    """Every axis's log (max-)marginal at the keyed leaves, unnormalised and
+    near 0: ``(class, axis) -> (n_k, card)``, from their blocks, without their
+    beliefs (:class:`_KeyedEdge`).
+
+    A keyed leaf's belief is ``b(s, e) = D(s) + U_S(s) + R[key(s), e]``, with
+    ``D`` its parent's message. Reduced over ``E`` it is ``D + m``, ``m`` its
+    own (shifted) upward message: the separator axes' marginals. Over ``S`` it
+    is ``Dk[k] + R[k, e]`` reduced over the blocks ``k``, where ``Dk[k]``
+    reduces ``D + U_S`` over the separator states of block ``k``: the other
+    axes' marginals. ``R`` is taken less the shift of its message, so both
+    sit near 0 (a float32 belief at a level of 1e4 reduced and shifted after
+    would be rounded at that level).
+    """
+    jt = plan.junction
+    parts: dict = {}
+    for (d, e_i), ke in keyed.items():
+        e = jt.steps[d][e_i]
+        k, r = e.child, e.child_rows
+        n_e, n_s = ke.sep_key.shape
+        ns, ne = len(ke.s_shape), len(ke.e_shape)
+        dn = jnp.reshape(_take(down[k], r), (n_e,) + ke.s_shape)
+        b_s = dn + up.msgs[(d, e_i)]  # (n_e, *S)
+        cs = e.child_sep
+        rest = tuple(a for a in range(len(jt.shapes[k])) if a not in cs)
+        for j, axis in enumerate(cs):
+            other = tuple(i + 1 for i in range(ns) if i != j)
+            parts.setdefault((k, axis), []).append((_reduce(b_s, other, t), r))
+        if not rest:
+            continue
+        blocks, shift = up.keyed[(d, e_i)]
+        nk = blocks.shape[1]
+        b2 = jnp.reshape(dn + _unary_on(s, ke.unary_s, ke.s_shape, n_e), (n_e, n_s))
+        member = ke.sep_key[:, None, :] == np.arange(nk)[None, :, None]
+        dk = _reduce(jnp.where(member, b2[:, None, :], -jnp.inf), (2,), t)
+        safe = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        b_e = (dk - safe[:, None]).reshape((n_e, nk) + (1,) * ne) + blocks
+        for j, axis in enumerate(rest):
+            other = (1,) + tuple(i + 2 for i in range(ne) if i != j)
+            parts.setdefault((k, axis), []).append((_reduce(b_e, other, t), r))
+    out = {}
+    for (k, axis), got in parts.items():
+        n = jt.sizes[k]
+        acc = None
+        for m, r in got:
+            placed = _placed(m, r, n)
+            acc = placed if acc is None else acc + placed
+        out[(k, axis)] = acc
+    return out
 
 
 def _reduce_shifted(x: Array, axes: tuple[int, ...], t) -> Array:
@@ -1060,7 +1129,12 @@ def _readable_at_roots(plan: FlatPlan) -> np.ndarray:
 
 
 def _junction_marginals(
-    plan: FlatPlan, beliefs: list, t, dtype, homes: tuple | None = None
+    plan: FlatPlan,
+    beliefs: list,
+    t,
+    dtype,
+    homes: tuple | None = None,
+    keyed: Mapping | None = None,
 ) -> Array:
     """Every variable's normalised log (max-)marginal, read at its home cluster.
 
@@ -1069,12 +1143,19 @@ def _junction_marginals(
     belief's max (:func:`_reduce_shifted`: a belief may sit far from 0, where
     ``x - logsumexp(x)`` would cancel), then the small result is reduced to
     each variable. ``reduce_T`` over a union of axes is the reduction over each
-    in turn.
+    in turn. The keyed leaves' marginals come from ``keyed``
+    (:func:`_keyed_marginals`).
     """
     jt = plan.junction
     out = jnp.full((plan.n_vars, plan.kmax), -jnp.inf, dtype)
     shared: dict[tuple[int, bytes], list] = {}
     for k, axis, var_ids, rows, _ in jt.home if homes is None else homes:
+        if keyed and (k, axis) in keyed:
+            m = _take(keyed[(k, axis)], rows)
+            norm = _reduce(m, (1,), t)
+            m = m - jnp.where(jnp.isfinite(norm), norm, 0.0)[:, None]
+            out = _set_rows(out, var_ids, _pad(m, plan.kmax, -jnp.inf))
+            continue
         shared.setdefault((k, rows.tobytes()), []).append((axis, var_ids, rows))
     for (k, _), entries in shared.items():
         rows = entries[0][2]
@@ -1126,7 +1207,7 @@ def _junction_map(
             sep = jnp.asarray(e.sep_of_parent)[_take(assign[e.parent], e.parent_rows)]
             r = e.child_rows
             if keyed and (d, e_i) in keyed:
-                blocks = up.keyed[(d, e_i)]
+                blocks = up.keyed[(d, e_i)][0]
                 best = _argmax_last(jnp.reshape(blocks, blocks.shape[:2] + (-1,)))
                 key = jnp.take_along_axis(
                     jnp.asarray(keyed[(d, e_i)].sep_key), sep[:, None], axis=1
@@ -1162,7 +1243,7 @@ def _run_junction(
 ) -> FlatResult:
     edges: dict = {}
     skip: frozenset = frozenset()
-    if keyed is not None and at_roots:  # no downward pass reads a leaf's belief
+    if keyed is not None:
         plan, edges, skip = keyed
     psi, offset = _cluster_potentials(plan, s, dtype, skip)
     up = _junction_up(plan, psi, t, offset, s, edges, count=not at_roots)
@@ -1172,7 +1253,9 @@ def _run_junction(
         ]
         margs = _junction_marginals(plan, beliefs, t, dtype, _root_homes(plan))
     else:
-        margs = _junction_marginals(plan, _junction_down(plan, psi, up, t), t, dtype)
+        beliefs, down = _junction_down(plan, psi, up, t)
+        by_leaf = _keyed_marginals(plan, edges, s, up, down, t) if edges else None
+        margs = _junction_marginals(plan, beliefs, t, dtype, keyed=by_leaf)
     if want_map:
         max_up = (
             up
@@ -1316,15 +1399,24 @@ def _at_roots(plan: FlatPlan, want: np.ndarray | None) -> bool:
     return want is not None and bool(np.isin(want, _readable_at_roots(plan)).all())
 
 
-def runs_keyed(plan: FlatPlan, marginals: bool | Sequence[int]) -> bool:
-    """Whether :func:`run_flat_plan` with these ``marginals`` reads keyed leaf
-    tables when given ``table_keys``: a junction tree with no downward pass."""
-    if not KEYED_LEAVES or plan.kind != "exact" or marginals is True:
-        return False
-    if not _keyed_candidates(plan.junction):
-        return False
-    want = np.asarray([] if marginals is False else list(marginals), np.int64)
-    return _at_roots(plan, want)
+def runs_keyed(plan: FlatPlan) -> bool:
+    """Whether :func:`run_flat_plan` may key leaves given ``table_keys``: a
+    junction tree with leaf clusters big enough (:data:`KEYED_MIN_STATES`)."""
+    return (
+        KEYED_LEAVES and plan.kind == "exact" and bool(_keyed_candidates(plan.junction))
+    )
+
+
+def dense_reads_evidence(plan: FlatPlan, table_keys: Sequence[np.ndarray]) -> bool:
+    """Whether a cluster that is not a keyed leaf adds an evidence-dependent
+    table whole (then a template match restored by selects would be read
+    whole, see ``gemm.dedupe_constant_gemms(rows=True)``)."""
+    keyed = _keyed_plan(plan, table_keys) if runs_keyed(plan) else None
+    jt = plan.junction if keyed is None else keyed.plan.junction
+    skip = frozenset() if keyed is None else keyed.classes
+    return any(
+        k not in skip and plan.n_static[c] < len(plan.pairs[c]) for k, c, *_ in jt.moves
+    )
 
 
 def run_flat_plan(
@@ -1354,12 +1446,12 @@ def run_flat_plan(
             root cluster) the upward pass alone gives them, exactly, and the
             downward pass is not run. ``False``: every row ``NaN`` (XLA drops
             the downward pass when its result is not used).
-        table_keys: Junction trees, when no downward pass is run: per pair
-            class, ``(n_c, *cards)`` static equality keys of its tables
-            (entries with equal keys are equal,
+        table_keys: Junction trees: per pair class, ``(n_c, *cards)`` static
+            equality keys of its tables (entries with equal keys are equal,
             :func:`pgm_drm.graph.keys.equality_keys`). Leaf clusters then send
-            their messages from their distinct blocks only (:class:`_KeyedEdge`):
-            a DRM's leaf reduces about 16 blocks, not 96 separator states.
+            their messages, and give their marginals, from their distinct
+            blocks only (:class:`_KeyedEdge`, :func:`_keyed_marginals`): a DRM
+            patch reduces 2 blocks of 8 states, not 96 separator states.
 
     Returns:
         :class:`FlatResult`. Tree and junction-tree ("exact") plans are exact;
@@ -1384,7 +1476,7 @@ def run_flat_plan(
         out = _run_tree(plan, s, t, want_map, dtype, at_roots)
     elif plan.kind == "exact":
         keyed = None
-        if table_keys is not None and runs_keyed(plan, marginals):
+        if table_keys is not None and runs_keyed(plan):
             keyed = _keyed_plan(plan, table_keys)
         out = _run_junction(plan, s, t, want_map, dtype, at_roots, keyed)
     else:

@@ -240,8 +240,9 @@ def _keyed_model(seed: int, hard: bool):
 def test_keyed_leaves_equal_the_dense_kernel_and_brute_force(seed, t, hard):
     """Leaf messages from keyed tables (flat._KeyedEdge) against the same plan
     run densely (flat.KEYED_LEAVES off) and brute force: log Z, the marginals
-    read at the roots and the joint MAP (float64; both kernels sum the same
-    terms, so 1e-8)."""
+    read at the roots, every marginal (the keyed leaves' from their blocks,
+    flat._keyed_marginals) and the joint MAP (float64; both kernels sum the
+    same terms, so 1e-8)."""
     from pgm_drm.inference.api import _table_keys
 
     model, kwargs = _keyed_model(seed, hard)
@@ -255,26 +256,32 @@ def test_keyed_leaves_equal_the_dense_kernel_and_brute_force(seed, t, hard):
         for g in fg.variable_groups
         if set(range(g.offset, g.offset + g.size)) <= at_roots
     ]
-    runs = {}
-    for on in (True, False):
-        flat.KEYED_LEAVES = on
-        try:
-            fg_on = compile_model(model, **kwargs)
-            runs[on] = infer(fg_on, temperature=t, marginals=sites or False)
-        finally:
-            flat.KEYED_LEAVES = True
-    got, want = runs[True], runs[False]
-    np.testing.assert_allclose(got.log_z, want.log_z, atol=ATOL)
-    for site in sites:
-        np.testing.assert_allclose(
-            got.log_marginals[site], want.log_marginals[site], atol=ATOL
-        )
     ref = brute_force(model, temperature=t, **kwargs)
-    np.testing.assert_allclose(got.log_z, ref.log_z, atol=1e-6)
-    if t == 0.0:  # the same joint MAP (random means and tables do not tie)
-        for site in want.map:
-            np.testing.assert_array_equal(got.map[site], want.map[site])
-            np.testing.assert_array_equal(got.map[site], ref.map[site])
+    # At the roots alone (no downward pass), then every marginal.
+    for marginals in (sites or False, True):
+        runs = {}
+        for on in (True, False):
+            flat.KEYED_LEAVES = on
+            try:
+                fg_on = compile_model(model, **kwargs)
+                runs[on] = infer(fg_on, temperature=t, marginals=marginals)
+            finally:
+                flat.KEYED_LEAVES = True
+        got, want = runs[True], runs[False]
+        np.testing.assert_allclose(got.log_z, want.log_z, atol=ATOL)
+        assert list(got.log_marginals) == list(want.log_marginals)
+        for site in want.log_marginals:
+            np.testing.assert_allclose(
+                got.log_marginals[site], want.log_marginals[site], atol=ATOL
+            )
+            np.testing.assert_allclose(
+                got.log_marginals[site], ref.log_marginals[site], atol=1e-6
+            )
+        np.testing.assert_allclose(got.log_z, ref.log_z, atol=1e-6)
+        if t == 0.0:  # the same joint MAP (random means and tables do not tie)
+            for site in want.map:
+                np.testing.assert_array_equal(got.map[site], want.map[site])
+                np.testing.assert_array_equal(got.map[site], ref.map[site])
 
 
 @pytest.mark.parametrize("t", [0.0, 0.4, 1.0])
