@@ -115,11 +115,10 @@ def _expand(out, axis: int, source: list[int]):
     return acc
 
 
-def _factored_dot(lhs, rhs, params: dict):
-    """``lax.dot_general(lhs, rhs, **params)`` with each free axis of its known
-    operand cut to that axis's distinct non-zero slices (:func:`axis_recipe`),
-    the result's axes restored by :func:`_expand`; ``None`` when the rewrite does
-    not apply or would save less than ``1 - MAX_KEPT_FRACTION`` of the work."""
+def _sides(lhs, rhs, params: dict):
+    """A product's known operand and the other, with their dims: ``(side,
+    const, other, contract, batch, other_contract, other_batch)`` (``side`` 1:
+    the known operand is ``rhs``), or ``None`` unless exactly one is known."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     if _known(lhs) == _known(rhs):
         return None
@@ -127,7 +126,20 @@ def _factored_dot(lhs, rhs, params: dict):
     const = np.asarray(rhs if side else lhs)
     other = lhs if side else rhs
     contract, batch = (rc, rb) if side else (lc, lb)
-    other_contract, other_batch = (lc, lb) if side else (rc, rb)
+    o_contract, o_batch = (lc, lb) if side else (rc, rb)
+    return side, const, other, contract, batch, o_contract, o_batch
+
+
+def _factored_dot(lhs, rhs, params: dict):
+    """``lax.dot_general(lhs, rhs, **params)`` with each free axis of its known
+    operand cut to that axis's distinct non-zero slices (:func:`axis_recipe`),
+    the result's axes restored by :func:`_expand`; ``None`` when the rewrite does
+    not apply or would save less than ``1 - MAX_KEPT_FRACTION`` of the work."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    got = _sides(lhs, rhs, params)
+    if got is None:
+        return None
+    side, const, other, contract, batch, other_contract, other_batch = got
     free = [d for d in range(const.ndim) if d not in contract and d not in batch]
     n_other_free = other.ndim - len(other_contract) - len(other_batch)
     recipes = []
@@ -194,13 +206,10 @@ def _row_dot(lhs, rhs, params: dict):
     is the same inner product of the same two vectors, or an exact zero.
     ``None`` when the rewrite does not apply or saves too little."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
-    if _known(lhs) == _known(rhs):
+    got = _sides(lhs, rhs, params)
+    if got is None:
         return None
-    side = 1 if _known(rhs) else 0
-    const = np.asarray(rhs if side else lhs)
-    other = lhs if side else rhs
-    contract, batch = (rc, rb) if side else (lc, lb)
-    o_contract, o_batch = (lc, lb) if side else (rc, rb)
+    side, const, other, contract, batch, o_contract, o_batch = got
     free = [d for d in range(const.ndim) if d not in contract and d not in batch]
     if not free:
         return None

@@ -39,6 +39,8 @@ import numpy as np
 from jax._src import core
 from jax.extend.core import Literal
 
+from pgm_drm.graph.slices import _np_broadcast_in_dim, _np_reshape, _np_slice
+
 __all__ = ["MAX_EQNS", "MAX_KEYS", "equality_keys", "value_keys"]
 
 #: Programs with more equations than this (calls included) are not read: keys
@@ -164,37 +166,17 @@ def _reduce_keys(k: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return _rows(m).reshape(shape)
 
 
-def _broadcast_in_dim(k: np.ndarray, shape, dims) -> np.ndarray:
-    src = [1] * len(shape)
-    for i, d in enumerate(dims):
-        src[d] = k.shape[i]
-    return np.broadcast_to(k.reshape(src), shape)
-
-
-def _move(name: str, k: np.ndarray, params: dict) -> np.ndarray | None:
-    """Data movement applied to keys; ``None`` when not handled."""
-    if name == "reshape" and params.get("dimensions") is None:
-        return k.reshape(params["new_sizes"])
-    if name == "transpose":
-        return np.transpose(k, params["permutation"])
-    if name == "squeeze":
-        return np.squeeze(k, tuple(params["dimensions"]))
-    if name == "expand_dims":
-        return np.expand_dims(k, tuple(params["dimensions"]))
-    if name == "broadcast_in_dim":
-        return _broadcast_in_dim(k, params["shape"], params["broadcast_dimensions"])
-    if name == "rev":
-        return np.flip(k, tuple(params["dimensions"]))
-    if name == "slice":
-        strides = params.get("strides") or (1,) * k.ndim
-        idx = tuple(
-            slice(s, e, st)
-            for s, e, st in zip(
-                params["start_indices"], params["limit_indices"], strides, strict=True
-            )
-        )
-        return k[idx]
-    return None
+#: Data movement, applied to keys as to data (numpy twins shared with
+#: :mod:`pgm_drm.graph.slices`); a rule returning ``None`` claims nothing.
+_MOVES = {
+    "reshape": _np_reshape,
+    "broadcast_in_dim": _np_broadcast_in_dim,
+    "slice": _np_slice,
+    "squeeze": lambda ins, p, aval: ins[0].reshape(aval.shape),
+    "expand_dims": lambda ins, p, aval: ins[0].reshape(aval.shape),
+    "transpose": lambda ins, p, aval: np.transpose(ins[0], p["permutation"]),
+    "rev": lambda ins, p, aval: np.flip(ins[0], tuple(p["dimensions"])),
+}
 
 
 def _keys_of(eqn, invals: list) -> list:
@@ -234,8 +216,8 @@ def _keys_of(eqn, invals: list) -> list:
         got = np.concatenate(parts, axis=eqn.params["dimension"])
     elif name == "optimization_barrier":
         return list(invals)
-    elif len(invals) == 1:
-        got = _move(name, _as_keys(invals[0]), eqn.params)
+    elif name in _MOVES and len(invals) == 1:
+        got = _MOVES[name]([_as_keys(invals[0])], eqn.params, outs[0].aval)
     if got is None:
         return [_distinct(v.aval) for v in outs]
     return [_Keys(np.asarray(got, np.int64))]

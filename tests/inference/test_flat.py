@@ -284,6 +284,26 @@ def test_keyed_leaves_equal_the_dense_kernel_and_brute_force(seed, t, hard):
                 np.testing.assert_array_equal(got.map[site], ref.map[site])
 
 
+@pytest.mark.parametrize("t", [0.0, 1.0])
+def test_keyed_messages_by_gather_equal_those_by_selects(monkeypatch, t):
+    """Past ``KEYED_SELECTS`` blocks a keyed leaf picks each separator state's
+    value by one gather instead of a chain of selects: the same numbers."""
+    model, kwargs = _keyed_model(7, hard=True)
+    runs = []
+    for selects in (flat.KEYED_SELECTS, 0):
+        monkeypatch.setattr(flat, "KEYED_SELECTS", selects)
+        fg = compile_model(model, **kwargs)
+        runs.append(infer(fg, temperature=t))
+    (a, b), ref = runs, brute_force(model, temperature=t, **kwargs)
+    np.testing.assert_allclose(a.log_z, b.log_z, atol=ATOL)
+    np.testing.assert_allclose(b.log_z, ref.log_z, atol=1e-6)
+    for site in ref.log_marginals:
+        np.testing.assert_allclose(
+            a.log_marginals[site], b.log_marginals[site], atol=ATOL
+        )
+        np.testing.assert_array_equal(a.map[site], b.map[site])
+
+
 @pytest.mark.parametrize("t", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("level", [0.0, 1e2, 1e4, 1e5])
 def test_belief_reduction_is_shifted_at_any_level(t, level):
