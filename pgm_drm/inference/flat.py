@@ -973,16 +973,20 @@ def _junction_up(
     return _JunctionUp(fin, cnt, msgs, log_z, rs)
 
 
-def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> tuple[list, list]:
+def _junction_down(
+    plan: FlatPlan, psi: list, up: _JunctionUp, t, keyed: frozenset = frozenset()
+) -> tuple[list, dict]:
     """Downward pass, shallowest first; returns every cluster's full belief and
-    the message each got from its parent (``(n_k, *shape)`` with 1 off its
-    separator's axes)."""
+    the messages to the keyed leaves (classes ``keyed``), by edge batch
+    ``(n_e, *shape)`` with 1 off the separator's axes, which are not placed in
+    their classes (only :func:`_keyed_marginals` reads them)."""
     jt = plan.junction
     # Each cluster gets one message from its parent, on its separator's axes:
     # zeros of shape (n, 1, ..., 1) plus each message placed at its rows, which
     # broadcasts only as far as the separators reach (a DRM's leaf messages stay
     # (n, sep, 1, 1), not written out over the whole cluster).
     down = [jnp.zeros((p.shape[0],) + (1,) * (p.ndim - 1), p.dtype) for p in psi]
+    to_leaves: dict = {}
     for d in range(jt.depth):
         for e_i, e in enumerate(jt.steps[d]):
             r = e.parent_rows
@@ -997,13 +1001,16 @@ def _junction_down(plan: FlatPlan, psi: list, up: _JunctionUp, t) -> tuple[list,
             m = _reduce(x, axes, t)
             m, _ = _shift_message(m, tuple(range(1, len(e.parent_sep) + 1)))
             m = _expand(m, jt.shapes[e.child], e.child_sep)
+            if e.child in keyed:
+                to_leaves[(d, e_i)] = m
+                continue
             n_k = down[e.child].shape[0]
             down[e.child] = down[e.child] + _placed(m, e.child_rows, n_k)
     beliefs = [
         _with_children(p, f, c) + dn
         for p, f, c, dn in zip(psi, up.fin, up.cnt, down, strict=True)
     ]
-    return beliefs, down
+    return beliefs, to_leaves
 
 
 def _unary_on(s: _Setup, terms, shape: tuple[int, ...], n: int) -> Array:
@@ -1019,7 +1026,7 @@ def _unary_on(s: _Setup, terms, shape: tuple[int, ...], n: int) -> Array:
 
 
 def _keyed_marginals(
-    plan: FlatPlan, keyed: Mapping, s: _Setup, up: _JunctionUp, down: list, t
+    plan: FlatPlan, keyed: Mapping, s: _Setup, up: _JunctionUp, down: Mapping, t
 ) -> dict:
     """Every axis's log (max-)marginal at the keyed leaves, unnormalised and
     near 0: ``(class, axis) -> (n_k, card)``, from their blocks, without their
@@ -1032,7 +1039,8 @@ def _keyed_marginals(
     reduces ``D + U_S`` over the separator states of block ``k``: the other
     axes' marginals. ``R`` is taken less the shift of its message, so both
     sit near 0 (a float32 belief at a level of 1e4 reduced and shifted after
-    would be rounded at that level).
+    would be rounded at that level). ``down``: the messages to the keyed leaves
+    by edge batch (:func:`_junction_down`).
     """
     jt = plan.junction
     parts: dict = {}
@@ -1041,7 +1049,7 @@ def _keyed_marginals(
         k, r = e.child, e.child_rows
         n_e, n_s = ke.sep_key.shape
         ns, ne = len(ke.s_shape), len(ke.e_shape)
-        dn = jnp.reshape(_take(down[k], r), (n_e,) + ke.s_shape)
+        dn = jnp.reshape(down[(d, e_i)], (n_e,) + ke.s_shape)
         b_s = dn + up.msgs[(d, e_i)]  # (n_e, *S)
         cs = e.child_sep
         rest = tuple(a for a in range(len(jt.shapes[k])) if a not in cs)
@@ -1253,7 +1261,7 @@ def _run_junction(
         ]
         margs = _junction_marginals(plan, beliefs, t, dtype, _root_homes(plan))
     else:
-        beliefs, down = _junction_down(plan, psi, up, t)
+        beliefs, down = _junction_down(plan, psi, up, t, skip)
         by_leaf = _keyed_marginals(plan, edges, s, up, down, t) if edges else None
         margs = _junction_marginals(plan, beliefs, t, dtype, keyed=by_leaf)
     if want_map:
