@@ -202,8 +202,9 @@ def _row_dot(lhs, rhs, params: dict):
     patch of 768 states, where the free axes one by one kept 64). The product
     runs over those; the result's free dims are restored by a chain of selects
     on a static source map (elementwise: fused into the consumers, a gather of
-    a keyed leaf included). The same numbers as the plain product: every entry
-    is the same inner product of the same two vectors, or an exact zero.
+    a keyed leaf included). Equal to the plain product up to the rounding of
+    its own blocking (a few ulp: a narrower product may sum an entry's terms in
+    another order), or an exact zero.
     ``None`` when the rewrite does not apply or saves too little."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     got = _sides(lhs, rhs, params)

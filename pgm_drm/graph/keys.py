@@ -19,9 +19,9 @@ The reading is an abstract interpretation of the jaxpr, sound by construction:
 - data movement (reshape, transpose, broadcast, slice, concatenate, ...) moves
   the keys as it moves the data;
 - a reduction keys each result by the sequence of keys it reduces;
-- ``dot_general`` keys each result by the two key sequences it contracts, with a
-  constant operand's ``-0.0`` read as ``0.0`` (a product with it differs at most
-  in the sign of a zero; see :mod:`pgm_drm.graph.gemm`);
+- ``dot_general`` keys each result by the two key sequences it contracts (a
+  constant's by their exact bytes: ``-0.0`` is not ``0.0``, whose products may
+  differ in the sign of a zero, which ``1 / x`` tells apart);
 - any other equation, or one whose keys would pass :data:`MAX_KEYS` entries, gives
   every entry of its result a distinct key (nothing is claimed).
 
@@ -136,12 +136,10 @@ def _as_keys(x) -> np.ndarray:
 
 
 def _row_operand(x) -> np.ndarray:
-    """A product's operand as rows to compare: keys, or a constant's values
-    with ``-0.0`` read as ``0.0``."""
-    if isinstance(x, _Keys):
-        return x.k
-    x = np.asarray(x)
-    return x + x.dtype.type(0) if np.issubdtype(x.dtype, np.floating) else x
+    """A product's operand as rows to compare: keys, or a constant's values by
+    their exact bytes (``-0.0`` apart from ``0.0``: a product with one may
+    differ in the sign of a zero, which ``1 / x`` tells apart)."""
+    return x.k if isinstance(x, _Keys) else np.asarray(x)
 
 
 def _dot_keys(lhs, rhs, params: dict, out_shape) -> np.ndarray:
@@ -179,6 +177,14 @@ _MOVES = {
 }
 
 
+def _concrete(x, aval):
+    """A known value as numpy; one numpy cannot hold (a PRNG key) is free."""
+    try:
+        return np.asarray(x)
+    except TypeError:
+        return _distinct(aval)
+
+
 def _keys_of(eqn, invals: list) -> list:
     """One equation's outputs: concrete values or :class:`_Keys`."""
     name = eqn.primitive.name
@@ -187,7 +193,7 @@ def _keys_of(eqn, invals: list) -> list:
         bind_params = eqn.primitive.get_bind_params(eqn.params)
         ans = eqn.primitive.bind(*invals, **bind_params)
         ans = ans if eqn.primitive.multiple_results else [ans]
-        return [np.asarray(a) for a in ans]
+        return [_concrete(a, v.aval) for a, v in zip(ans, outs, strict=True)]
     if name in _CALLS and _CALLS[name] in eqn.params:
         inner = eqn.params[_CALLS[name]]
         closed = inner if hasattr(inner, "consts") else core.ClosedJaxpr(inner, ())
@@ -242,7 +248,9 @@ def _interpret(jaxpr: core.Jaxpr, consts, args) -> list:
 
     for v, c in zip(jaxpr.constvars, consts, strict=True):
         # A value closed over from an enclosing trace is free, like an input.
-        env[v] = _distinct(v.aval) if isinstance(c, core.Tracer) else np.asarray(c)
+        env[v] = (
+            _distinct(v.aval) if isinstance(c, core.Tracer) else _concrete(c, v.aval)
+        )
     for v, a in zip(jaxpr.invars, args, strict=True):
         env[v] = a
     for eqn in jaxpr.eqns:

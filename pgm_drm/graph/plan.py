@@ -379,7 +379,7 @@ def _breadth_first(parent: np.ndarray, key: np.ndarray | None = None) -> list[in
     return out
 
 
-def _split_hubs(bags, factors, edges, home, cards):
+def _split_hubs(bags, factors, edges, home, cards, scope_of=None):
     """Each cluster whose separators span at most half of its states becomes a
     *hub* over their union, with the cluster hung from it as a leaf (its factors
     stay with it; a variable of the hub is homed there, the smallest cluster
@@ -392,6 +392,10 @@ def _split_hubs(bags, factors, edges, home, cards):
     ``(c, g3, g2, a2)`` and a leaf, so every patch is a leaf (whose message keyed
     tables compute from its few distinct blocks, ``pgm_drm.inference.flat``) and
     no cluster of 768 states is reduced whole.
+
+    ``scope_of(f)``: factor ``f``'s variables; a factor within the hub moves
+    to it (a leaf that keeps only what reaches its own axes has fewer distinct
+    blocks over its separator).
 
     Returns:
         ``(bags, factors, edges, home, key)``: ``key[b]`` the cluster a new hub
@@ -416,7 +420,12 @@ def _split_hubs(bags, factors, edges, home, cards):
             continue
         u = len(bags)
         bags.append(tuple(span))
-        factors.append(())
+        inside = set(span)
+        up = tuple(
+            f for f in factors[b] if scope_of is not None and set(scope_of(f)) <= inside
+        )
+        factors.append(up)
+        factors[b] = tuple(f for f in factors[b] if f not in up)
         origin.append(b)
         edges = [(u if i == b else i, u if j == b else j) for i, j in edges] + [(b, u)]
         nbrs = {}
@@ -434,8 +443,15 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
     (hubs split off, :func:`_split_hubs`)."""
     sched = fg.schedule("exact")
     cards = fg.cardinalities
+    flat_start = np.cumsum([0] + [g.size for g in fg.factor_groups])
+    group_of = np.searchsorted(flat_start, np.arange(flat_start[-1]), side="right") - 1
+
+    def scope_of(f: int):
+        gk = int(group_of[f])
+        return fg.factor_groups[gk].scope[f - int(flat_start[gk])]
+
     bags, factors, edges, homes, origin = _split_hubs(
-        sched.clusters, sched.factors, sched.edges, sched.home, cards
+        sched.clusters, sched.factors, sched.edges, sched.home, cards, scope_of
     )
     nb = len(bags)
     parent, depth = _centre_rooting(nb, edges)
@@ -488,14 +504,12 @@ def _junction_tree(fg: FactorGraph, pairs, pair_scope) -> JunctionTree:
         )
 
     # Pair-factor instances, by the schedule's assignment of flat factor ids.
-    flat_start = np.cumsum([0] + [g.size for g in fg.factor_groups])
     where: dict[int, tuple[int, int]] = {}  # group -> (pair class, first index)
     for c, members in enumerate(pairs):
         start = 0
         for k in members:
             where[k] = (c, start)
             start += fg.factor_groups[k].size
-    group_of = np.searchsorted(flat_start, np.arange(flat_start[-1]), side="right") - 1
     moves: dict[tuple, tuple[list, list]] = {}
     for b, fids in enumerate(factors):
         bag = bags[b]

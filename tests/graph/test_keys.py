@@ -154,3 +154,24 @@ def test_drm_leaf_tables_have_one_key_per_distinct_value():
             for row in range(key.shape[0]):
                 # The 768 states of a leaf take a handful of values: all found.
                 assert len(np.unique(key[row])) == len(np.unique(table[row])) < 20
+
+
+def test_a_product_with_signed_zero_columns_keeps_them_apart():
+    # (found by review) 1 / (x @ c) is +inf or -inf by the sign of c's zero.
+    c = np.array([[0.0, -0.0, 0.0]])
+
+    def f(x):
+        return 1.0 / ((jnp.abs(x) + 1.0) @ c)
+
+    keys = equality_keys(f, jax.ShapeDtypeStruct((1, 1), jnp.float64))
+    assert keys[0, 0] == keys[0, 2] != keys[0, 1]
+    _assert_sound(keys, f(jnp.array([[0.5]])))
+
+
+def test_constant_prng_keys_are_free_not_an_error():
+    # (found by review) numpy cannot hold a PRNG key: its entries claim nothing.
+    def f(x):
+        return x + jax.random.normal(jax.random.PRNGKey(0), (3,))
+
+    keys = equality_keys(f, jax.ShapeDtypeStruct((3,), jnp.float64))
+    assert len(np.unique(keys)) == 3

@@ -78,10 +78,13 @@ def test_a_tree_plan_on_a_loopy_graph_names_a_cycle():
     assert infer(fg, "sum").schedule == "exact"
 
 
-def _assert_junction_tree(jt, n_vars: int) -> None:
+def _assert_junction_tree(plan) -> None:
     """Running intersection: the clusters holding each variable are connected
-    by edges whose separators hold it too."""
+    by edges whose separators hold it too; every pair factor sits in a cluster
+    that holds its scope (a hub split off takes the factors within it)."""
     import networkx as nx
+
+    jt, n_vars = plan.junction, plan.n_vars
 
     at = {
         (int(k), int(r)): i
@@ -98,6 +101,10 @@ def _assert_junction_tree(jt, n_vars: int) -> None:
         holding = [i for i, bag in enumerate(jt.clusters) if v in bag]
         assert holding
         assert nx.is_connected(g.subgraph(holding))
+    for k, c, _, _, inst, rows in jt.moves:
+        for i, r in zip(inst, rows, strict=True):
+            bag = set(jt.clusters[at[(k, int(r))]])
+            assert set(plan.pair_scope[c][i].tolist()) <= bag
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -105,7 +112,7 @@ def test_split_hubs_keep_a_junction_tree(seed):
     model, kwargs = random_factor_model(seed, n_vars=7, kind="loopy")
     fg = compile_model(model, **kwargs)
     plan = make_flat_plan(fg, "exact")
-    _assert_junction_tree(plan.junction, plan.n_vars)
+    _assert_junction_tree(plan)
 
 
 def test_a_drm_patch_cluster_is_split_into_a_hub_and_a_leaf():
@@ -121,7 +128,7 @@ def test_a_drm_patch_cluster_is_split_into_a_hub_and_a_leaf():
     fg = compile_model(drm.model, image=images[0])
     plan = make_flat_plan(fg, "exact")
     jt = plan.junction
-    _assert_junction_tree(jt, plan.n_vars)
+    _assert_junction_tree(plan)
     big = [k for k, sh in enumerate(jt.shapes) if int(np.prod(sh)) == 768]
     assert len(big) == 1 and jt.sizes[big[0]] == 16
     ((root_class, rows),) = jt.roots
