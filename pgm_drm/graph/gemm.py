@@ -34,7 +34,7 @@ from jax import lax
 from jax._src import core, source_info_util
 from jax.extend.core import Literal
 
-__all__ = ["axis_recipe", "count_factored", "dedupe_constant_gemms"]
+__all__ = ["axis_recipe", "call_body", "count_factored", "dedupe_constant_gemms"]
 
 #: Off: :func:`pgm_drm.inference.infer` runs its programs as traced (an A/B switch
 #: for benchmarks; the results are the same either way).
@@ -70,26 +70,42 @@ def axis_recipe(const: np.ndarray, axis: int) -> tuple[list[int], list[int]] | N
     to slice ``keep[source[l]]``, or all zero where ``source[l] == -1``. ``None``
     when every slice is distinct and non-zero (nothing to save)."""
     k = const.shape[axis]
-    slices = np.moveaxis(const, axis, 0).reshape(k, -1)
-    rows = _canonical_rows(slices)
-    zero = ~np.any(slices != 0, axis=1)
-    seen: dict[bytes, int] = {}
-    keep: list[int] = []
-    source: list[int] = []
-    for pos in range(k):
-        if zero[pos]:
-            source.append(-1)
-            continue
-        b = rows[pos].tobytes()
-        if b not in seen:
-            seen[b] = len(keep)
-            keep.append(pos)
-        source.append(seen[b])
+    keep, source = _distinct_rows(np.moveaxis(const, axis, 0).reshape(k, -1))
     if len(keep) == k:
         return None
     if not keep:  # all zero: keep one slice so the product keeps its shape
         keep = [0]
+    return keep, source.tolist()
+
+
+def _distinct_rows(m: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """``(keep, source)`` of the 2-D ``m``'s rows: ``keep`` its distinct non-zero
+    rows (``-0.0`` read as ``0.0``), ``source[f]`` the index in ``keep`` of row
+    ``f`` (``-1``: all zero)."""
+    rows = _canonical_rows(m)
+    zero = ~np.any(m != 0, axis=1)
+    seen: dict[bytes, int] = {}
+    keep: list[int] = []
+    source = np.full(m.shape[0], -1, np.int64)
+    for f in range(m.shape[0]):
+        if zero[f]:
+            continue
+        b = rows[f].tobytes()
+        if b not in seen:
+            seen[b] = len(keep)
+            keep.append(f)
+        source[f] = seen[b]
     return keep, source
+
+
+def call_body(eqn, calls: dict | None = None) -> core.ClosedJaxpr | None:
+    """The body of a call equation (``jit``, ``closed_call``, ...; ``calls``:
+    primitive name -> its body's parameter), or ``None`` for any other."""
+    name = (calls or _CALLS).get(eqn.primitive.name)
+    if name is None or name not in eqn.params:
+        return None
+    inner = eqn.params[name]
+    return inner if hasattr(inner, "consts") else core.ClosedJaxpr(inner, ())
 
 
 def _expand(out, axis: int, source: list[int]):
@@ -174,25 +190,6 @@ def _factored_dot(lhs, rhs, params: dict):
 #: Row dedupe (:func:`_row_dot`) reads at most this many batch entries of the
 #: known operand on the host.
 MAX_ROW_BATCH = 4096
-
-
-def _distinct_rows(m: np.ndarray) -> tuple[list[int], np.ndarray]:
-    """``(keep, source)`` of the 2-D ``m``'s rows: ``keep`` its distinct non-zero
-    rows, ``source[f]`` the index in ``keep`` of row ``f`` (``-1``: all zero)."""
-    rows = _canonical_rows(m)
-    zero = ~np.any(m != 0, axis=1)
-    seen: dict[bytes, int] = {}
-    keep: list[int] = []
-    source = np.full(m.shape[0], -1, np.int64)
-    for f in range(m.shape[0]):
-        if zero[f]:
-            continue
-        b = rows[f].tobytes()
-        if b not in seen:
-            seen[b] = len(keep)
-            keep.append(f)
-        source[f] = seen[b]
-    return keep, source
 
 
 def _row_dot(lhs, rhs, params: dict):
@@ -284,10 +281,9 @@ def _eval(jaxpr: core.Jaxpr, consts, args, rows: bool = False) -> tuple[list, in
         invals = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
         ans = None
-        call = _CALLS.get(name) in eqn.params
+        closed = call_body(eqn)
+        call = closed is not None
         if call:
-            inner = eqn.params[_CALLS[name]]
-            closed = inner if hasattr(inner, "consts") else core.ClosedJaxpr(inner, ())
             ans, n = _eval(closed.jaxpr, closed.consts, invals, rows)
             rewritten += n
         elif name == "dot_general":

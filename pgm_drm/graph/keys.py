@@ -39,6 +39,7 @@ import numpy as np
 from jax._src import core
 from jax.extend.core import Literal
 
+from pgm_drm.graph.gemm import call_body
 from pgm_drm.graph.slices import _np_broadcast_in_dim, _np_reshape, _np_slice
 
 __all__ = ["MAX_EQNS", "MAX_KEYS", "equality_keys", "value_keys"]
@@ -88,9 +89,9 @@ def _compress(k: np.ndarray) -> np.ndarray:
     return inv.reshape(k.shape).astype(np.int64)
 
 
-def _value_ids(a: np.ndarray) -> np.ndarray:
-    """A constant's entries keyed by their exact bytes (``-0.0`` apart from
-    ``0.0``: ``1 / x`` tells them apart)."""
+def value_keys(a: np.ndarray) -> np.ndarray:
+    """A concrete array's equality keys: its entries keyed by their exact bytes
+    (``-0.0`` apart from ``0.0``: ``1 / x`` tells them apart)."""
     a = np.asarray(a)
     flat = np.ascontiguousarray(a).reshape(-1)
     size = flat.dtype.itemsize
@@ -99,11 +100,6 @@ def _value_ids(a: np.ndarray) -> np.ndarray:
     else:
         view = _rows(flat.view(np.uint8).reshape(flat.size, size))
     return _compress(view).reshape(a.shape)
-
-
-def value_keys(a: np.ndarray) -> np.ndarray:
-    """A concrete array's equality keys: its entries keyed by their exact bytes."""
-    return _value_ids(np.asarray(a))
 
 
 def _rows(m: np.ndarray) -> np.ndarray:
@@ -132,7 +128,7 @@ def _distinct(aval) -> _Keys:
 
 
 def _as_keys(x) -> np.ndarray:
-    return x.k if isinstance(x, _Keys) else _value_ids(np.asarray(x))
+    return x.k if isinstance(x, _Keys) else value_keys(np.asarray(x))
 
 
 def _row_operand(x) -> np.ndarray:
@@ -194,9 +190,8 @@ def _keys_of(eqn, invals: list) -> list:
         ans = eqn.primitive.bind(*invals, **bind_params)
         ans = ans if eqn.primitive.multiple_results else [ans]
         return [_concrete(a, v.aval) for a, v in zip(ans, outs, strict=True)]
-    if name in _CALLS and _CALLS[name] in eqn.params:
-        inner = eqn.params[_CALLS[name]]
-        closed = inner if hasattr(inner, "consts") else core.ClosedJaxpr(inner, ())
+    closed = call_body(eqn, _CALLS)
+    if closed is not None:
         return _interpret(closed.jaxpr, closed.consts, invals)
     shape = tuple(outs[0].aval.shape) if len(outs) == 1 else None
     if shape is not None and math.prod(shape) > MAX_KEYS:
@@ -233,10 +228,9 @@ def _count(jaxpr: core.Jaxpr) -> int:
     n = 0
     for eqn in jaxpr.eqns:
         n += 1
-        name = eqn.primitive.name
-        if name in _CALLS and _CALLS[name] in eqn.params:
-            inner = eqn.params[_CALLS[name]]
-            n += _count(inner.jaxpr if hasattr(inner, "consts") else inner)
+        closed = call_body(eqn, _CALLS)
+        if closed is not None:
+            n += _count(closed.jaxpr)
     return n
 
 

@@ -379,11 +379,13 @@ def _breadth_first(parent: np.ndarray, key: np.ndarray | None = None) -> list[in
     return out
 
 
-def _split_hubs(bags, factors, edges, home, cards, scope_of=None):
+def _split_hubs(bags, factors, edges, home, cards, scope_of):
     """Each cluster whose separators span at most half of its states becomes a
-    *hub* over their union, with the cluster hung from it as a leaf (its factors
-    stay with it; a variable of the hub is homed there, the smallest cluster
-    that holds it).
+    *hub* over their union, with the cluster hung from it as a leaf. The factors
+    within the hub (``scope_of(f)``: factor ``f``'s variables) move to it, the
+    others stay with the leaf, so the leaf keeps only what reaches its own axes
+    (fewer distinct blocks over its separator); a variable of the hub is homed
+    there, the smallest cluster that holds it.
 
     The tree is still a junction tree (a variable shared with any other cluster
     is in a separator, so in the hub), with the same factors. A DRM's junction
@@ -393,27 +395,23 @@ def _split_hubs(bags, factors, edges, home, cards, scope_of=None):
     tables compute from its few distinct blocks, ``pgm_drm.inference.flat``) and
     no cluster of 768 states is reduced whole.
 
-    ``scope_of(f)``: factor ``f``'s variables; a factor within the hub moves
-    to it (a leaf that keeps only what reaches its own axes has fewer distinct
-    blocks over its separator).
-
     Returns:
         ``(bags, factors, edges, home, key)``: ``key[b]`` the cluster a new hub
         was split from (its place among siblings), else ``b``.
     """
-    bags, factors, edges = list(bags), list(factors), list(edges)
+    bags, factors = list(bags), list(factors)
     home = np.asarray(home).copy()
-    nbrs: dict[int, list[int]] = {}
+    nbrs: dict[int, set[int]] = {b: set() for b in range(len(bags))}
     for i, j in edges:
-        nbrs.setdefault(i, []).append(j)
-        nbrs.setdefault(j, []).append(i)
+        nbrs[i].add(j)
+        nbrs[j].add(i)
     origin = list(range(len(bags)))
 
     def states(vs) -> int:
         return int(np.prod([int(cards[v]) for v in vs], dtype=np.int64))
 
     for b in range(len(bags)):
-        if len(nbrs.get(b, ())) < 2:
+        if len(nbrs[b]) < 2:
             continue
         span = sorted({v for n in nbrs[b] for v in set(bags[b]) & set(bags[n])})
         if 2 * states(span) > states(bags[b]):
@@ -421,20 +419,20 @@ def _split_hubs(bags, factors, edges, home, cards, scope_of=None):
         u = len(bags)
         bags.append(tuple(span))
         inside = set(span)
-        up = tuple(
-            f for f in factors[b] if scope_of is not None and set(scope_of(f)) <= inside
-        )
+        up = tuple(f for f in factors[b] if set(scope_of(f)) <= inside)
         factors.append(up)
         factors[b] = tuple(f for f in factors[b] if f not in up)
         origin.append(b)
-        edges = [(u if i == b else i, u if j == b else j) for i, j in edges] + [(b, u)]
-        nbrs = {}
-        for i, j in edges:
-            nbrs.setdefault(i, []).append(j)
-            nbrs.setdefault(j, []).append(i)
+        # u takes b's place among its neighbours; b hangs from u.
+        nbrs[u] = nbrs[b] | {b}
+        for n in nbrs[b]:
+            nbrs[n].discard(b)
+            nbrs[n].add(u)
+        nbrs[b] = {u}
         for v in span:  # each variable at its smallest cluster
             if states(span) < states(bags[home[v]]):
                 home[v] = u
+    edges = [(i, j) for i in sorted(nbrs) for j in sorted(nbrs[i]) if i < j]
     return bags, factors, edges, home, np.asarray(origin)
 
 

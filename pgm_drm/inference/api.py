@@ -127,8 +127,8 @@ def _evidence_dtype(arrays: Mapping[str, Any]):
 
 @functools.lru_cache(maxsize=256)
 def _float_result_type(dtypes: tuple):
-    """:func:`_evidence_dtype` of these dtypes (JAX's dtype rules take tens of
-    microseconds a call; a DRM call takes a few hundred)."""
+    """:func:`_evidence_dtype` of these dtypes (JAX's dtype rules take a few
+    microseconds a call, on a path that takes a few hundred)."""
     floats = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
     return jnp.result_type(*floats) if floats else None
 
@@ -158,7 +158,7 @@ def _to_compiled_dtypes(fg: FactorGraph, arrays: Mapping[str, Any]) -> dict:
                     f"with {x.dtype} evidence"
                 )
             x = x.astype(ref)
-        elif x.dtype != ref and not floats:  # integer, bool, or across kinds
+        elif not floats:  # integer, bool, or across kinds
             y = x.astype(ref)
             if not isinstance(x, jax.core.Tracer) and not np.array_equal(
                 np.asarray(y), np.asarray(x)
@@ -265,13 +265,9 @@ def _compiled_flat(
     # no other cluster reads an evidence table whole, the template matches run
     # over each patch's distinct templates only.
     keys = None
-    if runs_keyed(plan):
-        shapes = {
-            k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v))
-            for k, v in split_evidence(fg.kwargs)[0].items()
-            if k in axes
-        }
-        keys = _table_keys(fg, plan, shapes)
+    if runs_keyed(plan):  # read at the compile-time evidence's shapes
+        compiled = split_evidence(fg.kwargs)[0]
+        keys = _table_keys(fg, plan, {k: v for k, v in compiled.items() if k in axes})
     rows = keys is not None and not dense_reads_evidence(plan, keys)
 
     def single(ev, t, static):

@@ -28,6 +28,7 @@ template match.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -773,12 +774,27 @@ def _keyed_candidates(jt) -> list:
     return out
 
 
+#: The last keyed plan made for each plan: ``(table_keys, result)``. ``infer``
+#: asks for it twice per program (to choose the template match, then to run),
+#: with the same keys object.
+_KEYED_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _keyed_plan(plan: FlatPlan, table_keys: Sequence[np.ndarray]) -> _Keyed | None:
     """The leaf clusters whose messages keyed tables make cheaper (see
     :class:`_KeyedEdge`), moved to classes of their own; ``None`` when none.
 
     ``table_keys``: per pair class, ``(n_c, *cards)`` equality keys of its tables.
     """
+    got = _KEYED_PLANS.get(plan)
+    if got is None or got[0] is not table_keys:
+        got = (table_keys, _make_keyed_plan(plan, table_keys))
+        _KEYED_PLANS[plan] = got
+    return got[1]
+
+
+def _make_keyed_plan(plan: FlatPlan, table_keys) -> _Keyed | None:
+    """:func:`_keyed_plan`, made."""
     jt = plan.junction
     parents = {
         (e.parent, int(r)) for step in jt.steps for e in step for r in e.parent_rows
@@ -811,6 +827,18 @@ def _keyed_plan(plan: FlatPlan, table_keys: Sequence[np.ndarray]) -> _Keyed | No
     return _Keyed(dataclasses.replace(plan, junction=jt2), edges, keyed_classes)
 
 
+def _unary_on(s: _Setup, terms, shape: tuple[int, ...], n: int) -> Array:
+    """``(n, *shape)``: the sum of the unary ``terms`` ``(position, var_ids)``,
+    each on its axis of ``shape``."""
+    acc = jnp.zeros((n,) + (1,) * len(shape), s.unary.dtype)
+    for pos, var_ids in terms:
+        card = shape[pos]
+        out = [n] + [1] * len(shape)
+        out[pos + 1] = card
+        acc = acc + jnp.reshape(s.unary[var_ids, :card], out)
+    return acc
+
+
 def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array, Array]:
     """A batch of leaf messages from keyed tables, shifted as
     :func:`_shift_message` shifts a message: ``(m (n_e, *S), shift (n_e,), R
@@ -829,16 +857,8 @@ def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array, Array]:
         if has is not None:  # clusters without a table in this slot
             g = jnp.where(np.reshape(has, (n_e,) + (1,) * (g.ndim - 1)), g, 0.0)
         r = g if r is None else r + g
-    for pos, var_ids in ke.unary_e:
-        card = ke.e_shape[pos]
-        shape = [n_e, 1] + [1] * len(ke.e_shape)
-        shape[pos + 2] = card
-        u = jnp.reshape(s.unary[var_ids, :card], shape)
-        r = u if r is None else r + u
-    dtype = s.unary.dtype
-    r = jnp.broadcast_to(
-        jnp.zeros((), dtype) if r is None else r, (n_e, nk) + ke.e_shape
-    )
+    u_e = _unary_on(s, ke.unary_e, ke.e_shape, n_e)[:, None]  # (n_e, 1, *E)
+    r = jnp.broadcast_to(u_e if r is None else r + u_e, (n_e, nk) + ke.e_shape)
     red, shift = _shift(_reduce(r, tuple(range(2, r.ndim)), t), (1,))
     if nk <= KEYED_SELECTS:
         # Each separator state picks its block's value by a chain of selects:
@@ -851,12 +871,7 @@ def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array, Array]:
         at = ke.sep_key + nk * np.arange(n_e, dtype=np.int32)[:, None]
         m = jnp.reshape(red, (-1,)).at[at].get(mode="promise_in_bounds")
     m = jnp.reshape(m, (n_e,) + ke.s_shape)
-    for pos, var_ids in ke.unary_s:
-        card = ke.s_shape[pos]
-        shape = [n_e] + [1] * len(ke.s_shape)
-        shape[pos + 1] = card
-        m = m + jnp.reshape(s.unary[var_ids, :card], shape)
-    return m, shift, r
+    return m + _unary_on(s, ke.unary_s, ke.s_shape, n_e), shift, r
 
 
 def _cluster_potentials(
@@ -1011,18 +1026,6 @@ def _junction_down(
         for p, f, c, dn in zip(psi, up.fin, up.cnt, down, strict=True)
     ]
     return beliefs, to_leaves
-
-
-def _unary_on(s: _Setup, terms, shape: tuple[int, ...], n: int) -> Array:
-    """``(n, *shape)``: the sum of the unary ``terms`` ``(position, var_ids)``,
-    each on its axis of ``shape``."""
-    acc = jnp.zeros((n,) + (1,) * len(shape), s.unary.dtype)
-    for pos, var_ids in terms:
-        card = shape[pos]
-        out = [n] + [1] * len(shape)
-        out[pos + 1] = card
-        acc = acc + jnp.reshape(s.unary[var_ids, :card], out)
-    return acc
 
 
 def _keyed_marginals(
