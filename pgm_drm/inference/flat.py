@@ -839,10 +839,11 @@ def _unary_on(s: _Setup, terms, shape: tuple[int, ...], n: int) -> Array:
     return acc
 
 
-def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array, Array]:
+def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array, Array, Array]:
     """A batch of leaf messages from keyed tables, shifted as
     :func:`_shift_message` shifts a message: ``(m (n_e, *S), shift (n_e,), R
-    (n_e, nk, *E))`` (:class:`_KeyedEdge`).
+    (n_e, nk, *E), red (n_e, nk))`` (:class:`_KeyedEdge`), with ``red`` each
+    block's reduction less the shift: ``m(s) = U_S(s) + red[key(s)]``.
 
     The shift is the max over the blocks, not over the message: every block is
     some separator state's, so it is the message's max but for the unary terms
@@ -871,7 +872,7 @@ def _keyed_message(s: _Setup, ke: _KeyedEdge, t) -> tuple[Array, Array, Array]:
         at = ke.sep_key + nk * np.arange(n_e, dtype=np.int32)[:, None]
         m = jnp.reshape(red, (-1,)).at[at].get(mode="promise_in_bounds")
     m = jnp.reshape(m, (n_e,) + ke.s_shape)
-    return m + _unary_on(s, ke.unary_s, ke.s_shape, n_e), shift, r
+    return m + _unary_on(s, ke.unary_s, ke.s_shape, n_e), shift, r, red
 
 
 def _cluster_potentials(
@@ -932,7 +933,7 @@ class _JunctionUp(NamedTuple):
     cnt: list  # per class: number of -inf children's messages
     msgs: dict  # (depth, edge batch) -> (n_e, *separator) upward message
     log_z: Array
-    keyed: dict  # (depth, edge batch) -> keyed leaves' (R (n_e, nk, *E), shift)
+    keyed: dict  # (depth, edge batch) -> keyed leaves' (R (n_e, nk, *E), shift, red)
 
 
 def _junction_up(
@@ -962,8 +963,8 @@ def _junction_up(
         sends = []
         for e_i, e in enumerate(jt.steps[d]):
             if keyed and (d, e_i) in keyed:
-                m, off, r = _keyed_message(s, keyed[(d, e_i)], t)
-                rs[(d, e_i)] = (r, off)
+                m, off, r, red = _keyed_message(s, keyed[(d, e_i)], t)
+                rs[(d, e_i)] = (r, off, red)
             else:
                 b = _up_belief(psi, fin, cnt, e.child, e.child_rows)
                 nd = len(jt.shapes[e.child])
@@ -990,20 +991,21 @@ def _junction_up(
 
 def _junction_down(
     plan: FlatPlan, psi: list, up: _JunctionUp, t, keyed: frozenset = frozenset()
-) -> tuple[list, dict]:
-    """Downward pass, shallowest first; returns every cluster's full belief and
-    the messages to the keyed leaves (classes ``keyed``), by edge batch
-    ``(n_e, *shape)`` with 1 off the separator's axes, which are not placed in
-    their classes (only :func:`_keyed_marginals` reads them)."""
+) -> list:
+    """Downward pass, shallowest first; returns every cluster's full belief.
+    The keyed leaves (classes ``keyed``) get no message: their marginals are
+    read from their parents' beliefs (:func:`_keyed_marginals`), and their own
+    beliefs in the list are unused."""
     jt = plan.junction
     # Each cluster gets one message from its parent, on its separator's axes:
     # zeros of shape (n, 1, ..., 1) plus each message placed at its rows, which
     # broadcasts only as far as the separators reach (a DRM's leaf messages stay
     # (n, sep, 1, 1), not written out over the whole cluster).
     down = [jnp.zeros((p.shape[0],) + (1,) * (p.ndim - 1), p.dtype) for p in psi]
-    to_leaves: dict = {}
     for d in range(jt.depth):
         for e_i, e in enumerate(jt.steps[d]):
+            if e.child in keyed:
+                continue
             r = e.parent_rows
             own = _expand(up.msgs[(d, e_i)], jt.shapes[e.parent], e.parent_sep)
             # The parent's other children's messages.
@@ -1016,34 +1018,36 @@ def _junction_down(
             m = _reduce(x, axes, t)
             m, _ = _shift_message(m, tuple(range(1, len(e.parent_sep) + 1)))
             m = _expand(m, jt.shapes[e.child], e.child_sep)
-            if e.child in keyed:
-                to_leaves[(d, e_i)] = m
-                continue
             n_k = down[e.child].shape[0]
             down[e.child] = down[e.child] + _placed(m, e.child_rows, n_k)
-    beliefs = [
+    return [
         _with_children(p, f, c) + dn
         for p, f, c, dn in zip(psi, up.fin, up.cnt, down, strict=True)
     ]
-    return beliefs, to_leaves
 
 
 def _keyed_marginals(
-    plan: FlatPlan, keyed: Mapping, s: _Setup, up: _JunctionUp, down: Mapping, t
+    plan: FlatPlan, keyed: Mapping, up: _JunctionUp, beliefs: list, t
 ) -> dict:
     """Every axis's log (max-)marginal at the keyed leaves, unnormalised and
-    near 0: ``(class, axis) -> (n_k, card)``, from their blocks, without their
-    beliefs (:class:`_KeyedEdge`).
+    near 0: ``(class, axis) -> (n_k, card)``, from their blocks and their
+    parents' beliefs, without their own (:class:`_KeyedEdge`).
 
     A keyed leaf's belief is ``b(s, e) = D(s) + U_S(s) + R[key(s), e]``, with
-    ``D`` its parent's message. Reduced over ``E`` it is ``D + m``, ``m`` its
-    own (shifted) upward message: the separator axes' marginals. Over ``S`` it
-    is ``Dk[k] + R[k, e]`` reduced over the blocks ``k``, where ``Dk[k]``
-    reduces ``D + U_S`` over the separator states of block ``k``: the other
-    axes' marginals. ``R`` is taken less the shift of its message, so both
-    sit near 0 (a float32 belief at a level of 1e4 reduced and shifted after
-    would be rounded at that level). ``down``: the messages to the keyed leaves
-    by edge batch (:func:`_junction_down`).
+    ``D`` its parent's message and ``m(s) = U_S(s) + red[key(s)]`` its own
+    upward message (``red``: each block's reduction over ``E``). Reduced over
+    ``E`` it is ``D + m = B``, the parent's belief reduced to the separator
+    (the parent's belief holds ``m`` as it holds each child's message, and
+    ``D`` is that belief less ``m``): the separator axes' marginals, with no
+    message down to the leaf and no leave-one-out. Over ``S`` it is
+    ``Dk[k] + R[k, e]`` reduced over the blocks ``k``, where ``Dk[k]`` reduces
+    ``D + U_S = B - red[k]`` over the separator states of block ``k``: the
+    other axes' marginals. Where ``red[k]`` is ``-inf`` so is all of
+    ``R[k, .]``, and ``Dk[k]`` does not matter (taken with ``red[k] = 0``).
+    ``B`` is shifted to a max of 0 and ``R`` taken less the shift of its
+    message, so both sit near 0 (a float32 belief at a level of 1e4 reduced
+    and shifted after would be rounded at that level). Each marginal is off
+    by a constant per leaf, which normalising removes.
     """
     jt = plan.junction
     parts: dict = {}
@@ -1052,8 +1056,12 @@ def _keyed_marginals(
         k, r = e.child, e.child_rows
         n_e, n_s = ke.sep_key.shape
         ns, ne = len(ke.s_shape), len(ke.e_shape)
-        dn = jnp.reshape(down[(d, e_i)], (n_e,) + ke.s_shape)
-        b_s = dn + up.msgs[(d, e_i)]  # (n_e, *S)
+        bp = _take(beliefs[e.parent], e.parent_rows)
+        nd = len(jt.shapes[e.parent])
+        off_sep = tuple(a + 1 for a in range(nd) if a not in e.parent_sep)
+        b_s = _reduce(bp, off_sep, t) if off_sep else bp
+        b_s = jnp.reshape(b_s, (n_e,) + ke.s_shape)
+        b_s = _shift(b_s, tuple(range(1, ns + 1)))[0]  # (n_e, *S), max 0
         cs = e.child_sep
         rest = tuple(a for a in range(len(jt.shapes[k])) if a not in cs)
         for j, axis in enumerate(cs):
@@ -1061,11 +1069,12 @@ def _keyed_marginals(
             parts.setdefault((k, axis), []).append((_reduce(b_s, other, t), r))
         if not rest:
             continue
-        blocks, shift = up.keyed[(d, e_i)]
+        blocks, shift, red = up.keyed[(d, e_i)]
         nk = blocks.shape[1]
-        b2 = jnp.reshape(dn + _unary_on(s, ke.unary_s, ke.s_shape, n_e), (n_e, n_s))
+        b2 = jnp.reshape(b_s, (n_e, 1, n_s))
+        red = jnp.where(jnp.isfinite(red), red, 0.0)[:, :, None]  # (n_e, nk, 1)
         member = ke.sep_key[:, None, :] == np.arange(nk)[None, :, None]
-        dk = _reduce(jnp.where(member, b2[:, None, :], -jnp.inf), (2,), t)
+        dk = _reduce(jnp.where(member, b2 - red, -jnp.inf), (2,), t)
         safe = jnp.where(jnp.isfinite(shift), shift, 0.0)
         b_e = (dk - safe[:, None]).reshape((n_e, nk) + (1,) * ne) + blocks
         for j, axis in enumerate(rest):
@@ -1264,8 +1273,8 @@ def _run_junction(
         ]
         margs = _junction_marginals(plan, beliefs, t, dtype, _root_homes(plan))
     else:
-        beliefs, down = _junction_down(plan, psi, up, t, skip)
-        by_leaf = _keyed_marginals(plan, edges, s, up, down, t) if edges else None
+        beliefs = _junction_down(plan, psi, up, t, skip)
+        by_leaf = _keyed_marginals(plan, edges, up, beliefs, t) if edges else None
         margs = _junction_marginals(plan, beliefs, t, dtype, keyed=by_leaf)
     if want_map:
         max_up = (

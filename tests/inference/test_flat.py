@@ -206,7 +206,9 @@ def _keyed_model(seed: int, hard: bool):
     through ``y_ij``. The leaves' tables depend on ``(g, a)`` through two
     patterns of two values each, so a leaf cluster ``(g, a_i, b_ij)`` has at
     most 4 distinct blocks over its 12 separator states ``(g, a_i)``.
-    ``hard``: a hard zero in the conditional of ``b``."""
+    ``hard``: a hard zero in the conditional of ``b``, and a factor on
+    ``(g, a_i, b_ij)`` ruling out ``(g, a_i) = (0, 0)``: whole blocks of a
+    leaf reduce to ``-inf``."""
     rng = np.random.default_rng(seed)
     n_i, n_j = 2, int(rng.integers(2, 4))  # brute force: at most 26,244 states
     rows = rng.dirichlet(np.ones(3), size=2)
@@ -226,6 +228,9 @@ def _keyed_model(seed: int, hard: bool):
             with numpyro.plate("j", n_j, dim=-1):
                 b = numpyro.sample("b", dist.Categorical(cpt[g, a]))
                 numpyro.factor("u", u[b])  # a unary term on the leaf's own axis
+                if hard:  # (g, a_i) = (0, 0) ruled out at every b: -inf blocks
+                    off = (g == 0) & (a == 0) & (b >= 0)
+                    numpyro.factor("z", jnp.where(off, -jnp.inf, 0.0))
                 numpyro.sample("y", dist.Normal(mu[g, a, b], 1.0), obs=y)
 
     y = jnp.asarray(rng.normal(size=(n_i, n_j)) + 1.0)
