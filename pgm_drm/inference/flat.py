@@ -994,8 +994,8 @@ def _junction_down(
 ) -> list:
     """Downward pass, shallowest first; returns every cluster's full belief.
     The keyed leaves (classes ``keyed``) get no message: their marginals are
-    read from their parents' beliefs (:func:`_keyed_marginals`), and their own
-    beliefs in the list are unused."""
+    read from their parents' beliefs (:func:`_keyed_marginals`, which needs the
+    upward pass's ``-inf`` counted apart), and their entries are ``None``."""
     jt = plan.junction
     # Each cluster gets one message from its parent, on its separator's axes:
     # zeros of shape (n, 1, ..., 1) plus each message placed at its rows, which
@@ -1021,8 +1021,8 @@ def _junction_down(
             n_k = down[e.child].shape[0]
             down[e.child] = down[e.child] + _placed(m, e.child_rows, n_k)
     return [
-        _with_children(p, f, c) + dn
-        for p, f, c, dn in zip(psi, up.fin, up.cnt, down, strict=True)
+        None if k in keyed else _with_children(p, f, c) + dn
+        for k, (p, f, c, dn) in enumerate(zip(psi, up.fin, up.cnt, down, strict=True))
     ]
 
 
@@ -1059,9 +1059,8 @@ def _keyed_marginals(
         bp = _take(beliefs[e.parent], e.parent_rows)
         nd = len(jt.shapes[e.parent])
         off_sep = tuple(a + 1 for a in range(nd) if a not in e.parent_sep)
-        b_s = _reduce(bp, off_sep, t) if off_sep else bp
-        b_s = jnp.reshape(b_s, (n_e,) + ke.s_shape)
-        b_s = _shift(b_s, tuple(range(1, ns + 1)))[0]  # (n_e, *S), max 0
+        # (n_e, *S) near 0: shifted by the belief's max before it is reduced.
+        b_s = jnp.reshape(_reduce_shifted(bp, off_sep, t), (n_e,) + ke.s_shape)
         cs = e.child_sep
         rest = tuple(a for a in range(len(jt.shapes[k])) if a not in cs)
         for j, axis in enumerate(cs):
