@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,19 +131,43 @@ def _expand(out, axis: int, source: list[int]):
     return acc
 
 
-def _sides(lhs, rhs, params: dict):
-    """A product's known operand and the other, with their dims: ``(side,
-    const, other, contract, batch, other_contract, other_batch)`` (``side`` 1:
-    the known operand is ``rhs``), or ``None`` unless exactly one is known."""
+class _Sides(NamedTuple):
+    """A product with exactly one known operand, read by :func:`_sides`."""
+
+    side: int  # 1: the known operand is rhs
+    const: np.ndarray  # the known operand
+    other: Any  # the traced one
+    contract: tuple  # the known operand's contracting dims
+    batch: tuple  # and its batch dims
+    o_contract: tuple  # the other's contracting dims
+    o_batch: tuple  # and its batch dims
+    free: list  # the known operand's free dims
+    kw: dict  # dot_general's precision and preferred_element_type
+
+
+def _sides(lhs, rhs, params: dict) -> _Sides | None:
+    """A product's known operand and the other, with their dims (:class:`_Sides`),
+    or ``None`` unless exactly one is known."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
     if _known(lhs) == _known(rhs):
         return None
     side = 1 if _known(rhs) else 0
     const = np.asarray(rhs if side else lhs)
-    other = lhs if side else rhs
     contract, batch = (rc, rb) if side else (lc, lb)
-    o_contract, o_batch = (lc, lb) if side else (rc, rb)
-    return side, const, other, contract, batch, o_contract, o_batch
+    return _Sides(
+        side=side,
+        const=const,
+        other=lhs if side else rhs,
+        contract=contract,
+        batch=batch,
+        o_contract=lc if side else rc,
+        o_batch=lb if side else rb,
+        free=[d for d in range(const.ndim) if d not in contract and d not in batch],
+        kw={
+            "precision": params.get("precision"),
+            "preferred_element_type": params.get("preferred_element_type"),
+        },
+    )
 
 
 def _factored_dot(lhs, rhs, params: dict):
@@ -151,13 +175,11 @@ def _factored_dot(lhs, rhs, params: dict):
     operand cut to that axis's distinct non-zero slices (:func:`axis_recipe`),
     the result's axes restored by :func:`_expand`; ``None`` when the rewrite does
     not apply or would save less than ``1 - MAX_KEPT_FRACTION`` of the work."""
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
     got = _sides(lhs, rhs, params)
     if got is None:
         return None
-    side, const, other, contract, batch, other_contract, other_batch = got
-    free = [d for d in range(const.ndim) if d not in contract and d not in batch]
-    n_other_free = other.ndim - len(other_contract) - len(other_batch)
+    side, const, other, _, batch, o_contract, o_batch, free, kw = got
+    n_other_free = other.ndim - len(o_contract) - len(o_batch)
     recipes = []
     for d in free:
         if not 2 <= const.shape[d] <= MAX_AXIS:
@@ -171,16 +193,13 @@ def _factored_dot(lhs, rhs, params: dict):
     after = math.prod(const.shape[d] for d, _ in recipes)
     if not recipes or after > MAX_KEPT_FRACTION * before:
         return None
-    kw = {
-        "precision": params.get("precision"),
-        "preferred_element_type": params.get("preferred_element_type"),
-    }
+    dims = params["dimension_numbers"]
     # dot_general's result: batch dims, then lhs's free dims, then rhs's.
     if side:
-        out = lax.dot_general(other, const, ((lc, rc), (lb, rb)), **kw)
+        out = lax.dot_general(other, const, dims, **kw)
         at = {d: len(batch) + n_other_free + free.index(d) for d, _ in recipes}
     else:
-        out = lax.dot_general(const, other, ((lc, rc), (lb, rb)), **kw)
+        out = lax.dot_general(const, other, dims, **kw)
         at = {d: len(batch) + free.index(d) for d, _ in recipes}
     for d, source in recipes:
         out = _expand(out, at[d], source)
@@ -203,12 +222,10 @@ def _row_dot(lhs, rhs, params: dict):
     its own blocking (a few ulp: a narrower product may sum an entry's terms in
     another order), or an exact zero.
     ``None`` when the rewrite does not apply or saves too little."""
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
     got = _sides(lhs, rhs, params)
     if got is None:
         return None
-    side, const, other, contract, batch, o_contract, o_batch = got
-    free = [d for d in range(const.ndim) if d not in contract and d not in batch]
+    side, const, other, contract, batch, o_contract, o_batch, free, kw = got
     if not free:
         return None
     bshape = tuple(const.shape[d] for d in batch)
@@ -233,17 +250,15 @@ def _row_dot(lhs, rhs, params: dict):
     kept = kept.reshape(bshape + (width,) + cshape)
     k_batch = tuple(range(len(bshape)))
     k_contract = tuple(range(len(bshape) + 1, kept.ndim))
-    kw = {
-        "precision": params.get("precision"),
-        "preferred_element_type": params.get("preferred_element_type"),
-    }
     n_o = other.ndim - len(o_contract) - len(o_batch)
     nbd = len(bshape)
     if side:  # (batch, other's free dims, width)
-        out = lax.dot_general(other, kept, ((lc, k_contract), (lb, k_batch)), **kw)
+        dims = ((o_contract, k_contract), (o_batch, k_batch))
+        out = lax.dot_general(other, kept, dims, **kw)
         at = nbd + n_o
     else:  # (batch, width, other's free dims)
-        out = lax.dot_general(kept, other, ((k_contract, rc), (k_batch, rb)), **kw)
+        dims = ((k_contract, o_contract), (k_batch, o_batch))
+        out = lax.dot_general(kept, other, dims, **kw)
         at = nbd
     # Restore the width axis to the flattened free dims by selects.
     shape = list(out.shape)
