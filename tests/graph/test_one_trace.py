@@ -422,3 +422,73 @@ def test_categorical_scoring_equals_numpyro_log_prob(
     # <= 1 (|d log p / d logit| <= 1), float64: a reordering moves it by a few
     # 1e-16 (seen: 4 ulp near a cancellation); 1e-14 absolute, no more.
     np.testing.assert_allclose(g_ours, g_theirs, rtol=0, atol=1e-14)
+
+
+def _indexing_model(seed: int):
+    """Every way a latent indexes a table: rows of 1-d to 3-d tables, two latents
+    at once, ints and full slices beside a latent, a derived (possibly negative)
+    index, and a latent whose support has negative values."""
+    rng = np.random.default_rng(seed)
+    k1, k2 = (int(v) for v in rng.integers(2, 4, size=2))
+
+    def t(*shape):
+        return jnp.asarray(rng.normal(size=shape))
+
+    prior = jnp.asarray(rng.dirichlet(np.ones(k1)))
+    trans = jnp.asarray(rng.dirichlet(np.ones(k2), size=k1))
+    f1, f2, f3, f4, f5, f6 = t(k1), t(k1, k2), t(k2, k1, 3), t(4, k2), t(k1), t(3)
+
+    def model():
+        z1 = numpyro.sample("z1", dist.Categorical(prior))
+        z2 = numpyro.sample("z2", dist.Categorical(trans[z1]))  # a row of a 2-d table
+        w = numpyro.sample("w", dist.DiscreteUniform(-1, 1))  # negative support
+        numpyro.factor("a", f1[z1])
+        numpyro.factor("b", f2[z1, z2])
+        numpyro.factor("c", f3[z2][z1].sum() + f3[:, z1][z2, 1])
+        numpyro.factor("d", f4[2, z2] + f4[-1][z2])
+        numpyro.factor("e", f5[z1 - 1])  # derived: -1 wraps to the last entry
+        numpyro.factor("f", f6[w] + f6[(w,)])  # negative: JAX's own indexing
+
+    return model
+
+
+@given(seed=st.integers(0, 10_000))
+def test_latent_indexing_fast_path_equals_the_concrete_trace(seed):
+    """``table[z]`` for a latent ``z`` of support 0..k-1 is traced as one
+    ``dynamic_slice`` (``compile._nonnegative_indexing``): the tables equal the
+    two-trace path's (which indexes by concrete values) and brute force."""
+    model = _indexing_model(seed)
+    taken = []
+    real = compile_mod._marked_take
+
+    def spy(*a):
+        out = real(*a)
+        taken.append(out is not None)
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(compile_mod, "_marked_take", spy)
+    one = _one_trace_only(mp, model)
+    # Fired for z1/z2 (rows, pairs, ints and slices beside them); declined for the
+    # derived z1 - 1 and the possibly negative w, and for every static index.
+    assert any(taken) and not all(taken)
+    _assert_same_graph(one, _two_traces(model))
+    ref = brute_force(model)
+    # float64 sums of a few dozen terms: 1e-9 is round-off.
+    np.testing.assert_allclose(infer(one, "sum").log_z, ref.log_z, atol=1e-9)
+
+
+def test_latent_indexing_hook_is_removed_after_the_trace():
+    from jax._src.numpy import indexing
+
+    before = indexing.rewriting_take
+
+    def model():
+        z = numpyro.sample("z", dist.Bernoulli(0.3))
+        numpyro.factor("f", jnp.zeros(2)[z])
+        raise RuntimeError("the model fails")
+
+    with pytest.raises(RuntimeError, match="the model fails"):
+        compile_model(model)
+    assert indexing.rewriting_take is before
+    assert compile_mod._NONNEG_INDICES.marks is None
