@@ -448,6 +448,8 @@ def _indexing_model(seed: int):
         numpyro.factor("d", f4[2, z2] + f4[-1][z2])
         numpyro.factor("e", f5[z1 - 1])  # derived: -1 wraps to the last entry
         numpyro.factor("f", f6[w] + f6[(w,)])  # negative: JAX's own indexing
+        # Static indices of closed-over arrays (read on the host), then a latent.
+        numpyro.factor("g", f2[-1, 1:][0] + f3[1:, ::-1][0, z1, 0] + f6[::2][-1])
 
     return model
 
@@ -455,23 +457,29 @@ def _indexing_model(seed: int):
 @given(seed=st.integers(0, 10_000))
 def test_latent_indexing_fast_path_equals_the_concrete_trace(seed):
     """``table[z]`` for a latent ``z`` of support 0..k-1 is traced as one
-    ``dynamic_slice`` (``compile._nonnegative_indexing``): the tables equal the
-    two-trace path's (which indexes by concrete values) and brute force."""
+    ``dynamic_slice``, and ``table[i]`` of a closed-over table is read on the host
+    (``compile._fast_indexing``): the tables equal the two-trace path's
+    (which runs JAX's own indexing, by concrete values) and brute force."""
     model = _indexing_model(seed)
-    taken = []
-    real = compile_mod._marked_take
-
-    def spy(*a):
-        out = real(*a)
-        taken.append(out is not None)
-        return out
-
+    taken = {"_marked_take": [], "_static_take": []}
     mp = pytest.MonkeyPatch()
-    mp.setattr(compile_mod, "_marked_take", spy)
+
+    def spied(real, seen):
+        def spy(*a):
+            out = real(*a)
+            seen.append(out is not None)
+            return out
+
+        return spy
+
+    for name, seen in taken.items():
+        mp.setattr(compile_mod, name, spied(getattr(compile_mod, name), seen))
     one = _one_trace_only(mp, model)
-    # Fired for z1/z2 (rows, pairs, ints and slices beside them); declined for the
-    # derived z1 - 1 and the possibly negative w, and for every static index.
-    assert any(taken) and not all(taken)
+    # Each fast path fired and declined: the latent one for z1/z2 (rows, pairs,
+    # ints and slices beside them) but not the derived z1 - 1 or the possibly
+    # negative w; the static one for the closed-over tables but not for latents.
+    for seen in taken.values():
+        assert any(seen) and not all(seen)
     _assert_same_graph(one, _two_traces(model))
     ref = brute_force(model)
     # float64 sums of a few dozen terms: 1e-9 is round-off.
