@@ -58,6 +58,7 @@ import dataclasses
 import functools
 import gc
 import itertools
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ class SiteInfo:
 
     @property
     def n_instances(self) -> int:
-        return int(np.prod(self.plate_shape, dtype=np.int64))
+        return math.prod(self.plate_shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,7 +215,7 @@ class VariableGroup:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.plate_shape, dtype=np.int64))
+        return math.prod(self.plate_shape)
 
     @property
     def cardinality(self) -> int:
@@ -648,16 +649,21 @@ _CALL_PRIMITIVES = frozenset(
 )
 
 
-def _jaxpr_provenance(jaxpr, inputs: Sequence[frozenset]) -> list[frozenset]:
+def _jaxpr_provenance(
+    jaxpr, inputs: Sequence[frozenset], _subs: dict | None = None
+) -> list[frozenset]:
     """Forward data-flow over a jaxpr: the input labels each output depends on.
 
     Sub-jaxprs (``jit``, ``custom_jvp_call``, ...) are walked recursively when
     their inputs line up with the equation's; otherwise every output of the
     equation depends on every input (an over-approximation: a bigger scope,
-    never a wrong table).
+    never a wrong table). A sub-jaxpr is walked once, for which of its inputs
+    each output reads (``_subs``, keyed by identity): a loop-written model calls
+    the same jitted scorer at every site.
     """
     env: dict = {}
     empty: frozenset = frozenset()
+    subs: dict = {} if _subs is None else _subs
 
     def read(v):
         return empty if isinstance(v, Literal) else env.get(v, empty)
@@ -680,9 +686,23 @@ def _jaxpr_provenance(jaxpr, inputs: Sequence[frozenset]) -> list[frozenset]:
             and not getattr(sub, "constvars", ())
             and len(sub.outvars) == len(eqn.outvars)
         ):
-            outs = _jaxpr_provenance(sub, ins)
+            key = id(sub)
+            if key not in subs:  # which inputs each output reads; sub kept alive
+                own = [frozenset({i}) for i in range(len(ins))]
+                subs[key] = (sub, _jaxpr_provenance(sub, own, subs))
+            outs = []
+            for reads in subs[key][1]:
+                union = empty
+                for i in reads:
+                    p = ins[i]
+                    if p and p is not union:
+                        union = p if not union else union | p
+                outs.append(union)
         else:
-            union = frozenset().union(*ins) if ins else empty
+            union = empty
+            for p in ins:  # most equations read one labelled input, or none
+                if p and p is not union:
+                    union = p if not union else union | p
             outs = [union] * len(eqn.outvars)
         for v, p in zip(eqn.outvars, outs, strict=True):
             env[v] = p
@@ -2085,6 +2105,11 @@ def _scope_index(
 ) -> np.ndarray:
     """``(n_instances, arity)`` flat variable ids of a site's scope."""
     n = info.n_instances
+    if not info.plates and not any(infos[s].plates for s in info.scope):
+        # One instance of unplated parents (a loop-written model's every site).
+        arr = np.array([[offsets[s] for s in info.scope]], np.int32).reshape(1, -1)
+        arr.setflags(write=False)
+        return arr
     grid = np.indices(info.plate_shape).reshape(len(info.plate_shape), n)
     pos = {p: k for k, p in enumerate(info.plates)}
     cols = []
@@ -2884,10 +2909,10 @@ def _check_table_sizes(infos: Mapping[str, SiteInfo], supports: Mapping) -> None
     from pgm_drm.graph.schedule import MAX_CLUSTER_SIZE
 
     for info in infos.values():
-        states = int(np.prod([len(supports[s]) for s in info.scope], dtype=np.int64))
+        states = math.prod(len(supports[s]) for s in info.scope)
         # Data plates count: a log-prob outside natural form is summed over them
         # only after it is computed.
-        n = info.n_instances * int(np.prod([k for _, k in info.summed], dtype=np.int64))
+        n = info.n_instances * math.prod(k for _, k in info.summed)
         if states * max(n, 1) > MAX_CLUSTER_SIZE:
             raise CompileError(
                 f"site '{info.name}' depends on {list(info.scope)}: its table has "
