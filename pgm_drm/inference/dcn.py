@@ -64,7 +64,7 @@ def dcn_infer(
     semiring: Semiring = "max",
     temperature: float | None = None,
     *,
-    scores: bool = True,
+    scores: bool = False,
 ) -> DCNOutput:
     """DCN-form bottom-up + top-down inference on one image or a batch (jitted,
     the model traced): ``drm.infer``, the pass of :mod:`pgm_drm.models.maxsum`.
@@ -74,7 +74,8 @@ def dcn_infer(
         images: ``image_shape`` or ``(B, *image_shape)``.
         semiring: "max" (max-sum: max-pooling, ReLU) or "sum" (sum-product).
         temperature: Overrides ``semiring`` (``T * logsumexp(x / T)``).
-        scores: Also return every level's pre-pooling scores (``False``: ``()``).
+        scores: Also return every level's pre-pooling scores (default ``False``:
+            ``()``, not written out).
 
     Returns:
         :class:`DCNOutput` (batched; a single image gets ``B = 1``).

@@ -411,7 +411,7 @@ class DeepRenderingModel:
         semiring: Semiring = "max",
         temperature: float | None = None,
         *,
-        scores: bool = True,
+        scores: bool = False,
     ) -> DCNOutput:
         """DCN-form bottom-up + top-down inference on one image or a batch (jitted,
         the model traced): :func:`pgm_drm.models.maxsum.dcn_pass`.
@@ -420,8 +420,9 @@ class DeepRenderingModel:
             images: ``image_shape`` or ``(B, *image_shape)``.
             semiring: "max" (max-sum: max-pooling, ReLU) or "sum" (sum-product).
             temperature: Overrides ``semiring`` (``T * logsumexp(x / T)``).
-            scores: Also return every level's pre-pooling scores (``False``:
-                ``scores = ()``, and the pass does not pay for writing them).
+            scores: Also return every level's pre-pooling scores (default
+                ``False``: ``scores = ()``, and the pass does not pay for writing
+                them: about a fifth of the pass at 32x32, batch 1000, on CPU).
 
         Returns:
             :class:`pgm_drm.models.maxsum.DCNOutput` (batched; a single image

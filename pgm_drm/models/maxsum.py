@@ -321,7 +321,7 @@ class DCNOutput(NamedTuple):
             activations.
         scores: Per level ``l = 1..L``, pre-pooling maps
             ``(B, *grid_shape(l), K_l + 1, G_l)``: template match + ``log pi_g``
-            (``()`` when asked for with ``scores=False``).
+            (``()`` unless asked for with ``scores=True``).
         map: Joint MAP on spatial grids (``c``, ``g{L}`` ``(B,)``; ``g{l}``,
             ``a{l}``, ``s{l}`` ``(B, *grid_shape(l))`` for ``l < L``; ``s{l}`` is
             the unit's state after its switch, ``K_l`` = OFF), as from
@@ -336,15 +336,16 @@ class DCNOutput(NamedTuple):
 
 
 @partial(jax.jit, static_argnums=(2, 3))
-def dcn_pass(drm: Any, images: Array, t: float, scores: bool = True) -> DCNOutput:
+def dcn_pass(drm: Any, images: Array, t: float, scores: bool = False) -> DCNOutput:
     """Bottom-up at temperature ``t`` and the top-down MAP of a tree DRM on a batch
     of checked images ``(B, *image_shape)`` (no input checks: see
     :func:`pgm_drm.inference.dcn_infer`). The model is traced: one compilation
     per structure, image batch shape, ``t`` and ``scores``.
 
-    ``scores=False`` returns ``DCNOutput.scores = ()``: the pre-pooling maps are
-    then never written out (about a fifth of the pass at 32x32, batch 1000, on
-    CPU), everything else is the same.
+    ``scores=False`` (the default) returns ``DCNOutput.scores = ()``: the
+    pre-pooling maps are then never written out (about a fifth of the pass at
+    32x32, batch 1000, on CPU); ``scores=True`` adds them, everything else the
+    same.
     """
     up = bottom_up_argmax(drm, images)
     max_class = drm.class_scores(up.pooled[-1])

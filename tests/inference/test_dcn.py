@@ -49,15 +49,16 @@ def test_dcn_pass_equals_naive_loop_twin(seed, levels, t):
         states=(3,) * levels,
     )
     images, _ = drm.sample(jax.random.PRNGKey(seed + 1), 2)
-    out = dcn_infer(drm, images, temperature=t)
+    out = dcn_infer(drm, images, temperature=t, scores=True)
     for b in range(2):
         post, log_z = naive_dcn_pass(drm, images[b], t)
         np.testing.assert_allclose(out.log_z[b], log_z, atol=ATOL)
         np.testing.assert_allclose(out.class_log_posterior[b], post, atol=ATOL)
-    # scores=False drops the pre-pooling maps only. Without those outputs XLA
-    # may fuse the same operations differently: float64 rounding at most (1e-12
-    # absolute on values of order 10-100); integer MAP sites must be identical.
-    lean = dcn_infer(drm, images, temperature=t, scores=False)
+    # scores=False (the default) drops the pre-pooling maps only. Without those
+    # outputs XLA may fuse the same operations differently: float64 rounding at
+    # most (1e-12 absolute on values of order 10-100); integer MAP sites must be
+    # identical.
+    lean = dcn_infer(drm, images, temperature=t)
     assert lean.scores == () and len(out.scores) == levels
     for a, b in zip(
         jax.tree.leaves(lean._replace(scores=())),
@@ -112,7 +113,7 @@ def test_dcn_pass_equals_compiled_schedule_and_numpyro(seed):
 def test_top_down_map_reconstructs_clean_images(key):
     drm = DeepRenderingModel.default(sigma=0.05)
     images, latents = drm.sample(key, 16)
-    out = drm.infer(images, "max")
+    out = drm.infer(images, "max", scores=True)
     # Low noise: the class is recovered, the MAP is at least as probable as the
     # true latents under the model's own log-joint, and its rendering is close.
     np.testing.assert_array_equal(out.map["c"], latents["c"])
