@@ -486,10 +486,11 @@ def test_latent_indexing_fast_path_equals_the_concrete_trace(seed):
     np.testing.assert_allclose(infer(one, "sum").log_z, ref.log_z, atol=1e-9)
 
 
-def test_latent_indexing_hook_is_removed_after_the_trace():
+def test_trace_hooks_are_removed_after_the_trace():
     from jax._src.numpy import indexing
+    from numpyro.distributions.distribution import Unit
 
-    before = indexing.rewriting_take
+    before, unit_sample = indexing.rewriting_take, Unit.sample
 
     def model():
         z = numpyro.sample("z", dist.Bernoulli(0.3))
@@ -499,4 +500,5 @@ def test_latent_indexing_hook_is_removed_after_the_trace():
     with pytest.raises(RuntimeError, match="the model fails"):
         compile_model(model)
     assert indexing.rewriting_take is before
+    assert Unit.sample is unit_sample
     assert compile_mod._NONNEG_INDICES.marks is None
