@@ -502,3 +502,32 @@ def test_trace_hooks_are_removed_after_the_trace():
     assert indexing.rewriting_take is before
     assert Unit.sample is unit_sample
     assert compile_mod._NONNEG_INDICES.marks is None
+
+
+@pytest.mark.parametrize("bad", ["probs", "nan", "posinf"])
+def test_a_bad_table_among_many_alike_is_named(bad):
+    """Tables of one shape are checked stacked (``compile._check_tables``); the
+    one bad site among a loop's many is still found and named."""
+    n, k = 12, 3
+    rng = np.random.default_rng(0)
+    trans = rng.dirichlet(np.ones(k), size=(n, k))
+    evidence = rng.normal(size=(n, k))
+    if bad == "probs":
+        trans[7, 2] *= 1.1  # row 2 of step 7 sums to 1.1
+    else:
+        evidence[7, 1] = np.nan if bad == "nan" else np.inf
+    trans, evidence = jnp.asarray(trans), jnp.asarray(evidence)
+
+    def model():
+        x = numpyro.sample("x_0", dist.Categorical(jnp.ones(k) / k))
+        for i in range(1, n):
+            x = numpyro.sample(f"x_{i}", dist.Categorical(trans[i][x]))
+            numpyro.factor(f"e_{i}", evidence[i][x])
+
+    want = {
+        "probs": r"'x_7'.*summing to 1\.1.*\{'x_6': 2\}",
+        "nan": r"'e_7' has NaN",
+        "posinf": r"'e_7' has \+inf",
+    }[bad]
+    with pytest.raises(CompileError, match=want):
+        compile_model(model)
