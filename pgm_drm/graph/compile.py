@@ -2347,6 +2347,9 @@ class _marked_latents(Messenger):
 #: normalisation (``id -> tracer``; the tracer is held so its id stays its own).
 _NONNEG_INDICES = threading.local()
 
+#: Not a marker (``None`` is a valid index item, so it cannot be the default).
+_UNMARKED = object()
+
 
 def _mark_nonnegative(tracer: Any) -> None:
     """Record a scalar latent marker whose support is ``0, 1, ...`` (see
@@ -2366,19 +2369,20 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
     shape = np.shape(arr)
     if len(items) > len(shape):
         return None
-    dtypes = {np.dtype(i.dtype) for i in items if marks.get(id(i)) is i}
+    dtypes = {np.dtype(i.dtype) for i in items if marks.get(id(i), _UNMARKED) is i}
     if len(dtypes) != 1:
         return None
     (dtype,) = dtypes
+    top = np.iinfo(dtype).max  # an int start is cast to the latent's dtype
     starts, sizes, squeeze = [], [], []
     for axis, (i, n) in enumerate(zip(items, shape, strict=False)):
-        if marks.get(id(i)) is i:
+        if marks.get(id(i), _UNMARKED) is i:
             starts.append(i)
         elif isinstance(i, slice) and i == slice(None):
             starts.append(np.zeros((), dtype))
             sizes.append(n)
             continue
-        elif _is_int(i) and 0 <= i < n:
+        elif _is_int(i) and 0 <= i < n and i <= top:
             starts.append(np.asarray(i, dtype))
         else:
             return None
@@ -2444,43 +2448,74 @@ def _fast_indexing():
     ``potentials[i]`` into a constant. A chain of 10,000 sites:
     ``compile_model`` 17.5 s -> 9.2 s (latents) -> 7.2 s (static). Every other
     index (a derived ``z - 1``, a support that may be negative, an unmarked
-    tracer, an array index) goes through JAX's own code. The hook is JAX's
-    private ``indexing.rewriting_take``, replaced for the duration of the trace
-    only; where it is missing nothing changes.
+    tracer, an array index) goes through JAX's own code.
+
+    The hooks are JAX's private ``indexing.rewriting_take`` and NumPyro's
+    ``Unit.sample``, replaced while at least one thread is inside this context
+    (installed once, counted under a lock, the originals kept aside) and acting
+    only for the threads inside it: any other call goes to the original. Where
+    ``rewriting_take`` is missing, indexing is left alone.
     """
-    try:
-        from jax._src.numpy import indexing
-    except ImportError:  # pragma: no cover - a JAX that moved its indexing
+    if getattr(_NONNEG_INDICES, "marks", None) is not None:  # nested: already on
         yield
         return
-    orig = getattr(indexing, "rewriting_take", None)
-    if orig is None or getattr(_NONNEG_INDICES, "marks", None) is not None:
-        yield
-        return
-
-    @functools.wraps(orig)
-    def take(arr, idx, *args, **kwargs):
-        marks = getattr(_NONNEG_INDICES, "marks", None)
-        if marks is not None and not args and not kwargs:
-            out = _static_take(arr, idx)
-            if out is None and marks:
-                out = _marked_take(arr, idx, marks)
-            if out is not None:
-                return out
-        return orig(arr, idx, *args, **kwargs)
-
-    unit_sample = Unit.sample
+    _install_hooks()
     _NONNEG_INDICES.marks = {}
-    indexing.rewriting_take = take
-    Unit.sample = _unit_sample
     try:
         yield
     finally:
         _NONNEG_INDICES.marks = None
-        if indexing.rewriting_take is take:
-            indexing.rewriting_take = orig
-        if Unit.sample is _unit_sample:
-            Unit.sample = unit_sample
+        _remove_hooks()
+
+
+_HOOK_LOCK = threading.Lock()
+#: Threads inside :func:`_fast_indexing`, and the functions the hooks replace.
+_HOOKS: dict[str, Any] = {"count": 0, "take": None, "unit": None}
+
+
+def _indexing_module() -> Any:
+    try:
+        from jax._src.numpy import indexing
+    except ImportError:  # pragma: no cover - a JAX that moved its indexing
+        return None
+    return indexing if callable(getattr(indexing, "rewriting_take", None)) else None
+
+
+def _install_hooks() -> None:
+    indexing = _indexing_module()
+    with _HOOK_LOCK:
+        if _HOOKS["count"] == 0:
+            if indexing is not None and indexing.rewriting_take is not _take_hook:
+                _HOOKS["take"] = indexing.rewriting_take
+                indexing.rewriting_take = _take_hook
+            if Unit.sample is not _unit_sample:
+                _HOOKS["unit"] = Unit.sample
+                Unit.sample = _unit_sample
+        _HOOKS["count"] += 1
+
+
+def _remove_hooks() -> None:
+    indexing = _indexing_module()
+    with _HOOK_LOCK:
+        _HOOKS["count"] -= 1
+        if _HOOKS["count"] == 0:
+            if indexing is not None and indexing.rewriting_take is _take_hook:
+                indexing.rewriting_take = _HOOKS["take"]
+            if Unit.sample is _unit_sample:
+                Unit.sample = _HOOKS["unit"]
+
+
+def _take_hook(arr: Any, idx: Any, *args: Any, **kwargs: Any) -> Array:
+    """JAX's ``rewriting_take`` with :func:`_fast_indexing`'s fast paths for the
+    threads inside it."""
+    marks = getattr(_NONNEG_INDICES, "marks", None)
+    if marks is not None and not args and not kwargs:
+        out = _static_take(arr, idx)
+        if out is None and marks:
+            out = _marked_take(arr, idx, marks)
+        if out is not None:
+            return out
+    return _HOOKS["take"](arr, idx, *args, **kwargs)
 
 
 #: Concrete empty arrays by (shape, dtype), for :func:`_unit_sample`.
@@ -2489,9 +2524,11 @@ _EMPTY: dict[tuple, Array] = {}
 
 def _unit_sample(self: Any, key: Any, sample_shape: tuple[int, ...] = ()) -> Array:
     """``Unit.sample`` (the value ``numpyro.factor`` observes: an array with a
-    zero-length event axis, so no values) as a concrete, cached array. NumPyro's
-    own ``jnp.empty`` is staged into the trace (~60 us; a third of an Ising
-    grid's factor sites' trace). Used during :func:`_fast_indexing` only."""
+    zero-length event axis, so no values) as a concrete, cached array, for the
+    threads inside :func:`_fast_indexing`. NumPyro's own ``jnp.empty`` is staged
+    into the trace (~60 us; a third of an Ising grid's factor sites' trace)."""
+    if getattr(_NONNEG_INDICES, "marks", None) is None:
+        return _HOOKS["unit"](self, key, sample_shape)
     shape = tuple(sample_shape) + tuple(self.batch_shape) + tuple(self.event_shape)
     dtype = jax.dtypes.canonicalize_dtype(float)
     out = _EMPTY.get((shape, dtype))
@@ -2856,17 +2893,22 @@ def _keep_outputs(closed: ClosedJaxpr, keep: Sequence[int]) -> ClosedJaxpr:
 def _support_grid(support: Sequence, value: Array, k: int) -> np.ndarray:
     """``(k, *value.shape)``: each support value broadcast to the latent's value
     shape, in ``value``'s dtype, padded to ``k`` entries with the first value
-    (read-only: equal arguments share one array)."""
-    return _support_grid_cached(
-        tuple(np.asarray(support).tolist()), np.shape(value), np.dtype(value.dtype), k
-    )
-
-
-@functools.lru_cache(maxsize=4096)
-def _support_grid_cached(
-    support: tuple, shape: tuple[int, ...], dtype: np.dtype, k: int
-) -> np.ndarray:
+    (read-only). A loop-written model's scalar latents share cached grids, keyed
+    by the support's exact bytes (``0.0`` and ``-0.0`` are equal, not alike)."""
     sup = np.asarray(support)
+    shape, dtype = tuple(np.shape(value)), np.dtype(value.dtype)
+    if math.prod(shape) > 1:
+        return _support_grid_cached.__wrapped__(
+            sup.tobytes(), sup.dtype.str, shape, dtype, k
+        )
+    return _support_grid_cached(sup.tobytes(), sup.dtype.str, shape, dtype, k)
+
+
+@functools.lru_cache(maxsize=1024)
+def _support_grid_cached(
+    raw: bytes, sup_dtype: str, shape: tuple[int, ...], dtype: np.dtype, k: int
+) -> np.ndarray:
+    sup = np.frombuffer(raw, dtype=np.dtype(sup_dtype))
     sup = np.concatenate([sup, np.repeat(sup[:1], k - len(sup))])
     grid = np.broadcast_to(sup.reshape((k,) + (1,) * len(shape)), (k,) + shape)
     grid = grid.astype(dtype)
@@ -2975,6 +3017,7 @@ def _check_tables(
         t = np.asarray(t)
         norm = g.site in supports and _normalised(sites[g.site])
         by_kind.setdefault((t.shape, t.dtype.str, norm), []).append(k)
+    suspects: list[int] = []
     for (shape, _, norm), ks in by_kind.items():
         if len(ks) > 1:
             stack = np.stack([np.asarray(tables[k]) for k in ks])
@@ -2986,11 +3029,12 @@ def _check_tables(
                     ok = not _unnormalised_rows(t64, eps)[0].any()
             if ok:
                 continue
-        for k in ks:
-            g = groups[k]
-            _check_table(g.site, tables[k])
-            if g.site in supports:
-                _check_normalised(g.site, sites[g.site], g.scope_sites, tables[k])
+        suspects += ks
+    for k in sorted(suspects):  # group order: the first bad table is named
+        g = groups[k]
+        _check_table(g.site, tables[k])
+        if g.site in supports:
+            _check_normalised(g.site, sites[g.site], g.scope_sites, tables[k])
 
 
 def _check_table(site: str, table: Array) -> None:

@@ -450,6 +450,8 @@ def _indexing_model(seed: int):
         numpyro.factor("f", f6[w] + f6[(w,)])  # negative: JAX's own indexing
         # Static indices of closed-over arrays (read on the host), then a latent.
         numpyro.factor("g", f2[-1, 1:][0] + f3[1:, ::-1][0, z1, 0] + f6[::2][-1])
+        # None (a new axis) beside a latent: JAX's own indexing, no fallback.
+        numpyro.factor("h", f2[None, z1].sum() + f2[:, None][z1, 0, z2])
 
     return model
 
@@ -531,3 +533,70 @@ def test_a_bad_table_among_many_alike_is_named(bad):
     }[bad]
     with pytest.raises(CompileError, match=want):
         compile_model(model)
+
+
+def test_latent_indexing_with_a_narrow_int_latent_beside_a_wide_int():
+    """An int start beside an int8 latent is not cast into int8 (150 would wrap
+    to -106 and clamp to 0): the fast path declines, JAX's own code runs."""
+
+    class Cat8(dist.CategoricalProbs):
+        def enumerate_support(self, expand=True):
+            return super().enumerate_support(expand).astype(jnp.int8)
+
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(3, 400)))
+
+    def model():
+        z = numpyro.sample("z", Cat8(jnp.ones(3) / 3))
+        numpyro.factor("f", table[z, np.int64(150)])
+        for i in np.arange(120, 124):
+            numpyro.factor(f"g{i}", table[z, i])
+
+    one = _one_trace_only(pytest.MonkeyPatch(), model)
+    # float64 sums of a few terms: 1e-9 is round-off.
+    np.testing.assert_allclose(
+        infer(one, "sum").log_z, brute_force(model).log_z, atol=1e-9
+    )
+
+
+def test_trace_hooks_survive_overlapping_threads():
+    """Two threads inside the hook context, the first leaving first: JAX's and
+    NumPyro's own functions are back once both have left."""
+    import threading
+
+    from jax._src.numpy import indexing
+    from numpyro.distributions.distribution import Unit
+
+    before, unit_sample = indexing.rewriting_take, Unit.sample
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with compile_mod._fast_indexing():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with compile_mod._fast_indexing():
+            b_in.set()
+            a_out.wait(10)
+            seen["installed"] = indexing.rewriting_take is not before
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["installed"]  # still on for the second thread after the first left
+    assert indexing.rewriting_take is before
+    assert Unit.sample is unit_sample
+
+
+def test_support_grids_keep_the_sign_of_zero():
+    """Cached grids are keyed by the support's bytes: 0.0 and -0.0 compare equal
+    but are different support values (a sign-sensitive log-prob tells them apart)."""
+    value = np.zeros((), np.float64)
+    pos = compile_mod._support_grid((0.0, -1.0), value, 2)
+    neg = compile_mod._support_grid((-0.0, -1.0), value, 2)
+    assert not np.signbit(pos[0]) and np.signbit(neg[0])
