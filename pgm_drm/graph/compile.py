@@ -696,23 +696,22 @@ def _jaxpr_provenance(
             if key not in subs:  # which inputs each output reads; sub kept alive
                 own = [frozenset({i}) for i in range(len(ins))]
                 subs[key] = (sub, _jaxpr_provenance(sub, own, subs))
-            outs = []
-            for reads in subs[key][1]:
-                union = empty
-                for i in reads:
-                    p = ins[i]
-                    if p and p is not union:
-                        union = p if not union else union | p
-                outs.append(union)
+            outs = [_union([ins[i] for i in reads]) for reads in subs[key][1]]
         else:
-            union = empty
-            for p in ins:  # most equations read one labelled input, or none
-                if p and p is not union:
-                    union = p if not union else union | p
-            outs = [union] * len(eqn.outvars)
+            outs = [_union(ins)] * len(eqn.outvars)
         for v, p in zip(eqn.outvars, outs, strict=True):
             env[v] = p
     return [read(v) for v in jaxpr.outvars]
+
+
+def _union(labels: Sequence[frozenset]) -> frozenset:
+    """The union of ``labels``, reusing a set when there is nothing to add (most
+    equations read one labelled input, or none)."""
+    out: frozenset = frozenset()
+    for p in labels:
+        if p and p is not out:
+            out = p if not out else out | p
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -3022,11 +3021,9 @@ def _check_tables(
         if len(ks) > 1:
             stack = np.stack([np.asarray(tables[k]) for k in ks])
             ok = not (np.isnan(stack).any() or np.isposinf(stack).any())
-            if ok and norm and len(shape) >= 2 and stack.size:
-                eps = float(np.finfo(stack.dtype).eps)
-                t64 = stack.astype(np.float64).reshape((-1,) + shape[1:])
-                with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                    ok = not _unnormalised_rows(t64, eps)[0].any()
+            if ok and norm:  # the stack's rows, as one table's
+                rows = _host_unnormalised_rows(stack.reshape((-1,) + shape[1:]))
+                ok = rows is None or not rows[0].any()
             if ok:
                 continue
         suspects += ks
@@ -3097,17 +3094,26 @@ def _unnormalised_anywhere(table: Array) -> Array:
     return jnp.any(_unnormalised_rows(table, eps, jnp)[0])
 
 
+def _host_unnormalised_rows(table: Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_unnormalised_rows` on the host, in float64 with the tolerance of
+    the table's own dtype; None for a table with no rows to sum."""
+    t = np.asarray(table)
+    if t.ndim < 2 or t.size == 0:
+        return None
+    eps = float(np.finfo(t.dtype).eps)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _unnormalised_rows(t.astype(np.float64), eps)
+
+
 def _refuse_unnormalised(
     site: str, family: str, scope: Sequence[str], table: Array, given: str = ""
 ) -> None:
     """:func:`_check_normalised`'s test and error (``given``: where the values
     came from, appended to the message)."""
-    t = np.asarray(table, dtype=np.float64)
-    if t.ndim < 2 or t.size == 0:
+    rows = _host_unnormalised_rows(table)
+    if rows is None:
         return
-    eps = float(np.finfo(np.asarray(table).dtype).eps)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        bad, total = _unnormalised_rows(t, eps)
+    bad, total = rows
     if bad.any():
         err = np.where(bad, np.abs(np.nan_to_num(total - 1, nan=np.inf)), 0)
         worst = np.unravel_index(np.argmax(err), bad.shape)
