@@ -493,7 +493,7 @@ def _site_log_prob(
     if site.get("intermediates"):
         lp = fn.log_prob(value, site["intermediates"])
     elif type(fn) in _CATEGORICAL_PARAM:
-        lp = _categorical_score(
+        lp = _scored(
             getattr(fn, _CATEGORICAL_PARAM[type(fn)]),
             value,
             logits=_CATEGORICAL_PARAM[type(fn)] == "logits",
@@ -575,6 +575,76 @@ def _categorical_score(param: Array, value: Array, logits: bool, observed: bool)
         k = jnp.shape(param)[-1]
         lp = jnp.where(constraints.integer_interval(0, k - 1)(value), lp, -jnp.inf)
     return lp
+
+
+@functools.lru_cache(maxsize=256)
+def _scorer_call(param: Any, value: Any, logits: bool, observed: bool) -> Any:
+    """The one ``jit`` equation a call of :func:`_categorical_score` on these
+    avals stages (traced once per avals), or None where it stages anything
+    else."""
+    spec = [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+        for a in (param, value)
+    ]
+    closed = jax.make_jaxpr(
+        functools.partial(_categorical_score, logits=logits, observed=observed)
+    )(*spec)
+    (e,) = closed.jaxpr.eqns if len(closed.jaxpr.eqns) == 1 else (None,)
+    if (
+        e is None
+        or closed.consts
+        or e.primitive.name not in ("jit", "pjit")
+        or list(e.invars) != list(closed.jaxpr.invars)
+        or list(e.outvars) != list(closed.jaxpr.outvars)
+    ):
+        return None
+    return e
+
+
+def _score_abstract_eval(param, value, *, logits, observed):
+    return _scorer_call(param, value, logits, observed).outvars[0].aval
+
+
+def _score_impl(param, value, *, logits, observed):
+    return _categorical_score(param, value, logits=logits, observed=observed)
+
+
+#: A :func:`_categorical_score` call as ONE plain equation while the model is
+#: traced (:func:`_scored`): a ``jit`` call costs ~30 us of JAX's Python
+#: dispatch per site, a bound primitive ~12 us. ``_lift_latents`` puts the very
+#: ``jit`` equation the call would have staged in its place (:func:`_scorer_call`).
+_score_p = jax.extend.core.Primitive("pgm_drm_score")
+_score_p.def_abstract_eval(_score_abstract_eval)
+_score_p.def_impl(_score_impl)
+
+
+def _scored(param: Array, value: Array, logits: bool, observed: bool) -> Array:
+    """:func:`_categorical_score`, as :data:`_score_p` in the model's own trace
+    of :func:`_front_one_trace` (where ``_lift_latents`` expands it)."""
+    if getattr(_NONNEG_INDICES, "marks", None) is not None:
+        cur = _current_trace()
+        if (
+            cur is not None
+            and getattr(_NONNEG_INDICES, "trace", None) is cur
+            and all(_staged_here(a, cur) for a in (param, value))
+            and _scorer_call(param.aval, value.aval, logits, observed) is not None
+        ):
+            return _score_p.bind(param, value, logits=logits, observed=observed)
+    return _categorical_score(param, value, logits=logits, observed=observed)
+
+
+def _staged_here(a: Any, cur: Any) -> bool:
+    """``a`` is a tracer of the trace ``cur``, or a concrete JAX array."""
+    if isinstance(a, jax.core.Tracer):
+        return getattr(a, "_trace", None) is cur
+    return isinstance(a, jax.Array)
+
+
+def _expand_score(e: Any) -> Any:
+    """A ``_score_p`` equation as the ``jit`` equation of the call it stands for."""
+    avals = tuple(v.aval for v in e.invars)
+    call = _scorer_call(*avals, e.params["logits"], e.params["observed"])
+    return call.replace(invars=list(e.invars), outvars=list(e.outvars))
 
 
 #: Categorical sites are scored by :func:`_categorical_score` (the same values
@@ -2316,6 +2386,51 @@ _latent_p.def_abstract_eval(_latent_abstract_eval)
 _latent_p.def_impl(_latent_impl)
 
 
+@functools.lru_cache(maxsize=1024)
+def _take_avals(arr: Any, starts: tuple, slice_sizes: tuple, dimensions: tuple):
+    """The avals of ``dynamic_slice(arr, *starts)`` and of its squeeze, by JAX's
+    own rules (so the expanded equations type exactly as bound ones would)."""
+    mid = lax.dynamic_slice_p.abstract_eval(arr, *starts, slice_sizes=slice_sizes)
+    mid = mid[0] if isinstance(mid, tuple) else mid
+    out = lax.squeeze_p.abstract_eval(mid, dimensions=dimensions)
+    return mid, out[0] if isinstance(out, tuple) else out
+
+
+def _take_abstract_eval(arr, *starts, slice_sizes, dimensions):
+    return _take_avals(arr, tuple(starts), slice_sizes, dimensions)[1]
+
+
+def _take_impl(arr, *starts, slice_sizes, dimensions):
+    out = lax.dynamic_slice_p.bind(arr, *starts, slice_sizes=slice_sizes)
+    return lax.squeeze_p.bind(out, dimensions=dimensions)
+
+
+#: ``dynamic_slice`` + ``squeeze`` as ONE equation while the model is traced
+#: (:func:`_marked_take`): each bound primitive costs ~15 us of JAX's staging, and
+#: a loop-written model indexes thousands of tables by latents. ``_lift_latents``
+#: expands every one into the two standard equations (:func:`_expand_take`), so
+#: no later pass (nor any JAX transform) ever sees it.
+_take_p = jax.extend.core.Primitive("pgm_drm_take")
+_take_p.def_abstract_eval(_take_abstract_eval)
+_take_p.def_impl(_take_impl)
+
+
+def _expand_take(e: Any) -> list:
+    """A ``_take_p`` equation as the ``dynamic_slice`` and ``squeeze`` equations
+    :func:`_marked_take` would otherwise have bound (same parameters, same
+    avals by JAX's rules, the same source info)."""
+    arr, *starts = e.invars
+    sizes, dims = e.params["slice_sizes"], e.params["dimensions"]
+    mid_aval, _ = _take_avals(arr.aval, tuple(v.aval for v in starts), sizes, dims)
+    mid = jax.extend.core.gensym()(mid_aval)
+    return [
+        e.replace(
+            primitive=lax.dynamic_slice_p, params={"slice_sizes": sizes}, outvars=[mid]
+        ),
+        e.replace(primitive=lax.squeeze_p, invars=[mid], params={"dimensions": dims}),
+    ]
+
+
 class _marked_latents(Messenger):
     """Give every latent sample site a marker value (an abstract array of the
     site's batch shape) and read its support, concretely."""
@@ -2368,8 +2483,15 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
     shape = np.shape(arr)
     if len(items) > len(shape):
         return None
-    dtypes = {np.dtype(i.dtype) for i in items if marks.get(id(i), _UNMARKED) is i}
+    marked = [i for i in items if marks.get(id(i), _UNMARKED) is i]
+    dtypes = {np.dtype(i.dtype) for i in marked}
     if len(dtypes) != 1:
+        return None
+    # Only in the trace the markers belong to (the model's own, whose equations
+    # _lift_latents expands): inside a nested trace (a jit or scan body) the
+    # index goes through JAX's own code.
+    cur = _current_trace()
+    if cur is None or any(getattr(i, "_trace", None) is not cur for i in marked):
         return None
     (dtype,) = dtypes
     top = np.iinfo(dtype).max  # an int start is cast to the latent's dtype
@@ -2390,11 +2512,18 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
     rest = shape[len(items) :]
     starts += [np.zeros((), dtype)] * len(rest)
     sizes += list(rest)
-    # The two primitives bound directly: lax.dynamic_slice and lax.squeeze add
-    # only checks these starts pass (one dtype, non-negative), ~8% of a chain's
-    # compile_model.
-    out = lax.dynamic_slice_p.bind(arr, *starts, slice_sizes=tuple(sizes))
-    return lax.squeeze_p.bind(out, dimensions=tuple(squeeze))
+    # One equation, expanded into lax.dynamic_slice and lax.squeeze after the
+    # trace (_take_p); lax's wrappers would only re-check what these starts are
+    # (one dtype, non-negative).
+    return _take_p.bind(
+        arr, *starts, slice_sizes=tuple(sizes), dimensions=tuple(squeeze)
+    )
+
+
+def _current_trace() -> Any:
+    """The trace JAX stages into now (private API; None where it moved)."""
+    ctx = getattr(getattr(jax._src, "core", None), "trace_ctx", None)
+    return getattr(ctx, "trace", None)
 
 
 def _static_take(arr: Any, idx: Any) -> Array | None:
@@ -2463,7 +2592,7 @@ def _fast_indexing():
     try:
         yield
     finally:
-        _NONNEG_INDICES.marks = None
+        _NONNEG_INDICES.marks = _NONNEG_INDICES.trace = None
         _remove_hooks()
 
 
@@ -2541,12 +2670,17 @@ def _unit_sample(self: Any, key: Any, sample_shape: tuple[int, ...] = ()) -> Arr
 
 def _lift_latents(closed: ClosedJaxpr, latent: Sequence[str]) -> ClosedJaxpr:
     """``closed`` with every latent marker's output made an input, in ``latent``
-    order, ahead of the evidence inputs."""
+    order, ahead of the evidence inputs, and every :data:`_take_p` expanded
+    into its two standard equations."""
     jaxpr = closed.jaxpr
     found, eqns = {}, []
     for e in jaxpr.eqns:
         if e.primitive is _latent_p:
             found[e.params["name"]] = e.outvars[0]
+        elif e.primitive is _take_p:
+            eqns.extend(_expand_take(e))
+        elif e.primitive is _score_p:
+            eqns.append(_expand_score(e))
         else:
             eqns.append(e)
     if sorted(found) != sorted(latent):  # a marker inside a nested jaxpr (scan, jit)
@@ -2578,6 +2712,7 @@ def _front_one_trace(
     found: dict[str, Any] = {}
 
     def fn(ev):
+        _NONNEG_INDICES.trace = _current_trace()  # the model's own (see _scored)
         marker = _marked_latents(model)
         seeded = handlers.seed(marker, 0)
         tr = handlers.trace(seeded).get_trace(
@@ -2610,7 +2745,7 @@ def _front_one_trace(
     latent = found["latent"]
     closed = _lift_latents(closed, latent)
     lat_values = [
-        jnp.asarray(np.broadcast_to(found["first"][n], v.aval.shape))
+        np.broadcast_to(np.asarray(found["first"][n], v.aval.dtype), v.aval.shape)
         for n, v in zip(latent, closed.jaxpr.invars, strict=False)
     ]
     return _Front(

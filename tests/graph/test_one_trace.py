@@ -9,6 +9,8 @@ report a malformed model's error.
 
 from __future__ import annotations
 
+import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -96,7 +98,20 @@ def _models(kind: str, seed: int):
 def test_one_trace_equals_two_traces(kind, seed):
     model, kwargs = _models(kind, seed)
     mp = pytest.MonkeyPatch()
+    lifted = []
+
+    def spy(closed, latent):
+        lifted.append(real_lift(closed, latent))
+        return lifted[-1]
+
+    real_lift = compile_mod._lift_latents
+    mp.setattr(compile_mod, "_lift_latents", spy)
     one = _one_trace_only(mp, model, **kwargs)
+    # The trace's own one-equation stand-ins (an indexing, a Categorical
+    # scorer) are all expanded: the jaxpr holds standard, well-typed equations.
+    (closed,) = lifted
+    jax.extend.core.check_jaxpr(closed.jaxpr)
+    assert not any(e.primitive.name.startswith("pgm_drm") for e in closed.jaxpr.eqns)
     two = _two_traces(model, **kwargs)
     _assert_same_graph(one, two)
     # And exact: log Z equals listing every configuration (float64 sums of a few
@@ -115,8 +130,22 @@ def test_a_loop_written_model_runs_once():
         model()
 
     mp = pytest.MonkeyPatch()
+    expanded = {"_expand_take": 0, "_expand_score": 0}
+
+    def spied(name, real):
+        def spy(e):
+            expanded[name] += 1
+            return real(e)
+
+        return spy
+
+    for name in expanded:
+        mp.setattr(compile_mod, name, spied(name, getattr(compile_mod, name)))
     one = _one_trace_only(mp, counted)
     assert len(calls) == 1
+    # Each site's `trans[i][x]` / `evidence[i][x]` and Categorical scorer was
+    # staged as one stand-in equation, expanded after the trace.
+    assert expanded == {"_expand_take": 2 * 30 - 1, "_expand_score": 30}
     _assert_same_graph(one, _two_traces(model))
 
 
@@ -165,7 +194,6 @@ def test_scaled_latent_sites_are_not_held_to_sum_to_one():
     x64=st.booleans(),
 )
 def test_arange_supports_equal_enumerate_support(family, k, plate, x64):
-    import jax
 
     old = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", x64)
@@ -193,7 +221,6 @@ def test_arange_supports_equal_enumerate_support(family, k, plate, x64):
 def test_valid_latents_pass_the_normalisation_check_in_float32(x64):
     """Rounding in a log-prob grows with its terms (a float32 Binomial(100) sums
     to 1 +- 3e-5): valid models must not be refused, in either precision."""
-    import jax
 
     old = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", x64)
@@ -330,7 +357,6 @@ def test_big_models_split_by_evidence_equal_partial_eval(seed):
     # (_split_by_evidence) and its residuals evaluated slice by slice; below, by
     # JAX's partial_eval and the colour vmap. Same log Z and the same gradient
     # with respect to the evidence (custom derivative rules kept), on new data.
-    import jax
 
     from pgm_drm.inference import log_partition
 
@@ -384,8 +410,6 @@ def test_categorical_scoring_equals_numpyro_log_prob(
     # included). Observed values outside the support score -inf, as NumPyro's
     # validated log_prob.
     import warnings
-
-    import jax
 
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.ones(k), size=batch)
@@ -600,3 +624,24 @@ def test_support_grids_keep_the_sign_of_zero():
     pos = compile_mod._support_grid((0.0, -1.0), value, 2)
     neg = compile_mod._support_grid((-0.0, -1.0), value, 2)
     assert not np.signbit(pos[0]) and np.signbit(neg[0])
+
+
+def test_latent_indexing_inside_a_nested_trace_is_left_to_jax():
+    """A latent indexing a table inside a nested trace (a jitted function
+    closing over it, or given it) goes through JAX's own indexing: the one
+    equation the fast path stages is expanded only in the model's own jaxpr."""
+
+    table = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2)))
+
+    def model():
+        z = numpyro.sample("z", dist.Categorical(jnp.ones(3) / 3))
+        y = numpyro.sample("y", dist.Bernoulli(0.4))
+        numpyro.factor("f", jax.jit(lambda t: t[z, y])(table))  # closed over
+        numpyro.factor("g", jax.jit(lambda t, i: t[i].sum())(table, z))  # an input
+        numpyro.factor("h", table[z, y])  # the model's own trace: the fast path
+
+    one = _one_trace_only(pytest.MonkeyPatch(), model)
+    # float64 sums of a few terms: 1e-9 is round-off.
+    np.testing.assert_allclose(
+        infer(one, "sum").log_z, brute_force(model).log_z, atol=1e-9
+    )
