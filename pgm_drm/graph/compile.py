@@ -1608,6 +1608,13 @@ def _rearrange(
     """``(K_c..., *lp_shape)`` -> ``(n_instances, *cards of scope)`` (``xp``:
     ``jax.numpy``, or ``numpy`` for tables computed once at compile time)."""
     nc = len(colours)
+    pos = {c: k for k, c in enumerate(colours)}
+    perm = [pos[colour_of[s]] for s in info.scope]
+    if not info.plates and table.ndim == nc:  # one instance, a scalar log-prob
+        lp = table if perm == list(range(nc)) else xp.transpose(table, perm)
+        if any(lp.shape[i] != cards[s] for i, s in enumerate(info.scope)):
+            lp = lp[tuple(slice(0, cards[s]) for s in info.scope)]
+        return lp[None]
     lead, lp_shape = table.shape[:nc], table.shape[nc:]
     length = max([len(lp_shape)] + [-d for d in info.plate_dims])
     lp = xp.reshape(table, lead + (1,) * (length - len(lp_shape)) + lp_shape)
@@ -1620,8 +1627,6 @@ def _rearrange(
     lp = xp.squeeze(lp, axis=tuple(other)) if other else lp
     lp = xp.broadcast_to(lp, lead + info.plate_shape)
     # Colour axes -> scope order, slicing padded states off.
-    pos = {c: k for k, c in enumerate(colours)}
-    perm = [pos[colour_of[s]] for s in info.scope]
     lp = xp.transpose(lp, [nc + k for k in range(len(info.plates))] + perm)
     lp = xp.reshape(lp, (info.n_instances,) + lp.shape[len(info.plates) :])
     index = (slice(None),) + tuple(slice(0, cards[s]) for s in info.scope)

@@ -192,8 +192,11 @@ def _split_groups(fg: FactorGraph):
 
     A class holds every pair group with one cardinality tuple; within a class the
     groups that depend on no evidence come first, so their tables are
-    concatenated once, outside the jitted kernel.
+    concatenated once, outside the jitted kernel. Cached on ``fg`` (a plan
+    reads it up to three times; a loop-written model has a group per site).
     """
+    if "split_groups" in fg._cache:
+        return fg._cache["split_groups"]
     unary, constant = [], []
     classes: dict[tuple[int, ...], list[int]] = {}
     for k, g in enumerate(fg.factor_groups):
@@ -207,7 +210,9 @@ def _split_groups(fg: FactorGraph):
         tuple(sorted(members, key=lambda k: (bool(fg.factor_groups[k].evidence), k)))
         for members in classes.values()
     )
-    return tuple(unary), tuple(constant), ordered
+    out = tuple(unary), tuple(constant), ordered
+    fg._cache["split_groups"] = out
+    return out
 
 
 def _class_scope(fg: FactorGraph, members: tuple[int, ...]) -> np.ndarray:
