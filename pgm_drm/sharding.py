@@ -60,6 +60,9 @@ def shard_batch(tree: Any, mesh: Mesh | None = None) -> tuple[Any, int]:
         The sharded tree and the original batch size. With one device the tree
         comes back as it is.
     """
+    if mesh is None and isinstance(tree, jax.Array) and tree.ndim:  # one array
+        if jax.device_count() == 1:
+            return tree, int(tree.shape[0])
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return tree, 0

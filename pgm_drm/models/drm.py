@@ -25,6 +25,7 @@ does not compile again.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -243,12 +244,12 @@ class DeepRenderingModel:
 
     @property
     def image_shape(self) -> tuple[int, int]:
-        side = int(np.prod(self.windows))
+        side = math.prod(int(w) for w in self.windows)
         return (side, side)
 
     def grid_shape(self, level: int) -> tuple[int, int]:
         """Spatial grid of level-``level`` units (level 0 = pixels)."""
-        side = int(np.prod(self.windows[level:]))
+        side = math.prod(int(w) for w in self.windows[level:])
         return (side, side)
 
     def placement_table(self, level: int) -> Array:
