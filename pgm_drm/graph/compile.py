@@ -2499,13 +2499,13 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
     if cur is None or any(getattr(i, "_trace", None) is not cur for i in marked):
         return None
     (dtype,) = dtypes
-    top = np.iinfo(dtype).max  # an int start is cast to the latent's dtype
+    zero, top = _int_facts(dtype)  # an int start is cast to the latent's dtype
     starts, sizes, squeeze = [], [], []
     for axis, (i, n) in enumerate(zip(items, shape, strict=False)):
         if marks.get(id(i), _UNMARKED) is i:
             starts.append(i)
         elif isinstance(i, slice) and i == slice(None):
-            starts.append(np.zeros((), dtype))
+            starts.append(zero)
             sizes.append(n)
             continue
         elif _is_int(i) and 0 <= i < n and i <= top:
@@ -2515,7 +2515,7 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
         sizes.append(1)
         squeeze.append(axis)
     rest = shape[len(items) :]
-    starts += [np.zeros((), dtype)] * len(rest)
+    starts += [zero] * len(rest)
     sizes += list(rest)
     # One equation, expanded into lax.dynamic_slice and lax.squeeze after the
     # trace (_take_p); lax's wrappers would only re-check what these starts are
@@ -2523,6 +2523,12 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
     return _take_p.bind(
         arr, *starts, slice_sizes=tuple(sizes), dimensions=tuple(squeeze)
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _int_facts(dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """A zero start of ``dtype`` and the largest int it holds."""
+    return np.zeros((), dtype), int(np.iinfo(dtype).max)
 
 
 def _current_trace() -> Any:
