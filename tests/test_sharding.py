@@ -56,6 +56,15 @@ SCRIPT = textwrap.dedent(
                     batch.log_marginals[site][i], one.log_marginals[site],
                     atol=1e-6,
                 )
+    # A padded batch with one NaN pixel: the error counts the entries given,
+    # not the padding's copies of the last row.
+    bad = np.asarray(images[:10]).copy()
+    bad[9, 0, 0] = np.nan
+    try:
+        infer(fg, "sum", schedule="exact", image=bad)
+        raise AssertionError("NaN evidence was not refused")
+    except ValueError as err:
+        assert f"(1 of {bad.size} entries)" in str(err), err
     from pgm_drm.inference import conv_dcn_infer
     from pgm_drm.models import ConvRenderingModel, DeepRenderingModel
 

@@ -577,11 +577,18 @@ def _categorical_score(param: Array, value: Array, logits: bool, observed: bool)
     return lp
 
 
-@functools.lru_cache(maxsize=256)
 def _scorer_call(param: Any, value: Any, logits: bool, observed: bool) -> Any:
     """The one ``jit`` equation a call of :func:`_categorical_score` on these
-    avals stages (traced once per avals), or None where it stages anything
-    else."""
+    avals stages (traced once per avals and dtype mode: x64 and the promotion
+    rule change the body's intermediate dtypes), or None where it stages
+    anything else."""
+    mode = (bool(jax.config.jax_enable_x64), str(jax.config.jax_numpy_dtype_promotion))
+    return _scorer_call_in(param, value, logits, observed, mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _scorer_call_in(param: Any, value: Any, logits: bool, observed: bool, mode):
+    """:func:`_scorer_call` in dtype mode ``mode`` (its cache key only)."""
     spec = [
         jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
         for a in (param, value)
@@ -2582,8 +2589,9 @@ def _fast_indexing():
     or more axes, a cast of every start index) through jitted ``jnp`` wrappers
     before the ``dynamic_slice``: ~430 us per index under tracing, half the
     trace of a plain loop. On the support the select is the identity, so
-    :func:`_marked_take` stages only the slice and the squeeze, and the jaxpr
-    computes the same tables. :func:`_static_take` turns a closed-over
+    :func:`_marked_take` stages only the slice and the squeeze (as one stand-in
+    equation, :data:`_take_p`, expanded into the two after the trace), and the
+    jaxpr computes the same tables. :func:`_static_take` turns a closed-over
     ``potentials[i]`` into a constant. A chain of 10,000 sites:
     ``compile_model`` 17.5 s -> 9.2 s (latents) -> 7.2 s (static). Every other
     index (a derived ``z - 1``, a support that may be negative, an unmarked

@@ -524,6 +524,7 @@ def infer(
     fg.check_new_evidence(arrays, {k: axes[k] == 0 for k in arrays})
     lead = () if batch is None else (batch,)
     padded = False  # whether the batch was padded to the device count
+    given = arrays  # unpadded: what an error about the evidence counts
     if batch is not None:  # spread the batch over every device (identity on one)
         batched = shard_batch({k: v for k, v in arrays.items() if axes[k] == 0})[0]
         padded = any(jnp.shape(v)[0] != batch for v in batched.values())
@@ -539,7 +540,7 @@ def infer(
         # scalar takes a slower path, ~20 us against ~4).
         status = int(np.asarray(status))
         if status == 1:  # names the evidence and counts its NaN/inf entries
-            for name, x in arrays.items():
+            for name, x in given.items():
                 check_evidence_values(name, x)
         if status:
             _check_log_z(log_z, fg, arrays, axes)

@@ -645,3 +645,30 @@ def test_latent_indexing_inside_a_nested_trace_is_left_to_jax():
     np.testing.assert_allclose(
         infer(one, "sum").log_z, brute_force(model).log_z, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("first_x64", [False, True])
+def test_scorer_stand_in_follows_the_dtype_mode(first_x64):
+    """The scorer stand-in is the jit equation a call stages in the current
+    dtype mode: compiling one model with x64 off, then on (or the reverse), gives
+    the two-trace path's table dtypes both times (int32 probs score as float32
+    without x64 and as float64 with it)."""
+    onehot = np.eye(3, dtype=np.int32)
+
+    def model(y=None):
+        prior = jnp.asarray([0.3, 0.3, 0.4], jnp.float32)
+        z = numpyro.sample("z", dist.Categorical(prior))
+        numpyro.sample("y", dist.Categorical(probs=jnp.asarray(onehot)[z]), obs=y)
+
+    before = jax.config.jax_enable_x64
+    try:
+        for x64 in (first_x64, not first_x64):
+            jax.config.update("jax_enable_x64", x64)
+            y = jnp.asarray(2, jnp.int32)
+            one = _one_trace_only(pytest.MonkeyPatch(), model, y=y)
+            two = _two_traces(model, y=y)
+            assert [np.asarray(t).dtype for t in one.tables()] == [
+                np.asarray(t).dtype for t in two.tables()
+            ]
+    finally:
+        jax.config.update("jax_enable_x64", before)
