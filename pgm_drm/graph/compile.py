@@ -847,6 +847,14 @@ def _log_prob_fn(
         data = dict(zip(latent, values, strict=True))
         seeded = handlers.seed(handlers.substitute(model, data=data), 0)
         tr = handlers.trace(seeded).get_trace(*args, **{**static, **evidence})
+        missing = [n for n in sites if n not in tr]
+        if missing:  # e.g. sampled inside a jax.jit body, run once then cached
+            raise CompileError(
+                f"site '{missing[0]}' was sampled when the model first ran but "
+                "not when it ran again: a numpyro.sample inside a jax.jit (or "
+                "otherwise cached) function runs only when JAX traces it; sample "
+                "every site from the model's own Python code"
+            )
         if split is not None:
             split.clear()
         out = _score_sites(tr, sites, summed, split)
@@ -2459,6 +2467,13 @@ class _marked_latents(Messenger):
             raise _OneTraceUnfit(f"latent site '{msg['name']}' already has a value")
         name, fn = msg["name"], msg["fn"]
         _check_latent(name, fn)
+        top, cur = getattr(_NONNEG_INDICES, "trace", None), _current_trace()
+        if top is not None and cur is not top and type(cur) is type(top):
+            # Inside a jax.jit (or scan) body: a marker bound there would be
+            # cached with that function's jaxpr and break its later calls.
+            raise _OneTraceUnfit(
+                f"latent site '{name}' is sampled inside a nested JAX trace"
+            )
         with jax.ensure_compile_time_eval():
             sup = support_values(fn, name)
         self.supports[name] = sup

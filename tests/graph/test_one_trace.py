@@ -672,3 +672,27 @@ def test_scorer_stand_in_follows_the_dtype_mode(first_x64):
             ]
     finally:
         jax.config.update("jax_enable_x64", before)
+
+
+def test_a_site_sampled_inside_a_jitted_helper_is_refused_cleanly():
+    """A ``numpyro.sample`` inside a ``jax.jit`` helper runs only when JAX traces
+    the helper. ``compile_model`` refuses it by name, and leaves no marker in
+    the helper's cached program (its later calls, outside the compiler, run)."""
+    probs = jnp.asarray([0.2, 0.3, 0.5])
+    table = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3)))
+
+    @jax.jit
+    def helper(t):
+        z = numpyro.sample("zj", dist.Categorical(probs))
+        return t[z].sum()
+
+    def model():
+        z = numpyro.sample("z", dist.Categorical(probs))
+        numpyro.factor("f", helper(table) + table[z, 1])
+
+    with pytest.raises(CompileError, match="'zj' was sampled when the model"):
+        compile_model(model)
+    # (JAX has now cached the helper: the site would not run again, for the
+    # compiler as for NumPyro itself.)
+    with numpyro.handlers.seed(rng_seed=0):
+        assert np.isfinite(float(helper(table)))
