@@ -539,6 +539,17 @@ def infer(
         # The one host read when all is well (np.asarray: int() of a JAX
         # scalar takes a slower path, ~20 us against ~4).
         status = int(np.asarray(status))
+        if status and isinstance(log_z, jax.core.Tracer):  # e.g. under jax.grad
+            what = (
+                "the evidence contains NaN or inf values"
+                if status == 1
+                else "log Z is not finite (evidence of probability zero, or a "
+                "NaN/+inf table)"
+            )
+            raise ValueError(
+                f"{what}; call infer outside the JAX transform to have the "
+                "entries or sites named"
+            )
         if status == 1:  # names the evidence and counts its NaN/inf entries
             for name, x in given.items():
                 check_evidence_values(name, x)

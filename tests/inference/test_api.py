@@ -505,3 +505,31 @@ def test_a_loops_transition_tables_given_as_evidence_are_checked(grouped, monkey
         infer(fg, "max", trans=bad)
     with pytest.raises(ValueError, match=r"'x_7'.*evidence given"):
         infer(fg, "max", trans=jnp.stack([new, bad]))
+
+
+def test_infer_under_grad_gives_the_gradient_and_refuses_bad_evidence():
+    """``jax.grad`` through ``infer``: the gradient of log Z equals the closed
+    form's, and NaN or probability-zero evidence is still refused, by a
+    ``ValueError`` that says which of the two (the entries and sites can only be
+    named outside the transform)."""
+    prior = jnp.asarray([0.4, 0.6])
+
+    def model(x=None):
+        z = numpyro.sample("z", dist.Categorical(prior))
+        numpyro.sample("x", dist.Normal(1.0 * z, 1.0), obs=x)
+        numpyro.factor("f", jnp.where(x > 1.5, -jnp.inf, 0.0))
+
+    fg = compile_model(model, x=jnp.asarray(0.3))
+    grad = jax.grad(lambda x: infer(fg, "sum", x=x).log_z)
+
+    def closed(x):  # log sum_z p(z) N(x; z, 1)
+        return jax.scipy.special.logsumexp(
+            jnp.log(prior) + dist.Normal(jnp.arange(2.0), 1.0).log_prob(x)
+        )
+
+    # float32 (the test's default): a few ulps of a derivative of size ~0.5.
+    np.testing.assert_allclose(grad(jnp.asarray(0.3)), jax.grad(closed)(0.3), atol=1e-5)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        grad(jnp.asarray(jnp.nan))
+    with pytest.raises(ValueError, match="probability zero"):
+        grad(jnp.asarray(5.0))
