@@ -501,7 +501,10 @@ def infer(
             evidence of probability zero, NaN tables; new evidence that changes
             a latent's support, makes a latent's probabilities not sum to one or
             puts a parameter outside its constraint
-            (:meth:`~pgm_drm.graph.FactorGraph.check_new_evidence`).
+            (:meth:`~pgm_drm.graph.FactorGraph.check_new_evidence`). Under
+            ``jax.grad`` (which gives the gradient of log Z with respect to the
+            evidence) NaN/inf evidence and probability zero are still refused,
+            without naming the entries or sites.
 
     Example:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
