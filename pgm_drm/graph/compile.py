@@ -2850,6 +2850,22 @@ def _constraint_bad(con: Any, value: Array) -> Array:
     return jnp.where(jnp.asarray(con.check(value)), 0.0, 1.0)
 
 
+#: One compile at a time: NumPyro's handler stack is one list for the whole
+#: process, so two models run under handlers at once in two threads would see
+#: each other's sites ("duplicated site", "already has a value").
+_COMPILE_LOCK = threading.RLock()
+
+
+def _one_at_a_time(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _COMPILE_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@_one_at_a_time
 @_gc_paused()
 def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     """Compile a NumPyro model with finite discrete latents into a factor graph.
@@ -2858,7 +2874,8 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
     Each sample site (latent, observed or ``numpyro.factor``) gives one factor
     group: its ``log_prob`` over its own latent parents, found by provenance, with
     its plates as an instance axis (module docstring). The number of sites is not
-    limited by NumPyro's enumeration dims.
+    limited by NumPyro's enumeration dims. Calls from several threads run one at
+    a time (NumPyro's handler stack is shared by the whole process).
 
     Args:
         model: A NumPyro model function.

@@ -696,3 +696,28 @@ def test_a_site_sampled_inside_a_jitted_helper_is_refused_cleanly():
     # compiler as for NumPyro itself.)
     with numpyro.handlers.seed(rng_seed=0):
         assert np.isfinite(float(helper(table)))
+
+
+def test_compile_model_from_several_threads_equals_one_at_a_time():
+    """NumPyro's handler stack is one list per process: compile_model calls from
+    several threads run one at a time, and each gets its own model's graph."""
+    import threading
+
+    models = [chain_loop_model(25, k, seed=s)[0] for k, s in ((3, 1), (4, 2), (2, 3))]
+    want = [float(infer(compile_model(m), "sum").log_z) for m in models]
+    got, errors = [None] * len(models), []
+
+    def run(i):
+        try:
+            got[i] = float(infer(compile_model(models[i]), "sum").log_z)
+        except Exception as err:  # reported below, with the thread's model
+            errors.append((i, repr(err)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    # The same float64 programs on the same tables: equal to round-off.
+    np.testing.assert_allclose(got, want, atol=1e-9)
