@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from pgm_drm.graph.compile import FactorGraph
 
 __all__ = [
-    "UNROLL_MIN_WIDTH",
     "UNROLL_STEPS",
     "FlatPlan",
     "JunctionEdges",
@@ -50,22 +49,6 @@ __all__ = [
 #: Tree plans with more steps than this run the steps inside ``lax.scan``
 #: (padded index arrays) instead of unrolled; below it every step is exact-sized.
 UNROLL_STEPS = 24
-#: ... and so do narrow plans of three steps or more: fewer factor instances per
-#: step than this, on average (a chain has one). Unrolled, each step is its own
-#: code for XLA to compile, for no gain at run time: a 24-site chain took 5.1 s to
-#: its first result and 297 us per run, in the scan 0.7 s and 179 us. A wide
-#: tree keeps the unrolled steps: 200 variables in 11 steps, 0.7 s against 2.5 s
-#: to the first result, but a batch of 64 runs 1.4x slower in the scan.
-UNROLL_MIN_WIDTH = 8
-
-
-def _scanned(steps: tuple) -> bool:
-    """Whether a tree plan's ``steps`` run inside ``lax.scan`` (see
-    :data:`UNROLL_STEPS`, :data:`UNROLL_MIN_WIDTH`)."""
-    if len(steps) > UNROLL_STEPS:
-        return True
-    width = sum(len(inst) for step in steps for _, inst in step)
-    return len(steps) > 2 and width < UNROLL_MIN_WIDTH * len(steps)
 
 
 @dataclass(frozen=True, eq=False)
@@ -761,7 +744,7 @@ def make_flat_plan(
     junction = _junction_tree(fg, pairs, pair_scope) if kind == "exact" else None
     if kind == "tree":
         roots, steps = _tree_plan(fg)
-        if _scanned(steps):
+        if len(steps) > UNROLL_STEPS:
             sizes = [sc.shape[0] - 1 for sc in pair_scope]
             padded = _pad_steps(steps, sizes)
     return FlatPlan(

@@ -703,7 +703,7 @@ def test_compile_model_from_several_threads_equals_one_at_a_time():
     several threads run one at a time, and each gets its own model's graph."""
     import threading
 
-    models = [chain_loop_model(25, k, seed=s)[0] for k, s in ((3, 1), (4, 2), (2, 3))]
+    models = [chain_loop_model(40, k, seed=s)[0] for k, s in ((3, 1), (4, 2), (2, 3))]
     want = [float(infer(compile_model(m), "sum").log_z) for m in models]
     got, errors = [None] * len(models), []
 

@@ -559,15 +559,13 @@ def test_batched_evidence_equals_one_by_one():
             )
 
 
-@pytest.mark.parametrize("n", [3, UNROLL_STEPS // 2, 3 * UNROLL_STEPS])
+@pytest.mark.parametrize("n", [UNROLL_STEPS // 2, 3 * UNROLL_STEPS])
 def test_chain_as_a_loop_equals_forward_backward(n):
-    # A chain is one factor instance per step: from three steps on (and past
-    # UNROLL_STEPS in any case) the steps run inside lax.scan (padded arrays);
-    # the 3-site chain's two steps run unrolled.
+    # 3 * UNROLL_STEPS sites run the depth steps inside lax.scan (padded arrays).
     model, params = chain_loop_model(n, k=4, seed=n)
     fg = compile_model(model)
     plan = fg.plan("tree")
-    assert (plan.padded is not None) == (plan.n_steps > 2)
+    assert (plan.padded is not None) == (plan.n_steps > UNROLL_STEPS)
     post = infer(fg, "sum")
     log_z, marg = numpy_forward_backward(params)
     np.testing.assert_allclose(float(post.log_z), log_z, atol=ATOL)
@@ -698,24 +696,3 @@ def test_flat_loopy_matches_naive_loopy_at_convergence():
             atol=1e-6,
         )
     np.testing.assert_allclose(float(flat.log_z), float(naive.log_z), atol=1e-6)
-
-
-def test_wide_tree_plans_stay_unrolled_and_narrow_ones_scan():
-    """A tree plan runs its steps inside lax.scan when it is long or narrow (a
-    chain: one factor instance per step); a wide one (ten instances per step
-    here) keeps exact-sized unrolled steps, which run faster on batches."""
-    probs = jnp.asarray([0.2, 0.3, 0.5])
-    trans = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(3), size=3))
-
-    def wide():
-        r = numpyro.sample("r", dist.Categorical(probs))
-        for i in range(10):
-            a = numpyro.sample(f"a{i}", dist.Categorical(trans[r]))
-            b = numpyro.sample(f"b{i}", dist.Categorical(trans[a]))
-            numpyro.sample(f"c{i}", dist.Categorical(trans[b]))
-
-    plan = compile_model(wide).plan("tree")
-    assert plan.n_steps == 3 and plan.padded is None
-    chain, _ = chain_loop_model(4, k=3, seed=0)
-    plan = compile_model(chain).plan("tree")
-    assert plan.n_steps == 3 and plan.padded is not None
