@@ -628,15 +628,14 @@ _score_p.def_impl(_score_impl)
 def _scored(param: Array, value: Array, logits: bool, observed: bool) -> Array:
     """:func:`_categorical_score`, as :data:`_score_p` in the model's own trace
     of :func:`_front_one_trace` (where ``_lift_latents`` expands it)."""
-    if getattr(_NONNEG_INDICES, "marks", None) is not None:
-        cur = _current_trace()
-        if (
-            cur is not None
-            and getattr(_NONNEG_INDICES, "trace", None) is cur
-            and all(_staged_here(a, cur) for a in (param, value))
-            and _scorer_call(param.aval, value.aval, logits, observed) is not None
-        ):
-            return _score_p.bind(param, value, logits=logits, observed=observed)
+    top = getattr(_NONNEG_INDICES, "trace", None)  # set only inside the one trace
+    if (
+        top is not None
+        and _current_trace() is top
+        and all(_staged_here(a, top) for a in (param, value))
+        and _scorer_call(param.aval, value.aval, logits, observed) is not None
+    ):
+        return _score_p.bind(param, value, logits=logits, observed=observed)
     return _categorical_score(param, value, logits=logits, observed=observed)
 
 
@@ -2518,7 +2517,7 @@ def _marked_take(arr: Any, idx: Any, marks: dict) -> Array | None:
     # _lift_latents expands): inside a nested trace (a jit or scan body) the
     # index goes through JAX's own code.
     cur = _current_trace()
-    if cur is None or any(getattr(i, "_trace", None) is not cur for i in marked):
+    if cur is None or not all(_staged_here(i, cur) for i in marked):
         return None
     (dtype,) = dtypes
     zero, top = _int_facts(dtype)  # an int start is cast to the latent's dtype
