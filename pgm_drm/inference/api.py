@@ -19,7 +19,7 @@ from pgm_drm.graph.compile import (
     split_evidence,
 )
 from pgm_drm.graph.keys import equality_keys, value_keys
-from pgm_drm.graph.plan import FlatPlan
+from pgm_drm.graph.plan import FlatPlan, scanned_twin
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import (
     add_dynamic,
@@ -254,11 +254,18 @@ def _compiled_flat(
         return fg._cache[key][1]
 
     groups = fg.factor_groups
-    # Evidence-free inputs are built once per plan, shared by every variant.
+    # Evidence-free inputs are built once per plan, shared by every variant (the
+    # scanned twin below shares the plan's index arrays and so its inputs).
     skey = ("static", id(plan))
     if skey not in fg._cache:
         fg._cache[skey] = static_inputs(plan, fg.host_tables(), groups)
     static = fg._cache[skey]
+    if all(a is None for a in axes.values()):
+        # One query: a narrow tree plan runs its steps in lax.scan (UNROLL_MIN_WIDTH).
+        tkey = ("scanned", id(plan))
+        if tkey not in fg._cache:
+            fg._cache[tkey] = (plan, scanned_twin(plan))
+        plan = fg._cache[tkey][1] or plan
 
     var_ids = _marginal_vars(fg, want_margs)
     # Leaf messages from keyed tables (flat.run_flat_plan's table_keys); when

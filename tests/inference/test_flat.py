@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgm_drm.graph import compile_model
-from pgm_drm.graph.plan import UNROLL_STEPS
+from pgm_drm.graph.plan import UNROLL_STEPS, scanned_twin
 from pgm_drm.inference import brute_force, enumerate_exact, flat, infer, run_flat_plan
 from pgm_drm.inference.flat import flat_inputs
 from pgm_drm.testing import (
@@ -561,7 +561,8 @@ def test_batched_evidence_equals_one_by_one():
 
 @pytest.mark.parametrize("n", [UNROLL_STEPS // 2, 3 * UNROLL_STEPS])
 def test_chain_as_a_loop_equals_forward_backward(n):
-    # 3 * UNROLL_STEPS sites run the depth steps inside lax.scan (padded arrays).
+    # 3 * UNROLL_STEPS sites run the depth steps inside lax.scan (padded arrays);
+    # so does the shorter chain, since these are single queries (scanned_twin).
     model, params = chain_loop_model(n, k=4, seed=n)
     fg = compile_model(model)
     plan = fg.plan("tree")
@@ -696,3 +697,61 @@ def test_flat_loopy_matches_naive_loopy_at_convergence():
             atol=1e-6,
         )
     np.testing.assert_allclose(float(flat.log_z), float(naive.log_z), atol=1e-6)
+
+
+def _hmm(x=None):
+    """An HMM over the entries of ``x``: a narrow tree plan (one factor per step)."""
+    pi = jnp.array([0.6, 0.3, 0.1])
+    trans = jnp.array([[0.7, 0.2, 0.1], [0.3, 0.5, 0.2], [0.1, 0.3, 0.6]])
+    mu = jnp.array([-1.0, 0.2, 1.5])
+    z = numpyro.sample("z0", dist.Categorical(pi))
+    numpyro.sample("x0", dist.Normal(mu[z], 0.8), obs=x[0])
+    for t in range(1, x.shape[0]):
+        z = numpyro.sample(f"z{t}", dist.Categorical(trans[z]))
+        numpyro.sample(f"x{t}", dist.Normal(mu[z], 0.8), obs=x[t])
+
+
+@pytest.mark.parametrize("semiring", ["sum", "max"])
+def test_single_queries_scan_narrow_plans_and_agree_with_batched_unrolled(semiring):
+    """A single query runs a narrow plan's steps in lax.scan (its scanned twin);
+    a batch runs them unrolled. Both are the same exact computation: each row of
+    the batch equals the single query of that row (marginals, log Z, MAP)."""
+    xs = np.random.default_rng(3).normal(size=(3, 11))
+    fg = compile_model(_hmm, x=jnp.asarray(xs[0]))
+    plan = fg.plan("tree")
+    twin = scanned_twin(plan)
+    assert plan.padded is None and twin is not None and twin.padded is not None
+    assert twin.steps is plan.steps and twin.pair_scope is plan.pair_scope
+    batch = infer(fg, semiring, x=jnp.asarray(xs))
+    assert plan.padded is None  # the plan itself is unchanged
+    for i in range(len(xs)):
+        one = infer(fg, semiring, x=jnp.asarray(xs[i]))
+        np.testing.assert_allclose(float(batch.log_z[i]), float(one.log_z), atol=ATOL)
+        for site in one.log_marginals:
+            np.testing.assert_allclose(
+                batch.log_marginals[site][i], one.log_marginals[site], atol=ATOL
+            )
+        if semiring == "max":
+            assert all(int(batch.map[s][i]) == int(one.map[s]) for s in one.map)
+    # The single queries ran the twin: its compiled program is in the cache.
+    assert fg._cache[("scanned", id(plan))][1] is not None
+
+
+def test_scanned_twin_only_for_narrow_unrolled_tree_plans():
+    probs = jnp.asarray([0.2, 0.3, 0.5])
+    trans = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(3), size=3))
+
+    def wide():  # ten factor instances per step
+        r = numpyro.sample("r", dist.Categorical(probs))
+        for i in range(10):
+            a = numpyro.sample(f"a{i}", dist.Categorical(trans[r]))
+            b = numpyro.sample(f"b{i}", dist.Categorical(trans[a]))
+            numpyro.sample(f"c{i}", dist.Categorical(trans[b]))
+
+    plan = compile_model(wide).plan("tree")
+    assert plan.n_steps == 3 and scanned_twin(plan) is None
+    for n, scans in [(3, False), (4, True), (3 * UNROLL_STEPS, False)]:
+        chain, _ = chain_loop_model(n, k=3, seed=0)
+        plan = compile_model(chain).plan("tree")
+        # Past UNROLL_STEPS the plan itself scans: it needs no twin.
+        assert (scanned_twin(plan) is not None) == scans, n
