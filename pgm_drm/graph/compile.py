@@ -505,12 +505,42 @@ def _site_log_prob(
         done = lp is not None and bool(dims)
     if lp is None:
         lp = fn.log_prob(value)
+    if site["is_observed"] and not (done or type(fn) in _CATEGORICAL_PARAM):
+        lp = _in_support(fn, value, lp)
     if site.get("scale") is not None:
         lp = site["scale"] * lp
     if site.get("mask") is not None:
         lp = jnp.where(site["mask"], lp, 0.0)
     lp = jnp.asarray(lp)
     return lp if done else _sum_plates(lp, summed)
+
+
+def _real_support(con: Any) -> bool:
+    """Whether ``con`` is the reals (possibly as an event): nothing to check
+    past finiteness, which ``infer`` checks of all evidence."""
+    while isinstance(con, constraints._IndependentConstraint):
+        con = con.base_constraint
+    return type(con) is type(constraints.real)
+
+
+def _in_support(fn: Any, value: Any, lp: Array) -> Array:
+    """``lp`` where ``value`` lies in ``fn``'s support, ``-inf`` elsewhere.
+
+    NumPyro scores a value by its density's formula, in or out of the support,
+    unless validation is on, and then it only warns: ``Uniform(z, z + 1)`` gave
+    every ``z`` the same score (``x = 0.5`` cannot come from ``z = 1``), and
+    ``Exponential`` a finite score at ``x < 0``. The support may depend on the
+    latents, so the test is part of each state's table. Real supports are
+    skipped (finiteness is checked apart) and so are constraints that cannot be
+    tested (``dependent``)."""
+    con = fn.support
+    if _real_support(con):
+        return lp
+    try:
+        ok = con(value)
+    except (NotImplementedError, ValueError, TypeError):
+        return lp
+    return jnp.where(ok, lp, -jnp.inf)
 
 
 def _take_last(log_pmf: Array, value: Array) -> Array:

@@ -549,7 +549,11 @@ def infer(
         # The one host read when all is well (np.asarray: int() of a JAX
         # scalar takes a slower path, ~20 us against ~4).
         status = int(np.asarray(status))
-        if status and isinstance(log_z, jax.core.Tracer):  # e.g. under jax.grad
+        # Under jax.grad, say (log Z need not depend on the evidence).
+        if status and (
+            isinstance(log_z, jax.core.Tracer)
+            or any(isinstance(v, jax.core.Tracer) for v in given.values())
+        ):
             what = (
                 "the evidence contains NaN or inf values"
                 if status == 1

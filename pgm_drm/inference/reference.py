@@ -22,7 +22,7 @@ import hashlib
 import itertools
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import funsor
@@ -459,6 +459,25 @@ def _warn_if_unresolved(logp: Array) -> None:
         )
 
 
+def _observed_in_support(tr: Mapping[str, Any]) -> Array:
+    """Whether every observed value lies in its distribution's support (a
+    masked-out entry always does). NumPyro's ``log_prob`` scores a value by the
+    density's formula, in or out of the support; the model's density is zero
+    outside it."""
+    ok = jnp.asarray(True)
+    for site in tr.values():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        try:
+            inside = site["fn"].support(site["value"])
+        except (NotImplementedError, ValueError, TypeError):  # e.g. dependent
+            continue
+        if site.get("mask") is not None:
+            inside = inside | ~jnp.asarray(site["mask"], bool)
+        ok = ok & jnp.all(inside)
+    return ok
+
+
 def brute_force(
     model: Callable,
     *args: Any,
@@ -469,7 +488,8 @@ def brute_force(
     """Ground truth by listing every joint configuration (``itertools.product``).
 
     Each configuration is scored by ``numpyro.infer.util.log_density`` (the
-    model's own log-joint, no enumeration), vmapped over configurations. The MAP
+    model's own log-joint, no enumeration, with ``-inf`` where an observed value
+    lies outside its support), vmapped over configurations. The MAP
     is the first maximiser in ``itertools.product`` order.
 
     Raises:
@@ -502,7 +522,8 @@ def brute_force(
     arrays, static = split_evidence(kwargs)
 
     def joint(p, arrays):
-        return log_density(model, args, {**static, **arrays}, p)[0]
+        logp, tr = log_density(model, args, {**static, **arrays}, p)
+        return jnp.where(_observed_in_support(tr), logp, -jnp.inf)
 
     logp = jax.jit(jax.vmap(joint, in_axes=(0, None)))(
         as_batch_shape(layout, params, lead=1), arrays

@@ -1,6 +1,8 @@
 """infer: batching without recompiling, semiring arguments, bad input;
 log_partition: log Z as a pure, differentiable function of the evidence."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -533,3 +535,60 @@ def test_infer_under_grad_gives_the_gradient_and_refuses_bad_evidence():
         grad(jnp.asarray(jnp.nan))
     with pytest.raises(ValueError, match="probability zero"):
         grad(jnp.asarray(5.0))
+
+
+def test_infer_under_grad_refuses_nan_evidence_that_log_z_ignores():
+    """A site whose log-prob does not read its value (``Uniform``: a constant
+    density) leaves log Z free of the evidence, so under ``jax.grad`` log Z is
+    not a tracer; NaN evidence is still refused by name, not by a JAX error."""
+
+    def model(x=None):
+        z = numpyro.sample("z", dist.Categorical(jnp.asarray([0.4, 0.6])))
+        numpyro.sample("x", dist.Uniform(0.0 + z, 2.0 + z), obs=x)
+
+    fg = compile_model(model, x=jnp.asarray(1.5))
+    grad = jax.grad(lambda x: infer(fg, "sum", x=x).log_z)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        grad(jnp.asarray(jnp.nan))
+
+
+def _support_brute_force(prior, make, x) -> float:
+    """log sum_z p(z) p(x | z), with p(x | z) = 0 outside the support of
+    ``make(z)``: the model's density, which NumPyro's log_prob does not check."""
+    terms = []
+    for (z,) in itertools.product(range(len(prior))):
+        d = make(z)
+        inside = bool(d.support(jnp.asarray(x)))
+        terms.append(np.log(prior[z]) + (float(d.log_prob(x)) if inside else -np.inf))
+    return float(np.logaddexp.reduce(terms))
+
+
+@pytest.mark.parametrize(
+    "make, values, outside",
+    [
+        # The support moves with z: x = 0.5 cannot come from z = 1.
+        (lambda z: dist.Uniform(0.0 + z, 1.0 + z), [0.5, 1.5], 5.0),
+        (lambda z: dist.Exponential(1.0 + 2.0 * z), [0.5, 2.0], -1.0),
+        (lambda z: dist.Beta(2.0 + z, 2.0), [0.3, 0.9], 1.5),
+        (lambda z: dist.Gamma(2.0, 1.0 + z), [0.5], -0.5),
+    ],
+)
+def test_evidence_outside_a_support_scores_minus_inf(make, values, outside):
+    """An observed value outside its distribution's support has density zero in
+    that state (NumPyro's formula would score it anyway), and evidence outside
+    every state's support is refused as probability zero, not scored."""
+    prior = np.asarray([0.4, 0.6])
+
+    def model(x=None):
+        z = numpyro.sample("z", dist.Categorical(jnp.asarray(prior)))
+        numpyro.sample("x", make(z), obs=x)
+
+    fg = compile_model(model, x=jnp.asarray(values[0]))
+    for x in values:
+        got = float(infer(fg, "sum", x=jnp.asarray(x)).log_z)
+        # float32 (the test's default): a few ulps of numbers of size ~1.
+        np.testing.assert_allclose(got, _support_brute_force(prior, make, x), atol=1e-5)
+        ref = brute_force(model, x=jnp.asarray(x))
+        np.testing.assert_allclose(got, float(ref.log_z), atol=1e-5)
+    with pytest.raises(ValueError, match="probability zero"):
+        infer(fg, "sum", x=jnp.asarray(outside))
