@@ -978,7 +978,10 @@ def _junction_up(
     downward pass needs to take one message back out. Without it they are
     summed into ``fin``: no entry is ``+inf``, so ``-inf`` stays ``-inf``, and
     each message is read once, where it is made (a keyed leaf's selects fuse
-    into its parent's sum)."""
+    into its parent's sum). A keyed leaf's message is summed so either way: it
+    is never taken back out (keyed leaves get no downward message), and ``-inf``
+    in ``fin`` stays ``-inf`` through :func:`_without` and
+    :func:`_with_children`."""
     jt = plan.junction
     fin = [jnp.zeros_like(p) for p in psi]
     cnt = [jnp.zeros_like(p) for p in psi]
@@ -987,7 +990,8 @@ def _junction_up(
     for d in reversed(range(jt.depth)):
         sends = []
         for e_i, e in enumerate(jt.steps[d]):
-            if keyed and (d, e_i) in keyed:
+            by_key = bool(keyed) and (d, e_i) in keyed
+            if by_key:
                 m, off, r, red = _keyed_message(s, keyed[(d, e_i)], t)
                 rs[(d, e_i)] = (r, off, red)
             else:
@@ -998,11 +1002,11 @@ def _junction_up(
                 m, off = _shift_message(m, tuple(range(1, len(e.child_sep) + 1)))
             log_z = log_z + jnp.sum(off)
             msgs[(d, e_i)] = m
-            sends.append((e, m))
-        for e, m in sends:
+            sends.append((e, m, by_key))
+        for e, m, by_key in sends:
             x = _expand(m, jt.shapes[e.parent], e.parent_sep)
             rows = e.parent_rows
-            if not count:
+            if not count or by_key:
                 fin[e.parent] = _add_rows(fin[e.parent], rows, x)
                 continue
             neg = jnp.isneginf(x)

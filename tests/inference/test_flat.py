@@ -201,14 +201,16 @@ def test_a_drm_class_posterior_needs_no_downward_pass():
     )
 
 
-def _keyed_model(seed: int, hard: bool):
+def _keyed_model(seed: int, hard: bool, side: bool = False):
     """A global ``g``, hubs ``a_i | g`` and leaves ``b_ij | a_i, g`` observed
     through ``y_ij``. The leaves' tables depend on ``(g, a)`` through two
     patterns of two values each, so a leaf cluster ``(g, a_i, b_ij)`` has at
     most 4 distinct blocks over its 12 separator states ``(g, a_i)``.
     ``hard``: a hard zero in the conditional of ``b``, and a factor on
     ``(g, a_i, b_ij)`` ruling out ``(g, a_i) = (0, 0)``: whole blocks of a
-    leaf reduce to ``-inf``."""
+    leaf reduce to ``-inf``. ``side``: each hub also has a small child
+    ``c_i | a_i`` (reduced whole, not keyed), whose downward message leaves one
+    message out of a cluster that also holds the keyed leaves' messages."""
     rng = np.random.default_rng(seed)
     n_i, n_j = 2, int(rng.integers(2, 4))  # brute force: at most 26,244 states
     rows = rng.dirichlet(np.ones(3), size=2)
@@ -225,6 +227,8 @@ def _keyed_model(seed: int, hard: bool):
         g = numpyro.sample("g", dist.Categorical(jnp.array([0.1, 0.2, 0.3, 0.4])))
         with numpyro.plate("i", n_i, dim=-2):
             a = numpyro.sample("a", dist.Categorical(prior_a[g]))
+            if side:
+                numpyro.sample("c", dist.Categorical(prior_a[a + 1]))
             with numpyro.plate("j", n_j, dim=-1):
                 b = numpyro.sample("b", dist.Categorical(cpt[g, a]))
                 numpyro.factor("u", u[b])  # a unary term on the leaf's own axis
@@ -287,6 +291,32 @@ def test_keyed_leaves_equal_the_dense_kernel_and_brute_force(seed, t, hard):
             for site in want.map:
                 np.testing.assert_array_equal(got.map[site], want.map[site])
                 np.testing.assert_array_equal(got.map[site], ref.map[site])
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+@pytest.mark.parametrize("t", [0.0, 1.0])
+def test_keyed_leaves_beside_a_child_that_gets_a_message(seed, t):
+    """A hub cluster holds its keyed leaves' messages (some ``-inf``: hard
+    zeros) and sends a downward message to a child that is not keyed: that
+    message leaves the child's own out of the rest, keyed ones included (they
+    are summed uncounted, never taken back out). Every marginal, log Z and the
+    MAP against brute force (float64: 1e-6, as above)."""
+    model, kwargs = _keyed_model(seed, hard=True, side=True)
+    fg = compile_model(model, **kwargs)
+    plan = fg.plan("exact")
+    from pgm_drm.inference.api import _table_keys
+
+    assert flat._keyed_plan(plan, _table_keys(fg, plan, kwargs)).edges
+    got = infer(fg, temperature=t)
+    ref = brute_force(model, temperature=t, **kwargs)
+    np.testing.assert_allclose(got.log_z, ref.log_z, atol=1e-6)
+    for site in ref.log_marginals:
+        np.testing.assert_allclose(
+            got.log_marginals[site], ref.log_marginals[site], atol=1e-6
+        )
+    if t == 0.0:
+        for site in ref.map:
+            np.testing.assert_array_equal(got.map[site], ref.map[site])
 
 
 @pytest.mark.parametrize("t", [0.0, 1.0])
