@@ -1286,6 +1286,11 @@ def _junction_map(
     return x
 
 
+#: Junction beliefs of at least this many entries (per evidence set) are
+#: written out before the marginals read them (:func:`_run_junction`).
+WRITE_OUT_BELIEF = 256
+
+
 def _run_junction(
     plan: FlatPlan,
     s: _Setup,
@@ -1308,6 +1313,16 @@ def _run_junction(
         margs = _junction_marginals(plan, beliefs, t, dtype, _root_homes(plan))
     else:
         beliefs = _junction_down(plan, psi, up, t, skip)
+        # Each belief is read by several reductions (marginals, the keyed
+        # leaves' parents): written out once, they do not each add up its
+        # potential and messages again (DRM 32x32, every max-marginal: 572 ->
+        # 535 us); small ones are not worth the conditional.
+        beliefs = [
+            _written_out(b, s.unary[0, 0])
+            if b is not None and b.size >= WRITE_OUT_BELIEF
+            else b
+            for b in beliefs
+        ]
         by_leaf = (
             _keyed_marginals(plan, edges, up, beliefs, t, s.unary[0, 0])
             if edges

@@ -384,7 +384,9 @@ def enumerate_exact(
     log Z``; ``map`` is the joint MAP decoded from NumPyro's max-semiring
     contractions with each value clamped (the argmax of every max-marginal when
     none has a tie; otherwise fixed one variable at a time, as in Viterbi
-    backtracking).
+    backtracking). NumPyro scores an observed value outside its
+    distribution's support by the density's formula (``compile_model`` and
+    :func:`brute_force` score it ``-inf``): compare on evidence in the support.
 
     Args:
         model: A NumPyro model with finite discrete latent sites.
