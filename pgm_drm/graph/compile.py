@@ -489,6 +489,7 @@ def _site_log_prob(
     """
     value, fn = site["value"], site["fn"]
     lp, done = None, False
+    checked = False  # whether the scoring tests the value's support itself
     plain = site.get("scale") is not None or site.get("mask") is not None
     if site.get("intermediates"):
         lp = fn.log_prob(value, site["intermediates"])
@@ -499,13 +500,15 @@ def _site_log_prob(
             logits=_CATEGORICAL_PARAM[type(fn)] == "logits",
             observed=bool(site["is_observed"]),
         )
+        checked = True
     elif natural and site["is_observed"]:
         dims = () if plain else _natural_sum_dims(fn, summed)
         lp = natural_log_prob(fn, value, dims)
         done = lp is not None and bool(dims)
+        checked = lp is not None
     if lp is None:
         lp = fn.log_prob(value)
-    if site["is_observed"] and not (done or type(fn) in _CATEGORICAL_PARAM):
+    if site["is_observed"] and not checked:
         lp = _in_support(fn, value, lp)
     if site.get("scale") is not None:
         lp = site["scale"] * lp

@@ -623,6 +623,12 @@ def _offending_sites(
     return f" (site(s) {sites})" if sites else ""
 
 
+def _neginf_in_every_state(table: np.ndarray) -> np.ndarray:
+    """Per instance (axis 0) of a group's table: ``-inf`` at every state."""
+    t = np.isneginf(table)
+    return t.reshape(t.shape[0], -1).all(axis=1) if t.ndim > 1 else t
+
+
 def _check_log_z(
     log_z: Array, fg: FactorGraph, arrays: Mapping[str, Array], axes: Mapping
 ) -> None:
@@ -641,9 +647,17 @@ def _check_log_z(
             "non-finite log-potential)"
         )
     if np.any(np.isneginf(log_z)):
+        bad = np.isneginf(log_z)
+        impossible = culprits(bad, _neginf_in_every_state)
         raise ValueError(
             "the evidence has probability zero under the model (log Z = -inf)"
-            f"{_where(np.isneginf(log_z))}"
+            f"{_where(bad)}"
+            + (
+                f"; whatever the latents, the evidence of {impossible[2:-1]} scores "
+                "-inf (a value outside its distribution's support?)"
+                if impossible
+                else ""
+            )
         )
     if np.any(np.isposinf(log_z)):
         bad = np.isposinf(log_z)
