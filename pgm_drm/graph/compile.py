@@ -526,24 +526,51 @@ def _real_support(con: Any) -> bool:
     return type(con) is type(constraints.real)
 
 
+def observed_in_support(fn: Any, value: Any) -> Array | None:
+    """Whether ``value`` lies in ``fn``'s support, over ``fn``'s batch shape
+    (``None``: nothing to test). Masked-out entries count as inside (NumPyro
+    scores them 0 whatever the value: a placeholder for missing data), through
+    ``mask`` and ``Independent`` / ``Expanded`` wrappers; real and circular
+    supports and constraints that cannot be tested (``dependent``) are not
+    tested."""
+    if isinstance(fn, Independent):
+        inner = observed_in_support(fn.base_dist, value)
+        n = fn.reinterpreted_batch_ndims
+        if inner is None or n == 0:
+            return inner
+        inner = jnp.broadcast_to(inner, tuple(fn.base_dist.batch_shape))
+        return jnp.all(inner, axis=tuple(range(inner.ndim - n, inner.ndim)))
+    if isinstance(fn, MaskedDistribution):
+        mask = fn._mask
+        if mask is False:
+            return None
+        inner = observed_in_support(fn.base_dist, value)
+        if inner is None or mask is True:
+            return inner
+        return inner | ~jnp.asarray(mask, bool)
+    if isinstance(fn, ExpandedDistribution):
+        return observed_in_support(fn.base_dist, value)
+    con = fn.support
+    if _real_support(con) or isinstance(con, constraints._Circular):
+        # Circular: the density is periodic, and angles often come in [0, 2 pi).
+        return None
+    try:
+        return con(value)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+
+
 def _in_support(fn: Any, value: Any, lp: Array) -> Array:
-    """``lp`` where ``value`` lies in ``fn``'s support, ``-inf`` elsewhere.
+    """``lp`` where ``value`` lies in ``fn``'s support, ``-inf`` elsewhere
+    (:func:`observed_in_support`).
 
     NumPyro scores a value by its density's formula, in or out of the support,
     unless validation is on, and then it only warns: ``Uniform(z, z + 1)`` gave
     every ``z`` the same score (``x = 0.5`` cannot come from ``z = 1``), and
     ``Exponential`` a finite score at ``x < 0``. The support may depend on the
-    latents, so the test is part of each state's table. Real supports are
-    skipped (finiteness is checked apart) and so are constraints that cannot be
-    tested (``dependent``)."""
-    con = fn.support
-    if _real_support(con):
-        return lp
-    try:
-        ok = con(value)
-    except (NotImplementedError, ValueError, TypeError):
-        return lp
-    return jnp.where(ok, lp, -jnp.inf)
+    latents, so the test is part of each state's table."""
+    ok = observed_in_support(fn, value)
+    return lp if ok is None else jnp.where(ok, lp, -jnp.inf)
 
 
 def _take_last(log_pmf: Array, value: Array) -> Array:

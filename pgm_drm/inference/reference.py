@@ -52,6 +52,7 @@ from pgm_drm.graph.compile import (
     enum_support,
     max_plate_nesting,
     model_sites,
+    observed_in_support,
     split_evidence,
     support_values,
 )
@@ -470,9 +471,8 @@ def _observed_in_support(tr: Mapping[str, Any]) -> Array:
     for site in tr.values():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
-        try:
-            inside = site["fn"].support(site["value"])
-        except (NotImplementedError, ValueError, TypeError):  # e.g. dependent
+        inside = observed_in_support(site["fn"], site["value"])
+        if inside is None:  # the reals, or a support that cannot be tested
             continue
         if site.get("mask") is not None:
             inside = inside | ~jnp.asarray(site["mask"], bool)

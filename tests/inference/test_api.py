@@ -594,3 +594,40 @@ def test_evidence_outside_a_support_scores_minus_inf(make, values, outside):
         ValueError, match=r"probability zero.*site\(s\) \['x'\].*support"
     ):
         infer(fg, "sum", x=jnp.asarray(outside))
+
+
+@pytest.mark.parametrize("how", ["method", "handler", "to_event"])
+def test_masked_out_placeholders_outside_the_support_are_not_refused(how):
+    """Missing data filled with a placeholder outside the support (-1 for a
+    count) and masked out is scored 0 there, as NumPyro scores it, by the
+    compiled tables and by brute_force (found by a review: the support test read
+    the base distribution's support and ignored the mask)."""
+    prior = np.asarray([0.3, 0.7])
+    rate = jnp.asarray([1.0, 4.0])
+    keep = np.asarray([True, False, True])
+
+    def model(x=None):
+        z = numpyro.sample("z", dist.Categorical(jnp.asarray(prior)))
+        if how == "to_event":
+            d = dist.Poisson(rate[z] * jnp.ones(3)).mask(jnp.asarray(keep))
+            numpyro.sample("x", d.to_event(1), obs=x)
+            return
+        with numpyro.plate("n", 3):
+            if how == "method":
+                numpyro.sample(
+                    "x", dist.Poisson(rate[z]).mask(jnp.asarray(keep)), obs=x
+                )
+            else:
+                with numpyro.handlers.mask(mask=jnp.asarray(keep)):
+                    numpyro.sample("x", dist.Poisson(rate[z]), obs=x)
+
+    x = jnp.asarray([2.0, -1.0, 3.0])
+    fg = compile_model(model, x=jnp.asarray([2.0, 1.0, 3.0]))
+    with numpyro.validation_enabled(False):
+        lp = [float(dist.Poisson(rate[z]).log_prob(x)[keep].sum()) for z in (0, 1)]
+    want = np.logaddexp.reduce(np.log(prior) + np.asarray(lp))
+    # float32 (the test's default): a few ulps of numbers of size ~4.
+    np.testing.assert_allclose(float(infer(fg, "sum", x=x).log_z), want, atol=1e-5)
+    np.testing.assert_allclose(float(brute_force(model, x=x).log_z), want, atol=1e-5)
+    with pytest.raises(ValueError, match="probability zero"):  # kept entry: refused
+        infer(fg, "sum", x=jnp.asarray([-1.0, 1.0, 3.0]))
