@@ -512,6 +512,9 @@ def infer(
             ``jax.grad`` (which gives the gradient of log Z with respect to the
             evidence) NaN/inf evidence and probability zero are still refused,
             without naming the entries or sites.
+        TypeError: Inside ``jax.jit`` or ``jax.vmap``: ``infer`` reads a status
+            flag on the host. Give it a batch (a leading batch axis), or use
+            :func:`log_partition` for log Z as a pure function.
 
     Example:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -528,7 +531,13 @@ def infer(
     sched = _resolve_schedule(fg, schedule)
     flat = isinstance(sched, FlatPlan)
     # The flat program checks the values itself (one transfer with log Z).
-    arrays, axes, batch = _check_evidence(fg, evidence, values=not flat)
+    try:
+        arrays, axes, batch = _check_evidence(fg, evidence, values=not flat)
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+    ) as err:  # the naive path reads the values on the host
+        raise TypeError(_TRACED_INFER) from err
     dtype = _evidence_dtype(arrays)
     arrays = _to_compiled_dtypes(fg, arrays)
     fg.check_new_evidence(arrays, {k: axes[k] == 0 for k in arrays})
@@ -548,7 +557,10 @@ def infer(
         log_z, flat_margs, flat_map, deltas = unpad(out, batch) if padded else out
         # The one host read when all is well (np.asarray: int() of a JAX
         # scalar takes a slower path, ~20 us against ~4).
-        status = int(np.asarray(status))
+        try:
+            status = int(np.asarray(status))
+        except jax.errors.TracerArrayConversionError as err:
+            raise TypeError(_TRACED_INFER) from err
         # Under jax.grad, say (log Z need not depend on the evidence).
         if status and (
             isinstance(log_z, jax.core.Tracer)
@@ -629,10 +641,23 @@ def _neginf_in_every_state(table: np.ndarray) -> np.ndarray:
     return t.reshape(t.shape[0], -1).all(axis=1) if t.ndim > 1 else t
 
 
+#: Why ``infer`` cannot run inside ``jax.jit`` or ``jax.vmap``.
+_TRACED_INFER = (
+    "infer reads a status flag on the host after each run (to name NaN evidence, "
+    "evidence of probability zero, ...), which it cannot do inside jax.jit or "
+    "jax.vmap. Give it a batch instead (evidence with a leading batch axis: one "
+    "compiled, vmapped run), or, for log Z as a pure function to jit, vmap and "
+    "differentiate, use pgm_drm.inference.log_partition"
+)
+
+
 def _check_log_z(
     log_z: Array, fg: FactorGraph, arrays: Mapping[str, Array], axes: Mapping
 ) -> None:
-    log_z = np.asarray(log_z)
+    try:
+        log_z = np.asarray(log_z)
+    except jax.errors.TracerArrayConversionError as err:
+        raise TypeError(_TRACED_INFER) from err
     if np.isfinite(log_z).all():  # the common case: one test, not three
         return
 

@@ -631,3 +631,28 @@ def test_masked_out_placeholders_outside_the_support_are_not_refused(how):
     np.testing.assert_allclose(float(brute_force(model, x=x).log_z), want, atol=1e-5)
     with pytest.raises(ValueError, match="probability zero"):  # kept entry: refused
         infer(fg, "sum", x=jnp.asarray([-1.0, 1.0, 3.0]))
+
+
+@pytest.mark.parametrize("schedule", ["auto", "naive"])
+def test_infer_inside_jit_or_vmap_says_what_to_use_instead(schedule):
+    """infer reads a status flag on the host, which a jit or vmap trace cannot:
+    a TypeError that points to a batch or to log_partition, not JAX's tracer
+    conversion error; log_partition does that job under both transforms."""
+
+    def model(x=None):
+        z = numpyro.sample("z", dist.Categorical(jnp.asarray([0.4, 0.6])))
+        numpyro.sample("x", dist.Normal(1.0 * z, 1.0), obs=x)
+
+    fg = compile_model(model, x=jnp.asarray(0.3))
+    sched = fg.schedule("tree") if schedule == "naive" else schedule
+    xs = jnp.asarray([0.1, 0.2])
+    with pytest.raises(TypeError, match="log_partition"):
+        jax.vmap(lambda x: infer(fg, "sum", x=x, schedule=sched).log_z)(xs)
+    with pytest.raises(TypeError, match="leading batch axis"):
+        jax.jit(lambda x: infer(fg, "sum", x=x, schedule=sched).log_z)(xs[0])
+    lp = log_partition(fg)
+    np.testing.assert_allclose(  # float32: the same program's rounding
+        jax.jit(jax.vmap(lambda x: lp({"x": x})))(xs),
+        infer(fg, "sum", x=xs).log_z,
+        atol=1e-6,
+    )
