@@ -656,3 +656,48 @@ def test_infer_inside_jit_or_vmap_says_what_to_use_instead(schedule):
         infer(fg, "sum", x=xs).log_z,
         atol=1e-6,
     )
+
+
+@given(seed=st.integers(0, 10_000))
+def test_random_supports_that_move_with_the_latents_equal_brute_force(seed):
+    """Random Uniform(low[z], high[z]) and Exponential observations in a plate,
+    whose supports depend on the latent: log Z and the posterior of ``z`` equal
+    an itertools sum over ``z`` that scores each value -inf outside its
+    support; when no ``z`` can explain the data, infer refuses it by name."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 5))
+    prior = rng.dirichlet(np.ones(k))
+    low = rng.normal(size=k)
+    high = low + rng.uniform(0.2, 2.0, size=k)
+    shift = rng.normal(size=k)  # Exponential on [shift[z], inf): a moved support
+    rate = rng.uniform(0.5, 2.0, size=k)
+    x = rng.uniform(low.min() - 0.3, high.max() + 0.3, size=3)
+    y = rng.uniform(shift.min() - 0.3, shift.max() + 2.0, size=2)
+
+    lo, hi, sh, ra = (jnp.asarray(a) for a in (low, high, shift, rate))
+
+    def model(x=None, y=None):
+        z = numpyro.sample("z", dist.Categorical(jnp.asarray(prior)))
+        with numpyro.plate("n", 3):
+            numpyro.sample("x", dist.Uniform(lo[z], hi[z]), obs=x)
+        with numpyro.plate("m", 2):
+            numpyro.sample("u", dist.Exponential(ra[z]), obs=y - sh[z])
+
+    terms = []
+    for (z,) in itertools.product(range(k)):
+        inside = np.all((x >= low[z]) & (x <= high[z])) and np.all(y - shift[z] > 0)
+        lp = -3 * np.log(high[z] - low[z])
+        lp += np.sum(np.log(rate[z]) - rate[z] * (y - shift[z]))
+        terms.append(np.log(prior[z]) + (lp if inside else -np.inf))
+    want = np.logaddexp.reduce(terms)
+    fg = compile_model(model, x=jnp.asarray(x), y=jnp.asarray(y))
+    if not np.isfinite(want):
+        with pytest.raises(ValueError, match="probability zero"):
+            infer(fg, "sum", x=jnp.asarray(x), y=jnp.asarray(y))
+        return
+    post = infer(fg, "sum", x=jnp.asarray(x), y=jnp.asarray(y))
+    # float32 (the test's default): a few ulps of numbers of size ~10.
+    np.testing.assert_allclose(float(post.log_z), want, atol=1e-4)
+    np.testing.assert_allclose(
+        np.exp(post.log_marginals["z"]), np.exp(np.asarray(terms) - want), atol=1e-5
+    )
