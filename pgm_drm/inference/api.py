@@ -256,10 +256,11 @@ def _compiled_flat(
     groups = fg.factor_groups
     # Evidence-free inputs are built once per plan, shared by every variant (the
     # scanned twin below shares the plan's index arrays and so its inputs).
+    # The entry holds the plan too: its id stays that plan's while it is cached.
     skey = ("static", id(plan))
     if skey not in fg._cache:
-        fg._cache[skey] = static_inputs(plan, fg.host_tables(), groups)
-    static = fg._cache[skey]
+        fg._cache[skey] = (plan, static_inputs(plan, fg.host_tables(), groups))
+    static = fg._cache[skey][1]
     if all(a is None for a in axes.values()):
         # One query: a narrow tree plan runs its steps in lax.scan (UNROLL_MIN_WIDTH).
         tkey = ("scanned", id(plan))
