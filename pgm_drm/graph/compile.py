@@ -538,7 +538,8 @@ def observed_in_support(fn: Any, value: Any) -> Array | None:
         n = fn.reinterpreted_batch_ndims
         if inner is None or n == 0:
             return inner
-        inner = jnp.broadcast_to(inner, tuple(fn.base_dist.batch_shape))
+        batch = tuple(fn.base_dist.batch_shape)
+        inner = jnp.broadcast_to(inner, jnp.broadcast_shapes(inner.shape, batch))
         return jnp.all(inner, axis=tuple(range(inner.ndim - n, inner.ndim)))
     if isinstance(fn, MaskedDistribution):
         mask = fn._mask

@@ -562,11 +562,8 @@ def infer(
             status = int(np.asarray(status))
         except jax.errors.TracerArrayConversionError as err:
             raise TypeError(_TRACED_INFER) from err
-        # Under jax.grad, say (log Z need not depend on the evidence).
-        if status and (
-            isinstance(log_z, jax.core.Tracer)
-            or any(isinstance(v, jax.core.Tracer) for v in given.values())
-        ):
+        # Under jax.grad, say: the evidence is traced (log Z need not be).
+        if status and any(isinstance(v, jax.core.Tracer) for v in given.values()):
             what = (
                 "the evidence contains NaN or inf values"
                 if status == 1
@@ -621,19 +618,17 @@ def _where(bad: np.ndarray) -> str:
 
 def _offending_sites(
     fg: FactorGraph, arrays: Mapping[str, Array], axes: Mapping, bad: np.ndarray, test
-) -> str:
-    """``": site 'f' holds NaN"``-style text naming the sites whose evidence-
-    dependent table holds a non-finite value ``test`` flags, read at the first
-    flagged batch index (only on the error path: the tables are recomputed on the
-    host for that one instance). Evidence-free tables were checked at compile time.
-    """
+) -> list[str]:
+    """The sites whose evidence-dependent table holds an entry ``test`` flags,
+    read at the first flagged batch index (only on the error path: the tables
+    are recomputed on the host for that one instance). Evidence-free tables were
+    checked at compile time."""
     first = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
     ev = {k: (v[first] if axes.get(k) == 0 and first else v) for k, v in arrays.items()}
     tables = fg.evidence_tables(**ev)
-    sites = [
+    return [
         fg.factor_groups[k].site for k, t in tables.items() if test(np.asarray(t)).any()
     ]
-    return f" (site(s) {sites})" if sites else ""
 
 
 def _neginf_in_every_state(table: np.ndarray) -> np.ndarray:
@@ -644,26 +639,25 @@ def _neginf_in_every_state(table: np.ndarray) -> np.ndarray:
 
 #: Why ``infer`` cannot run inside ``jax.jit`` or ``jax.vmap``.
 _TRACED_INFER = (
-    "infer reads a status flag on the host after each run (to name NaN evidence, "
-    "evidence of probability zero, ...), which it cannot do inside jax.jit or "
-    "jax.vmap. Give it a batch instead (evidence with a leading batch axis: one "
-    "compiled, vmapped run), or, for log Z as a pure function to jit, vmap and "
-    "differentiate, use pgm_drm.inference.log_partition"
+    "infer reads a status flag on the host after each run (on a two-pass "
+    "Schedule, the evidence itself) to name NaN evidence, evidence of probability "
+    "zero, ..., which it cannot do inside jax.jit or jax.vmap (nor, on a two-pass "
+    "Schedule, jax.grad). Give it a batch instead (evidence with a leading batch "
+    "axis: one compiled, vmapped run), or, for log Z as a pure function to jit, "
+    "vmap and differentiate, use pgm_drm.inference.log_partition"
 )
 
 
 def _check_log_z(
     log_z: Array, fg: FactorGraph, arrays: Mapping[str, Array], axes: Mapping
 ) -> None:
-    try:
-        log_z = np.asarray(log_z)
-    except jax.errors.TracerArrayConversionError as err:
-        raise TypeError(_TRACED_INFER) from err
+    log_z = np.asarray(log_z)
     if np.isfinite(log_z).all():  # the common case: one test, not three
         return
 
     def culprits(bad, test) -> str:
-        return _offending_sites(fg, arrays, axes, bad, test)
+        sites = _offending_sites(fg, arrays, axes, bad, test)
+        return f" (site(s) {sites})" if sites else ""
 
     if np.any(np.isnan(log_z)):
         bad = np.isnan(log_z)
@@ -674,13 +668,13 @@ def _check_log_z(
         )
     if np.any(np.isneginf(log_z)):
         bad = np.isneginf(log_z)
-        impossible = culprits(bad, _neginf_in_every_state)
+        impossible = _offending_sites(fg, arrays, axes, bad, _neginf_in_every_state)
         raise ValueError(
             "the evidence has probability zero under the model (log Z = -inf)"
             f"{_where(bad)}"
             + (
-                f"; whatever the latents, the evidence of {impossible[2:-1]} scores "
-                "-inf (a value outside its distribution's support?)"
+                f"; whatever the latents, the evidence of site(s) {impossible} "
+                "scores -inf (a value outside its distribution's support?)"
                 if impossible
                 else ""
             )
