@@ -20,6 +20,7 @@ __all__ = [
     "MIN_TEMPERATURE",
     "reduce_t",
     "reduce_t_unrolled",
+    "reduce_t_with",
     "resolve_temperature",
     "switch_reduce",
 ]
@@ -80,6 +81,30 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
     m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
     total = jnp.sum(jnp.exp((x - m) * (1.0 / temperature)), axis=axes)
     return jnp.squeeze(m, axis=axes) + temperature * safe_log(total)
+
+
+def reduce_t_with(
+    x: Array, axes: tuple[int, ...], extra: Array, temperature: float | Array
+) -> Array:
+    """:func:`reduce_t` over ``x``'s entries along ``axes`` and one more entry,
+    ``extra`` (the shape of the result): ``T * logaddexp(T * logsumexp(x / T),
+    extra)`` taken in one pass, ``max`` at T=0.
+
+    The same shift, ``exp`` and ``log`` as :func:`reduce_t`, with the max taken
+    over ``extra`` too. Written as one reduction over ``x`` plus an elementwise
+    term: joining two reductions elementwise made XLA's CPU backend recompute
+    the first for each of its uses in the fused kernel, and a concatenated extra
+    state broke the reduction's vector loop (both measured slower on the
+    Rendering Model).
+    """
+    if not isinstance(temperature, jax.core.Tracer) and float(temperature) == 0.0:
+        return jnp.maximum(jnp.max(x, axis=axes), extra)
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(x, axis=axes), extra))
+    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+    inv = 1.0 / temperature
+    mk = jnp.expand_dims(m, axes)
+    total = jnp.sum(jnp.exp((x - mk) * inv), axis=axes) + jnp.exp((extra - m) * inv)
+    return m + temperature * safe_log(total)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

@@ -13,6 +13,7 @@ from pgm_drm.semiring import (
     MIN_TEMPERATURE,
     reduce_t,
     reduce_t_unrolled,
+    reduce_t_with,
     resolve_temperature,
     switch_reduce,
 )
@@ -71,6 +72,42 @@ def test_reduce_t_at_a_traced_temperature_holds_at_any_level(level, t, seed):
     want = t * logsumexp(x.astype(np.float64) / t, axis=1)
     tol = np.finfo(np.float32).eps * level + 1e-5
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=tol)
+
+
+@given(
+    x=hnp.arrays(
+        np.float64,
+        (3, 2, 4),
+        elements=st.one_of(finite, st.just(-np.inf)),
+    ),
+    extra=hnp.arrays(np.float64, (3,), elements=st.one_of(finite, st.just(-np.inf))),
+    t=st.sampled_from([0.0, 0.3, 1.0, 2.5]),
+    traced=st.booleans(),
+)
+def test_reduce_t_with_is_reduce_t_over_one_more_entry(x, extra, t, traced):
+    """Against scipy's logsumexp over x's entries and ``extra`` together
+    (float64 round-off on entries up to 50 in size: 1e-10, absolute near a
+    result of 0); all -inf rows reduce to -inf, and the gradient
+    is finite there (its entries' softmax weights, 0 on -inf entries)."""
+    both = np.concatenate([x.reshape(3, -1), extra[:, None]], axis=1)
+    with np.errstate(divide="ignore"):
+        want = both.max(axis=1) if t == 0 else t * logsumexp(both / t, axis=1)
+    temp = jnp.asarray(t) if traced and t > 0 else t
+    got = np.asarray(reduce_t_with(jnp.asarray(x), (1, 2), jnp.asarray(extra), temp))
+    finite_rows = np.isfinite(want)
+    np.testing.assert_allclose(
+        got[finite_rows], want[finite_rows], rtol=1e-10, atol=1e-10
+    )
+    assert np.all(np.isneginf(got[~finite_rows]))
+    if t > 0:
+        g = jax.grad(
+            lambda a: jnp.sum(
+                jnp.where(
+                    finite_rows, reduce_t_with(a, (1, 2), jnp.asarray(extra), temp), 0.0
+                )
+            )
+        )(jnp.asarray(x))
+        assert np.all(np.isfinite(np.asarray(g)))
 
 
 def test_reduce_t_tends_to_max_as_t_falls():

@@ -42,7 +42,7 @@ from jax.extend.core import Literal
 from pgm_drm.graph.gemm import call_body
 from pgm_drm.graph.slices import _np_broadcast_in_dim, _np_reshape, _np_slice
 
-__all__ = ["MAX_EQNS", "MAX_KEYS", "equality_keys", "value_keys"]
+__all__ = ["MAX_EQNS", "MAX_KEYS", "equality_keys", "input_dependence", "value_keys"]
 
 #: Programs with more equations than this (calls included) are not read: keys
 #: matter for junction-tree models, whose evidence programs are short.
@@ -277,3 +277,146 @@ def equality_keys(fn: Callable, *args: Any) -> Any | None:
         outs = _interpret(closed.jaxpr, closed.consts, ins)
     keys = [_as_keys(o) for o in outs]
     return jax.tree.unflatten(jax.tree.structure(shape), keys)
+
+
+# --------------------------------------------------------------------------- #
+# Dependence: which entries of a program's outputs do not depend on its inputs.
+# --------------------------------------------------------------------------- #
+
+
+class _Dep:
+    """A traced value's dependence mask: ``True`` where the entry may depend on
+    the inputs, ``False`` where it is the same for every input."""
+
+    __slots__ = ("d",)
+
+    def __init__(self, d: np.ndarray):
+        self.d = d
+
+
+def _as_dep(x, shape=None) -> np.ndarray:
+    if isinstance(x, _Dep):
+        d = x.d
+    else:
+        d = np.zeros(np.shape(x), bool)
+    return d if shape is None else np.broadcast_to(d, shape)
+
+
+def _all_dep(aval) -> _Dep:
+    return _Dep(np.ones(tuple(aval.shape), bool))
+
+
+def _dot_dep(lhs, rhs, params: dict, out_shape) -> np.ndarray:
+    """``dot_general``'s result depends on the inputs where any entry of either
+    contracted row does (a known operand's rows never do)."""
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    ld, rd = _as_dep(lhs), _as_dep(rhs)
+    lf = [d for d in range(ld.ndim) if d not in lc and d not in lb]
+    rf = [d for d in range(rd.ndim) if d not in rc and d not in rb]
+    nb = math.prod(ld.shape[d] for d in lb)
+    nlf = math.prod(ld.shape[d] for d in lf)
+    nrf = math.prod(rd.shape[d] for d in rf)
+    lrow = np.transpose(ld, list(lb) + lf + list(lc)).reshape(nb, nlf, -1).any(-1)
+    rrow = np.transpose(rd, list(rb) + rf + list(rc)).reshape(nb, nrf, -1).any(-1)
+    return (lrow[:, :, None] | rrow[:, None, :]).reshape(out_shape)
+
+
+def _dep_of(eqn, invals: list) -> list:
+    """One equation's outputs: concrete values or :class:`_Dep` masks."""
+    outs = eqn.outvars
+    if not any(isinstance(v, _Dep) for v in invals):
+        bind_params = eqn.primitive.get_bind_params(eqn.params)
+        ans = eqn.primitive.bind(*invals, **bind_params)
+        ans = ans if eqn.primitive.multiple_results else [ans]
+        got = []
+        for a, v in zip(ans, outs, strict=True):
+            try:
+                got.append(np.asarray(a))
+            except TypeError:  # a value numpy cannot hold (a PRNG key)
+                got.append(_all_dep(v.aval))
+        return got
+    closed = call_body(eqn, _CALLS)
+    if closed is not None:
+        return _dep_interpret(closed.jaxpr, closed.consts, invals)
+    name = eqn.primitive.name
+    shape = tuple(outs[0].aval.shape) if len(outs) == 1 else None
+    if shape is None or math.prod(shape) > MAX_KEYS:
+        return [_all_dep(v.aval) for v in outs]
+    got = None
+    if name == "select_n" and not isinstance(invals[0], _Dep):
+        # A known selector: each entry depends as the case it picks.
+        which = np.broadcast_to(np.asarray(invals[0]).astype(np.int64), shape)
+        cases = [_as_dep(c, shape) for c in invals[1:]]
+        got = np.choose(which, cases)
+    elif name in _ELEMENTWISE:
+        got = np.zeros(shape, bool)
+        for v in invals:
+            got = got | _as_dep(v, shape)
+    elif name in _REDUCTIONS:
+        axes = tuple(eqn.params["axes"])
+        got = _as_dep(invals[0]).any(axis=axes) if axes else _as_dep(invals[0])
+    elif name == "dot_general":
+        got = _dot_dep(invals[0], invals[1], eqn.params, shape)
+    elif name == "concatenate":
+        got = np.concatenate([_as_dep(v) for v in invals], eqn.params["dimension"])
+    elif name == "optimization_barrier":
+        return list(invals)
+    elif name in _MOVES and len(invals) == 1:
+        got = _MOVES[name]([_as_dep(invals[0])], eqn.params, outs[0].aval)
+    if got is None:
+        return [_all_dep(v.aval) for v in outs]
+    return [_Dep(np.asarray(got, bool).reshape(shape))]
+
+
+def _dep_interpret(jaxpr: core.Jaxpr, consts, args) -> list:
+    env: dict = {}
+
+    def read(v):
+        return np.asarray(v.val) if isinstance(v, Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        # A value closed over from an enclosing trace is free, like an input.
+        if isinstance(c, core.Tracer):
+            env[v] = _all_dep(v.aval)
+        else:
+            try:
+                env[v] = np.asarray(c)
+            except TypeError:
+                env[v] = _all_dep(v.aval)
+    for v, a in zip(jaxpr.invars, args, strict=True):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        got = _dep_of(eqn, [read(v) for v in eqn.invars])
+        for v, a in zip(eqn.outvars, got, strict=True):
+            env[v] = a
+    return [read(v) for v in jaxpr.outvars]
+
+
+def input_dependence(fn: Callable, *args: Any) -> Any | None:
+    """Which entries of ``fn(*args)``'s outputs may depend on ``args``, read
+    statically from the program (an abstract interpretation, sound like
+    :func:`equality_keys`): ``False`` entries are the same for every value of
+    ``args``. Elementwise equations depend where an operand does (a ``select_n``
+    with a known selector, where the case it picks does), data movement moves
+    the masks, a reduction or a product depends where anything it reads does,
+    and any other equation depends everywhere. A product with a known zero is
+    *not* taken as free (``inf * 0`` is NaN); a program whose known zeros are
+    explicit (``gemm.dedupe_constant_gemms``) shows them free.
+
+    Args:
+        fn: A pure, traceable function.
+        *args: Its arguments, arrays or ``jax.ShapeDtypeStruct``; only their
+            shapes and dtypes are read.
+
+    Returns:
+        The outputs' pytree with a ``bool`` array of each output's shape in place
+        of each leaf; ``None`` when the program is longer than :data:`MAX_EQNS`.
+    """
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    if _count(closed.jaxpr) > MAX_EQNS:
+        return None
+    ins = [_all_dep(v.aval) for v in closed.jaxpr.invars]
+    with jax.ensure_compile_time_eval():
+        outs = _dep_interpret(closed.jaxpr, closed.consts, ins)
+    masks = [_as_dep(o).copy() for o in outs]
+    return jax.tree.unflatten(jax.tree.structure(shape), masks)

@@ -18,12 +18,14 @@ from pgm_drm.graph.compile import (
     check_evidence_values,
     split_evidence,
 )
-from pgm_drm.graph.keys import equality_keys, value_keys
+from pgm_drm.graph.keys import equality_keys, input_dependence, value_keys
 from pgm_drm.graph.plan import FlatPlan, scanned_twin
 from pgm_drm.graph.schedule import Schedule
 from pgm_drm.inference.flat import (
+    FreeSlices,
     add_dynamic,
     dense_reads_evidence,
+    free_slices,
     run_flat_plan,
     runs_keyed,
     static_inputs,
@@ -277,6 +279,16 @@ def _compiled_flat(
         compiled = split_evidence(fg.kwargs)[0]
         keys = _table_keys(fg, plan, {k: v for k, v in compiled.items() if k in axes})
     rows = keys is not None and not dense_reads_evidence(plan, keys)
+    # Tree tables with evidence-free slices (a switch's OFF states): their part
+    # of each upward message is reduced once, not per evidence instance.
+    free = None
+    if plan.kind == "tree":
+        fkey = ("free", id(plan))
+        if fkey not in fg._cache:
+            compiled = split_evidence(fg.kwargs)[0]
+            ev0 = {k: v for k, v in compiled.items() if k in axes}
+            fg._cache[fkey] = (plan, _free_tables(fg, plan, ev0))
+        free = fg._cache[fkey][1]
 
     def single(ev, t, static):
         fg._cache["n_traces"] = fg._cache.get("n_traces", 0) + 1
@@ -288,7 +300,9 @@ def _compiled_flat(
             + _cast(offset, dtype).astype(inputs.constant.dtype)
         )
         t = t if dtype is None else t.astype(dtype)
-        out = run_flat_plan(plan, inputs, None if hard else t, want_map, var_ids, keys)
+        out = run_flat_plan(
+            plan, inputs, None if hard else t, want_map, var_ids, keys, free
+        )
         # Marginals not asked for are not outputs: XLA drops the downward pass.
         margs = out.log_marginals if want_margs else None
         if margs is not None and want_margs is not True:
@@ -343,6 +357,47 @@ def _table_keys(
         np.concatenate([got[k] if k in got else value_keys(host[k]) for k in members])
         for members in plan.pairs
     )
+
+
+def _free_tables(
+    fg: FactorGraph, plan: FlatPlan, ev: Mapping[str, Any]
+) -> tuple[FreeSlices | None, ...] | None:
+    """Per pair class of a tree ``plan``, the slices of its tables that no
+    evidence changes (:func:`pgm_drm.inference.flat.free_slices`), read from the
+    evidence program as :func:`infer` runs it (after
+    ``gemm.dedupe_constant_gemms``, which makes a switch's OFF states exact
+    zeros) by :func:`pgm_drm.graph.keys.input_dependence`; their values from one
+    evaluation at ``ev`` (one example's evidence: a free entry is the same at
+    every value). ``None`` when no class has such slices, when no pair class
+    reads evidence, or when the evidence tables come in blocks."""
+    if all(len(m) == n for m, n in zip(plan.pairs, plan.n_static, strict=True)):
+        return None
+
+    def tables(e):
+        return fg.evidence_blocks(**e)[0]
+
+    fn = gemm.dedupe_constant_gemms(tables) if gemm.ENABLED else tables
+    specs = {
+        k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for k, v in ev.items()
+    }
+    dep = input_dependence(fn, specs)
+    if not isinstance(dep, dict):
+        return None
+    values = fn(ev)
+    host = fg.host_tables()
+    out = []
+    for members, n_static in zip(plan.pairs, plan.n_static, strict=True):
+        if len(members) == n_static:
+            out.append(None)
+            continue
+        d = np.concatenate(
+            [dep[k] if k in dep else np.zeros(np.shape(host[k]), bool) for k in members]
+        )
+        v = np.concatenate(
+            [np.asarray(values[k] if k in values else host[k]) for k in members]
+        )
+        out.append(free_slices(d, v))
+    return tuple(out) if any(o is not None for o in out) else None
 
 
 def _resolve_schedule(fg: FactorGraph, schedule: str | Schedule | FlatPlan):

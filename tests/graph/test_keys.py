@@ -175,3 +175,121 @@ def test_constant_prng_keys_are_free_not_an_error():
 
     keys = equality_keys(f, jax.ShapeDtypeStruct((3,), jnp.float64))
     assert len(np.unique(keys)) == 3
+
+
+# --------------------------------------------------------------------------- #
+# input_dependence: entries that are the same for every input.
+# --------------------------------------------------------------------------- #
+
+
+def _assert_free_sound(dep: np.ndarray, f, rng, shape) -> None:
+    """Entries marked free (``False``) hold the same value at random inputs,
+    NaN and inf included (a free entry reads no input at all), bit for bit."""
+    outs = [
+        np.asarray(f(jnp.asarray(x)))
+        for x in (
+            rng.normal(size=shape),
+            rng.normal(size=shape) * 1e3,
+            np.full(shape, np.nan),
+            np.full(shape, np.inf),
+        )
+    ]
+    free = ~np.asarray(dep)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o[free], outs[0][free])
+
+
+def test_dependence_follows_known_selectors_and_not_products_with_zero():
+    from pgm_drm.graph.keys import input_dependence
+
+    rng = np.random.default_rng(0)
+    w = np.array([[1.0, 0.0, 2.0], [3.0, 0.0, 4.0]])  # column 1 is zero
+    on = np.array([True, False, True])
+
+    def f(x):
+        d = x @ w  # (4, 3): x * 0 is NaN at x = inf, so column 1 is not free
+        s = jnp.where(on, d, 7.0)  # a known selector: column 1 is the constant
+        r = jnp.sum(s, axis=1)  # reads every column: depends
+        c = jnp.concatenate([s, jnp.ones((4, 1))], axis=1)
+        return d, s, r, c, jnp.max(s[:, 1:2], axis=1)
+
+    spec = jax.ShapeDtypeStruct((4, 2), jnp.float64)
+    d, s, r, c, m = input_dependence(f, spec)
+    assert d.all()
+    assert (s == on[None, :]).all()
+    assert r.all()
+    assert (c == np.concatenate([on, [False]])[None, :]).all()
+    assert not m.any()
+    for i, dep in enumerate((d, s, r, c, m)):
+        _assert_free_sound(dep, lambda x, i=i: f(x)[i], rng, (4, 2))
+
+
+def test_dependence_claims_nothing_for_equations_it_does_not_read():
+    from pgm_drm.graph.keys import input_dependence
+
+    def f(x):
+        return jnp.cumsum(jnp.zeros(3) + 0.0 * x[0]), jnp.sort(jnp.ones(3))
+
+    a, b = input_dependence(f, jax.ShapeDtypeStruct((2,), jnp.float64))
+    assert a.all()  # cumsum is not read: every entry may depend
+    assert not b.any()  # constant only: evaluated, free
+
+
+def _switch_model(family: str, n_c: int, n_a: int, rng: np.random.Generator):
+    """``x ~ F(eta = on[a] * w[c])`` over 4 pixels: the states of ``a`` with
+    ``on[a] = 0`` render nothing (their natural parameters are zero)."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    w = jnp.asarray(rng.normal(size=(n_c, 4)))
+    on = jnp.asarray((np.arange(n_a) % 2).astype(float))  # a = 0, 2, ... off
+
+    def model(x=None):
+        c = numpyro.sample("c", dist.Categorical(jnp.ones(n_c) / n_c))
+        a = numpyro.sample("a", dist.Categorical(jnp.ones(n_a) / n_a))
+        eta = on[a][..., None] * w[c]
+        if family == "normal":
+            fn = dist.Normal(eta, 0.7)
+        elif family == "bernoulli":
+            fn = dist.Bernoulli(logits=eta)
+        else:
+            fn = dist.Poisson(jnp.exp(eta))
+        numpyro.sample("x", fn.to_event(1), obs=x)
+
+    return model
+
+
+@given(seed=st.integers(0, 10_000), family=st.sampled_from(["normal"]))
+def test_switch_off_states_are_free_after_the_gemm_rewrite(seed, family):
+    from pgm_drm.graph import gemm
+    from pgm_drm.graph.keys import input_dependence
+
+    rng = np.random.default_rng(seed)
+    model = _switch_model(family, 3, 2 + seed % 2, rng)
+    x = jnp.asarray(rng.integers(0, 2, size=4).astype(float))
+    fg = compile_model(model, x=x)
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    def tables(v):
+        return fg.evidence_blocks(x=v)[0]
+
+    raw = input_dependence(tables, spec)
+    rewritten = gemm.dedupe_constant_gemms(tables)
+    dep = input_dependence(rewritten, spec)
+    assert set(dep) == set(raw) and len(dep) == 1
+    (k,) = dep
+    # Read as written, x . 0 depends on x; with the zeros explicit, the off
+    # states (a even) are free in every instance and the on states are not.
+    assert raw[k].all()
+    axis_a = 1 + fg.factor_groups[k].scope_sites.index("a")
+    per_a = np.moveaxis(dep[k], axis_a, 0).reshape(dep[k].shape[axis_a], -1)
+    off = np.arange(per_a.shape[0]) % 2 == 0
+    assert not per_a[off].any() and per_a[~off].all()
+    # Sound: the free entries are the same at other evidence values.
+    free = ~dep[k]
+    first = np.asarray(rewritten(x)[k])
+    for _ in range(3):
+        other = jnp.asarray(rng.integers(0, 4, size=4).astype(float))
+        np.testing.assert_array_equal(
+            np.asarray(rewritten(other)[k])[free], first[free]
+        )

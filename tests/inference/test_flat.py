@@ -785,3 +785,108 @@ def test_scanned_twin_only_for_narrow_unrolled_tree_plans():
         plan = compile_model(chain).plan("tree")
         # Past UNROLL_STEPS the plan itself scans: it needs no twin.
         assert (scanned_twin(plan) is not None) == scans, n
+
+
+def _switch_model(rng, n_c: int, n_g: int, n_a: int, hard: bool):
+    """A Rendering Model with a switch: ``x ~ Normal(on[a] * w[c, g], s)`` over
+    4 pixels, whose OFF states (``on[a] = 0``, ``a`` even) render nothing;
+    ``hard``: some prior probabilities of ``g`` and ``a`` are zero."""
+    w = jnp.asarray(rng.normal(size=(n_c, n_g, 4)) * 2.0)
+    on = jnp.asarray((np.arange(n_a) % 2).astype(float))
+    pc, pg, pa = (rng.dirichlet(np.ones(k)) for k in (n_c, n_g, n_a))
+    if hard:
+        pg[0] = 0.0  # a nuisance that never occurs
+        pa[rng.integers(n_a)] = 0.0  # a switch state (ON or OFF) that never does
+    pc, pg, pa = (jnp.asarray(p / p.sum()) for p in (pc, pg, pa))
+
+    def model(x=None):
+        c = numpyro.sample("c", dist.Categorical(pc))
+        g = numpyro.sample("g", dist.Categorical(pg))
+        a = numpyro.sample("a", dist.Categorical(pa))
+        mean = on[a][..., None] * w[c, g]
+        numpyro.sample("x", dist.Normal(mean, 0.6).to_event(1), obs=x)
+
+    return model
+
+
+def _free_used(fg) -> bool:
+    return any(
+        isinstance(k, tuple) and k[0] == "free" and v[1] is not None
+        for k, v in fg._cache.items()
+    )
+
+
+@given(
+    seed=st.integers(0, 100_000),
+    t=st.sampled_from([0.0, 1.0, 0.5]),
+    hard=st.booleans(),
+)
+def test_evidence_free_slices_reduced_once_equal_brute_force(seed, t, hard):
+    # The switch's OFF slices are reduced once (FreeSlices), the ON ones per
+    # image; log Z, every marginal and the MAP against itertools brute force.
+    rng = np.random.default_rng(seed)
+    n_c, n_g, n_a = 2 + seed % 3, 2 + seed % 2, 2 + seed % 2
+    model = _switch_model(rng, n_c, n_g, n_a, hard)
+    xs = jnp.asarray(rng.normal(size=(3, 4)) * 2.0)
+    fg = compile_model(model, x=xs[0])
+    got = infer(fg, temperature=t, x=xs)
+    assert _free_used(fg)
+    semiring = "max" if t == 0.0 else "sum"
+    for i in range(3):
+        exp = brute_force(model, semiring=semiring, temperature=t or None, x=xs[i])
+        one = got._replace(
+            log_z=got.log_z[i],
+            log_marginals={k: v[i] for k, v in got.log_marginals.items()},
+            map={k: v[i] for k, v in got.map.items()},
+        )
+        assert_posteriors_close(one, exp, ATOL, model, {"x": xs[i]})
+
+
+def test_evidence_free_slices_equal_the_whole_reduction():
+    # The same plan and inputs with and without the split: every output equal.
+    rng = np.random.default_rng(3)
+    model = _switch_model(rng, 3, 4, 3, hard=True)
+    xs = jnp.asarray(rng.normal(size=(5, 4)))
+    fg = compile_model(model, x=xs[0])
+    infer(fg, "sum", x=xs)
+    assert _free_used(fg)
+    plan = fg.plan("tree")
+    (free,) = [v[1] for k, v in fg._cache.items() if k[0] == "free"]
+    fs = [f for f in free if f is not None]
+    assert len(fs) == 1 and fs[0].dead == (0, 2) and fs[0].live == (1,)
+    # OFF slices that hold more than zeros (some -inf), in the inputs and in
+    # the FreeSlices' values alike: the split reads those values for them.
+    (k,) = [k for k, f in enumerate(free) if f is not None]
+    extra = rng.normal(size=fs[0].values.shape)
+    extra[rng.random(extra.shape) < 0.3] = -np.inf
+    extra[:, :, :, 1] = 0.0  # the ON state's slice (evidence) left as it is
+    free = list(free)
+    free[k] = fs[0]._replace(values=fs[0].values + extra)
+    for i in range(5):
+        tables, offset = fg.evidence_blocks(x=xs[i])
+        inputs = flat.add_dynamic(
+            plan,
+            flat.static_inputs(plan, fg.host_tables(), fg.factor_groups),
+            tables,
+            fg.factor_groups,
+        )
+        tabs = list(inputs.tables)
+        tabs[k] = tabs[k] + extra
+        inputs = inputs._replace(tables=tuple(tabs))
+        for temp in (None, 1.0, 0.3):
+            a = run_flat_plan(plan, inputs, temp, True, True, None, free)
+            b = run_flat_plan(plan, inputs, temp, True, True, None, None)
+            np.testing.assert_allclose(float(a.log_z), float(b.log_z), atol=1e-10)
+            np.testing.assert_allclose(a.log_marginals, b.log_marginals, atol=1e-10)
+            np.testing.assert_array_equal(a.map_index, b.map_index)
+
+
+def test_free_slices_pick_the_axis_with_the_most_free_states():
+    dep = np.ones((2, 3, 4, 2), bool)
+    dep[:, :, [0, 3], :] = False  # axis 1: states 0 and 3 free in both instances
+    dep[0, :, :, 0] = False  # axis 2: state 0 free in instance 0 only
+    vals = np.arange(dep.size, dtype=float).reshape(dep.shape)
+    fs = flat.free_slices(dep, vals)
+    assert (fs.axis, fs.live, fs.dead) == (1, (1, 2), (0, 3))
+    assert flat.free_slices(np.ones((2, 3, 4), bool), vals[..., 0]) is None
+    assert flat.free_slices(np.zeros((2, 3, 4), bool), vals[..., 0]) is None
