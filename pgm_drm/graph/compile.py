@@ -47,8 +47,9 @@ elementwise table over (latent states x pixels). The graph keeps the part of
 ``J`` that new evidence changes; what in it does not depend on the evidence (the
 natural parameters at every latent state) is computed once, at the first call,
 so a batch of evidence runs only the contraction (``_Evaluator._staged``). An
-observed Normal's state-free part (``x^2`` and the log-normaliser) is kept out of
-its table and added to ``log Z`` (``FactorGraph.evidence_parts``).
+observed Normal's state-free part (``x^2`` and the log-normaliser), and a
+Bernoulli's or Poisson's (its support test, the Poisson's ``-ln x!``), is kept out
+of its table and added to ``log Z`` (``FactorGraph.evidence_parts``).
 """
 
 from __future__ import annotations
@@ -730,18 +731,23 @@ def _natural_sum_dims(fn: Any, summed: Sequence[tuple[int, int]]) -> tuple[int, 
     return tuple(d for d, _ in summed) if summed and ok else ()
 
 
+#: Families whose state-free log-prob terms go to log Z apart from the table.
+_SPLIT_FAMILIES = frozenset({"Normal", "BernoulliProbs", "BernoulliLogits", "Poisson"})
+
+
 def _split_log_prob(
     site: Mapping, summed: Sequence[tuple[int, int]] = ()
 ) -> tuple[Array, Array] | None:
-    """An observed Normal site's log-prob as ``(mean part, scale part)``
-    (:func:`pgm_drm.graph.natural.natural_log_prob_parts`), each summed over the
-    data plates; ``None`` for other sites (and for masked or scaled ones)."""
+    """An observed Normal, Bernoulli or Poisson site's log-prob as ``(mean
+    part, scale part)`` (:func:`pgm_drm.graph.natural.natural_log_prob_parts`),
+    each summed over the data plates; ``None`` for other sites (and for masked
+    or scaled ones)."""
     if (
         not site["is_observed"]
         or site.get("intermediates")
         or site.get("scale") is not None
         or site.get("mask") is not None
-        or _family_name(site["fn"]) != "Normal"
+        or _family_name(site["fn"]) not in _SPLIT_FAMILIES
     ):
         return None
     dims = _natural_sum_dims(site["fn"], summed)
@@ -1980,7 +1986,8 @@ class FactorGraph:
 
     def evidence_parts(self, **evidence: Any) -> tuple[dict[int, Array], Array]:
         """:meth:`evidence_tables` with the state-free scale part of every
-        observed Normal site (``x^2 . eta_2 - sum ln(s sqrt(2 pi))``, see
+        observed Normal site (``x^2 . eta_2 - sum ln(s sqrt(2 pi))``; for a
+        Bernoulli or Poisson site its support test and ``h(x)``, see
         :func:`pgm_drm.graph.natural.natural_log_prob_parts`) left out of its
         table and summed into one offset: ``log Z`` of the tables plus the offset
         is ``log Z``. The tables then hold only what tells the states apart, at

@@ -108,8 +108,10 @@ def natural_log_prob_parts(
     entries keep the states' differences at any magnitude (a float64 image
     filled with ``1e30`` has ``|log p| ~ 1e63``, whose float64 spacing ``~1e48``
     would swallow differences of ``~1e32`` between states). For the other
-    families the scale part is ``0``. Same arguments as
-    :func:`natural_log_prob`; ``None`` for an unsupported family.
+    families the scale part is the support test (``0``, or ``-inf`` for a
+    value outside the support), plus the Poisson's ``h(x) = -ln x!``: terms of
+    the data alone. Same arguments as :func:`natural_log_prob`; ``None`` for an
+    unsupported family.
     """
     leaf = _unwrap(fn)
     form = _FORMS.get(type(leaf))
@@ -129,11 +131,14 @@ def natural_log_prob_parts(
     free = jnp.broadcast_to(free, out_shape)
     if not isinstance(leaf, dist.Normal):
         # numpyro scores out-of-support values as -inf; the check reads the data
-        # only (B x P work, not B x K x P).
+        # only (B x P work, not B x K x P). These families' supports do not move
+        # with the parameters, so the test is a state-free term: it joins the
+        # second part, and the first keeps no entry that reads the data except
+        # through T(x) . eta (a switch's OFF states, eta = 0, stay free of it).
         ok = leaf.support(value)
         if event_shape:
             ok = jnp.all(ok, axis=tuple(range(ok.ndim - len(event_shape), ok.ndim)))
-        dep = jnp.where(ok, dep, -jnp.inf)
+        free = jnp.where(ok, free, -jnp.inf)
     return dep, free
 
 
@@ -346,7 +351,17 @@ def _bernoulli_logits(
     d: dist.BernoulliLogits, value: Array, event_shape: Shape
 ) -> Array:
     """``BernoulliLogits``: ``A = softplus(logits)`` (numpyro's stable form)."""
-    return _bernoulli(d.logits, -jax.nn.softplus(d.logits), value, event_shape)
+    return _bernoulli(d.logits, -_softplus(d.logits), value, event_shape)
+
+
+def _softplus(x: Array) -> Array:
+    """``log(1 + exp(x))`` as ``max(x, 0) + log1p(exp(-|x|))``: the values of
+    ``jax.nn.softplus`` from plain primitives (its derivative is ``sigmoid(x)``
+    here too, ``1/2`` at 0), where ``jax.nn.softplus`` is a ``custom_jvp`` call,
+    which keeps the compiler from staging a model's evidence-free part
+    (``FactorGraph``'s staged evaluator): the logits would be recomputed in
+    every evidence program, unknown to ``gemm.dedupe_constant_gemms``."""
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
 def _categorical(log_pmf: Array, value: Array, event_shape: Shape) -> Array:
@@ -374,7 +389,8 @@ def _categorical_logits(
 
 
 def _poisson(d: dist.Poisson, value: Array, event_shape: Shape) -> Array:
-    """Poisson: ``T = x``, ``eta = ln rate``, ``A = rate``, ``h = -ln x!``.
+    """Poisson: ``T = x``, ``eta = ln rate``, ``A = rate``, ``h = -ln x!``;
+    returns ``(T . eta - A, h)``, as the Normal returns its two parts.
 
     A rate of 0 (``eta = -inf``) gives 0 at ``x = 0`` and ``-inf`` above, as
     ``xlogy`` in ``fn.log_prob``.
@@ -384,7 +400,7 @@ def _poisson(d: dist.Poisson, value: Array, event_shape: Shape) -> Array:
     x = value.astype(ftype)
     dots = _contract_masked(x, jnp.log(rate), event_shape)
     h = _event_sum(-gammaln(x + 1.0), event_shape)
-    return dots - _event_sum(rate, event_shape) + h
+    return dots - _event_sum(rate, event_shape), h
 
 
 _FORMS: dict[type, Callable[[dist.Distribution, Array, Shape], Any]] = {

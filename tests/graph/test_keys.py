@@ -259,7 +259,10 @@ def _switch_model(family: str, n_c: int, n_a: int, rng: np.random.Generator):
     return model
 
 
-@given(seed=st.integers(0, 10_000), family=st.sampled_from(["normal"]))
+@given(
+    seed=st.integers(0, 10_000),
+    family=st.sampled_from(["normal", "bernoulli", "poisson"]),
+)
 def test_switch_off_states_are_free_after_the_gemm_rewrite(seed, family):
     from pgm_drm.graph import gemm
     from pgm_drm.graph.keys import input_dependence

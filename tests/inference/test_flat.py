@@ -787,10 +787,13 @@ def test_scanned_twin_only_for_narrow_unrolled_tree_plans():
         assert (scanned_twin(plan) is not None) == scans, n
 
 
-def _switch_model(rng, n_c: int, n_g: int, n_a: int, hard: bool):
-    """A Rendering Model with a switch: ``x ~ Normal(on[a] * w[c, g], s)`` over
-    4 pixels, whose OFF states (``on[a] = 0``, ``a`` even) render nothing;
-    ``hard``: some prior probabilities of ``g`` and ``a`` are zero."""
+def _switch_model(
+    rng, n_c: int, n_g: int, n_a: int, hard: bool, family: str = "normal"
+):
+    """A Rendering Model with a switch: ``x ~ F(eta = on[a] * w[c, g])`` over 4
+    pixels (``F``: Normal with scale 0.6, Bernoulli logits, Poisson log rate),
+    whose OFF states (``on[a] = 0``, ``a`` even) render nothing; ``hard``: some
+    prior probabilities of ``g`` and ``a`` are zero."""
     w = jnp.asarray(rng.normal(size=(n_c, n_g, 4)) * 2.0)
     on = jnp.asarray((np.arange(n_a) % 2).astype(float))
     pc, pg, pa = (rng.dirichlet(np.ones(k)) for k in (n_c, n_g, n_a))
@@ -803,8 +806,14 @@ def _switch_model(rng, n_c: int, n_g: int, n_a: int, hard: bool):
         c = numpyro.sample("c", dist.Categorical(pc))
         g = numpyro.sample("g", dist.Categorical(pg))
         a = numpyro.sample("a", dist.Categorical(pa))
-        mean = on[a][..., None] * w[c, g]
-        numpyro.sample("x", dist.Normal(mean, 0.6).to_event(1), obs=x)
+        eta = on[a][..., None] * w[c, g]
+        if family == "normal":
+            fn = dist.Normal(eta, 0.6)
+        elif family == "bernoulli":
+            fn = dist.Bernoulli(logits=eta)
+        else:
+            fn = dist.Poisson(jnp.exp(eta))
+        numpyro.sample("x", fn.to_event(1), obs=x)
 
     return model
 
@@ -820,14 +829,20 @@ def _free_used(fg) -> bool:
     seed=st.integers(0, 100_000),
     t=st.sampled_from([0.0, 1.0, 0.5]),
     hard=st.booleans(),
+    family=st.sampled_from(["normal", "bernoulli", "poisson"]),
 )
-def test_evidence_free_slices_reduced_once_equal_brute_force(seed, t, hard):
+def test_evidence_free_slices_reduced_once_equal_brute_force(seed, t, hard, family):
     # The switch's OFF slices are reduced once (FreeSlices), the ON ones per
     # image; log Z, every marginal and the MAP against itertools brute force.
     rng = np.random.default_rng(seed)
     n_c, n_g, n_a = 2 + seed % 3, 2 + seed % 2, 2 + seed % 2
-    model = _switch_model(rng, n_c, n_g, n_a, hard)
-    xs = jnp.asarray(rng.normal(size=(3, 4)) * 2.0)
+    model = _switch_model(rng, n_c, n_g, n_a, hard, family)
+    if family == "normal":
+        xs = jnp.asarray(rng.normal(size=(3, 4)) * 2.0)
+    elif family == "bernoulli":
+        xs = jnp.asarray(rng.integers(0, 2, size=(3, 4)).astype(float))
+    else:
+        xs = jnp.asarray(rng.poisson(2.0, size=(3, 4)).astype(float))
     fg = compile_model(model, x=xs[0])
     got = infer(fg, temperature=t, x=xs)
     assert _free_used(fg)
