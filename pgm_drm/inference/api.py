@@ -359,6 +359,11 @@ def _table_keys(
     )
 
 
+#: Tree plans with more evidence-dependent pair groups than this are not read
+#: for evidence-free slices (:func:`_free_tables`).
+FREE_MAX_GROUPS = 64
+
+
 def _free_tables(
     fg: FactorGraph, plan: FlatPlan, ev: Mapping[str, Any]
 ) -> tuple[FreeSlices | None, ...] | None:
@@ -370,7 +375,10 @@ def _free_tables(
     evaluation at ``ev`` (one example's evidence: a free entry is the same at
     every value). ``None`` when no class has such slices, when no pair class
     reads evidence, or when the evidence tables come in blocks."""
-    if all(len(m) == n for m, n in zip(plan.pairs, plan.n_static, strict=True)):
+    n_dynamic = sum(len(m) - n for m, n in zip(plan.pairs, plan.n_static, strict=True))
+    if not 0 < n_dynamic <= FREE_MAX_GROUPS:
+        # None to split, or a loop-written model whose evidence program is
+        # long: reading it would cost its first result more than a split saves.
         return None
 
     def tables(e):
