@@ -240,10 +240,12 @@ class FreeSlices(NamedTuple):
 
     A Rendering Model's ``a = 0`` states render nothing (Eq. 8 with ``eta = 0``):
     their log-likelihood entries are ``-A(z)``, the same for every image. The
-    upward message then splits into the evidence's states, reduced per image,
-    and the free ones, reduced once (under ``jax.vmap`` they carry no batch
-    axis), joined by one ``T * logaddexp`` (:func:`_split_message`): the same
-    sum, half the exponentials for the RM.
+    messages then split into the evidence's states, reduced per image, and the
+    free ones, reduced once (under ``jax.vmap`` they carry no batch axis, as
+    long as the messages they meet carry none: the RM's priors, and on the way
+    down the message of a root whose only pair factor this is), joined in one
+    reduction (:func:`_split_message`): the same sum, half the exponentials
+    for the RM.
 
     Attributes:
         axis: The table axis (slot) the free slices lie along.
@@ -318,7 +320,18 @@ def _split_message(
     """:func:`_factor_message` of a table split by :class:`FreeSlices`: the
     reduction over the live states (``table`` whole, read at them) and over the
     free ones (``dead_table``, evidence-free, reduced first: under ``vmap`` it
-    has no batch axis), the reduction over every state taken in two parts."""
+    has no batch axis), the reduction over every state taken in two parts. To
+    the split axis's own variable (``j == fs.axis``) the live and the free
+    states' entries are reduced apart and placed in state order."""
+    if j == fs.axis:
+        axes = tuple(i + 1 for i in range(len(cards)) if i != j)
+        pick = (fs.axis, fs.live)
+        live = _joint(_pick(table, fs.live, fs.axis + 1), v_in, cards, j, pick)
+        dead = _joint(dead_table, v_in, cards, j, (fs.axis, fs.dead))
+        parts = jnp.concatenate([_reduce(live, axes, t), _reduce(dead, axes, t)], 1)
+        order = np.argsort(np.asarray(fs.live + fs.dead))
+        m, off = _shift(_pick(parts, tuple(map(int, order)), 1), (1,))
+        return _pad(m, kmax), off
     live = _joint(
         _pick(table, fs.live, fs.axis + 1), v_in, cards, j, (fs.axis, fs.live)
     )
@@ -542,7 +555,7 @@ def _up_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeStat
                 up = s.unary[ids[:, j]] + _total(b, ids[:, j])
                 v[k] = v[k].at[inst, j].set(up)
         split = s.free[k] if s.free else None
-        if split is not None and split[0].axis != p:
+        if split is not None:
             msg, off = _split_message(
                 s.tables[k][inst],
                 split[1][inst],
@@ -573,20 +586,47 @@ def _down_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeSt
     for (k, p), inst in step:
         cards = plan.pair_cards[k]
         ids = _rows(plan.pair_scope[k], inst)
-        down = s.unary[ids[:, p]] + _leave_one_out(b, ids[:, p], m[k][inst, p])
+        if isinstance(ids, np.ndarray) and (_pair_degree(plan)[ids[:, p]] == 1).all():
+            # The parent's only pair factor is this one: its downward message is
+            # the parent's unary term, exactly (no other message to leave in),
+            # and stays free of the evidence when that term is.
+            down = s.unary[ids[:, p]]
+        else:
+            down = s.unary[ids[:, p]] + _leave_one_out(b, ids[:, p], m[k][inst, p])
         # The upward pass's var->factor messages with the parent slot replaced
         # (a select, not a write: nothing reads v or m after the downward pass).
         v_up = v[k][inst]
         is_p = (np.arange(len(cards)) == p)[None, :, None]
         v_in = jnp.where(is_p, down[:, None, :], v_up)
         table = s.tables[k][inst]
+        split = s.free[k] if s.free else None
         for j in range(len(cards)):
-            if j != p:
+            if j == p:
+                continue
+            if split is not None:
+                msg, _ = _split_message(
+                    table, split[1][inst], v_in, cards, j, t, plan.kmax, split[0]
+                )
+            else:
                 msg, _ = _factor_message(table, v_in, cards, j, t, plan.kmax)
-                sends.append((ids[:, j], msg))
+            sends.append((ids[:, j], msg))
     for ids, msg in sends:
         b = _scatter(b, ids, msg)
     return _TreeState(b, v, m, log_z)
+
+
+def _pair_degree(plan: FlatPlan) -> np.ndarray:
+    """``(n_vars + 1,)`` how many pair-factor slots hold each variable."""
+    got = _DEGREES.get(plan)
+    if got is None:
+        ids = [sc[:-1].reshape(-1) for sc in plan.pair_scope]  # less the sink row
+        flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        got = np.bincount(flat_ids, minlength=plan.n_vars + 1)
+        _DEGREES[plan] = got
+    return got
+
+
+_DEGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _run_steps(plan: FlatPlan, fn, state, reverse: bool):
