@@ -301,6 +301,23 @@ def free_slices(dependence: np.ndarray, values: np.ndarray) -> FreeSlices | None
     )
 
 
+def _in_state_order(live: Array, dead: Array, fs: FreeSlices) -> Array:
+    """``(n, card)`` from the live and the free states' columns, in state order:
+    runs of slices concatenated (a gather here was fused with the reduction
+    that makes ``live`` and computed it again per column)."""
+    src = {s: (live, i) for i, s in enumerate(fs.live)}
+    src.update({s: (dead, i) for i, s in enumerate(fs.dead)})
+    pieces, state, n = [], 0, len(src)
+    while state < n:
+        arr, i = src[state]
+        end = state + 1
+        while end < n and src[end][0] is arr and src[end][1] == i + end - state:
+            end += 1
+        pieces.append(jax.lax.slice_in_dim(arr, i, i + end - state, axis=1))
+        state = end
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
 #: Reduced states are laid out as (S / 4, 4) where S divides: XLA's CPU backend
 #: emitted a reduction over one axis of 16 float64 states at about half the
 #: speed of the same states as (4, 4) or (8, 2) (measured, 10,000 x 10 rows).
@@ -324,13 +341,14 @@ def _split_message(
     the split axis's own variable (``j == fs.axis``) the live and the free
     states' entries are reduced apart and placed in state order."""
     if j == fs.axis:
-        axes = tuple(i + 1 for i in range(len(cards)) if i != j)
         pick = (fs.axis, fs.live)
         live = _joint(_pick(table, fs.live, fs.axis + 1), v_in, cards, j, pick)
         dead = _joint(dead_table, v_in, cards, j, (fs.axis, fs.dead))
-        parts = jnp.concatenate([_reduce(live, axes, t), _reduce(dead, axes, t)], 1)
-        order = np.argsort(np.asarray(fs.live + fs.dead))
-        m, off = _shift(_pick(parts, tuple(map(int, order)), 1), (1,))
+
+        axes = tuple(i + 1 for i in range(len(cards)) if i != j)
+        m, off = _shift(
+            _in_state_order(_reduce(live, axes, t), _reduce(dead, axes, t), fs), (1,)
+        )
         return _pad(m, kmax), off
     live = _joint(
         _pick(table, fs.live, fs.axis + 1), v_in, cards, j, (fs.axis, fs.live)
@@ -341,14 +359,13 @@ def _split_message(
         x = jnp.moveaxis(x, j + 1, 1)
         size = math.prod(x.shape[2:])
         tail = (-1, _VECTOR_GROUP) if size % _VECTOR_GROUP == 0 else (-1,)
-        return jnp.reshape(x, x.shape[:2] + tail)
+        x = jnp.reshape(x, x.shape[:2] + tail)
+        return x, tuple(range(2, x.ndim))
 
     # The free states' reduction joins the live ones as one more entry of a
     # single reduction (reduce_t_with), taken first: it has no batch axis.
-    dead = flat(dead)
-    once = _reduce(dead, tuple(range(2, dead.ndim)), t)
-    live = flat(live)
-    m = reduce_t_with(live, tuple(range(2, live.ndim)), once, 0.0 if t is None else t)
+    once = _reduce(*flat(dead), t)
+    m = reduce_t_with(*flat(live), once, 0.0 if t is None else t)
     m, off = _shift(m, (1,))
     return _pad(m, kmax), off
 
