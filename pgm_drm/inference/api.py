@@ -391,6 +391,9 @@ def _free_tables(
     dep = input_dependence(fn, specs)
     if not isinstance(dep, dict):
         return None
+    # Evaluated eagerly, the evidence is known and nothing is rewritten: a free
+    # entry is then x . 0 plus its constant, the same for any finite x (and
+    # compile_model refuses non-finite evidence).
     values = fn(ev)
     host = fg.host_tables()
     out = []
