@@ -283,7 +283,10 @@ def _compiled_flat(
     # of each upward message is reduced once, not per evidence instance.
     free = None
     if plan.kind == "tree":
-        fkey = ("free", id(plan))
+        # Keyed by the evidence names too: a table held at its compile-time
+        # value in one call (its evidence not passed) is free there, not in a
+        # call that passes that evidence.
+        fkey = ("free", id(plan), tuple(sorted(axes)))
         if fkey not in fg._cache:
             compiled = split_evidence(fg.kwargs)[0]
             ev0 = {k: v for k, v in compiled.items() if k in axes}
