@@ -138,18 +138,24 @@ def _row_operand(x) -> np.ndarray:
     return x.k if isinstance(x, _Keys) else np.asarray(x)
 
 
-def _dot_keys(lhs, rhs, params: dict, out_shape) -> np.ndarray:
+def _contracted_rows(params: dict, lhs: np.ndarray, rhs: np.ndarray):
+    """``dot_general``'s operands laid out as ``(batch, free, contracted)``:
+    the rows each result entry reads."""
     (lc, rc), (lb, rb) = params["dimension_numbers"]
-    lk, rk = _row_operand(lhs), _row_operand(rhs)
-    lf = [d for d in range(lk.ndim) if d not in lc and d not in lb]
-    rf = [d for d in range(rk.ndim) if d not in rc and d not in rb]
-    nb = math.prod(lk.shape[d] for d in lb)
-    nc = math.prod(lk.shape[d] for d in lc)
-    nlf = math.prod(lk.shape[d] for d in lf)
-    nrf = math.prod(rk.shape[d] for d in rf)
-    lrow = _rows(np.transpose(lk, list(lb) + lf + list(lc)).reshape(nb * nlf, nc))
-    rrow = _rows(np.transpose(rk, list(rb) + rf + list(rc)).reshape(nb * nrf, nc))
-    lrow, rrow = lrow.reshape(nb, nlf, 1), rrow.reshape(nb, 1, nrf)
+    out = []
+    for x, c, b in ((lhs, lc, lb), (rhs, rc, rb)):
+        f = [d for d in range(x.ndim) if d not in c and d not in b]
+        nb = math.prod(x.shape[d] for d in b)
+        nf = math.prod(x.shape[d] for d in f)
+        out.append(np.transpose(x, list(b) + f + list(c)).reshape(nb, nf, -1))
+    return out
+
+
+def _dot_keys(lhs, rhs, params: dict, out_shape) -> np.ndarray:
+    lk, rk = _contracted_rows(params, _row_operand(lhs), _row_operand(rhs))
+    (nb, nlf, nc), nrf = lk.shape, rk.shape[1]
+    lrow = _rows(lk.reshape(nb * nlf, nc)).reshape(nb, nlf, 1)
+    rrow = _rows(rk.reshape(nb * nrf, nc)).reshape(nb, 1, nrf)
     return _joint([lrow, rrow], (nb, nlf, nrf)).reshape(out_shape)
 
 
@@ -173,12 +179,21 @@ _MOVES = {
 }
 
 
-def _concrete(x, aval):
-    """A known value as numpy; one numpy cannot hold (a PRNG key) is free."""
+def _concrete(x, aval, free=None):
+    """A known value as numpy; one numpy cannot hold (a PRNG key) is free
+    (``free(aval)``: :func:`_distinct` keys by default)."""
     try:
         return np.asarray(x)
     except TypeError:
-        return _distinct(aval)
+        return (free or _distinct)(aval)
+
+
+def _evaluated(eqn, invals: list, free) -> list:
+    """An equation with known inputs, run now: its outputs as numpy."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    ans = eqn.primitive.bind(*invals, **bind_params)
+    ans = ans if eqn.primitive.multiple_results else [ans]
+    return [_concrete(a, v.aval, free) for a, v in zip(ans, eqn.outvars, strict=True)]
 
 
 def _keys_of(eqn, invals: list) -> list:
@@ -186,10 +201,7 @@ def _keys_of(eqn, invals: list) -> list:
     name = eqn.primitive.name
     outs = eqn.outvars
     if not any(isinstance(v, _Keys) for v in invals):
-        bind_params = eqn.primitive.get_bind_params(eqn.params)
-        ans = eqn.primitive.bind(*invals, **bind_params)
-        ans = ans if eqn.primitive.multiple_results else [ans]
-        return [_concrete(a, v.aval) for a, v in zip(ans, outs, strict=True)]
+        return _evaluated(eqn, invals, _distinct)
     closed = call_body(eqn, _CALLS)
     if closed is not None:
         return _interpret(closed.jaxpr, closed.consts, invals)
@@ -234,7 +246,11 @@ def _count(jaxpr: core.Jaxpr) -> int:
     return n
 
 
-def _interpret(jaxpr: core.Jaxpr, consts, args) -> list:
+def _interpret(jaxpr: core.Jaxpr, consts, args, rule=None, free=None) -> list:
+    """Run ``jaxpr`` abstractly: ``rule(eqn, invals)`` gives each equation's
+    outputs (:func:`_keys_of` by default, :func:`_dep_of`), ``free(aval)`` the
+    value of an input nothing is known of (:func:`_distinct` keys by default)."""
+    rule, free = rule or _keys_of, free or _distinct
     env: dict = {}
 
     def read(v):
@@ -243,12 +259,12 @@ def _interpret(jaxpr: core.Jaxpr, consts, args) -> list:
     for v, c in zip(jaxpr.constvars, consts, strict=True):
         # A value closed over from an enclosing trace is free, like an input.
         env[v] = (
-            _distinct(v.aval) if isinstance(c, core.Tracer) else _concrete(c, v.aval)
+            free(v.aval) if isinstance(c, core.Tracer) else _concrete(c, v.aval, free)
         )
     for v, a in zip(jaxpr.invars, args, strict=True):
         env[v] = a
     for eqn in jaxpr.eqns:
-        got = _keys_of(eqn, [read(v) for v in eqn.invars])
+        got = rule(eqn, [read(v) for v in eqn.invars])
         for v, a in zip(eqn.outvars, got, strict=True):
             env[v] = a
     return [read(v) for v in jaxpr.outvars]
@@ -309,35 +325,18 @@ def _all_dep(aval) -> _Dep:
 def _dot_dep(lhs, rhs, params: dict, out_shape) -> np.ndarray:
     """``dot_general``'s result depends on the inputs where any entry of either
     contracted row does (a known operand's rows never do)."""
-    (lc, rc), (lb, rb) = params["dimension_numbers"]
-    ld, rd = _as_dep(lhs), _as_dep(rhs)
-    lf = [d for d in range(ld.ndim) if d not in lc and d not in lb]
-    rf = [d for d in range(rd.ndim) if d not in rc and d not in rb]
-    nb = math.prod(ld.shape[d] for d in lb)
-    nlf = math.prod(ld.shape[d] for d in lf)
-    nrf = math.prod(rd.shape[d] for d in rf)
-    lrow = np.transpose(ld, list(lb) + lf + list(lc)).reshape(nb, nlf, -1).any(-1)
-    rrow = np.transpose(rd, list(rb) + rf + list(rc)).reshape(nb, nrf, -1).any(-1)
-    return (lrow[:, :, None] | rrow[:, None, :]).reshape(out_shape)
+    ld, rd = _contracted_rows(params, _as_dep(lhs), _as_dep(rhs))
+    return (ld.any(-1)[:, :, None] | rd.any(-1)[:, None, :]).reshape(out_shape)
 
 
 def _dep_of(eqn, invals: list) -> list:
     """One equation's outputs: concrete values or :class:`_Dep` masks."""
     outs = eqn.outvars
     if not any(isinstance(v, _Dep) for v in invals):
-        bind_params = eqn.primitive.get_bind_params(eqn.params)
-        ans = eqn.primitive.bind(*invals, **bind_params)
-        ans = ans if eqn.primitive.multiple_results else [ans]
-        got = []
-        for a, v in zip(ans, outs, strict=True):
-            try:
-                got.append(np.asarray(a))
-            except TypeError:  # a value numpy cannot hold (a PRNG key)
-                got.append(_all_dep(v.aval))
-        return got
+        return _evaluated(eqn, invals, _all_dep)
     closed = call_body(eqn, _CALLS)
     if closed is not None:
-        return _dep_interpret(closed.jaxpr, closed.consts, invals)
+        return _interpret(closed.jaxpr, closed.consts, invals, _dep_of, _all_dep)
     name = eqn.primitive.name
     shape = tuple(outs[0].aval.shape) if len(outs) == 1 else None
     if shape is None or math.prod(shape) > MAX_KEYS:
@@ -368,30 +367,6 @@ def _dep_of(eqn, invals: list) -> list:
     return [_Dep(np.asarray(got, bool).reshape(shape))]
 
 
-def _dep_interpret(jaxpr: core.Jaxpr, consts, args) -> list:
-    env: dict = {}
-
-    def read(v):
-        return np.asarray(v.val) if isinstance(v, Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts, strict=True):
-        # A value closed over from an enclosing trace is free, like an input.
-        if isinstance(c, core.Tracer):
-            env[v] = _all_dep(v.aval)
-        else:
-            try:
-                env[v] = np.asarray(c)
-            except TypeError:
-                env[v] = _all_dep(v.aval)
-    for v, a in zip(jaxpr.invars, args, strict=True):
-        env[v] = a
-    for eqn in jaxpr.eqns:
-        got = _dep_of(eqn, [read(v) for v in eqn.invars])
-        for v, a in zip(eqn.outvars, got, strict=True):
-            env[v] = a
-    return [read(v) for v in jaxpr.outvars]
-
-
 def input_dependence(fn: Callable, *args: Any) -> Any | None:
     """Which entries of ``fn(*args)``'s outputs may depend on ``args``, read
     statically from the program (an abstract interpretation, sound like
@@ -417,6 +392,6 @@ def input_dependence(fn: Callable, *args: Any) -> Any | None:
         return None
     ins = [_all_dep(v.aval) for v in closed.jaxpr.invars]
     with jax.ensure_compile_time_eval():
-        outs = _dep_interpret(closed.jaxpr, closed.consts, ins)
+        outs = _interpret(closed.jaxpr, closed.consts, ins, _dep_of, _all_dep)
     masks = [_as_dep(o).copy() for o in outs]
     return jax.tree.unflatten(jax.tree.structure(shape), masks)
