@@ -274,13 +274,16 @@ def _compiled_flat(
     # Leaf messages from keyed tables (flat.run_flat_plan's table_keys); when
     # no other cluster reads an evidence table whole, the template matches run
     # over each patch's distinct templates only.
+    # The evidence this call gives, at its compile-time values (one example): the
+    # inputs of the static readings of the evidence program below.
+    compiled = split_evidence(fg.kwargs)[0]
+    example = {k: v for k, v in compiled.items() if k in axes}
     keys = None
     if runs_keyed(plan):  # read at the compile-time evidence's shapes
-        compiled = split_evidence(fg.kwargs)[0]
-        keys = _table_keys(fg, plan, {k: v for k, v in compiled.items() if k in axes})
+        keys = _table_keys(fg, plan, example)
     rows = keys is not None and not dense_reads_evidence(plan, keys)
     # Tree tables with evidence-free slices (a switch's OFF states): their part
-    # of each upward message is reduced once, not per evidence instance.
+    # of each message is reduced once, not per evidence instance.
     free = None
     if plan.kind == "tree":
         # Keyed by the evidence names too: a table held at its compile-time
@@ -288,9 +291,7 @@ def _compiled_flat(
         # call that passes that evidence.
         fkey = ("free", id(plan), tuple(sorted(axes)))
         if fkey not in fg._cache:
-            compiled = split_evidence(fg.kwargs)[0]
-            ev0 = {k: v for k, v in compiled.items() if k in axes}
-            fg._cache[fkey] = (plan, _free_tables(fg, plan, ev0))
+            fg._cache[fkey] = (plan, _free_tables(fg, plan, example))
         free = fg._cache[fkey][1]
 
     def single(ev, t, static):
@@ -341,6 +342,13 @@ def _compiled_flat(
     return fg._cache[key][1]
 
 
+def _specs(ev: Mapping[str, Any]) -> dict:
+    """Evidence as shapes and dtypes, for reading the program that takes it."""
+    return {
+        k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for k, v in ev.items()
+    }
+
+
 def _table_keys(
     fg: FactorGraph, plan: FlatPlan, ev: Mapping[str, Any]
 ) -> tuple[np.ndarray, ...] | None:
@@ -349,10 +357,7 @@ def _table_keys(
     evidence table's from its program (:func:`pgm_drm.graph.keys.equality_keys`),
     an evidence-free one's from its values. ``None`` when the evidence tables
     come in blocks (loop-written models) or their program is too long to read."""
-    specs = {
-        k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for k, v in ev.items()
-    }
-    got = equality_keys(lambda e: fg.evidence_blocks(**e)[0], specs)
+    got = equality_keys(lambda e: fg.evidence_blocks(**e)[0], _specs(ev))
     if not isinstance(got, dict):
         return None
     host = fg.host_tables()
@@ -388,10 +393,7 @@ def _free_tables(
         return fg.evidence_blocks(**e)[0]
 
     fn = gemm.dedupe_constant_gemms(tables) if gemm.ENABLED else tables
-    specs = {
-        k: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for k, v in ev.items()
-    }
-    dep = input_dependence(fn, specs)
+    dep = input_dependence(fn, _specs(ev))
     if not isinstance(dep, dict):
         return None
     # Evaluated eagerly, the evidence is known and nothing is rewritten: a free

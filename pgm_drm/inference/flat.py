@@ -340,20 +340,16 @@ def _split_message(
     has no batch axis), the reduction over every state taken in two parts. To
     the split axis's own variable (``j == fs.axis``) the live and the free
     states' entries are reduced apart and placed in state order."""
+    live = _joint(
+        _pick(table, fs.live, fs.axis + 1), v_in, cards, j, (fs.axis, fs.live)
+    )
+    dead = _joint(dead_table, v_in, cards, j, (fs.axis, fs.dead))
     if j == fs.axis:
-        pick = (fs.axis, fs.live)
-        live = _joint(_pick(table, fs.live, fs.axis + 1), v_in, cards, j, pick)
-        dead = _joint(dead_table, v_in, cards, j, (fs.axis, fs.dead))
-
         axes = tuple(i + 1 for i in range(len(cards)) if i != j)
         m, off = _shift(
             _in_state_order(_reduce(live, axes, t), _reduce(dead, axes, t), fs), (1,)
         )
         return _pad(m, kmax), off
-    live = _joint(
-        _pick(table, fs.live, fs.axis + 1), v_in, cards, j, (fs.axis, fs.live)
-    )
-    dead = _joint(dead_table, v_in, cards, j, (fs.axis, fs.dead))
 
     def flat(x):  # the reduced states as (S / 4, 4) (see _VECTOR_GROUP)
         x = jnp.moveaxis(x, j + 1, 1)
@@ -559,6 +555,16 @@ class _TreeState(NamedTuple):
     log_z: Array
 
 
+def _class_message(plan: FlatPlan, s: _Setup, k: int, inst, table, v_in, j: int, t):
+    """:func:`_factor_message` from instances ``inst`` of pair class ``k`` to
+    slot ``j``; :func:`_split_message` when the class has free slices."""
+    cards, kmax = plan.pair_cards[k], plan.kmax
+    split = s.free[k] if s.free else None
+    if split is None:
+        return _factor_message(table, v_in, cards, j, t, kmax)
+    return _split_message(table, split[1][inst], v_in, cards, j, t, kmax, split[0])
+
+
 def _up_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeState:
     """Factors at one depth send to their parents (children already sent)."""
     b, v, m, log_z = state
@@ -571,22 +577,7 @@ def _up_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeStat
             if j != p:
                 up = s.unary[ids[:, j]] + _total(b, ids[:, j])
                 v[k] = v[k].at[inst, j].set(up)
-        split = s.free[k] if s.free else None
-        if split is not None:
-            msg, off = _split_message(
-                s.tables[k][inst],
-                split[1][inst],
-                v[k][inst],
-                cards,
-                p,
-                t,
-                plan.kmax,
-                split[0],
-            )
-        else:
-            msg, off = _factor_message(
-                s.tables[k][inst], v[k][inst], cards, p, t, plan.kmax
-            )
+        msg, off = _class_message(plan, s, k, inst, s.tables[k][inst], v[k][inst], p, t)
         real = jnp.asarray(inst) < plan.pair_scope[k].shape[0] - 1
         log_z = log_z + jnp.sum(jnp.where(real, off, 0.0))
         m[k] = m[k].at[inst, p].set(msg)
@@ -616,17 +607,10 @@ def _down_step(plan: FlatPlan, s: _Setup, t, state: _TreeState, step) -> _TreeSt
         is_p = (np.arange(len(cards)) == p)[None, :, None]
         v_in = jnp.where(is_p, down[:, None, :], v_up)
         table = s.tables[k][inst]
-        split = s.free[k] if s.free else None
         for j in range(len(cards)):
-            if j == p:
-                continue
-            if split is not None:
-                msg, _ = _split_message(
-                    table, split[1][inst], v_in, cards, j, t, plan.kmax, split[0]
-                )
-            else:
-                msg, _ = _factor_message(table, v_in, cards, j, t, plan.kmax)
-            sends.append((ids[:, j], msg))
+            if j != p:
+                msg, _ = _class_message(plan, s, k, inst, table, v_in, j, t)
+                sends.append((ids[:, j], msg))
     for ids, msg in sends:
         b = _scatter(b, ids, msg)
     return _TreeState(b, v, m, log_z)
@@ -1759,8 +1743,8 @@ def run_flat_plan(
             blocks only (:class:`_KeyedEdge`, :func:`_keyed_marginals`): a DRM
             patch reduces 2 blocks of 8 states, not 96 separator states.
         free: Trees: per pair class, ``None`` or the :class:`FreeSlices` of its
-            tables (slices no evidence changes, with their values): upward
-            messages reduce those once, not per evidence instance.
+            tables (slices no evidence changes, with their values): messages,
+            upward and downward, reduce those once, not per evidence instance.
 
     Returns:
         :class:`FlatResult`. Tree and junction-tree ("exact") plans are exact;
