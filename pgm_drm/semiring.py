@@ -86,9 +86,10 @@ def reduce_t(x: Array, axes: tuple[int, ...], temperature: float | Array) -> Arr
 def reduce_t_with(
     x: Array, axes: tuple[int, ...], extra: Array, temperature: float | Array
 ) -> Array:
-    """:func:`reduce_t` over ``x``'s entries along ``axes`` and one more entry,
-    ``extra`` (the shape of the result): ``T * logaddexp(T * logsumexp(x / T),
-    extra)`` taken in one pass, ``max`` at T=0.
+    """:func:`reduce_t` (paper §6.2.1: ``T * logsumexp(x / T)``, max at T=0)
+    over ``x``'s entries along ``axes`` and one more entry, ``extra`` (the shape
+    of the result): ``T * logaddexp(T * logsumexp(x / T) / T, extra / T)``
+    taken in one pass, ``max`` at T=0.
 
     The same shift, ``exp`` and ``log`` as :func:`reduce_t`, with the max taken
     over ``extra`` too. Written as one reduction over ``x`` plus an elementwise
