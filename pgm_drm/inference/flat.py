@@ -1327,6 +1327,13 @@ def _keyed_marginals(
         dk = _reduce(jnp.where(member, b2 - red, -jnp.inf), (2,), t)
         safe = jnp.where(jnp.isfinite(shift), shift, 0.0)
         b_e = (dk - safe[:, None]).reshape((n_e, nk) + (1,) * ne) + blocks
+        if len(rest) > 1:
+            # Read by one reduction per axis: written out once, not computed
+            # again in each (with the blocks' batch-last layout transposed each
+            # time). DRM, every marginal, batch 64, 8x8-32x32 (in-process A/B
+            # with an A/A control, 2026-12-05): sum-product 13-15% faster,
+            # max-sum 2-4% (at the edge of the A/A control's +-3%).
+            b_e = _written_out(b_e, token)
         for j, axis in enumerate(rest):
             other = (1,) + tuple(i + 2 for i in range(ne) if i != j)
             parts.setdefault((k, axis), []).append((_reduce(b_e, other, t), r))
