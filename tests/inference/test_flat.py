@@ -512,6 +512,51 @@ def test_take_of_static_rows_equals_a_gather(rows):
 
 
 @given(
+    seed=st.integers(0, 100_000),
+    n=st.integers(1, 14),
+    kind=st.sampled_from(["runs", "permuted", "scattered", "overlap"]),
+)
+def test_rows_of_pieces_equals_a_chain_of_set_rows(seed, n, kind):
+    """Pieces set at static rows: one concatenate where every piece is a run
+    (in order or permuted, with gaps left as they were), else the chain of
+    placements it stands for; batched (vmap) too. Exact: only copies."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(
+        rng.choice(
+            np.arange(1, n), size=min(n - 1, int(rng.integers(0, 4))), replace=False
+        )
+    )
+    blocks = [b for b in np.split(np.arange(n), cuts) if rng.random() < 0.8 or n == 1]
+    pieces_rows = []
+    for b in blocks:
+        if kind == "permuted":
+            b = rng.permutation(b)
+        pieces_rows.append(b.astype(np.int32))
+    if kind == "scattered" and n > 2:
+        pieces_rows.append(np.array([0, n - 1], np.int32))
+        pieces_rows = [np.setdiff1d(r, [0, n - 1]) for r in pieces_rows[:-1]] + [
+            pieces_rows[-1]
+        ]
+    if kind == "overlap" and pieces_rows:
+        pieces_rows.append(pieces_rows[0][:1])  # set again, later: the later one wins
+    rng.shuffle(pieces_rows)
+    acc = jnp.asarray(rng.normal(size=(n, 3)))
+    xs = [jnp.asarray(rng.normal(size=(len(r), 3))) for r in pieces_rows]
+
+    def chain(acc, xs):
+        for r, x in zip(pieces_rows, xs, strict=True):
+            acc = flat._set_rows(acc, r, x)
+        return acc
+
+    def joined(acc, xs):
+        return flat._rows_of_pieces(acc, list(zip(pieces_rows, xs, strict=True)))
+
+    np.testing.assert_array_equal(joined(acc, xs), chain(acc, xs))
+    batch = (jnp.stack([acc, acc + 1.0]), [jnp.stack([x, -x]) for x in xs])
+    np.testing.assert_array_equal(jax.vmap(joined)(*batch), jax.vmap(chain)(*batch))
+
+
+@given(
     k=st.sampled_from([1, 3, flat.ARGMAX_SPLIT, 100]),
     seed=st.integers(0, 10_000),
     levels=st.integers(1, 4),
