@@ -205,6 +205,13 @@ def main(argv=None) -> int:
         k: ", ".join(fmt_x(r[k] / r["plain"]) for r in runs)
         for k in ("up", "infer", "lean", "pass")
     }
+    # Each ratio is the median of the per-process ratios, each taken side by
+    # side in one process (a ratio of the median times would set one process's
+    # pass against another's plain forward).
+    x_up, x_full, x_lean, x_pass = (
+        float(np.median([r[k] / r["plain"] for r in runs]))
+        for k in ("up", "infer", "lean", "pass")
+    )
     raw["a"] = {
         "plain_s": t_plain,
         "bottom_up_s": t_up,
@@ -219,49 +226,49 @@ def main(argv=None) -> int:
         ["pass", "time per batch", "/ plain forward"],
         [
             ["plain DCN forward (lax.conv + ReLU + max-pool)", fmt_s(t_plain), "1x"],
-            ["DCN-form max-sum, bottom-up only", fmt_s(t_up), fmt_x(t_up / t_plain)],
+            ["DCN-form max-sum, bottom-up only", fmt_s(t_up), fmt_x(x_up)],
             [
                 "DCN-form max-sum + top-down MAP through `drm.infer` (its default: "
                 "MAP, log Z, class posterior and messages; + its checks: shape; "
                 "pixels finite when a log Z is not)",
                 fmt_s(t_full),
-                fmt_x(t_full / t_plain),
+                fmt_x(x_full),
             ],
             [
                 "the same, the jitted pass alone (`dcn_pass`, no checks)",
                 fmt_s(t_lean),
-                fmt_x(t_lean / t_plain),
+                fmt_x(x_lean),
             ],
             [
                 "the jitted pass with `scores=True`: every level's pre-pooling "
                 "maps also written out",
                 fmt_s(t_pass),
-                fmt_x(t_pass / t_plain),
+                fmt_x(x_pass),
             ],
         ],
         "issue 14 goal with the MAP: <= 1.5x. In each of "
         f"{n_proc} fresh process(es) the five are timed round-robin, "
         f"{4 * reps} rounds, min of each (the machine's load moves all alike "
-        "within one process); the table gives the median over them, "
-        "because between processes the same code moved far more on the 2-core "
-        "dev machine (2026-12-05: bottom-up 1.31x in one full run, 2.07x in the "
-        "next). Per process, bottom-up: "
+        "within one process); the table gives the median time over them and "
+        "the median of the per-process ratios, because between processes the "
+        "same code moved far more on the 2-core dev machine (2026-12-05: "
+        "bottom-up 1.31x in one full run, 2.07x in the next). Per process, bottom-up: "
         f"{spread['up']}; with the MAP through `drm.infer`: {spread['infer']}; "
         f"the jitted pass alone: {spread['lean']}; with `scores=True`: "
         f"{spread['pass']}",
     )
     rep.headline(
         "drm_up_vs_plain",
-        t_up / t_plain,
-        f"DRM bottom-up max-sum pass {fmt_x(t_up / t_plain)} a plain conv/ReLU/"
+        x_up,
+        f"DRM bottom-up max-sum pass {fmt_x(x_up)} a plain conv/ReLU/"
         f"max-pool forward (32x32, 3 levels, batch {batch}, float32)",
     )
     rep.headline(
         "drm_map_vs_plain",
-        t_full / t_plain,
-        f"with the top-down MAP {fmt_x(t_full / t_plain)} the plain forward "
+        x_full,
+        f"with the top-down MAP {fmt_x(x_full)} the plain forward "
         f"(`drm.infer` with its checks; the jitted pass alone "
-        f"{fmt_x(t_lean / t_plain)}; {fmt_x(t_pass / t_plain)} with `scores=True`, "
+        f"{fmt_x(x_lean)}; {fmt_x(x_pass)} with `scores=True`, "
         "every level's pre-pooling maps written out)",
     )
 
