@@ -884,8 +884,9 @@ def _rows_of_pieces(acc: Array, pieces: list[tuple[np.ndarray, Array]]) -> Array
         if not np.array_equal(rows[order], np.arange(lo, lo + len(rows))):
             runs = None
             break
+        x = jnp.broadcast_to(x, (len(rows),) + acc.shape[1:]).astype(acc.dtype)
         if not np.array_equal(order, np.arange(len(rows))):  # a permuted run
-            x = _take(jnp.broadcast_to(x, (len(rows),) + acc.shape[1:]), order)
+            x = _take(x, order)
         runs.append((lo, len(rows), x))
     if runs is not None:
         runs.sort(key=lambda r: r[0])
@@ -896,7 +897,6 @@ def _rows_of_pieces(acc: Array, pieces: list[tuple[np.ndarray, Array]]) -> Array
             for start, size, x in runs:
                 if start > at:
                     parts.append(jax.lax.slice_in_dim(acc, at, start))
-                x = jnp.broadcast_to(x, (size,) + acc.shape[1:]).astype(acc.dtype)
                 parts.append(x)
                 at = start + size
             if at < acc.shape[0]:
