@@ -201,16 +201,15 @@ def main(argv=None) -> int:
     t_plain, t_up, t_pass, t_full, t_lean = (
         med[k] for k in ("plain", "up", "pass", "infer", "lean")
     )
-    spread = {
-        k: ", ".join(fmt_x(r[k] / r["plain"]) for r in runs)
-        for k in ("up", "infer", "lean", "pass")
-    }
     # Each ratio is the median of the per-process ratios, each taken side by
     # side in one process (a ratio of the median times would set one process's
     # pass against another's plain forward).
+    ratios = {
+        k: [r[k] / r["plain"] for r in runs] for k in ("up", "infer", "lean", "pass")
+    }
+    spread = {k: ", ".join(fmt_x(x) for x in xs) for k, xs in ratios.items()}
     x_up, x_full, x_lean, x_pass = (
-        float(np.median([r[k] / r["plain"] for r in runs]))
-        for k in ("up", "infer", "lean", "pass")
+        float(np.median(ratios[k])) for k in ("up", "infer", "lean", "pass")
     )
     raw["a"] = {
         "plain_s": t_plain,
