@@ -61,7 +61,7 @@ import gc
 import itertools
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -1830,6 +1830,24 @@ class FactorGraph:
             for name, x in evidence.items():
                 check_evidence_values(name, x)
             raise
+
+    def checks_new_evidence(self, names: Iterable[str]) -> bool:
+        """Whether :meth:`check_new_evidence` reads any of the evidence ``names``
+        (a latent's support, a latent table's normalisation or a parameter's
+        constraint depends on it); if not, new values of them cannot fail it."""
+        checks = self._evidence_checks
+        if checks is None:
+            return False
+        key = ("evidence read by checks",)
+        read = self._cache.get(key)
+        if read is None:
+            read = set(checks.supports)
+            read.update(n for c in checks.params for n in c[1])
+            read.update(
+                n for c in checks.normalised for n in self.factor_groups[c[0]].evidence
+            )
+            read = self._cache[key] = frozenset(read)
+        return not read.isdisjoint(names)
 
     def _check_new_evidence(
         self, checks: Any, evidence: Mapping[str, Any], batched: dict

@@ -701,3 +701,144 @@ def test_random_supports_that_move_with_the_latents_equal_brute_force(seed):
     np.testing.assert_allclose(
         np.exp(post.log_marginals["z"]), np.exp(np.asarray(terms) - want), atol=1e-5
     )
+
+
+def _noisy_chain(x=None, n=70):
+    """A loop-written chain of ``n`` binary sites, each seen through a Normal:
+    more than ``HOST_SPLIT_SITES`` sites, so the posterior is split on the host."""
+    z = numpyro.sample("z0", dist.Bernoulli(0.4))
+    numpyro.sample("x0", dist.Normal(1.0 * z, 1.0), obs=x[..., 0])
+    for i in range(1, n):
+        z = numpyro.sample(f"z{i}", dist.Bernoulli(jnp.where(z == 1, 0.8, 0.3)))
+        numpyro.sample(f"x{i}", dist.Normal(1.0 * z, 1.0), obs=x[..., i])
+
+
+def _counting_full_path(monkeypatch):
+    """Count the calls that take ``infer``'s full path (``api._infer``)."""
+    from pgm_drm.inference import api
+
+    calls = []
+    full = api._infer
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return full(*args, **kwargs)
+
+    monkeypatch.setattr(api, "_infer", counted)
+    return calls, full
+
+
+def _assert_same_posterior(a, b):
+    assert (a.temperature, a.schedule) == (b.temperature, b.schedule)
+    assert sorted(a.log_marginals) == sorted(b.log_marginals)
+    assert sorted(a.map) == sorted(b.map)
+    # The same compiled program on the same inputs: equal to the bit.
+    np.testing.assert_array_equal(a.log_z, b.log_z)
+    for k in a.log_marginals:
+        np.testing.assert_array_equal(a.log_marginals[k], b.log_marginals[k])
+    for k in a.map:
+        np.testing.assert_array_equal(a.map[k], b.map[k])
+    assert (a.deltas is None) == (b.deltas is None)
+    if a.deltas is not None:
+        np.testing.assert_array_equal(a.deltas, b.deltas)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["rm", "rm one image", "host split", "loopy", "tempered, some marginals"],
+)
+def test_a_repeat_call_takes_the_short_path_and_gives_the_same_posterior(
+    case, rm_and_images, monkeypatch
+):
+    """A call like an earlier one (evidence names, shapes, dtypes, options)
+    skips the host checks that cannot fail again: the same program, the same
+    status read, the same Posterior as the full path."""
+
+    if case.startswith("rm"):
+        rm, images, _ = rm_and_images
+        fg = compile_model(rm.model, image=images[0])
+        first, second = (
+            (images[0], images[1])
+            if case == "rm one image"
+            else (
+                images[:5],
+                images[5:10],
+            )
+        )
+        name, opts = "image", {"semiring": "max"}
+    else:
+        rng = np.random.default_rng(0)
+        fg = compile_model(_noisy_chain, x=jnp.asarray(rng.normal(size=70)))
+        first = jnp.asarray(rng.normal(size=(3, 70)))
+        second = jnp.asarray(rng.normal(size=(3, 70)))
+        name = "x"
+        opts = {
+            "host split": {"semiring": "sum"},
+            "loopy": {"schedule": "loopy"},
+            "tempered, some marginals": {"temperature": 0.5, "marginals": ["z3"]},
+        }[case]
+    calls, full_path = _counting_full_path(monkeypatch)
+    infer(fg, **opts, **{name: first})
+    assert len(calls) == 1
+    short = infer(fg, **opts, **{name: second})
+    assert len(calls) == 1  # served by the repeat entry
+    full = full_path(
+        fg,
+        opts.get("semiring", "sum"),
+        opts.get("temperature"),
+        opts.get("schedule", "auto"),
+        True,
+        opts.get("marginals", True),
+        {name: second},
+    )
+    _assert_same_posterior(short, full)
+    # Another shape, dtype or option is another call: the full path again.
+    infer(fg, **opts, **{name: second[None] if case == "rm one image" else second[:1]})
+    infer(fg, **opts, map=False, **{name: second})
+    infer(fg, **opts, **{name: second.astype(jnp.float32)})
+    assert len(calls) == 4
+
+
+def test_a_repeat_call_still_refuses_bad_evidence(monkeypatch):
+    """A repeat call that finds NaN evidence or probability zero hands over to
+    the full path, which names the problem (and the batch index)."""
+
+    def model(x=None):
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        numpyro.sample("x", dist.Bernoulli(jnp.where(z == 1, 0.9, 0.0)), obs=x)
+
+    fg = compile_model(model, x=jnp.array(1.0))
+    calls, _ = _counting_full_path(monkeypatch)
+    infer(fg, x=jnp.array([1.0, 1.0, 1.0]))
+    infer(fg, x=jnp.array([0.0, 1.0, 1.0]))
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match=r"evidence 'x' contains NaN or inf"):
+        infer(fg, x=jnp.array([1.0, jnp.nan, 1.0]))
+    # x = 0.5 has probability zero under both states.
+    with pytest.raises(ValueError, match=r"probability zero.*batch index \(2,\)"):
+        infer(fg, x=jnp.array([1.0, 1.0, 0.5]))
+    assert len(calls) == 3
+    # Under jax.jit the evidence is a tracer: the full path, and its TypeError;
+    # closed over (concrete), the repeat entry's program is traced, its status
+    # cannot be read, and the full path says the same.
+    xs = jnp.array([1.0, 0.0, 1.0])
+    with pytest.raises(TypeError, match="leading batch axis"):
+        jax.jit(lambda: infer(fg, x=xs).log_z)()
+
+
+def test_evidence_the_graphs_checks_read_never_takes_the_short_path(monkeypatch):
+    """Evidence that sets a latent's probabilities is checked on every call
+    (``FactorGraph.check_new_evidence``): no repeat entry for it."""
+    fg = compile_model(_param_model, **_GOOD)
+    assert fg.checks_new_evidence(["pz"]) and fg.checks_new_evidence(["pk"])
+    assert not fg.checks_new_evidence(["x", "c"])
+    calls, _ = _counting_full_path(monkeypatch)
+    infer(fg, "sum", pz=_GOOD["pz"])
+    with pytest.raises(ValueError, match="'z'.*summing to 1.8"):
+        infer(fg, "sum", pz=jnp.array([0.5, 0.6, 0.7]))
+    assert len(calls) == 2
+    assert not any(k[0] == "repeat" for k in fg._cache if isinstance(k, tuple))
+    # Evidence no check reads does get one.
+    infer(fg, "sum", x=jnp.array(0.3))
+    infer(fg, "sum", x=jnp.array(0.7))
+    assert len(calls) == 3
