@@ -948,15 +948,25 @@ def _site_layout(fg: FactorGraph) -> tuple:
     key = ("site_layout",)
     if key not in fg._cache:
         out = []
+        # support -> (array, identity): a loop's sites share one. Keyed by the
+        # values' types too: (0, 1), (0.0, 1.0) and (False, True) are equal.
+        seen: dict = {}
         for g in fg.variable_groups:
-            sup = np.asarray(g.support)
-            ident = bool(
-                np.issubdtype(sup.dtype, np.integer)
-                and np.array_equal(sup, np.arange(len(sup)))
-            )
-            out.append(
-                (g.site, g.offset, g.size, g.cardinality, g.plate_shape, sup, ident)
-            )
+            skey = (g.support, tuple(map(type, g.support)))
+            try:
+                got = seen.get(skey)
+            except TypeError:  # a support that does not hash
+                got = skey = None
+            if got is None:
+                sup = np.asarray(g.support)
+                ident = bool(
+                    np.issubdtype(sup.dtype, np.integer)
+                    and np.array_equal(sup, np.arange(len(sup)))
+                )
+                got = (sup, ident)
+                if skey is not None:
+                    seen[skey] = got
+            out.append((g.site, g.offset, g.size, g.cardinality, g.plate_shape, *got))
         fg._cache[key] = tuple(out)
     return fg._cache[key]
 
@@ -974,8 +984,10 @@ def _site_runs(fg: FactorGraph) -> tuple:
                 if (
                     (size, card, shape, ident) == (size0, card0, shape0, ident0)
                     and off == off0 + len(names) * size0
-                    and sup.dtype == sup0.dtype
-                    and np.array_equal(sup, sup0)
+                    and (
+                        sup is sup0
+                        or (sup.dtype == sup0.dtype and np.array_equal(sup, sup0))
+                    )
                 ):
                     names.append(site)
                     continue

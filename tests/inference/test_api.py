@@ -403,6 +403,34 @@ def test_host_split_by_runs_equals_a_split_site_by_site():
                 np.testing.assert_array_equal(got, want)
 
 
+def test_site_layout_shares_a_support_only_between_equal_values_of_equal_types():
+    """Sites with the same support share one array; supports that are equal as
+    tuples but not in type ((0, 1), (0.0, 1.0), (False, True)) keep their own
+    dtype, and a support that does not hash is read on its own."""
+    from types import SimpleNamespace
+
+    from pgm_drm.graph import VariableGroup
+    from pgm_drm.inference import api
+
+    supports = [(0, 1), (0.0, 1.0), (False, True), (0, 1), (0.0, 1.0), (0, 1, 2)]
+    groups = [VariableGroup(f"s{i}", (), s, i) for i, s in enumerate(supports)]
+    groups.append(VariableGroup("u", (), ([0], [1]), len(groups)))  # unhashable
+    fg = SimpleNamespace(_cache={}, variable_groups=tuple(groups))
+    layout = api._site_layout(fg)
+    for g, (site, off, size, card, shape, sup, ident) in zip(
+        groups, layout, strict=True
+    ):
+        want = np.asarray(g.support)
+        assert (site, off, size, card, shape) == (g.site, g.offset, 1, len(want), ())
+        assert sup.dtype == want.dtype
+        np.testing.assert_array_equal(sup, want)
+        assert ident == (
+            want.dtype.kind in "iu" and want.tolist() == list(range(len(want)))
+        )
+    assert layout[0][5] is layout[3][5] and layout[1][5] is layout[4][5]
+    assert layout[0][5] is not layout[1][5]
+
+
 # --------------------------------------------------------------------------- #
 # New evidence is checked as compile_model checked the compile-time values
 # (each case returned finite, wrong answers before; found by a review).
