@@ -324,11 +324,14 @@ def _tree_plan(fg: FactorGraph):
         order = np.lexsort((slot, dep))
         keys = dep[order] * scope.shape[1] + slot[order]
         cuts = np.nonzero(np.diff(keys))[0] + 1
-        for chunk in np.split(order, cuts):
-            if len(chunk) == 0:
-                continue
-            d, p = int(dep[chunk[0]]), int(slot[chunk[0]])
-            by_depth.setdefault(d, []).append(((c, p), chunk.astype(np.int32)))
+        # Each run's depth and slot read in one go, and the runs cut from one
+        # int32 array (views: a chain of 10,000 has a run per depth).
+        firsts = order[np.concatenate([[0], cuts])] if len(order) else order
+        runs = np.split(order.astype(np.int32), cuts) if len(order) else []
+        for chunk, d, p in zip(
+            runs, dep[firsts].tolist(), slot[firsts].tolist(), strict=True
+        ):
+            by_depth.setdefault(d, []).append(((c, p), chunk))
     steps = tuple(
         tuple((kp, _frozen(inst)) for kp, inst in by_depth[d]) for d in sorted(by_depth)
     )
