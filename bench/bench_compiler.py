@@ -56,6 +56,7 @@ QUICK = {
     "hmm_n": (100,),
     "ising_n": (10,),
     "drm_sizes": (8,),
+    "drm_processes": 1,
     "repeats": 3,
     "timeouts": {
         "info": 60,
@@ -74,6 +75,7 @@ FULL = {
     "hmm_n": (1000, 4000),
     "ising_n": (10, 30, 100),
     "drm_sizes": (8, 16, 32, 64),
+    "drm_processes": 3,
     "repeats": 5,
     "timeouts": {
         "info": 60,
@@ -1079,6 +1081,27 @@ def _family_ising(ctx: dict, cases: dict) -> None:
                 )
 
 
+def _median_drm_run(runs: list[dict]) -> dict:
+    """The run (one fresh process each) whose every-marginal ratio to
+    ``drm.infer`` is the median, with every run's ratio under ``ratio_runs``.
+    Each run times both side by side, but between processes the same code
+    moved far more on the 2-core dev machine (2026-12-05, 32x32: 1.63x and
+    1.66x alone, 1.82x in a full bench): one process does not decide the row,
+    and every figure in it still comes from one process."""
+    ok = [
+        r
+        for r in runs
+        if r.get("status") == "ok" and r.get("steady_s") and r.get("dcn_steady_s")
+    ]
+    if not ok:
+        return runs[0]
+    ok.sort(key=lambda r: r["steady_s"] / r["dcn_steady_s"])
+    d = dict(ok[(len(ok) - 1) // 2])
+    d["ratio_runs"] = [r["steady_s"] / r["dcn_steady_s"] for r in ok]
+    d["n_processes"] = len(runs)
+    return d
+
+
 def _family_drm(ctx: dict, cases: dict) -> None:
     cfg, reps, timeouts, work = ctx["cfg"], ctx["reps"], ctx["timeouts"], ctx["work"]
     say(
@@ -1086,13 +1109,17 @@ def _family_drm(ctx: dict, cases: dict) -> None:
         f"infer(fg, 'max') vs drm.infer (DCN form)"
     )
     for s in cfg["drm_sizes"]:
-        d = run_case(
-            "drm",
-            {"size": s, "batch": DRM_BATCH, "repeats": reps},
-            timeouts["drm"],
-            work,
-            f"drm{s}",
-        )
+        runs = [
+            run_case(
+                "drm",
+                {"size": s, "batch": DRM_BATCH, "repeats": reps},
+                timeouts["drm"],
+                work,
+                f"drm{s}" + (f"_{i}" if i else ""),
+            )
+            for i in range(cfg["drm_processes"])
+        ]
+        d = _median_drm_run(runs)
         cases[f"drm{s}"] = d
         say(
             f"   {s}x{s} (windows {d.get('windows')}, states {d.get('n_states')}, "

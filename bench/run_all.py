@@ -481,6 +481,18 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
                     f"{fmt_s(d.get('first_result_s'))}",
                 }
             )
+    spreads = [
+        f"{side}x{side}: " + ", ".join(fmt_x(r) for r in d["ratio_runs"])
+        for side, d in sorted(drms, key=lambda kd: kd[0])
+        if len(d.get("ratio_runs") or ()) > 1
+    ]
+    drm_runs_note = (
+        ". Each size runs in fresh processes, each timing both side by side "
+        "(round-robin, min of each); the row is the process whose ratio is the "
+        "median (every ratio, sorted: " + "; ".join(spreads) + ")"
+        if spreads
+        else ""
+    )
     if rows:
         tables.append(
             {
@@ -501,7 +513,7 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
                 "rows": rows,
                 "note": "ratio: `infer` with every max-marginal, more than `drm.infer` "
                 "computes; `marginals='c'` is its job (MAP, log Z, class posterior; "
-                "`drm.infer` also returns its per-level messages)",
+                "`drm.infer` also returns its per-level messages)" + drm_runs_note,
             }
         )
     if "f32_max_abs_log_z_diff" in rm:
