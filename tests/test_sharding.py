@@ -56,6 +56,16 @@ SCRIPT = textwrap.dedent(
                     batch.log_marginals[site][i], one.log_marginals[site],
                     atol=1e-6,
                 )
+    # A batch already spread as shard_batch spreads it is taken as it is; the
+    # next batch of that shape, on one device, is spread too (a repeat call
+    # may not skip the sharding: found by a review).
+    from pgm_drm.sharding import shard_batch
+
+    pre, _ = shard_batch(images[:8])
+    infer(fg, "max", image=pre)
+    again = infer(fg, "max", image=images[:8] + 0.0)
+    assert again.log_z.sharding.spec == PartitionSpec("batch"), again.log_z.sharding
+    assert len(again.log_z.sharding.device_set) == 4
     # A padded batch with one NaN pixel: the error counts the entries given,
     # not the padding's copies of the last row.
     bad = np.asarray(images[:10]).copy()

@@ -867,9 +867,10 @@ def check_evidence_values(name: str, x: Any) -> None:
     values (each would otherwise surface as "probability zero" or deep inside JAX).
     Shapes are checked against the model by :func:`model_sites`."""
     dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-    if np.issubdtype(dtype, np.complexfloating):
+    # JAX's dtype tests: numpy's say that bfloat16 is not a float.
+    if jnp.issubdtype(dtype, jnp.complexfloating):
         raise ValueError(f"evidence {name!r} is complex ({dtype}); give real values")
-    if not np.issubdtype(dtype, np.inexact):
+    if not jnp.issubdtype(dtype, jnp.inexact):
         return
     if isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()):
         # On an accelerator, reduce there: np.asarray would copy the whole batch

@@ -692,6 +692,7 @@ def _infer(
         if status == 1:  # names the evidence and counts its NaN/inf entries
             for name, x in given.items():
                 check_evidence_values(name, x)
+            raise ValueError("the evidence contains NaN or inf values")
         if status:
             _check_log_z(log_z, fg, arrays, axes)
         host_split = len(fg.variable_groups) > HOST_SPLIT_SITES
@@ -702,6 +703,9 @@ def _infer(
         if (
             repeat_key is not None
             and not padded
+            # Several devices: a batch already spread as shard_batch spreads
+            # it comes back as itself, but the next one may not be.
+            and (batch is None or jax.device_count() == 1)
             and all(arrays[k] is v for k, v in evidence.items())
             and not fg.checks_new_evidence(evidence)
         ):
@@ -759,8 +763,13 @@ def _repeat_key(
     names, shapes and dtypes in the key), a schedule named by a string, and
     hashable options. Arguments that are not valid never get an entry: only a
     full call that succeeds registers one."""
-    if not isinstance(schedule, str):
+    if type(schedule) is not str or type(semiring) is not str:
         return None
+    # Keyed by type and repr: 0.5 and 0.5 + 0j, or 0.0 and -0.0, are equal as
+    # keys; an argument the full path would refuse must reach it.
+    if temperature is not None and type(temperature) not in (int, float):
+        return None
+    temperature = (type(temperature), repr(temperature))
     if isinstance(marginals, list | tuple):
         marginals = (type(marginals), tuple(marginals))
     elif isinstance(marginals, set | frozenset):
@@ -777,7 +786,7 @@ def _repeat_key(
         semiring,
         temperature,
         schedule,
-        map,
+        (type(map), map),
         marginals,
         jax.config.jax_enable_x64,
         tuple(ev),
@@ -949,23 +958,19 @@ def _site_layout(fg: FactorGraph) -> tuple:
     if key not in fg._cache:
         out = []
         # support -> (array, identity): a loop's sites share one. Keyed by the
-        # values' types too: (0, 1), (0.0, 1.0) and (False, True) are equal.
+        # values' reprs: (0, 1), (0.0, 1.0), (False, True) and (-0.0, 1.0) are
+        # equal as tuples.
         seen: dict = {}
         for g in fg.variable_groups:
-            skey = (g.support, tuple(map(type, g.support)))
-            try:
-                got = seen.get(skey)
-            except TypeError:  # a support that does not hash
-                got = skey = None
+            skey = tuple(map(repr, g.support))
+            got = seen.get(skey)
             if got is None:
                 sup = np.asarray(g.support)
                 ident = bool(
                     np.issubdtype(sup.dtype, np.integer)
                     and np.array_equal(sup, np.arange(len(sup)))
                 )
-                got = (sup, ident)
-                if skey is not None:
-                    seen[skey] = got
+                got = seen[skey] = (sup, ident)
             out.append((g.site, g.offset, g.size, g.cardinality, g.plate_shape, *got))
         fg._cache[key] = tuple(out)
     return fg._cache[key]
