@@ -312,6 +312,8 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
                     "-"
                     if "map_agreement" not in cmp_
                     else f"{cmp_['map_agreement']:.4f}",
+                    f"{_iters_to_tol(o)} / "
+                    + (_iters_to_tol(pg) if pg.get("status") == "ok" else "-"),
                 ]
             )
             if pg.get("status") == "ok" and sem == "sum":
@@ -341,6 +343,7 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
                     "one NumPyro run of the model",
                     "max |marginal diff|",
                     "MAP equal",
+                    "iterations to a change < 1e-6, ours / PGMax",
                 ],
                 "rows": rows,
                 "note": "PGMax 0.6.1 on jax 0.4.30 in bench/.pgmax-venv (built by the "
@@ -514,6 +517,46 @@ def compiler_tables(c: dict) -> tuple[list[dict], list[dict]]:
                 "note": "ratio: `infer` with every max-marginal, more than `drm.infer` "
                 "computes; `marginals='c'` is its job (MAP, log Z, class posterior; "
                 "`drm.infer` also returns its per-level messages)" + drm_runs_note,
+            }
+        )
+    mem = []
+
+    def case_order(key: str) -> tuple:
+        name = key.rstrip("0123456789")
+        return (name, int(key[len(name) :] or 0))
+
+    for key, d in sorted(cases.items(), key=lambda kd: case_order(kd[0])):
+        if not isinstance(d, dict) or "peak_rss_mib" not in d:
+            continue
+        pgs = [
+            d[k].get("pgmax_peak_rss_mib")
+            for k in ("pgmax_sum", "pgmax_max")
+            if isinstance(d.get(k), dict) and d[k].get("pgmax_peak_rss_mib")
+        ]
+        largest = d.get("largest_table")
+        mem.append(
+            [
+                key,
+                f"{d['peak_rss_mib']:.0f} MiB",
+                f"{max(pgs):.0f} MiB" if pgs else "-",
+                "x".join(map(str, largest)) if largest else "-",
+            ]
+        )
+    if mem:
+        tables.append(
+            {
+                "title": "Peak memory of each case (compiler bench)",
+                "columns": [
+                    "case",
+                    "peak RSS of its process (ours)",
+                    "PGMax's process",
+                    "largest group table",
+                ],
+                "rows": mem,
+                "note": "peak resident memory of the fresh process that ran the "
+                "case (imports, NumPyro references and every timed call "
+                "included); for the DRM, the largest factor-group table "
+                "(instances x cardinalities)",
             }
         )
     if "f32_max_abs_log_z_diff" in rm:
@@ -696,6 +739,16 @@ def update_readme(run: dict) -> None:
     i, j = text.index(start), text.index(end) + len(end)
     readme.write_text(text[:i] + "\n".join(block) + text[j:])
     say(f"updated the headline block of {readme}")
+
+
+def _iters_to_tol(run: dict) -> str:
+    """Loopy iterations until the largest message change fell below 1e-6, or
+    where it stopped when it never did."""
+    it = run.get("iters_to_1e-6")
+    if it is not None:
+        return str(it)
+    last = run.get("final_delta")
+    return "not in 100" + (f" (last change {last:.2g})" if last is not None else "")
 
 
 def main(argv=None) -> int:
