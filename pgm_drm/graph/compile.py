@@ -1839,16 +1839,23 @@ class FactorGraph:
         checks = self._evidence_checks
         if checks is None:
             return False
+        names = set(names)
+        return not names.isdisjoint(checks.supports) or not names.isdisjoint(
+            self._evidence_read(checks)
+        )
+
+    def _evidence_read(self, checks: Any) -> frozenset[str]:
+        """The evidence the normalisation and parameter checks read (once per
+        graph)."""
         key = ("evidence read by checks",)
         read = self._cache.get(key)
         if read is None:
-            read = set(checks.supports)
-            read.update(n for c in checks.params for n in c[1])
+            read = {n for c in checks.params for n in c[1]}
             read.update(
                 n for c in checks.normalised for n in self.factor_groups[c[0]].evidence
             )
             read = self._cache[key] = frozenset(read)
-        return not read.isdisjoint(names)
+        return read
 
     def _check_new_evidence(
         self, checks: Any, evidence: Mapping[str, Any], batched: dict
@@ -1868,11 +1875,7 @@ class FactorGraph:
                 )
         # The evidence these checks read; values equal to the compile-time ones
         # passed them there.
-        read = {n for c in checks.params for n in c[1]}
-        read.update(
-            n for c in checks.normalised for n in self.factor_groups[c[0]].evidence
-        )
-        given = {k for k in read & set(evidence) if changed(k)}
+        given = {k for k in self._evidence_read(checks) & set(evidence) if changed(k)}
         groups = [
             c
             for c in checks.normalised

@@ -671,7 +671,8 @@ def _infer(
         out, status = fn(arrays, t_arg)
         # Dropping padding walks every output (tens of microseconds on a
         # DRM's): only when there is some.
-        log_z, flat_margs, flat_map, deltas = unpad(out, batch) if padded else out
+        out = unpad(out, batch) if padded else out
+        log_z = out[0]
         # The one host read when all is well (_read_status).
         try:
             status = _read_status(out, status)
@@ -695,11 +696,7 @@ def _infer(
             raise ValueError("the evidence contains NaN or inf values")
         if status:
             _check_log_z(log_z, fg, arrays, axes)
-        host_split = len(fg.variable_groups) > HOST_SPLIT_SITES
-        if host_split:
-            margs, maps = _flat_posterior(fg, flat_margs, flat_map, lead, want_margs)
-        else:  # split in the program
-            margs, maps = flat_margs or {}, flat_map or {}
+        post = _flat_result(fg, out, t, sched, lead, want_margs)
         if (
             repeat_key is not None
             and not padded
@@ -710,10 +707,9 @@ def _infer(
             and not fg.checks_new_evidence(evidence)
         ):
             fg._cache[repeat_key] = _repeat_call(
-                fg, fn, t_arg, t, sched, lead, want_margs, host_split
+                fg, fn, t_arg, t, sched, lead, want_margs
             )
-        deltas = None if sched.is_exact else deltas
-        return Posterior(margs, maps, log_z, t, sched.kind, deltas)
+        return post
     out = _compiled_naive(fg, sched, t, axes, dtype)(arrays)
     out = unpad(out, batch) if padded else out
     _check_log_z(out.log_z, fg, arrays, axes)
@@ -806,7 +802,6 @@ def _repeat_call(
     plan: FlatPlan,
     lead: tuple,
     want_margs: bool | tuple[str, ...],
-    host_split: bool,
 ) -> Callable[[Mapping[str, Array]], Posterior | None]:
     """A repeat of an :func:`infer` call whose host checks cannot fail again
     (same evidence names, shapes and dtypes; none the graph's own checks read;
@@ -814,7 +809,6 @@ def _repeat_call(
     read, where the full path costs tens of microseconds of Python per call (a
     DRM batch takes a few hundred). ``None`` when the status is not 0, or
     under a JAX transform: the full path then runs, and names the problem."""
-    kind, exact = plan.kind, plan.is_exact
 
     def run(evidence: Mapping[str, Array]) -> Posterior | None:
         out, status = fn(evidence, t_arg)
@@ -823,14 +817,29 @@ def _repeat_call(
                 return None
         except jax.errors.TracerArrayConversionError:
             return None
-        log_z, margs, maps, deltas = out
-        if host_split:
-            margs, maps = _flat_posterior(fg, margs, maps, lead, want_margs)
-        else:
-            margs, maps = margs or {}, maps or {}
-        return Posterior(margs, maps, log_z, t, kind, None if exact else deltas)
+        return _flat_result(fg, out, t, plan, lead, want_margs)
 
     return run
+
+
+def _flat_result(
+    fg: FactorGraph,
+    out: tuple,
+    t: float,
+    plan: FlatPlan,
+    lead: tuple,
+    want_margs: bool | tuple[str, ...],
+) -> Posterior:
+    """The :class:`Posterior` of a flat program's checked outputs ``(log_z,
+    marginals, MAP, deltas)``: per-site arrays split in the program up to
+    ``HOST_SPLIT_SITES`` sites, on the host past it."""
+    log_z, margs, maps, deltas = out
+    if len(fg.variable_groups) > HOST_SPLIT_SITES:
+        margs, maps = _flat_posterior(fg, margs, maps, lead, want_margs)
+    else:
+        margs, maps = margs or {}, maps or {}
+    deltas = None if plan.is_exact else deltas
+    return Posterior(margs, maps, log_z, t, plan.kind, deltas)
 
 
 def _where(bad: np.ndarray) -> str:
