@@ -1764,6 +1764,32 @@ class FactorGraph:
     _split_index: dict = field(default_factory=dict, repr=False)
     #: What new evidence can fail (an ``_EvidenceChecks``; None: nothing).
     _evidence_checks: Any = field(default=None, repr=False)
+    #: Whether ``jax_enable_x64`` was on at compile time (see
+    #: :meth:`check_dtype_mode`).
+    _x64: bool = field(default=False, repr=False)
+
+    def check_dtype_mode(self) -> None:
+        """Refuse a graph used in another ``jax_enable_x64`` mode than it was
+        compiled in.
+
+        Its programs were traced with the compile-time mode's integer and
+        float widths (the staged model, its supports and constants); in the
+        other mode they meet values of the other width (before this check,
+        ``TypeError: lax.ge requires arguments to have the same dtypes`` deep in
+        ``lax``, on some schedules and evidence only).
+
+        Raises:
+            ValueError: the mode is not the compile-time one.
+        """
+        now = bool(jax.config.jax_enable_x64)
+        if self._x64 != now:
+            was, is_ = ("on", "off") if self._x64 else ("off", "on")
+            raise ValueError(
+                f"this graph was compiled with jax_enable_x64 {was}, and it is "
+                f"{is_} now: a graph runs in the mode it was compiled in; "
+                "compile the model again (compile_model) after changing the "
+                f"setting, or turn x64 back {was}"
+            )
 
     # ---- sizes -------------------------------------------------------------
     @property
@@ -2121,6 +2147,7 @@ class FactorGraph:
         """The groups' tables (``split``: and the summed scale parts apart; else
         the whole log-probs, as one output each). ``xp=numpy``: concrete tables
         rearranged on the host (compile time: no small XLA program per shape)."""
+        self.check_dtype_mode()
         cards = {g.site: g.cardinality for g in self.variable_groups}
         sites = [self.factor_groups[k].site for k in groups]
         free = [n for n in sites if split and n in self._split_index]
@@ -3087,6 +3114,7 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         _colour_of=colour_of,
         _out_index={n: k for k, n in enumerate(sample_sites)},
         _static_tables=(),
+        _x64=bool(jax.config.jax_enable_x64),
     )
     _check_params(fg, evaluator, front.checks, n_main, lat_values, ev_values)
     if len(closed.jaxpr.eqns) > GROUP_EQNS:

@@ -643,6 +643,7 @@ def _infer(
     """:func:`infer`'s full path: every check on the host, the program found
     (or traced and compiled), run, and its status read; a call that
     :func:`_repeat_call` can serve next time is registered for it."""
+    fg.check_dtype_mode()
     t = resolve_temperature(semiring, temperature)
     want_margs = _marginal_sites(fg, marginals)
     sched = _resolve_schedule(fg, schedule)

@@ -899,3 +899,39 @@ def test_evidence_the_graphs_checks_read_never_takes_the_short_path(monkeypatch)
     infer(fg, "sum", x=jnp.array(0.3))
     infer(fg, "sum", x=jnp.array(0.7))
     assert len(calls) == 3
+
+
+def _x64_model(x=None, k=None):
+    z = numpyro.sample("z", dist.Bernoulli(0.3))
+    w = numpyro.sample("w", dist.Categorical(jnp.array([0.2, 0.3, 0.5])))
+    numpyro.sample("x", dist.Normal(1.0 * z + 0.5 * w, 1.0), obs=x)
+    probs = jnp.array([[0.7, 0.3], [0.4, 0.6], [0.1, 0.9]])[w]
+    numpyro.sample("k", dist.Categorical(probs), obs=k)
+
+
+@pytest.mark.parametrize("compiled_x64", [True, False])
+def test_a_graph_used_in_the_other_x64_mode_is_refused_by_name(compiled_x64):
+    """A graph compiled with x64 on, then used with it off (or the other way),
+    failed deep in lax on some schedules and evidence ("lax.ge requires
+    arguments to have the same dtypes") and ran on others. Every entry point is
+    refused by name, a repeat call included; compiled again, it runs."""
+    with jax.enable_x64(compiled_x64):
+        fg = compile_model(_x64_model, x=jnp.array(0.5), k=jnp.array(1))
+        ev = {"x": jnp.array([0.1, 0.2]), "k": jnp.array([1, 0])}
+        want = infer(fg, **ev)
+        infer(fg, **ev)  # a repeat entry is registered
+    match = f"compiled with jax_enable_x64 {'on' if compiled_x64 else 'off'}"
+    with jax.enable_x64(not compiled_x64):
+        ev = {"x": jnp.array([0.1, 0.2]), "k": jnp.array([1, 0])}
+        for schedule in ("auto", "tree", "exact", "loopy"):
+            for kw in ({}, ev, {"k": ev["k"]}):
+                with pytest.raises(ValueError, match=match):
+                    infer(fg, schedule=schedule, **kw)
+        with pytest.raises(ValueError, match=match):
+            log_partition(fg)({"x": jnp.array(0.1)})
+        with pytest.raises(ValueError, match=match):
+            fg.tables(k=jnp.array(1))
+        again = compile_model(_x64_model, x=jnp.array(0.5), k=jnp.array(1))
+        got = infer(again, **ev)
+    # float32 against float64 on a log Z of about -2: 1e-6 relative.
+    np.testing.assert_allclose(got.log_z, want.log_z, rtol=1e-6)
