@@ -37,6 +37,7 @@ from common import (
     fmt_x,
     interleaved,
     parser,
+    pipelined,
     platforms_default,
     ratio,
     steady,
@@ -136,11 +137,14 @@ def random_drm(side, levels, seed=0, **kw):
 
 #: Section (a) runs in this many fresh processes; the table gives the median.
 A_PROCESSES = 3
+#: Calls in flight per wait in section (a)'s pipelined timing.
+PIPE_CALLS = 20
 
 
-def _time_a(batch: int, reps: int) -> dict:
+def _time_a(batch: int, reps: int, large: int = 0) -> dict:
     """Section (a) in this process: the five passes timed round-robin, min of
-    each (seconds)."""
+    each (seconds); with ``large``, also the plain forward and the jitted pass
+    on a batch of that many images (``large_*``)."""
     from pgm_drm.models.maxsum import bottom_up, dcn_pass
 
     drm64 = random_drm(32, 3)
@@ -160,13 +164,33 @@ def _time_a(batch: int, reps: int) -> dict:
         "lean": lambda: jax.block_until_ready(dcn_pass(drm, images, 0.0)),
         "infer": lambda: jax.block_until_ready(drm.infer(images, "max")),
     }
-    return interleaved(fns, 4 * reps)
+    out = interleaved(fns, 4 * reps)
+    # The same plain forward and jitted pass, PIPE_CALLS calls in flight and one
+    # wait (on a GPU a wait per call costs as much as a small pass itself).
+    piped = pipelined(
+        {"plain": lambda: plain(images), "lean": lambda: dcn_pass(drm, images, 0.0)},
+        PIPE_CALLS,
+        reps,
+    )
+    out.update({f"{k}_piped": v for k, v in piped.items()})
+    if large:  # a batch that keeps a GPU busy: its work, not its latency
+        big = jnp.asarray(drm64.sample(jax.random.PRNGKey(3), large)[0], jnp.float32)
+        sized = interleaved(
+            {
+                "plain": lambda: jax.block_until_ready(plain(big)),
+                "lean": lambda: jax.block_until_ready(dcn_pass(drm, big, 0.0)),
+            },
+            reps,
+        )
+        out.update({f"large_{k}": v for k, v in sized.items()})
+    return out
 
 
-def _time_a_in_child(batch: int, reps: int, quick: bool) -> dict:
+def _time_a_in_child(batch: int, reps: int, quick: bool, large: int = 0) -> dict:
     """:func:`_time_a` in a fresh Python process (its JSON on stdout)."""
     cmd = [sys.executable, __file__, "--a-child", "--batch", str(batch)]
     cmd += ["--quick"] if quick else []
+    cmd += ["--a-large", str(large)] if large else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -175,10 +199,18 @@ def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--a-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--a-large",
+        type=int,
+        default=0,
+        help="(a): also the plain forward and the pass on this many images "
+        "(bench/gpu.sh: a batch that keeps the card busy)",
+    )
     args = ap.parse_args(argv)
     if args.a_child:
         cfg = SIZES[args.quick]
-        print(json.dumps(_time_a(args.batch or cfg["batch"], cfg["repeats"])))
+        batch = args.batch or cfg["batch"]
+        print(json.dumps(_time_a(batch, cfg["repeats"], args.a_large)))
         return 0
     cfg = SIZES[args.quick]
     batch = args.batch or cfg["batch"]
@@ -196,7 +228,9 @@ def main(argv=None) -> int:
 
     # (a) vs a plain DCN, float32, in fresh processes (see _time_a).
     n_proc = 1 if args.quick else A_PROCESSES
-    runs = [_time_a_in_child(batch, reps, args.quick) for _ in range(n_proc)]
+    runs = [
+        _time_a_in_child(batch, reps, args.quick, args.a_large) for _ in range(n_proc)
+    ]
     med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
     t_plain, t_up, t_pass, t_full, t_lean = (
         med[k] for k in ("plain", "up", "pass", "infer", "lean")
@@ -207,18 +241,47 @@ def main(argv=None) -> int:
     ratios = {
         k: [r[k] / r["plain"] for r in runs] for k in ("up", "infer", "lean", "pass")
     }
-    spread = {k: ", ".join(fmt_x(x) for x in xs) for k, xs in ratios.items()}
-    x_up, x_full, x_lean, x_pass = (
-        float(np.median(ratios[k])) for k in ("up", "infer", "lean", "pass")
+    ratios["lean_piped"] = [r["lean_piped"] / r["plain_piped"] for r in runs]
+    if args.a_large:
+        ratios["large"] = [r["large_lean"] / r["large_plain"] for r in runs]
+
+    def spread_of(xs):
+        return ", ".join(fmt_x(x) for x in xs)
+
+    spread = {k: spread_of(xs) for k, xs in ratios.items()}
+    x_up, x_full, x_lean, x_pass, x_piped = (
+        float(np.median(ratios[k]))
+        for k in ("up", "infer", "lean", "pass", "lean_piped")
     )
+    t_plain_piped, t_lean_piped = med["plain_piped"], med["lean_piped"]
     raw["a"] = {
         "plain_s": t_plain,
         "bottom_up_s": t_up,
         "with_map_no_scores_s": t_lean,
         "with_map_scores_s": t_pass,
         "with_map_s": t_full,
+        "plain_piped_s": t_plain_piped,
+        "with_map_no_scores_piped_s": t_lean_piped,
+        "pipe_calls": PIPE_CALLS,
         "processes": runs,
     }
+    large_rows = []
+    if args.a_large:
+        x_large = float(np.median(ratios["large"]))
+        t_pl, t_ll = med["large_plain"], med["large_lean"]
+        raw["a"].update(
+            large_batch=args.a_large, large_plain_s=t_pl, large_no_scores_s=t_ll
+        )
+        large_rows = [
+            [
+                f"batch {args.a_large:,}: the jitted pass alone / the plain "
+                f"forward ({fmt_s(t_pl)})",
+                fmt_s(t_ll),
+                fmt_x(x_large),
+            ]
+        ]
+        at_large = spread_of(ratios["large"])
+        spread["lean_piped"] += f"; batch {args.a_large:,}: {at_large}"
     rep.table(
         f"(a) DRM DCN-form pass vs a plain conv/ReLU/max-pool forward: 32x32, 3 "
         f"levels, batch {batch}, float32",
@@ -244,7 +307,14 @@ def main(argv=None) -> int:
                 fmt_s(t_pass),
                 fmt_x(x_pass),
             ],
-        ],
+            [
+                f"pipelined, {PIPE_CALLS} calls in flight and one wait: the jitted "
+                f"pass alone / the plain forward ({fmt_s(t_plain_piped)} per call)",
+                fmt_s(t_lean_piped),
+                fmt_x(x_piped),
+            ],
+        ]
+        + large_rows,
         "issue 14 goal with the MAP: <= 1.5x. In each of "
         f"{n_proc} fresh process(es) the five are timed round-robin, "
         f"{4 * reps} rounds, min of each (the machine's load moves all alike "
@@ -254,7 +324,10 @@ def main(argv=None) -> int:
         "bottom-up 1.31x in one full run, 2.07x in the next). Per process, bottom-up: "
         f"{spread['up']}; with the MAP through `drm.infer`: {spread['infer']}; "
         f"the jitted pass alone: {spread['lean']}; with `scores=True`: "
-        f"{spread['pass']}",
+        f"{spread['pass']}; pipelined: {spread['lean_piped']}. The rows above "
+        "the last wait for each call's result; the last issues the calls back "
+        "to back and waits once (the device's time per call where dispatch and "
+        "the wait are shared, as in a loop over batches)",
     )
     rep.headline(
         "drm_up_vs_plain",
@@ -267,8 +340,8 @@ def main(argv=None) -> int:
         x_full,
         f"with the top-down MAP {fmt_x(x_full)} the plain forward "
         f"(`drm.infer` with its checks; the jitted pass alone "
-        f"{fmt_x(x_lean)}; {fmt_x(x_pass)} with `scores=True`, "
-        "every level's pre-pooling maps written out)",
+        f"{fmt_x(x_lean)}, {fmt_x(x_piped)} pipelined; {fmt_x(x_pass)} with "
+        "`scores=True`, every level's pre-pooling maps written out)",
     )
 
     # (b) vs enumerate_exact, 8x8, 3 levels (quick: 2 levels).

@@ -72,7 +72,7 @@ JOBS = {
 #: need their own venv (no network there), within about 5 minutes.
 GPU_JOBS = {
     "compiler": (["--only", "rm"], 80),
-    "drm": ([], 140),
+    "drm": (["--a-large", "32768"], 150),
     "learning": ([], 35),
     "em_svi": ([], 25),
 }
