@@ -12,6 +12,8 @@
 #   bash bench/gpu.sh             # on the GPU machine (carry bench/wheels/)
 #   BENCH_GPU_DRY_RUN=1 bash bench/gpu.sh   # the same on CPU, quick sizes
 #
+# Then bench/probe_dcn_parts.py splits the DRM pass's time beside a plain forward
+# into its parts (issue 14's GPU gap), into $BENCH_OUT_DIR/probe_dcn_parts.txt.
 # Prints the page (figures with the device name) and writes it to
 # ${BENCH_GPU_RESULTS:-bench/out/gpu/RESULTS.md} (and $OUT/ when set). Record the
 # figures of a real run, with the date, in bench/gpu_runs.md (RESULTS.md quotes it).
@@ -68,12 +70,19 @@ export BENCH_OUT_DIR="$ROOT/bench/out/gpu"
 mkdir -p "$BENCH_OUT_DIR"
 "$PY" -c "import jax; d = jax.devices()[0]; print('device:', d.platform, d.device_kind, 'x', len(jax.devices()), '| jax', jax.__version__)"
 timeout 290 "$PY" bench/run_all.py "${ARGS[@]}" || echo "gpu.sh: run_all exited $?"
+# Where the DRM pass's time goes beside the plain forward (issue 14), part by part.
+PROBE_ARGS=()
+[[ -n "${BENCH_GPU_DRY_RUN:-}" ]] && PROBE_ARGS+=(--quick)
+timeout 100 "$PY" bench/probe_dcn_parts.py ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"} \
+    > "$BENCH_OUT_DIR/probe_dcn_parts.txt" 2>&1 || echo "gpu.sh: probe_dcn_parts exited $?"
 RES=${BENCH_GPU_RESULTS:-bench/out/gpu/RESULTS.md}
 if [[ -f "$RES" ]]; then
     cat "$RES"
+    cat "$BENCH_OUT_DIR/probe_dcn_parts.txt" 2>/dev/null || true
     if [[ -n "${OUT:-}" ]]; then
         # Two files back: the page, and one archive of its figures and raw JSON/logs.
         cp "$RES" "$OUT"/
+        cp "$BENCH_OUT_DIR/probe_dcn_parts.txt" "$OUT"/ 2>/dev/null || true
         tar -czf "$OUT/gpu_raw.tar.gz" -C "$BENCH_OUT_DIR" . 2>/dev/null || true
     fi
 fi
