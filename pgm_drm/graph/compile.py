@@ -751,6 +751,10 @@ def _split_log_prob(
     ):
         return None
     dims = _natural_sum_dims(site["fn"], summed)
+    if not dims and not site["fn"].event_shape and _family_name(site["fn"]) == "Normal":
+        # Scored as numpyro does (natural._normal_direct): its scale part holds
+        # no data, so there is nothing to keep out of the table.
+        return None
     parts = natural_log_prob_parts(site["fn"], site["value"], dims)
     if parts is None:
         return None

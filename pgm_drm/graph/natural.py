@@ -71,7 +71,17 @@ def natural_log_prob(
     form ``T(x) * eta - A + h``: the same values and the same amount of work as
     ``fn.log_prob`` (there is nothing to contract, except the category axis of a
     ``Categorical``), returned rather than ``None`` so that callers need not tell
-    the two cases apart.
+    the two cases apart. An event-free Normal is scored as ``fn.log_prob`` scores
+    it, ``-((x - mu) / s)^2 / 2 - ln(sqrt(2 pi) s)``: its natural form would
+    cancel large terms where the data sit near the mean and far from 0.
+
+    With event dims, the Normal's ``x . mu / s^2`` and ``||mu||^2 / (2 s^2)``
+    still cancel where the data sit near a state's mean: each table entry is
+    rounded by about ``eps * sum |x mu| / s^2`` (float32: ``1.2e-7`` times that),
+    the price of the matrix product. In float32 that bound is ``3e-5`` nats for
+    8x8 images in ``[0, 1]`` with ``s = 0.5``, ``0.05`` for 64x64 ones with
+    ``s = 0.1``, and ``0.5`` for 8x8 raw 0-255 intensities with ``s = 1``:
+    centre and scale such data, or use float64 (``1e-16`` times the same sums).
 
     The result is the sum of :func:`natural_log_prob_parts`.
 
@@ -316,6 +326,8 @@ def _normal(d: dist.Normal, value: Array, event_shape: Shape) -> tuple[Array, Ar
     scale costs the same two contractions as one stacked one.
     """
     x = value.astype(_float_dtype(d.loc, d.scale, value))
+    if not event_shape:
+        return _normal_direct(d, x)
     precision = 1.0 / jnp.square(d.scale)
     eta1 = d.loc * precision
     eta2 = -0.5 * precision
@@ -326,6 +338,22 @@ def _normal(d: dist.Normal, value: Array, event_shape: Shape) -> tuple[Array, Ar
         jnp.log(d.scale) + _HALF_LOG_2PI, event_shape
     )
     return mean_part, scale_part
+
+
+def _normal_direct(d: dist.Normal, x: Array) -> tuple[Array, Array]:
+    """An event-free Normal site as ``fn.log_prob`` computes it: the mean part
+    ``-((x - mu) / s)^2 / 2``, the scale part ``-ln(sqrt(2 pi) s)`` (numpyro's
+    operations, so the sum equals its log-prob to the bit).
+
+    With nothing to contract there is no matrix product to gain from the
+    natural form, which would only cost precision: ``x mu / s^2`` and
+    ``mu^2 / (2 s^2)`` cancel where the data sit near the mean and far from 0
+    (x = 1000 +- 0.1, s = 0.1: terms of 5e7 whose float32 rounding, ~4 nats,
+    swamped the states' differences and moved a posterior by 0.24). Here the
+    error is relative to ``(x - mu)^2 / s^2`` itself.
+    """
+    z = (x - d.loc) / d.scale
+    return -0.5 * z**2, -jnp.log(jnp.sqrt(2 * jnp.pi) * d.scale)
 
 
 def _bernoulli(

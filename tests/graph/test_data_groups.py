@@ -78,7 +78,9 @@ def _both(model, ev, new):
     return out
 
 
-@given(seed=st.integers(0, 2**16), n=st.integers(2, 4))
+# n >= 3: from three steps on, some slices share a structure (at n = 2 each
+# structure is alone since event-free Normal sites are scored whole).
+@given(seed=st.integers(0, 2**16), n=st.integers(3, 4))
 def test_grouped_data_part_equals_the_plain_one_and_brute_force(seed, n):
     old = compile_mod.GROUP_EQNS
     compile_mod.GROUP_EQNS = 10

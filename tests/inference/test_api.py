@@ -935,3 +935,48 @@ def test_a_graph_used_in_the_other_x64_mode_is_refused_by_name(compiled_x64):
         got = infer(again, **ev)
     # float32 against float64 on a log Z of about -2: 1e-6 relative.
     np.testing.assert_allclose(got.log_z, want.log_z, rtol=1e-6)
+
+
+@pytest.mark.parametrize("x64", [True, False])
+@given(
+    offset=st.floats(-1e4, 1e4),
+    scale=st.floats(0.05, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_a_normal_mixture_far_from_zero_is_exact(x64, offset, scale, seed):
+    """Data near the means and far from 0 against the scale (found by a review):
+    an event-free Normal site was scored in natural form, ``x mu / s^2 -
+    mu^2 / (2 s^2)``, whose terms (5e7 at x = 1000, s = 0.1) cancel; float32
+    rounding of ~4 nats moved a posterior by 0.24, and x64 lost 1 nat at
+    x = 1e6, s = 0.01. It is now scored as numpyro scores it."""
+    rng = np.random.default_rng(seed)
+    w = rng.dirichlet(np.ones(3))
+    mu = offset + scale * rng.normal(size=3) * 2
+    x = offset + scale * rng.normal(size=5) * 2
+    dtype = np.float64 if x64 else np.float32
+    with jax.enable_x64(x64):
+
+        def model(x=None):
+            z = numpyro.sample("z", dist.Categorical(jnp.asarray(w, dtype)))
+            numpyro.sample("x", dist.Normal(jnp.asarray(mu, dtype)[z], scale), obs=x)
+
+        fg = compile_model(model, x=jnp.asarray(x[0], dtype))
+        post = infer(fg, "sum", x=jnp.asarray(x, dtype))
+    # The reference in float64 from the same (rounded) numbers the model holds.
+    xr, mur = x.astype(dtype).astype(float), mu.astype(dtype).astype(float)
+    sr = float(np.asarray(scale, dtype))
+    zs = (xr[:, None] - mur[None, :]) / sr
+    lp = (
+        np.log(w.astype(dtype).astype(float))
+        - 0.5 * zs**2
+        - np.log(np.sqrt(2 * np.pi) * sr)
+    )
+    ref = np.logaddexp.reduce(lp, axis=1)
+    # Each term is rounded relative to its own size, (x - mu)^2 / s^2 <= ~100
+    # here: a few ulps of that (2.2e-16 or 1.2e-7) plus one of the prior's log.
+    eps = np.finfo(dtype).eps
+    tol = 16 * eps * (1.0 + float(np.max(zs**2)))
+    np.testing.assert_allclose(post.log_z, ref, rtol=0, atol=tol)
+    np.testing.assert_allclose(
+        post.marginals["z"], np.exp(lp - ref[:, None]), rtol=0, atol=tol
+    )
