@@ -121,6 +121,25 @@ def image_shape_for(
     return (side, side) if side * side == n_features else (n_features,)
 
 
+def _check_finite_scores(s: np.ndarray) -> None:
+    """Refuse class scores ``(n, C)`` with no finite normaliser.
+
+    The pixels were checked finite on the way in, so a row that is NaN or all
+    ``-inf`` overflowed the scores' dtype (huge pixels): its posterior would be
+    NaN and :meth:`~_ImageClassifier.predict` would return ``classes_[0]``.
+    """
+    with np.errstate(invalid="ignore"):
+        bad = np.flatnonzero(~np.isfinite(logsumexp(s, axis=1)))
+    if bad.size:
+        shown = bad[:10].tolist()
+        more = f" and {bad.size - len(shown)} more" if bad.size > len(shown) else ""
+        raise ValueError(
+            f"class scores of samples {shown}{more} are not finite although their "
+            f"pixels are: the model's {jnp.result_type(float)} scores overflowed "
+            f"(pixels too large); rescale X"
+        )
+
+
 #: Images per score evaluation of the RM and DRM classifiers (see
 #: ``_ImageClassifier._log_posterior``).
 SCORE_BATCH = 64
@@ -171,6 +190,7 @@ class _ImageClassifier(ClassifierMixin, BaseEstimator):
         n, b = len(x), SCORE_BATCH
         x = np.concatenate([x, np.zeros((-n % b, *x.shape[1:]), x.dtype)])
         s = np.concatenate([self._scores(x[i : i + b]) for i in range(0, len(x), b)])
+        _check_finite_scores(s[:n])
         s = s[:n].astype(np.float64)
         return s - logsumexp(s, axis=1, keepdims=True)
 

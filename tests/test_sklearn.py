@@ -238,6 +238,20 @@ def test_drm_pads_small_and_rejects_large_images():
         clone(clf).fit(rng.normal(size=(4, 9, 3)), [0, 1, 0, 1])
 
 
+def test_drm_refuses_scores_that_overflow():
+    """Finite pixels near 1e200 overflow the DRM's float64 scores: predict_proba
+    was NaN and predict silently classes_[0]; refused, naming the samples."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 2, 2)), np.repeat([3, 7], 6)
+    clf = DRMClassifier(n_states=(2, 2), n_iter=1, random_state=0).fit(x, y)
+    huge = x[:3].copy()
+    huge[[0, 2]] *= 1e200
+    for method in (clf.predict, clf.predict_proba, clf.decision_function):
+        with pytest.raises(ValueError, match=r"samples \[0, 2\].*overflowed"):
+            method(huge)
+    assert set(clf.predict(x[:3])) <= {3, 7}
+
+
 # ---- E-DRM trees and forests ----------------------------------------------------
 # Relaxation kept short in tests: the jitted scan compiles once per frontier size.
 FAST = dict(relax_steps=10, max_depth=4)

@@ -9,6 +9,8 @@ tree of Eq. 31, with a loop twin :func:`greedy_path_naive`;
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,8 +32,11 @@ __all__ = [
 
 
 def _flat(edrm: EvolutionaryDRM, images: ArrayLike) -> tuple[Array, bool]:
-    x, single = check_images(images, edrm.image_shape)
-    return x.reshape(x.shape[0], -1), single
+    """Checked images as float ``(N, D)`` (integer pixels converted: ``x**2`` and
+    ``-2 * x`` would wrap around in ``uint8``; ``N = 0`` allowed) and whether one
+    image was given."""
+    x, single = check_images(images, edrm.image_shape, dtype=edrm.root.dtype)
+    return x.reshape(x.shape[0], math.prod(edrm.image_shape)), single
 
 
 def _gauss_log_lik(x: Array, templates: Array, sigma: float) -> Array:
@@ -102,7 +107,7 @@ def path_posterior(
     path = edrm.path_from_leaf(best)
     margs, maps = {}, {}
     for d, site in enumerate(edrm.sites):
-        block = scores.reshape(n, edrm.n_nodes[d], -1)
+        block = scores.reshape(n, edrm.n_nodes[d], edrm.n_nodes[-1] // edrm.n_nodes[d])
         margs[site] = reduce_t(block, (2,), t) - log_z[:, None]
         maps[site] = path[:, d]
     if single:
@@ -182,7 +187,9 @@ def greedy_path(
         w, b = _child_filters(edrm, d + 1)
         resp = x @ w.T + b  # (N, n_{d+1}): every node's filter response
         children = node[..., None] * br + jnp.arange(br)  # (N, R, br)
-        r = jnp.take_along_axis(resp, children.reshape(n, -1), axis=1)
+        r = jnp.take_along_axis(
+            resp, children.reshape(n, math.prod(children.shape[1:])), axis=1
+        )
         choice = jnp.argmax(r.reshape(children.shape), axis=-1)
         node = node * br + choice
         nodes.append(node)

@@ -309,8 +309,9 @@ class ConvRenderingModel:
         return images, {**latents, "s": state}
 
     def check_images(self, images: ArrayLike) -> tuple[Array, bool]:
-        """Validate images of shape ``image_shape`` or ``(N, *image_shape)``."""
-        return check_images(images, self.image_shape)
+        """Validate images of shape ``image_shape`` or ``(N, *image_shape)``
+        (integer pixels become the templates' float dtype)."""
+        return check_images(images, self.image_shape, dtype=self.pixel_templates.dtype)
 
     # ---- constructors ----------------------------------------------------------
     @classmethod

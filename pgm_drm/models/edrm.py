@@ -50,6 +50,21 @@ __all__ = ["EvolutionaryDRM", "RootRule"]
 RootRule = Literal["compare", "choose"]
 
 
+def _check_child_prior(p: ArrayLike, depth: int, n: int, b: int) -> Array:
+    """``child_priors[depth]``: ``(n, b)``, every row a probability vector.
+
+    Returned with each row renormalised by :func:`check_prior` (a row summing to
+    1 within its tolerance would otherwise leave the path priors unnormalised).
+    """
+    arr = np.asarray(p, dtype=float)
+    if arr.shape != (n, b):
+        raise ValueError(
+            f"child_priors[{depth}] must have shape {(n, b)}, got {arr.shape}"
+        )
+    rows = [check_prior(r, f"child_priors[{depth}][{i}]", b) for i, r in enumerate(arr)]
+    return jnp.asarray(jnp.stack(rows) if rows else arr, dtype=float)
+
+
 @pytree_model()
 @dataclass(frozen=True, eq=False)
 class EvolutionaryDRM:
@@ -122,17 +137,11 @@ class EvolutionaryDRM:
                 raise ValueError(f"mutations[{d}] contains NaN or inf values")
             b = int(a.shape[1])
             if raw_priors is None:
-                p = np.full((n, b), 1.0 / b)
+                p = jnp.asarray(np.full((n, b), 1.0 / b))
             else:
-                p = np.asarray(raw_priors[d], dtype=float)
-                if p.shape != (n, b):
-                    raise ValueError(
-                        f"child_priors[{d}] must have shape {(n, b)}, got {p.shape}"
-                    )
-                for row in range(n):
-                    check_prior(p[row], f"child_priors[{d}][{row}]", b)
+                p = _check_child_prior(raw_priors[d], d, n, b)
             muts.append(a)
-            priors.append(jnp.asarray(p))
+            priors.append(p)
             n *= b
         sigma = float(self.sigma)
         if not np.isfinite(sigma) or sigma <= 0:

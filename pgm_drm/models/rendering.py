@@ -64,6 +64,10 @@ class RenderingModel:
 
     def __post_init__(self) -> None:
         mu = jnp.asarray(self.templates)
+        if jnp.issubdtype(mu.dtype, jnp.integer) or jnp.issubdtype(mu.dtype, jnp.bool_):
+            # bool / int templates (e.g. uint8 prototype images): as the factor
+            # model, float, or ||mu||^2 and 2 <I | mu> wrap around in the int dtype
+            mu = mu.astype(jnp.result_type(float))
         if mu.ndim < 3:
             raise ValueError(
                 f"templates must have shape (C, G, *image_shape), got {mu.shape}"
@@ -167,7 +171,7 @@ class RenderingModel:
             Scores of shape ``(N, C)`` (or ``(C,)`` for one image).
         """
         t = resolve_temperature(semiring, None)
-        x, single = check_images(images, self.image_shape)
+        x, single = check_images(images, self.image_shape, dtype=self.templates.dtype)
         scores = _class_log_scores(self, x, t)
         return scores[0] if single else scores
 

@@ -250,7 +250,10 @@ def test_models_round_trip_every_dtype_they_accept(tmp_path, name):
     t = t + 1 if name == "float8_e8m0fnu" else t  # ...e8m0 (2^k only, no 0): 1/2
     rm = RenderingModel(np.asarray(t).astype(dt), 0.3, switch_prior=0.8)
     back = load_model(save_model(tmp_path / "rm.npz", rm))
-    assert back.templates.dtype == dt
+    # Integer and bool templates become float at construction (their squares
+    # would wrap around); the file keeps the dtype the model holds.
+    kept = jnp.issubdtype(dt, jnp.inexact)
+    assert back.templates.dtype == (dt if kept else jnp.result_type(float))
     _assert_same_model(rm, back)
     _same_bits(back.templates, rm.templates)
 

@@ -94,6 +94,23 @@ def test_wrong_image_shape_is_named(key):
         conv_dcn_infer(m, np.full(m.image_shape, np.nan))
 
 
+def test_integer_images_are_the_float_images(key):
+    """uint8 pixels are converted to the model's float dtype at the check: the
+    patches' ``||I||^2`` wrapped around in uint8 (log Z +2.4e6). The same float64
+    numbers after the conversion, so the outputs are bitwise equal."""
+    from pgm_drm.inference import conv_dcn_infer
+
+    shape = dict(stride=2, patch=2, grid=2, n_states=2, n_classes=2, class_size=1)
+    m = ConvRenderingModel.random(key, **shape, sigma=60.0)
+    x = np.random.default_rng(0).integers(0, 256, size=(2, *m.image_shape))
+    x = x.astype(np.uint8)
+    for semiring in ("sum", "max"):
+        a = conv_dcn_infer(m, x, semiring)
+        b = conv_dcn_infer(m, x.astype(np.float64), semiring)
+        np.testing.assert_array_equal(a.log_z, b.log_z)
+        np.testing.assert_array_equal(a.class_log_posterior, b.class_log_posterior)
+
+
 def test_unit_table_places_class_template():
     m = ConvRenderingModel.random(jax.random.PRNGKey(1), grid=3, class_size=2)
     table = np.asarray(m.unit_table()).reshape(m.n_classes, 4, 3, 3)

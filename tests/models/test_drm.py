@@ -105,6 +105,34 @@ def test_one_bad_pixel_anywhere_is_refused(seed, bad, t, dtype, levels):
     assert np.all(np.isfinite(drm.infer(images, temperature=t).log_z))
 
 
+def test_finite_pixels_whose_scores_overflow_are_refused_by_name():
+    """Pixels near 1e200 are finite but ``||I||^2`` overflows float64 (max 1.8e308):
+    log Z was -inf and the class posterior NaN, silently. Refused, naming the
+    image; the other images' answers are those of a batch without it."""
+    drm = DeepRenderingModel.random(
+        jax.random.PRNGKey(0), image_shape=(4, 4), levels=2, windows=(2, 2)
+    )
+    images = np.array(drm.sample(jax.random.PRNGKey(1), 3)[0])
+    huge = images.copy()
+    huge[1] *= 1e200
+    for t in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"images \[1\].*overflowed float64"):
+            drm.infer(huge, temperature=t)
+        assert np.all(np.isfinite(drm.infer(images, temperature=t).log_z))
+
+
+def test_integer_images_are_the_float_images():
+    """uint8 pixels are converted to the templates' float dtype at the check:
+    the pass sees the same float64 numbers, so the output is bitwise equal."""
+    drm = DeepRenderingModel.random(
+        jax.random.PRNGKey(0), image_shape=(4, 4), levels=2, windows=(2, 2), sigma=60.0
+    )
+    x = np.random.default_rng(0).integers(0, 256, size=(2, 4, 4)).astype(np.uint8)
+    a, b = drm.infer(x, "sum"), drm.infer(x.astype(np.float64), "sum")
+    np.testing.assert_array_equal(a.log_z, b.log_z)
+    np.testing.assert_array_equal(a.class_log_posterior, b.class_log_posterior)
+
+
 def test_sample_statistics():
     """``sample`` (jitted Predictive) follows the model: states from c, g, a;
     image = rendering + noise; class and switch frequencies match the priors."""

@@ -120,6 +120,68 @@ def test_bad_inputs():
         greedy_path(m, np.zeros((8, 8)), root="best")
 
 
+def test_child_prior_rows_within_tolerance_are_renormalised():
+    """A row summing to 1 + 9e-6 (inside PRIOR_ATOL) is kept renormalised, as
+    the class prior is: the path priors sum to 1 and log Z is brute force's.
+    Unnormalised, the leaves' priors summed to 1 + 4.5e-6, and log Z was off by
+    as much, past ATOL."""
+    root = np.array([[0.0, 1.0], [1.0, 0.0]])
+    muts = (np.array([[[0.1, 0.0], [0.0, 0.1]], [[0.2, 0.0], [0.0, 0.2]]]),)
+    rows = np.array([[0.5, 0.5 + 9e-6], [0.5, 0.5]])
+    m = EvolutionaryDRM(root, muts, 0.5, [0.5, 0.5], (rows,))
+    # float64 division of two entries by their sum: ~1e-16 off 1
+    np.testing.assert_allclose(np.asarray(m.child_priors[0]).sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(jnp.exp(m.log_path_prior(1)).sum(), 1.0, atol=1e-12)
+    image = np.array([0.3, 0.4])
+    ref = brute_force(m.model, image=image)
+    np.testing.assert_allclose(path_posterior(m, image).log_z, ref.log_z, atol=ATOL)
+
+
+def _wide_model():
+    """Pixels on a 0..255 scale: uint8 ``x**2`` and ``-2 * x`` wrap around."""
+    return EvolutionaryDRM.random(
+        jax.random.PRNGKey(0), 2, (2, 3), (2, 2), scale=100.0, sigma=30.0
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64, np.bool_])
+def test_integer_images_give_the_float_answers(dtype):
+    """Integer / bool pixels are the float image: converted to the model's float
+    dtype at the input check, every fast pass computes on the same float64
+    numbers, so the answers are bitwise equal."""
+    m = _wide_model()
+    ints = np.array([[[200, 17], [90, 255]], [[0, 128], [255, 3]], [[7, 99], [1, 0]]])
+    x = ints.astype(dtype)
+    xf = x.astype(np.float64)
+    for semiring in ("sum", "max"):
+        a, b = path_posterior(m, x, semiring), path_posterior(m, xf, semiring)
+        np.testing.assert_array_equal(a.log_z, b.log_z)
+        for s in m.sites:
+            np.testing.assert_array_equal(a.log_marginals[s], b.log_marginals[s])
+            np.testing.assert_array_equal(a.map[s], b.map[s])
+    np.testing.assert_array_equal(leaf_log_joint(m, x), leaf_log_joint(m, xf))
+    np.testing.assert_array_equal(exact_map_path(m, x), exact_map_path(m, xf))
+    for root in ("compare", "choose"):
+        np.testing.assert_array_equal(greedy_path(m, x, root), greedy_path(m, xf, root))
+        assert greedy_path_naive(m, x[0], root) == greedy_path_naive(m, xf[0], root)
+
+
+def test_empty_batch_gives_empty_results():
+    """0 images: empty results of the batched shapes (as the DRM, RM, ConvRM)."""
+    m = EvolutionaryDRM.random(jax.random.PRNGKey(0), 2, (2, 3), (2, 2))
+    empty = np.zeros((0, 2, 2))
+    assert leaf_log_joint(m, empty).shape == (0, m.n_nodes[-1])
+    assert exact_map_path(m, empty).shape == (0, m.levels + 1)
+    for root in ("compare", "choose"):
+        assert greedy_path(m, empty, root).shape == (0, m.levels + 1)
+    for semiring in ("sum", "max"):
+        post = path_posterior(m, empty, semiring)
+        assert post.log_z.shape == (0,)
+        for d, s in enumerate(m.sites):
+            assert post.log_marginals[s].shape == (0, m.n_nodes[d])
+            assert post.map[s].shape == (0,)
+
+
 # ------------------------------------------------------------------ exact
 @settings(
     max_examples=examples(2)

@@ -105,6 +105,23 @@ def test_bad_images_are_named():
         infer(fg, img=jnp.zeros((6, 6)))
 
 
+def test_integer_templates_become_float():
+    """uint8 templates (prototype images) are stored as float, as the factor
+    model's: ``||mu||^2`` in uint8 wrapped around and changed the argmax class."""
+    rng = np.random.default_rng(0)
+    t8 = rng.integers(0, 256, size=(3, 1, 2, 2)).astype(np.uint8)
+    img = t8[1, 0] + 5 * rng.normal(size=(2, 2))
+    a = RenderingModel(t8, sigma=20.0)
+    b = RenderingModel(t8.astype(np.float64), sigma=20.0)
+    assert jnp.issubdtype(a.templates.dtype, jnp.floating)
+    for semiring in ("max", "sum"):
+        # the same float64 templates: bitwise the same scores
+        np.testing.assert_array_equal(
+            a.class_log_scores(img, semiring), b.class_log_scores(img, semiring)
+        )
+    assert int(a.classify(img)) == 1
+
+
 def test_model_is_a_pytree_of_its_parameters():
     rm = RenderingModel(default_templates(4), sigma=0.5, switch_prior=0.9)
     assert len(jax.tree.leaves(rm)) == 5  # mu, sigma, pi_c, pi_g, pi_a

@@ -49,3 +49,17 @@ def test_integer_prior_becomes_float():
 def test_bad_images_are_refused_by_name(x, match):
     with pytest.raises(ValueError, match=match):
         check_images(x, (6, 6))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.bool_])
+def test_integer_and_bool_images_become_the_given_float_dtype(dtype):
+    """Integer pixels are converted (uint8 ``x**2`` wraps around); float images,
+    the models' usual input, are returned as given (the same array)."""
+    x = np.array([[200, 17], [90, 255]]).astype(dtype)
+    out, single = check_images(x, (2, 2), dtype=jnp.float32)
+    assert single and out.dtype == jnp.float32
+    np.testing.assert_array_equal(out[0], x.astype(np.float32))
+    default, _ = check_images(x, (2, 2))
+    assert default.dtype == jnp.result_type(float)
+    f = jnp.asarray(x, jnp.float32)[None]
+    assert check_images(f, (2, 2), dtype=jnp.float64)[0] is f
