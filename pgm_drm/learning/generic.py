@@ -48,6 +48,7 @@ Constrained parameters live in NumPyro's unconstrained space
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -211,6 +212,7 @@ def _check_data(data: Mapping[str, Any], clamp: Mapping[str, Any]) -> int:
             )
         if k.startswith((PARAM, CLAMP, MASK)):
             raise ValueError(f"data name {k!r} uses a reserved prefix")
+        _check_data_finite(k, v)
         sizes[k] = jnp.shape(v)[0]
     for site, (value, mask) in clamp.items():
         sizes[f"clamp[{site!r}] values"] = jnp.shape(value)[0]
@@ -228,6 +230,47 @@ def _check_data(data: Mapping[str, Any], clamp: Mapping[str, Any]) -> int:
     if n < 1:
         raise ValueError("data is empty (batch size 0)")
     return int(n)
+
+
+def _traced(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a JAX tracer (under jit, grad, vmap)."""
+    return any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(tree))
+
+
+def _check_data_finite(name: str, value: Any) -> None:
+    """Refuse NaN or inf in a data entry (its log-likelihood would be NaN, and
+    a fit would blame the model). A traced entry cannot be checked."""
+    if _traced(value):
+        return
+    # On the host: jnp operations under a user's jit would be traced.
+    a = np.asarray(value)
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+        return
+    if not jnp.issubdtype(a.dtype, jnp.complexfloating):
+        a = a.astype(np.float64)  # bfloat16 and the other ml_dtypes too
+    bad = ~np.isfinite(a).reshape(a.shape[0], -1).all(1)
+    if bad.any():
+        idx = np.flatnonzero(bad)[:5].tolist()
+        raise ValueError(
+            f"data {name!r} holds NaN or inf (example(s) {idx}); every observed "
+            "value must be finite"
+        )
+
+
+def _check_clamp_shapes(
+    tr: Mapping[str, dict], clamp_ex: Mapping[str, tuple[np.ndarray, Any]]
+) -> None:
+    """Each clamp's values (per example) must have as many entries as its site
+    (its plate shape); they are reshaped to the site's shape."""
+    for site, (v, _) in clamp_ex.items():
+        want = tuple(np.shape(tr[site]["value"]))
+        if v.size != int(np.prod(want)):
+            shape = "(N" + "".join(f", {d}" for d in want) + ")"
+            raise ValueError(
+                f"clamp[{site!r}] values have shape {v.shape} per example, but "
+                f"site {site!r} has shape {want} per example (its plates): pass "
+                f"values and mask of shape {shape}"
+            )
 
 
 def _graph(
@@ -268,6 +311,7 @@ def _graph(
                 f"clamp names {site!r}, which is not a latent site of the model; "
                 f"latent sites: {latent}"
             )
+    _check_clamp_shapes(tr, clamp_ex)
     if not specs:
         raise ValueError("the model has no numpyro.param sites: nothing to learn")
     names = tuple(specs)
@@ -367,10 +411,19 @@ def _full_params(g: _Graph, params: Mapping[str, Any] | None) -> dict[str, Array
         )
     out = {}
     for n, s in g.specs.items():
+        # The dtype the graph was compiled with (a float32 value under x64 would
+        # meet float64 tables), strong: a weakly typed start would trace the
+        # steps twice.
+        dtype = jax.dtypes.canonicalize_dtype(s.init.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.result_type(float)
         v = jnp.asarray(params.get(n, s.init))
-        # A strong float dtype: a weakly typed start would trace the steps twice.
-        floating = jnp.issubdtype(v.dtype, jnp.floating)
-        v = jnp.asarray(v, dtype=v.dtype if floating else jnp.result_type(float))
+        if jnp.issubdtype(v.dtype, jnp.complexfloating):
+            raise ValueError(
+                f"parameter {n!r} has dtype {v.dtype}; it must be real (the "
+                f"model is compiled with {dtype})"
+            )
+        v = jnp.asarray(v, dtype=dtype)
         if jnp.shape(v) != s.init.shape:
             raise ValueError(
                 f"parameter {n!r} has shape {jnp.shape(v)}, the model's "
@@ -424,15 +477,29 @@ def model_log_likelihood(
         per_example: Return ``(N,)`` per-example log-likelihoods instead of
             their sum (e.g. to classify with one fitted model per class).
 
+    The compiled graph is cached by the model *function object* and the data
+    / clamp shapes and dtypes (as ``jax.jit`` caches by function): a model that
+    reads a module-level constant (a global array, a scale) keeps the value it
+    had when it was first compiled, even after the global changes. For a fresh
+    compile pass a new function object: a closure over the constant, or
+    ``functools.partial(model, scale=...)`` (a new ``partial`` each time);
+    better, make the constant an argument or a ``numpyro.param``. The cache
+    holds the last :data:`CACHE_SIZE` graphs; there is no function to clear it.
+
     Returns:
         A scalar: the total log-likelihood over the batch (``-inf`` where an
-        example has probability zero); ``(N,)`` with ``per_example``.
+        example has probability zero); ``(N,)`` with ``per_example``. Under a
+        JAX trace (``jax.grad``, ``jit``) of ``params``, where the check
+        below cannot raise, ``NaN`` if a parameter leaves its constraint.
 
     Raises:
         CompileError: A continuous latent site, a data shape the model does not
             accept.
-        ValueError: Unknown or unused parameters, wrong shapes, batch sizes that
-            differ.
+        ValueError: Unknown or unused parameters, a parameter outside its
+            constraint (a probability above 1, a simplex row that does not sum
+            to 1, a negative scale: as :func:`fit` refuses it), wrong shapes,
+            complex parameters, batch sizes that differ, NaN or inf in the
+            data, clamp values without one entry per instance of their site.
 
     Example:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -450,10 +517,16 @@ def model_log_likelihood(
     n = _check_data(data, clamps)
     g = _graph(model, data, clamps, schedule)
     full = _full_params(g, params)
+    if not _traced(full):
+        _check_constraints(g.specs, full, "in params", hint="")
     ex, w = _pad(_examples(data, clamps), n)
-    if per_example:
-        return g.each(full, ex)[:n]
-    return g.total(full, ex, w)
+    out = g.each(full, ex)[:n] if per_example else g.total(full, ex, w)
+    if _traced(full):
+        # Under jit / grad a violation cannot raise: NaN, never the value at
+        # the nearest point of the support.
+        inside = _inside(g.specs, full)
+        out = jnp.where(jnp.all(jnp.stack(list(inside.values()))), out, jnp.nan)
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -463,7 +536,9 @@ def model_log_likelihood(
 
 class _State(NamedTuple):
     """The loop state: parameters (constrained) and, for Adam, the unconstrained
-    parameters and the optimiser state."""
+    parameters and the optimiser state; for EM, ``name -> bool``: whether the
+    parameter's last M-step was a closed form (checkpointed, so a resumed fit
+    reports :attr:`ModelFit.closed_form` as an uninterrupted one)."""
 
     iteration: Array
     params: dict[str, Array]
@@ -491,7 +566,18 @@ def _inside(specs, params) -> dict[str, Array]:
     }
 
 
-def _check_constraints(specs, params, when: str, inside=None) -> None:
+#: Why a step's parameters can leave their constraints.
+_STEP_HINT = (
+    "; a closed-form or gradient step left the support (a learning rate too "
+    "large, or a probability underflowed)"
+)
+
+
+def _check_constraints(
+    specs, params, when: str, inside=None, hint: str = _STEP_HINT
+) -> None:
+    """Raise ValueError naming the first parameter outside its constraint (or
+    not finite); ``hint`` says why it can happen ``when``."""
     inside = _inside(specs, params) if inside is None else inside
     for n, v in params.items():
         c = specs[n].constraint
@@ -499,8 +585,7 @@ def _check_constraints(specs, params, when: str, inside=None) -> None:
             arr = np.asarray(v)
             raise ValueError(
                 f"parameter {n!r} violates its constraint {c} {when} (values "
-                f"{arr.ravel()[:6]}...); a closed-form or gradient step left the "
-                "support (a learning rate too large, or a probability underflowed)"
+                f"{arr.ravel()[:6]}...){hint}"
             )
 
 
@@ -796,6 +881,67 @@ def _check_finite(lz: Array, w: Array) -> None:
         )
 
 
+#: Examples per call when fingerprinting the model's tables (bounds memory).
+_PROBE_CHUNK = 256
+
+#: Shift in unconstrained space of the second point the tables are read at.
+_PROBE_SHIFT = 0.25
+
+
+def _canonical_bytes(a: Any) -> bytes:
+    """An array's shape, dtype and bytes, every NaN the same NaN."""
+    a = np.ascontiguousarray(np.asarray(a))
+    if np.issubdtype(a.dtype, np.floating):
+        a = np.where(np.isnan(a), np.array(np.nan, a.dtype), a)
+    return repr((a.shape, a.dtype.str)).encode() + a.tobytes()
+
+
+def _model_fingerprint(
+    g: _Graph, params: Mapping[str, Array], ex: Mapping[str, Array], n: int
+) -> str:
+    """A short hash of the model itself, as the fit sees it: the compiled
+    graph's structure (each factor group's site, scope, cardinalities, plates,
+    evidence), its evidence-free tables, and every example's evidence tables
+    at the start ``params`` and at a second point (``params`` moved by
+    ``_PROBE_SHIFT`` in unconstrained space: a constant that multiplies a
+    parameter starting at 0 shows there). Any constant of the model that the
+    data reaches changes it, so a checkpoint records it and a checkpoint of
+    another model (same parameter names, start and data) is refused.
+
+    Exact bits, as a resumed fit is: computed the same way (same backend, JAX
+    version, dtype and machine: a matrix product's summation order can follow
+    the core count) by the fit that wrote the checkpoint and the one that
+    resumes it; elsewhere the checkpoint is refused, never resumed wrongly.
+    ``ex`` is the unpadded batch (:func:`_examples`), read ``_PROBE_CHUNK``
+    examples per call.
+    """
+    if "probe" not in g.jitted:
+        g.jitted["probe"] = jax.jit(jax.vmap(g.tables, in_axes=(None, 0)))
+    probe = g.jitted["probe"]
+    u = _to_unconstrained(g.specs, params)
+    other = _to_constrained(g.specs, {k: v + _PROBE_SHIFT for k, v in u.items()})
+    h = hashlib.sha256()
+    for grp, table in zip(g.fg.factor_groups, g.fg.host_tables(), strict=True):
+        # The evidence names come from a set: sorted, as string hashing (and so
+        # their order) changes from process to process.
+        ev = tuple(sorted(grp.evidence))
+        head = (grp.site, grp.scope_sites, grp.cards, grp.plate_shape, ev)
+        h.update(repr(head).encode() + _canonical_bytes(grp.scope))
+        if not grp.evidence:
+            h.update(_canonical_bytes(table))
+    size = min(n, _PROBE_CHUNK)
+    for start in range(0, n, size):
+        # The last chunk repeats the last example (one compiled shape).
+        idx = np.minimum(np.arange(start, start + size), n - 1)
+        chunk = {k: v[idx] for k, v in ex.items()}
+        keep = min(size, n - start)
+        for at in (params, other):
+            tables = probe(at, chunk)
+            for k in sorted(tables):
+                h.update(_canonical_bytes(np.asarray(tables[k])[:keep]))
+    return h.hexdigest()[:16]
+
+
 def fit(
     model: Callable,
     data: Mapping[str, Any],
@@ -833,7 +979,19 @@ def fit(
         loop: Progress bar and checkpoints
             (:class:`~pgm_drm.learning.loop.LoopOptions`; checkpoints every 10
             iterations by default); a resumed fit ends where an uninterrupted
-            one ends.
+            one ends. A checkpoint records the data, the settings, the start
+            and a fingerprint of the model itself (its compiled graph and its
+            tables on the data at the start: any constant of the model), and is
+            refused if any differs. ``n_iter`` and ``tol`` may change: a
+            converged fit continues under a smaller ``tol`` (or none); a
+            checkpoint past this ``n_iter``, or past the step where this
+            ``tol`` is met, is refused and left as it is.
+
+    The compiled graph is cached by the model function object and the data
+    layout, as ``jax.jit`` caches by function: a model that reads a
+    module-level constant keeps the value it had at its first compile (see
+    :func:`model_log_likelihood`; pass a new function object, a closure or
+    ``functools.partial``, for a fresh compile).
 
     Returns:
         A :class:`ModelFit`.
@@ -842,8 +1000,10 @@ def fit(
         CompileError: A continuous latent site that is not collapsed, data the
             model does not accept.
         ValueError: An unused parameter, a parameter that leaves its constraint,
-            data whose batch sizes differ, an example of probability zero, a
-            checkpoint of another fit, bad settings.
+            data whose batch sizes differ, NaN or inf in the data, clamp values
+            without one entry per instance of their site, an example of
+            probability zero, a checkpoint of another fit or model (or one past
+            where this fit stops), bad settings.
 
     Example:
         >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist
@@ -870,25 +1030,26 @@ def fit(
     n = _check_data(data, clamps)
     g = _graph(model, data, clamps, schedule)
     params = _full_params(g, init)
-    _check_constraints(g.specs, params, "at the start")
+    _check_constraints(g.specs, params, "at the start", hint="")
     ex, w = _pad(_examples(data, clamps), n)
     specs = g.specs
 
     if method == "em":
         em = _EM(g, ex, w, int(inner_steps))
-        last_closed: list[tuple[str, ...]] = [()]
+
+        def flags(closed: tuple[str, ...]) -> dict[str, Array]:
+            return {n: jnp.asarray(n in closed) for n in g.names}
 
         def init_state(p):
-            return _State(jnp.asarray(0), p, None)
+            return _State(jnp.asarray(0), p, flags(()))
 
         def step(st: _State):
-            new, total, last_closed[0], inside = em.step(st.params)
+            new, total, closed, inside = em.step(st.params)
             it = int(st.iteration) + 1
             _check_constraints(specs, new, f"after EM step {it}", inside)
-            return _State(jnp.asarray(it), new, None), _Info(total)
+            return _State(jnp.asarray(it), new, flags(closed)), _Info(total)
 
     else:
-        last_closed = [()]
         opt, adam_step = _adam_step(g, float(learning_rate))
 
         def init_state(p):
@@ -910,6 +1071,12 @@ def fit(
         "learning_rate": float(learning_rate) if method == "adam" else None,
         "inner_steps": int(inner_steps),
         "schedule": schedule,
+        # The model itself (its constants): only a checkpoint compares it.
+        "model": (
+            _model_fingerprint(g, params, _examples(data, clamps), n)
+            if loop is not None and loop.checkpoint is not None
+            else None
+        ),
     }
     out = run_loop(
         Algorithm(init=init_state, step=step),
@@ -926,13 +1093,16 @@ def fit(
     # The log-likelihood at the end from the programs the fit already compiled.
     if method == "em":
         ll_end = float(em.steps.e_step(final, ex, w)[0])
+        flagged = out.state.opt_state
+        closed_form = tuple(n for n in sorted(flagged) if bool(flagged[n]))
     else:
         ll_end = float(adam_step(*out.state.opt_state, ex, w)[2])
+        closed_form = ()
     return ModelFit(
         params={k: jnp.asarray(final[k]) for k in g.names},
         log_likelihood=np.asarray(out.history["log_likelihood"] + [ll_end]),
         n_iter=int(out.state.iteration),
         converged=out.converged,
         method=method,
-        closed_form=last_closed[0] if method == "em" else (),
+        closed_form=closed_form,
     )

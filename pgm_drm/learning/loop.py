@@ -16,8 +16,10 @@ with :class:`LoopOptions` writes checkpoints and resumes from them. A checkpoint
 is the state itself, saved leaf by leaf under its pytree path
 (:func:`pgm_drm.learning.io.save_checkpoint`) with the histories, and refused on
 resume if it belongs to another fit (its ``meta``: data, settings, a fingerprint
-of the initial state), holds another structure, shape or dtype, or is not
-internally consistent (its iteration count disagrees with its histories).
+of the initial state), holds another structure, shape or dtype, is not
+internally consistent (its iteration count disagrees with its histories), or ran
+past where this run stops (``n_iter`` and ``tol`` may change on resume: a
+converged fit continues under a smaller ``tol``).
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ class LoopOptions:
             (SVI also runs its steps in compiled chunks of this many).
         resume: Continue from ``checkpoint`` if the file exists (it must belong
             to the same fit: same data, settings and start, else ValueError);
-            the result equals an uninterrupted fit's.
+            the result equals an uninterrupted fit's. ``n_iter`` and ``tol``
+            may differ from the checkpoint's: a converged fit continues under a
+            smaller ``tol`` or none; a checkpoint past where this run stops
+            (beyond ``n_iter``, or beyond the step where its ``tol`` is met) is
+            refused with ValueError and left as it is.
 
     Raises:
         ValueError: ``every < 1``, or ``resume`` without a ``checkpoint``.
@@ -126,13 +132,20 @@ def tolerance(tol: float | None, name: str) -> Stop | None:
         return None
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0 or None, got {tol}")
-    tol = float(tol)
+    return _Tolerance(float(tol), name)
 
-    def stop(state: Any, history: Mapping[str, list[float]]) -> bool:
-        h = history[name]
-        return len(h) > 1 and abs(h[-1] - h[-2]) < tol
 
-    return stop
+@dataclasses.dataclass(frozen=True)
+class _Tolerance:
+    """The stop of :func:`tolerance`. It reads the history alone, so a resumed
+    loop re-evaluates it on the checkpoint's history (:func:`_resumed_stop`)."""
+
+    tol: float
+    name: str
+
+    def __call__(self, state: Any, history: Mapping[str, list[float]]) -> bool:
+        h = history[self.name]
+        return len(h) > 1 and abs(h[-1] - h[-2]) < self.tol
 
 
 def _value(info: Any, name: str) -> float:
@@ -178,7 +191,10 @@ def run_loop(
 
     Raises:
         ValueError: Bad ``n_iter``, or (resuming) a checkpoint of another fit,
-            structure, shape or dtype, or one that is not internally consistent.
+            structure, shape or dtype, one that is not internally consistent,
+            or one past where this run stops (beyond ``n_iter``, or beyond the
+            step where a :func:`tolerance` ``stop`` is first met; a converged
+            checkpoint continues under a ``tolerance`` it does not meet).
 
     Example:
         Gradient descent on ``(w - 3)^2`` as an algorithm:
@@ -215,6 +231,7 @@ def run_loop(
     if options.resume and path is not None and os.path.exists(path):
         state, extra = load_checkpoint(path, state0, meta)
         hist, iters, converged = _restore(path, extra, history, it0, state)
+        converged = _resumed_stop(path, stop, hist, iters, converged, n_iter)
 
     def write() -> None:
         extra = {
@@ -255,6 +272,53 @@ def run_loop(
     if path is not None:
         write()
     return LoopResult(state, hist, converged)
+
+
+def _resumed_stop(
+    path: Any,
+    stop: Stop | None,
+    hist: dict[str, list[float]],
+    iters: list[int],
+    converged: bool,
+    n_iter: int,
+) -> bool:
+    """Whether a resumed loop has already stopped under *this* run's ``n_iter``
+    and ``stop``, which may differ from those the checkpoint was written with.
+
+    ``n_iter`` and a :func:`tolerance` (or no stop) are not part of a fit's
+    ``meta``: the resumed loop continues where an uninterrupted run with its
+    own settings continues. A larger ``n_iter``, or a ``tol`` under which the
+    checkpoint's history has not converged (``None``, a smaller one), continue
+    the fit; a ``tol`` met at the checkpoint's last step ends it there. A
+    checkpoint past where this run stops (beyond ``n_iter``, or beyond the
+    step where this ``tol`` is first met) cannot give the uninterrupted result
+    (the earlier state is gone): refused, the file left as it is. Any other
+    stop reads the state too; its settings belong in ``meta``, and the
+    checkpoint's ``converged`` flag is kept.
+
+    Raises:
+        ValueError: The checkpoint ran past where this run stops.
+    """
+    last = iters[-1] if iters else None
+    if last is not None and last > n_iter:
+        raise ValueError(
+            f"checkpoint {path} is at iteration {last}, past this fit's "
+            f"n_iter={n_iter}: an uninterrupted fit stops at {n_iter} (resume with "
+            f"n_iter >= {last}, or give another checkpoint path to start over)"
+        )
+    if stop is not None and not isinstance(stop, _Tolerance):
+        return converged
+    for k in range(1, len(iters) + 1):
+        if stop is not None and stop(None, {n: h[:k] for n, h in hist.items()}):
+            if k < len(iters):
+                raise ValueError(
+                    f"checkpoint {path} ran on to iteration {last}, but this "
+                    f"fit's tol={stop.tol} stops it at iteration {iters[k - 1]} "
+                    "(the checkpoint was written with another tol): resume with "
+                    "that tol, or give another checkpoint path to start over"
+                )
+            return True
+    return False
 
 
 def _restore(

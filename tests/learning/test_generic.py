@@ -544,3 +544,110 @@ def test_a_closed_form_is_refused_where_q_lacks_its_form_however_small_the_step(
     new, _, stationary = _closed_form("real", theta, lambda v: -diagonal @ (v - t))
     assert bool(stationary)
     np.testing.assert_allclose(new, t, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints of another model, resumes with other settings, bad input
+# --------------------------------------------------------------------------- #
+
+
+def _scaled(scale, shift=0.0, start=(-0.5, 0.5)):
+    """The mixture with a fixed scale and ``shift * mu`` added to the mean: the
+    same parameter names, start and data, another model for another constant."""
+
+    def model(x=None):
+        w = numpyro.param("w", jnp.array([0.5, 0.5]), constraint=simplex)
+        mu = numpyro.param("mu", jnp.array(start))
+        z = numpyro.sample("z", dist.Categorical(w))
+        numpyro.sample("x", dist.Normal(mu[z] * (1.0 + shift), scale), obs=x)
+
+    return model
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    x = {"x": _mixture_data()}
+    path = tmp_path / "fit.npz"
+    fit(_scaled(1.0), x, n_iter=3, loop=LoopOptions(False, path))
+    resume = LoopOptions(False, path, resume=True)
+    with pytest.raises(ValueError, match="different fit; model: checkpoint has"):
+        fit(_scaled(3.0), x, n_iter=6, loop=resume)
+    # A constant that multiplies a parameter starting at 0 leaves the tables at
+    # the start unchanged; the second point the tables are read at sees it.
+    zero = (0.0, 0.0)
+    fit(_scaled(1.0, 0.0, zero), x, n_iter=3, loop=LoopOptions(False, path))
+    with pytest.raises(ValueError, match="different fit; model"):
+        fit(_scaled(1.0, 1.0, zero), x, n_iter=6, loop=resume)
+    # The same model (another function object) resumes.
+    res = fit(_scaled(1.0, 0.0, zero), x, n_iter=6, loop=resume)
+    assert res.n_iter == 6
+
+
+def test_a_resumed_fit_reports_what_an_uninterrupted_fit_reports(tmp_path):
+    x = {"x": _mixture_data()}
+    path = tmp_path / "fit.npz"
+    write = LoopOptions(False, path)
+    resume = LoopOptions(False, path, resume=True)
+    first = fit(mixture, x, n_iter=50, tol=1e-1, loop=write)
+    assert first.converged and first.n_iter < 8
+    # No tol: not converged under it, so the fit continues (bit for bit).
+    whole = fit(mixture, x, n_iter=8, loop=QUIET)
+    resumed = fit(mixture, x, n_iter=8, loop=resume)
+    assert (resumed.n_iter, resumed.converged) == (8, False)
+    np.testing.assert_array_equal(resumed.log_likelihood, whole.log_likelihood)
+    for k in whole.params:
+        np.testing.assert_array_equal(resumed.params[k], whole.params[k])
+    # A finished checkpoint reports the closed forms of its last M-step.
+    again = fit(mixture, x, n_iter=8, loop=resume)
+    assert again.closed_form == whole.closed_form == ("mu", "s", "w")
+    # Fewer iterations than the checkpoint holds: refused, the file kept.
+    with pytest.raises(ValueError, match="at iteration 8, past this fit's n_iter=3"):
+        fit(mixture, x, n_iter=3, loop=resume)
+    assert fit(mixture, x, n_iter=8, loop=resume).n_iter == 8
+
+
+def test_model_log_likelihood_refuses_parameters_outside_their_constraints():
+    x = {"x": _mixture_data(5)}
+    for bad, name in (
+        ({"w": jnp.array([-0.2, 1.2])}, "'w'"),
+        ({"w": jnp.array([0.5, 0.7])}, "'w'"),
+        ({"s": jnp.array(-1.0)}, "'s'"),
+        ({"mu": jnp.array([jnp.nan, 0.0])}, "'mu'"),
+    ):
+        with pytest.raises(ValueError, match=f"{name} violates its constraint"):
+            model_log_likelihood(mixture, bad, x)
+    # Under a trace it cannot raise: NaN, never the value at a boundary.
+    ll = jax.jit(lambda s: model_log_likelihood(mixture, {"s": s}, x))
+    assert np.isnan(float(ll(jnp.array(-1.0)))) and np.isfinite(float(ll(1.0)))
+    grad = jax.grad(lambda s: model_log_likelihood(mixture, {"s": s}, x))
+    assert np.isfinite(float(grad(jnp.array(1.0))))
+
+
+def test_nan_data_float32_params_and_clamps_of_another_shape():
+    x = _mixture_data(5)
+    for bad in (x.at[1].set(jnp.nan), x.at[1].set(jnp.inf)):
+        with pytest.raises(ValueError, match=r"data 'x' holds NaN or inf .*\[1\]"):
+            model_log_likelihood(mixture, None, {"x": bad})
+        with pytest.raises(ValueError, match=r"data 'x' holds NaN or inf .*\[1\]"):
+            fit(mixture, {"x": bad}, n_iter=1, loop=QUIET)
+    # float32 parameters under x64 run in the compiled float64: the same value
+    # as float64 parameters of the same (float32-representable) numbers.
+    mu = jnp.array([0.0, 1.0])
+    want = float(model_log_likelihood(mixture, {"mu": mu}, {"x": x}))
+    got = model_log_likelihood(mixture, {"mu": mu.astype(jnp.float32)}, {"x": x})
+    assert float(got) == want
+    for method in ("em", "adam"):
+        res = fit(
+            mixture,
+            {"x": x},
+            method,
+            init={"mu": mu.astype(jnp.float32)},
+            n_iter=1,
+            loop=QUIET,
+        )
+        assert res.params["mu"].dtype == jnp.float64
+        assert res.log_likelihood[0] == want
+    # One clamp value per example where the site has one per row (3 rows).
+    xr = jnp.zeros((4, 3))
+    clamp = {"z": (jnp.zeros((4, 1), int), jnp.ones((4, 1), bool))}
+    with pytest.raises(ValueError, match=r"clamp\['z'\] .* shape \(N, 3\)"):
+        model_log_likelihood(rows, None, {"x": xr}, clamp=clamp)

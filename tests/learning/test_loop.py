@@ -180,6 +180,45 @@ def test_a_checkpoint_of_another_fit_is_refused(tmp_path):
     )
 
 
+class Decay(NamedTuple):
+    w: jax.Array
+    iteration: jax.Array
+
+
+#: Losses 1, 1/2, 1/4, ...: tol=0.1 is first met at step 5 (change 1/16).
+HALVE = Algorithm(
+    init=lambda w: Decay(jnp.asarray(w), jnp.asarray(0)),
+    step=lambda s: (Decay(s.w / 2, s.iteration + 1), {"loss": float(s.w)}),
+)
+
+
+def _halve(n_iter, tol, options=QUIET):
+    stop = tolerance(tol, "loss")
+    return run_loop(HALVE, 1.0, n_iter, options, history=("loss",), stop=stop)
+
+
+def test_a_resume_follows_its_own_n_iter_and_tol_or_is_refused(tmp_path):
+    path = tmp_path / "halve.npz"
+    write = LoopOptions(progress=False, checkpoint=path)
+    resume = dataclasses.replace(write, resume=True)
+    first = _halve(50, 0.1, write)
+    assert first.converged and int(first.state.iteration) == 5
+    # The same tol: converged where it was, no step.
+    _same(_halve(50, 0.1, resume), first)
+    # No tol, or a smaller one the history does not meet: the fit continues to
+    # where an uninterrupted run with those settings ends.
+    _same(_halve(8, None, resume), _halve(8, None))
+    # Now 8 iterations in: n_iter=6 or a tol met at step 5 (or 3) stopped an
+    # uninterrupted run earlier; that state is gone, so the resume is refused
+    # and the checkpoint kept.
+    with pytest.raises(ValueError, match="at iteration 8, past this fit's n_iter=6"):
+        _halve(6, None, resume)
+    for tol, at in ((0.1, 5), (0.3, 3)):
+        with pytest.raises(ValueError, match=f"tol={tol} stops it at iteration {at}"):
+            _halve(50, tol, resume)
+    _same(_halve(12, 1e-3, resume), _halve(12, 1e-3))
+
+
 def _tamper(path, **changes):
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
