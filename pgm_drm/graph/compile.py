@@ -1772,6 +1772,50 @@ class FactorGraph:
     #: :meth:`check_dtype_mode`).
     _x64: bool = field(default=False, repr=False)
 
+    def _evidence_values(self, evidence: Mapping[str, Any]) -> list[Array]:
+        """The evidence arrays in compile order, each given value or its
+        compile-time one; a name the model was not compiled with, or a new
+        value for a keyword compiled as a constant, is refused
+        (:meth:`check_constant`)."""
+        for name, value in evidence.items():
+            if name not in self.kwargs:
+                raise ValueError(
+                    f"unknown evidence {name!r}; the model was compiled with "
+                    f"keyword arguments {sorted(self.kwargs)}"
+                )
+            self.check_constant(name, value)
+        arrays, _ = split_evidence(self.kwargs)
+        return [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
+
+    def check_constant(self, name: str, value: Any) -> None:
+        """Refuse a new value for a keyword compiled as a constant.
+
+        Keywords given as arrays (``jax.Array``, ``numpy.ndarray``) are
+        evidence: new values are read. Any other (a Python or NumPy scalar, a
+        list) is a constant of the graph: given again it must be the same
+        value, since the graph would ignore another one.
+
+        Raises:
+            ValueError: ``name`` is a constant and ``value`` another value (or
+                a traced one).
+        """
+        if name not in self.kwargs or name in self.evidence_names:
+            return
+        given = self.kwargs[name]
+        try:
+            same = np.shape(value) == np.shape(given) and bool(
+                np.all(np.asarray(value) == np.asarray(given))
+            )
+        except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+            same = False  # a tracer, or values that do not compare
+        if not same:
+            raise ValueError(
+                f"{name!r} was compiled as a constant ({given!r}, a "
+                f"{type(given).__name__}), part of the graph: it cannot take "
+                "another value. To make it evidence, compile with an array: "
+                f"compile_model(model, {name}=jnp.asarray(...))"
+            )
+
     def check_dtype_mode(self) -> None:
         """Refuse a graph used in another ``jax_enable_x64`` mode than it was
         compiled in.
@@ -2009,6 +2053,7 @@ class FactorGraph:
         Tables that do not depend on evidence were computed once at compile time;
         the others are evaluated from the model's jaxpr (pure; jit/vmap it).
         """
+        values = self._evidence_values(evidence)
         dynamic = [
             k
             for k, g in enumerate(self.factor_groups)
@@ -2016,8 +2061,6 @@ class FactorGraph:
         ]
         if not dynamic:
             return self._device_tables()
-        arrays, _ = split_evidence(self.kwargs)
-        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         fresh = self._evaluate(values, dynamic)
         out = list(self._device_tables())
         for k, t in zip(dynamic, fresh, strict=True):
@@ -2029,11 +2072,10 @@ class FactorGraph:
 
         Evidence not given keeps its compile-time value. Pure: jit/vmap it.
         """
+        values = self._evidence_values(evidence)
         dynamic = [k for k, g in enumerate(self.factor_groups) if g.evidence]
         if not dynamic:
             return {}
-        arrays, _ = split_evidence(self.kwargs)
-        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         return dict(zip(dynamic, self._evaluate(values, dynamic), strict=True))
 
     def evidence_parts(self, **evidence: Any) -> tuple[dict[int, Array], Array]:
@@ -2049,11 +2091,10 @@ class FactorGraph:
         Returns:
             ``(tables, offset)``: tables keyed by group index, scalar offset.
         """
+        values = self._evidence_values(evidence)
         dynamic = [k for k, g in enumerate(self.factor_groups) if g.evidence]
         if not dynamic:
             return {}, jnp.zeros(())
-        arrays, _ = split_evidence(self.kwargs)
-        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         tables, offset = self._evaluate(values, dynamic, split=True)
         return dict(zip(dynamic, tables, strict=True)), offset
 
@@ -2063,11 +2104,10 @@ class FactorGraph:
         """:meth:`evidence_parts`, with the tables of a big model's groups of
         sites kept stacked (:class:`TableBlocks`; a dict when the data part
         runs as one program). Pure: jit/vmap it."""
+        values = self._evidence_values(evidence)
         dynamic = [k for k, g in enumerate(self.factor_groups) if g.evidence]
         if not dynamic:
             return {}, jnp.zeros(())
-        arrays, _ = split_evidence(self.kwargs)
-        values = [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
         got = self._evaluate_blocks(values, dynamic)
         if got is None:
             tables, offset = self._evaluate(values, dynamic, split=True)
@@ -3322,10 +3362,12 @@ def _check_tables(
     for k, (g, t) in enumerate(zip(groups, tables, strict=True)):
         t = np.asarray(t)
         norm = g.site in supports and _normalised(sites[g.site])
+        if g.site in supports and not norm and _normalising_scale(sites[g.site]):
+            norm = None  # a constant scale: checked table by table, unscaled
         by_kind.setdefault((t.shape, t.dtype.str, norm), []).append(k)
     suspects: list[int] = []
     for (shape, _, norm), ks in by_kind.items():
-        if len(ks) > 1:
+        if len(ks) > 1 and norm is not None:
             stack = np.stack([np.asarray(tables[k]) for k in ks])
             ok = not (np.isnan(stack).any() or np.isposinf(stack).any())
             if ok and norm:  # the stack's rows, as one table's
@@ -3358,19 +3400,42 @@ def _check_normalised(
 ) -> None:
     """A latent site's probabilities sum to one over its support at every state
     of its parents: a parameter outside its constraint (probs that do not sum to
-    one) would otherwise give a finite, wrong table. NumPyro's own argument
-    checks see only concrete values, and ``compile_model`` traces abstractly.
+    one), or a support that moves with another latent (``Binomial(k)`` with
+    ``k`` latent: the support is read at one state of ``k``), would otherwise
+    give a finite, wrong table. NumPyro's own argument checks see only concrete
+    values, and ``compile_model`` traces abstractly.
 
     Tolerance: NumPyro's simplex tolerance (1e-6), or 64 ulps of the table's
     dtype times the row's largest finite ``|log p|`` when that is larger (a
     log-prob carries the rounding of the terms it is computed from: about 3e-5
     for a float32 ``Binomial(100, 0.3)``). A row where every state is impossible
     (probability zero at a parent state the model never reaches) is allowed: it
-    is a hard zero, and exact inference handles it. Sites under
-    ``handlers.scale`` or ``mask`` are not normalised by design.
+    is a hard zero, and exact inference handles it. A site under a constant
+    ``handlers.scale`` is checked unscaled (its table divided by the scale);
+    under a scale that varies, or a mask, it is not normalised by design.
     """
-    if _normalised(msg):
-        _refuse_unnormalised(site, _family_name(msg["fn"]), scope, table)
+    scale = _normalising_scale(msg)
+    if scale is not None:
+        t = table if scale == 1.0 else np.asarray(table) / scale
+        _refuse_unnormalised(site, _family_name(msg["fn"]), scope, t)
+
+
+def _normalising_scale(msg: Mapping) -> float | None:
+    """The factor a latent site's table is scaled by, for the sums-to-one test:
+    1 unscaled, the scale of a constant positive ``handlers.scale``; ``None``
+    under a mask or a scale that varies (or is traced), which re-weight the
+    table by design."""
+    if msg.get("mask") is not None or isinstance(msg["fn"], MaskedDistribution):
+        return None
+    scale = msg.get("scale")
+    if scale is None:
+        return 1.0
+    if isinstance(scale, jax.core.Tracer):
+        return None
+    values = np.unique(np.asarray(scale, dtype=np.float64))
+    if values.size != 1 or not np.isfinite(values[0]) or values[0] <= 0:
+        return None
+    return float(values[0])
 
 
 def _normalised(msg: Mapping) -> bool:
@@ -3429,7 +3494,9 @@ def _refuse_unnormalised(
         raise CompileError(
             f"latent site '{site}' ({family}) has probabilities summing to "
             f"{float(total[worst]):.9g}, not 1{at}{given}: a parameter is outside "
-            "its constraint (e.g. probs that do not sum to one)"
+            "its constraint (e.g. probs that do not sum to one), or its support "
+            "depends on another latent site (e.g. Binomial(k) with k latent), "
+            "which the compiler reads at one state and cannot enumerate"
         )
 
 

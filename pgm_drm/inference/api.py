@@ -92,12 +92,16 @@ def _check_evidence(fg: FactorGraph, evidence: dict[str, Any], values: bool = Tr
     reads the verdict, with log Z's, as one status scalar per call.
     """
     arrays, axes, batch = {}, {}, None
+    dynamic = fg.evidence_names
     for name, value in evidence.items():
         if name not in fg.kwargs:
             raise ValueError(
                 f"unknown evidence {name!r}; the model was compiled with keyword "
                 f"arguments {sorted(fg.kwargs)}"
             )
+        if name not in dynamic:
+            fg.check_constant(name, value)
+            continue
         ref = np.shape(fg.kwargs[name])
         x = value if isinstance(value, jax.Array) else jnp.asarray(value)
         if x.shape == ref:
@@ -704,7 +708,7 @@ def _infer(
             # Several devices: a batch already spread as shard_batch spreads
             # it comes back as itself, but the next one may not be.
             and (batch is None or jax.device_count() == 1)
-            and all(arrays[k] is v for k, v in evidence.items())
+            and all(k in arrays and arrays[k] is v for k, v in evidence.items())
             and not fg.checks_new_evidence(evidence)
         ):
             fg._cache[repeat_key] = _repeat_call(

@@ -980,3 +980,40 @@ def test_a_normal_mixture_far_from_zero_is_exact(x64, offset, scale, seed):
     np.testing.assert_allclose(
         post.marginals["z"], np.exp(lp - ref[:, None]), rtol=0, atol=tol
     )
+
+
+def _constant_kwarg_model(x=None):
+    z = numpyro.sample("z", dist.Categorical(jnp.array([0.2, 0.5, 0.3])))
+    mu, sd = jnp.array([-1.0, 0.5, 2.0]), jnp.array([0.3, 1.0, 2.5])
+    numpyro.sample("x", dist.Normal(mu[z], sd[z]), obs=x)
+
+
+@pytest.mark.parametrize("given", [0.4, np.float64(0.4)])
+def test_a_keyword_compiled_as_a_constant_refuses_another_value(given):
+    """Found by a review: a keyword compiled as a Python or NumPy scalar is part
+    of the graph; a new value for it was accepted and ignored (the posterior of
+    x = 0.4 returned for x = 2, a batch of values given the batch shape but
+    not the values). Every entry point refuses it by name; the same value, or
+    the keyword compiled as an array, works."""
+    fg = compile_model(_constant_kwarg_model, x=given)
+    assert fg.evidence_names == ()
+    match = "'x' was compiled as a constant"
+    for call in (
+        lambda: infer(fg, "sum", x=2.0),
+        lambda: infer(fg, "sum", x=jnp.array([1.0, 2.0])),
+        lambda: infer(fg, "max", schedule="loopy", x=2.0),
+        lambda: log_partition(fg)({"x": 2.0}),
+        lambda: fg.tables(x=2.0),
+        lambda: fg.evidence_tables(x=jnp.array(2.0)),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match="unknown evidence 'y'"):
+        fg.tables(y=1.0)
+    same = infer(fg, "sum", x=given)
+    ref = brute_force(_constant_kwarg_model, x=0.4)
+    np.testing.assert_allclose(same.log_z, ref.log_z, rtol=1e-12)  # float64
+    live = compile_model(_constant_kwarg_model, x=jnp.asarray(0.4))
+    got = infer(live, "sum", x=jnp.asarray(2.0))
+    want = brute_force(_constant_kwarg_model, x=2.0)
+    np.testing.assert_allclose(got.log_z, want.log_z, rtol=1e-12)  # float64
