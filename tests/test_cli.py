@@ -72,7 +72,7 @@ def test_names_are_the_recipes_names():
         ),
         (["fit", "digits", "dcn", "--no-translations"], {"no_translations": True}),
         (["compare", "dcn", "--quick"], {"study": "dcn", "quick": True}),
-        (["compare", "enumeration"], {"images": 200, "reference": 25}),
+        (["compare", "enumeration"], {"images": None, "reference": None}),
         (["demo", "--no-drm", "--seed", "3"], {"no_drm": True, "seed": 3}),
     ],
 )
@@ -254,12 +254,15 @@ def test_model_file_names_the_model(files, tmp_path, capsys):
 
 
 def test_compare_quick(tmp_path, capsys):
-    assert main(["compare", "enumeration", "--quick", "--out", str(tmp_path)]) == 0
+    # --quick sets the sizes not given (it overrode --images, found by a review)
+    argv = ["compare", "enumeration", "--quick", "--images", "12"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     # the kernel equals NumPyro's enumeration (1e-6, float64)
     assert report["semirings"]["sum"]["max_abs_delta_log_z"] < 1e-6
-    assert report["n_images"] == 20 and report["n_reference_images"] == 3
-    assert "MS-RMC (Eq. 6) accuracy" in capsys.readouterr().out
+    assert report["n_images"] == 12 and report["n_reference_images"] == 3
+    out = capsys.readouterr().out
+    assert "MS-RMC (Eq. 6) accuracy" in out and "drm_*.png" not in out
 
 
 def test_compare_greedy_quick(tmp_path, capsys):
@@ -352,6 +355,42 @@ def test_demo_without_drm(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert "drm" not in report and report["n_reference_images"] == 2
     assert "DRM" not in capsys.readouterr().out
+
+
+def test_bench_rm_runs_the_compiler_benchs_rm_case(monkeypatch):
+    """``pgm-drm bench rm`` (in the README) named a script folded into
+    bench_compiler.py (found by a review): it runs that script's RM case."""
+    import runpy
+    import sys
+
+    ran = []
+    monkeypatch.setattr(runpy, "run_path", lambda p, run_name: ran.append(p))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert main(["bench", "rm", "--quick"]) == 0
+    assert ran[0].endswith("bench_compiler.py")
+    assert sys.argv[1:] == ["--only", "rm", "--quick"]
+
+
+def test_infer_reports_what_ran_in_float64(tmp_path):
+    """Found by a review: --temperature 1 with --semiring max ran sum-product but
+    summary.json said "max"; float16 images were solved in float16 (log Z
+    -20.28 for -20.26). The summary names what ran; images are widened."""
+    main(["sample", "--model", "rm", "-n", "3", "--out", str(tmp_path)])
+    with np.load(tmp_path / "samples.npz") as f:
+        images = f["images"]
+    np.savez(tmp_path / "half.npz", images=images.astype(np.float16))
+    wide = images.astype(np.float16).astype(np.float64)
+    np.savez(tmp_path / "wide.npz", images=wide)
+    runs = {}
+    for name, extra in (("half", ["--temperature", "1"]), ("wide", [])):
+        out = tmp_path / name / "out"
+        argv = ["infer", str(tmp_path / f"{name}.npz"), "--model", "rm", *extra]
+        assert main([*argv, "--semiring", "max", "--out", str(out)]) == 0
+        runs[name] = json.loads((out / "summary.json").read_text())
+        with np.load(out / "posterior.npz") as f:
+            assert f["log_z"].dtype == np.float64
+    assert runs["half"]["semiring"] == "sum" and runs["half"]["temperature"] == 1.0
+    assert runs["wide"]["semiring"] == "max" and runs["wide"]["temperature"] == 0.0
 
 
 def test_cli_module_stays_small():

@@ -266,8 +266,9 @@ def format_demo_report(report: dict[str, Any], out: Path) -> str:
                 for t, acc in d["probe_accuracy"].items()
             )
         )
+    drm = ", drm_*.png" if "drm" in report else ""
     lines.append(
         f"wrote {out}/report.json, samples.png, factor_graph.png, "
-        "posterior_comparison.png, drm_*.png"
+        f"posterior_comparison.png{drm}"
     )
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from pgm_drm.models import (
     check_images,
     default_templates,
 )
+from pgm_drm.semiring import resolve_temperature
 
 __all__ = [
     "CLASSES",
@@ -82,8 +83,12 @@ def default_model(name: str | None = "rm", path: Path | None = None) -> Any:
         if type(model) is not want:
             raise ValueError(
                 f"the model file {path} holds {_a(type(model))}; --model {name} "
-                f"needs {_a(want)} (give --model {model_kind(model)} or leave "
-                "--model out)"
+                f"needs {_a(want)} ("
+                + (
+                    f"give --model {model_kind(model)} or leave --model out)"
+                    if model_kind(model) in MODELS
+                    else "leave --model out)"
+                )
             )
         return model
     if name in ("rm", None):
@@ -130,7 +135,9 @@ def load_images(path: Path, image_shape: tuple[int, ...]) -> np.ndarray:
     x, _ = check_images(images, tuple(image_shape))
     if x.shape[0] == 0:
         raise ValueError(f"{path} holds no images (an empty batch {images.shape})")
-    return np.asarray(x)
+    # The CLI computes in float64 (x64 on): float16/float32 pixels are widened
+    # exactly, rather than have the graph compiled and solved in their dtype.
+    return np.asarray(x, dtype=np.float64)
 
 
 def run_sample(
@@ -171,7 +178,13 @@ def run_infer(
     compiled exact schedule for the other models of :data:`CLASSES`
     (``model_name`` and ``model_file`` as in :func:`default_model`; a model file
     of another class, such as ``FactorRenderingModel``, raises ``ValueError``).
-    Writes ``posterior.npz`` (log-marginals, MAP, log Z) and ``summary.json``."""
+    Writes ``posterior.npz`` and ``summary.json``. In ``posterior.npz``,
+    ``log_marginal_<site>`` are normalised log-marginals under sum-product
+    (their exponentials sum to 1) and, under max-sum, log max-marginals with
+    the best state at 0 (so ties show as several 0s), for every model;
+    ``map_<site>`` the joint MAP; ``log_z``. ``summary.json`` names the
+    semiring and temperature that ran (``--temperature`` overrides
+    ``--semiring``)."""
     model = default_model(model_name, model_file)
     name = model_kind(model)
     if name not in CLASSES:
@@ -199,11 +212,12 @@ def run_infer(
         kind = post.schedule
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "posterior.npz", **arrays)
+    t = resolve_temperature(semiring, temperature)  # what ran
     summary = {
         "model": name,
         "n_images": int(images.shape[0]),
-        "semiring": semiring,
-        "temperature": temperature,
+        "semiring": {0.0: "max", 1.0: "sum"}.get(t, "tempered"),
+        "temperature": t,
         "schedule": kind,
         "map_c": [int(c) for c in arrays.get("map_c", [])][:20],
         "log_z": [float(z) for z in arrays["log_z"]][:20],
