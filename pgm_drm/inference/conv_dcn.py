@@ -27,6 +27,7 @@ import numpy as np
 from pgm_drm._typing import Array, ArrayLike, Semiring
 from pgm_drm.models.conv_drm import ConvRenderingModel
 from pgm_drm.models.maxsum import bottom_up
+from pgm_drm.models.validation import check_finite_log_z
 from pgm_drm.semiring import reduce_t, resolve_temperature
 from pgm_drm.sharding import shard_batch, unpad
 
@@ -120,7 +121,9 @@ def conv_dcn_infer(
     # Several devices: the batch is sharded over all of them (identity on one).
     xs, n = shard_batch(x)
     out = _conv_dcn(model, xs, t)
-    return out if xs is x else unpad(out, n)
+    out = out if xs is x else unpad(out, n)
+    check_finite_log_z(out.log_z, x)  # finite pixels, scores that overflowed
+    return out
 
 
 def naive_conv_dcn_pass(

@@ -17,7 +17,7 @@ import numpy as np
 from pgm_drm._typing import Array, ArrayLike, Semiring
 from pgm_drm.inference.api import Posterior
 from pgm_drm.models.edrm import EvolutionaryDRM, RootRule
-from pgm_drm.models.validation import check_images
+from pgm_drm.models.validation import check_finite_log_z, check_images
 from pgm_drm.semiring import reduce_t, resolve_temperature
 
 __all__ = [
@@ -62,6 +62,9 @@ def leaf_log_joint(edrm: EvolutionaryDRM, images: ArrayLike) -> Array:
     x, single = _flat(edrm, images)
     leaves = edrm.templates(edrm.levels).reshape(edrm.n_nodes[-1], -1)
     out = edrm.log_path_prior(edrm.levels)[None] + _gauss_log_lik(x, leaves, edrm.sigma)
+    # Finite pixels whose best leaf is not finite overflowed the dtype: every
+    # result read from these scores (marginals, MAP path) would be wrong.
+    check_finite_log_z(jnp.max(out, axis=-1), x)
     return out[0] if single else out
 
 

@@ -159,3 +159,17 @@ def test_new_parameters_do_not_trace_again(monkeypatch):
     b = conv_dcn_infer(second, x)
     assert len(traces) == before
     assert not np.allclose(a.log_z, b.log_z)
+
+
+def test_finite_pixels_whose_scores_overflow_are_refused_by_name():
+    """As the DRM's: pixels near 1e200 are finite, ``||I||^2`` is not (float64
+    max 1.8e308); conv_dcn_infer returned log Z -inf silently."""
+    from pgm_drm.inference import conv_dcn_infer
+
+    m = ConvRenderingModel.random(jax.random.PRNGKey(0), stride=2, sigma=0.3)
+    images = np.array(m.sample(jax.random.PRNGKey(1), 3)[0])
+    huge = images.copy()
+    huge[2] *= 1e200
+    with pytest.raises(ValueError, match=r"images \[2\].*overflowed float64"):
+        conv_dcn_infer(m, huge)
+    assert np.all(np.isfinite(conv_dcn_infer(m, images).log_z))

@@ -310,3 +310,16 @@ def test_is_a_pytree_and_new_parameters_do_not_trace_again():
         np.testing.assert_array_equal(log_prior, model.log_path_prior(2))
     assert len(traces) == 1
     assert len(jax.tree.leaves(m)) == 1 + 2 + 1 + 1 + 2  # root, muts, sigma, priors
+
+
+def test_finite_pixels_whose_scores_overflow_are_refused_by_name():
+    """As the DRM's: the leaf scores of pixels near 1e200 overflow float64; the
+    marginals and the MAP path read from them were wrong, silently."""
+    m = EvolutionaryDRM.default()
+    images = np.stack([m.render([1, 4, 9]), m.render([0, 2, 5])])
+    huge = images.copy()
+    huge[0] *= 1e200
+    for fn in (path_posterior, exact_map_path, leaf_log_joint):
+        with pytest.raises(ValueError, match=r"images \[0\].*overflowed float64"):
+            fn(m, huge)
+    assert np.all(np.isfinite(path_posterior(m, images).log_z))
