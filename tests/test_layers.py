@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("learning",),
     ("diagnostics",),
     ("experiments",),
-    ("cli", "sklearn"),
+    ("cli", "sklearn", "__main__"),
     ("",),  # the package's own __init__
 )
 
