@@ -1778,14 +1778,28 @@ class FactorGraph:
         value for a keyword compiled as a constant, is refused
         (:meth:`check_constant`)."""
         for name, value in evidence.items():
-            if name not in self.kwargs:
-                raise ValueError(
-                    f"unknown evidence {name!r}; the model was compiled with "
-                    f"keyword arguments {sorted(self.kwargs)}"
-                )
-            self.check_constant(name, value)
+            self.is_evidence(name, value)
         arrays, _ = split_evidence(self.kwargs)
         return [jnp.asarray(evidence.get(k, v)) for k, v in arrays.items()]
+
+    def is_evidence(self, name: str, value: Any) -> bool:
+        """Whether keyword ``name`` given ``value`` is evidence (an array at
+        compile time: its new values are read); ``False`` for a constant given
+        its compile-time value again (:meth:`check_constant`).
+
+        Raises:
+            ValueError: A name the model was not compiled with, or a new value
+                for a constant.
+        """
+        if name not in self.kwargs:
+            raise ValueError(
+                f"unknown evidence {name!r}; the model was compiled with keyword "
+                f"arguments {sorted(self.kwargs)}"
+            )
+        if name in self.evidence_names:
+            return True
+        self.check_constant(name, value)
+        return False
 
     def check_constant(self, name: str, value: Any) -> None:
         """Refuse a new value for a keyword compiled as a constant.
@@ -3200,7 +3214,9 @@ def compile_model(model: Callable, *args: Any, **kwargs: Any) -> FactorGraph:
         normalised=tuple(
             (k, g.site, _family_name(front.sites[g.site]["fn"]))
             for k, g in enumerate(fgroups)
-            if g.site in supports and g.evidence and _normalised(front.sites[g.site])
+            if g.site in supports
+            and g.evidence
+            and _normalising_scale(front.sites[g.site]) == 1.0
         ),
         params=tuple((rank[o], names, *check) for o, names, check in ev_checks),
     )
@@ -3361,17 +3377,16 @@ def _check_tables(
     by_kind: dict[tuple, list[int]] = {}
     for k, (g, t) in enumerate(zip(groups, tables, strict=True)):
         t = np.asarray(t)
-        norm = g.site in supports and _normalised(sites[g.site])
-        if g.site in supports and not norm and _normalising_scale(sites[g.site]):
-            norm = None  # a constant scale: checked table by table, unscaled
-        by_kind.setdefault((t.shape, t.dtype.str, norm), []).append(k)
+        scale = _normalising_scale(sites[g.site]) if g.site in supports else None
+        by_kind.setdefault((t.shape, t.dtype.str, scale), []).append(k)
     suspects: list[int] = []
-    for (shape, _, norm), ks in by_kind.items():
-        if len(ks) > 1 and norm is not None:
+    for (shape, _, scale), ks in by_kind.items():
+        if len(ks) > 1:
             stack = np.stack([np.asarray(tables[k]) for k in ks])
             ok = not (np.isnan(stack).any() or np.isposinf(stack).any())
-            if ok and norm:  # the stack's rows, as one table's
-                rows = _host_unnormalised_rows(stack.reshape((-1,) + shape[1:]))
+            if ok and scale is not None:  # the stack's rows, as one table's
+                rows = stack if scale == 1.0 else stack / scale
+                rows = _host_unnormalised_rows(rows.reshape((-1,) + shape[1:]))
                 ok = rows is None or not rows[0].any()
             if ok:
                 continue
@@ -3436,14 +3451,6 @@ def _normalising_scale(msg: Mapping) -> float | None:
     if values.size != 1 or not np.isfinite(values[0]) or values[0] <= 0:
         return None
     return float(values[0])
-
-
-def _normalised(msg: Mapping) -> bool:
-    """Whether a latent site's table must sum to one (not under ``scale`` or a
-    mask, which re-weight it by design)."""
-    if msg.get("scale") is not None or msg.get("mask") is not None:
-        return False
-    return not isinstance(msg["fn"], MaskedDistribution)
 
 
 def _unnormalised_rows(t: Array, eps: float, xp: Any = np) -> tuple[Array, Array]:

@@ -66,18 +66,25 @@ def test_runs_n_iter_steps_and_records_the_history():
     assert _run(0).history == {"loss": []}
 
 
-def test_tolerance_stops_the_loop_and_reports_convergence():
-    class Decay(NamedTuple):
-        w: jax.Array
-        iteration: jax.Array
+class Decay(NamedTuple):
+    w: jax.Array
+    iteration: jax.Array
 
-    halve = Algorithm(
-        init=lambda w: Decay(jnp.asarray(w), jnp.asarray(0)),
-        step=lambda s: (Decay(s.w / 2, s.iteration + 1), {"loss": float(s.w)}),
-    )
-    out = run_loop(
-        halve, 1.0, 100, QUIET, history=("loss",), stop=tolerance(0.1, "loss")
-    )
+
+#: Losses 1, 1/2, 1/4, ...: tol=0.1 is first met at step 5 (change 1/16).
+HALVE = Algorithm(
+    init=lambda w: Decay(jnp.asarray(w), jnp.asarray(0)),
+    step=lambda s: (Decay(s.w / 2, s.iteration + 1), {"loss": float(s.w)}),
+)
+
+
+def _halve(n_iter, tol, options=QUIET):
+    stop = tolerance(tol, "loss")
+    return run_loop(HALVE, 1.0, n_iter, options, history=("loss",), stop=stop)
+
+
+def test_tolerance_stops_the_loop_and_reports_convergence():
+    out = _halve(100, 0.1)
     # losses 1, 1/2, 1/4, 1/8, 1/16: the change 1/16 is the first below 0.1
     assert out.converged and out.history["loss"] == [1, 0.5, 0.25, 0.125, 0.0625]
     assert tolerance(None, "loss") is None
@@ -178,23 +185,6 @@ def test_a_checkpoint_of_another_fit_is_refused(tmp_path):
     assert (
         int(_run(2, LoopOptions(progress=False, checkpoint=path)).state.iteration) == 2
     )
-
-
-class Decay(NamedTuple):
-    w: jax.Array
-    iteration: jax.Array
-
-
-#: Losses 1, 1/2, 1/4, ...: tol=0.1 is first met at step 5 (change 1/16).
-HALVE = Algorithm(
-    init=lambda w: Decay(jnp.asarray(w), jnp.asarray(0)),
-    step=lambda s: (Decay(s.w / 2, s.iteration + 1), {"loss": float(s.w)}),
-)
-
-
-def _halve(n_iter, tol, options=QUIET):
-    stop = tolerance(tol, "loss")
-    return run_loop(HALVE, 1.0, n_iter, options, history=("loss",), stop=stop)
 
 
 def test_a_resume_follows_its_own_n_iter_and_tol_or_is_refused(tmp_path):
